@@ -1,0 +1,162 @@
+"""The lab's life cycle, run through the real CLI: up, status, exec, down, and crashes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MESHGRESS, run_meshgress
+
+pytestmark = pytest.mark.e2e
+
+
+def lab_netns(name):
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return sorted(line.split()[0] for line in out.splitlines()
+                  if line.split() and line.split()[0].startswith(f"mg-{name}-"))
+
+
+def pids_in(namespaces):
+    pids = set()
+    for ns in namespaces:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        pids.update(int(p) for p in out.split())
+    return pids
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def lab(name, *args, **kw):
+    return run_meshgress("lab", "--name", name, *args, **kw)
+
+
+def in_lab(name, target, *command, check=True):
+    return lab(name, "exec", target, "--", *command, check=check)
+
+
+def test_up_status_exec_down_twice_in_a_row(lab_name):
+    for _round in range(2):
+        lab(lab_name, "up", "--nodes", "2", "--gateway-nodes", "1")
+        status = json.loads(lab(lab_name, "status", "--json").stdout)
+        assert status["up"] is True
+        assert [(n["name"], n["underlayAddress"], n["podCIDR"]) for n in status["nodes"]] == [
+            ("node1", "192.0.2.11", "198.18.1.0/24"),
+            ("node2", "192.0.2.12", "198.18.2.0/24"),
+            ("gw1", "192.0.2.101", "198.18.81.0/24"),
+        ]
+        assert status["outside"] == {"address": "192.0.2.254", "netns": f"mg-{lab_name}-outside",
+                                     "tcpEchoPort": 7777, "udpEchoPort": 7777, "running": True}
+        assert status["pods"] == []
+
+        # Node to node and node to outside over the underlay; the outside host reports
+        # the source address it saw.
+        in_lab(lab_name, "node1", "ping", "-c", "1", "-W", "2", "192.0.2.12")
+        for node, address in (("node1", "192.0.2.11"), ("gw1", "192.0.2.101")):
+            for proto in ("tcp", "udp"):
+                seen = in_lab(lab_name, node, sys.executable, "-m", "meshgress.lab.echo", proto,
+                              "192.0.2.254", "7777").stdout.strip()
+                assert seen == address
+
+        namespaces = lab_netns(lab_name)
+        assert namespaces == sorted(f"mg-{lab_name}-{n}" for n in
+                                    ("underlay", "outside", "node1", "node2", "gw1"))
+        pids = pids_in(namespaces)
+        assert pids, "the lab runs node anchors and the echo service"
+
+        down = lab(lab_name, "down")
+        assert "removed 5 network namespaces" in down.stdout
+        assert lab_netns(lab_name) == []
+        assert not any(alive(p) for p in pids)
+        assert not Path(f"/run/meshgress-lab/{lab_name}").exists()
+        assert json.loads(lab(lab_name, "status", "--json", check=False).stdout)["up"] is False
+
+
+def test_each_node_has_private_wireguard_socket_dir_and_state_dir(lab_name):
+    lab(lab_name, "up", "--nodes", "2", "--gateway-nodes", "0")
+    marker = f"mark-{lab_name}"
+    in_lab(lab_name, "node1", "touch", f"/var/run/wireguard/{marker}",
+           f"/var/lib/meshgress/{marker}")
+    assert in_lab(lab_name, "node1", "ls", "/var/run/wireguard").stdout.split() == [marker]
+    assert marker not in in_lab(lab_name, "node2", "ls", "/var/run/wireguard").stdout
+    assert marker not in in_lab(lab_name, "node2", "ls", "/var/lib/meshgress").stdout
+    assert not Path(f"/var/run/wireguard/{marker}").exists(), "leaked into the host"
+    assert Path(f"/run/meshgress-lab/{lab_name}/nodes/node1/state/{marker}").exists()
+    # A network namespace created on the host later (as pods will be) is visible inside.
+    late = f"mg-{lab_name}-late"
+    subprocess.run(["ip", "netns", "add", late], check=True)
+    assert late in in_lab(lab_name, "node1", "ls", "/run/netns").stdout
+
+
+def test_the_datastore_holds_the_lab_cluster(lab_name):
+    lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "1")
+    from meshgress.datastore.file import FileDatastore
+
+    from meshgress.datastore import Kind
+
+    store = FileDatastore(Path(f"/run/meshgress-lab/{lab_name}/datastore"))
+    nodes = store.list(Kind.NODE).items
+    assert [(n["metadata"]["name"], n["spec"]["podCIDRs"]) for n in nodes] == [
+        ("gw1", ["198.18.81.0/24"]), ("node1", ["198.18.1.0/24"])]
+    namespaces = {n["metadata"]["name"]: n["metadata"]["labels"]
+                  for n in store.list(Kind.NAMESPACE).items}
+    assert namespaces["payments"]["kubernetes.io/metadata.name"] == "payments"
+    assert set(namespaces) == {"payments", "web"}
+    store.close()
+
+
+def test_up_refuses_a_running_lab_and_bad_targets(lab_name):
+    lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "0")
+    again = lab(lab_name, "up", "--nodes", "1", check=False)
+    assert again.returncode == 2
+    assert "is already up; run `meshgress lab down` first" in again.stderr
+    bad = in_lab(lab_name, "node9", "true", check=False)
+    assert bad.returncode == 2
+    assert "unknown target 'node9' (one of: outside, node1)" in bad.stderr
+    # The refused commands changed nothing.
+    assert json.loads(lab(lab_name, "status", "--json").stdout)["up"] is True
+
+
+def test_down_after_a_killed_up_leaves_nothing(lab_name):
+    proc = subprocess.Popen([MESHGRESS, "lab", "--name", lab_name, "up", "--nodes", "3",
+                             "--gateway-nodes", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    # Kill it part-way: once some node namespaces exist but before it finishes.
+    while time.monotonic() < deadline and len(lab_netns(lab_name)) < 4:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert lab_netns(lab_name), "the kill should have left something to clean up"
+    time.sleep(0.5)  # let any process it had started come up
+    pids = pids_in(lab_netns(lab_name))
+    lab(lab_name, "down")
+    assert lab_netns(lab_name) == []
+    assert not any(alive(p) for p in pids)
+    # And the next up works on the cleaned machine.
+    lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "0")
+    assert json.loads(lab(lab_name, "status", "--json").stdout)["up"] is True
+
+
+def test_up_over_leftovers_of_a_killed_up(lab_name):
+    proc = subprocess.Popen([MESHGRESS, "lab", "--name", lab_name, "up", "--nodes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(lab_netns(lab_name)) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lab(lab_name, "up", "--nodes", "2", "--gateway-nodes", "0")
+    status = json.loads(lab(lab_name, "status", "--json").stdout)
+    assert status["up"] is True
+    assert [n["name"] for n in status["nodes"]] == ["node1", "node2"]

@@ -1,0 +1,76 @@
+"""The informer keeps a cache equal to the store, across deletes and 410 re-lists."""
+
+import threading
+import time
+
+from meshgress.datastore import Kind
+from meshgress.datastore.file import FileDatastore
+from meshgress.datastore.informer import Informer
+
+
+def ns(name, **labels):
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels}}
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def names(informer):
+    return sorted(name for _, name in informer.snapshot())
+
+
+def test_cache_follows_adds_changes_and_deletes(tmp_path):
+    store = FileDatastore(tmp_path, poll_interval=0.01)
+    store.create(ns("a"))
+    pokes = threading.Semaphore(0)
+    informer = Informer(store, Kind.NAMESPACE, on_change=pokes.release).start()
+    try:
+        assert informer.synced.wait(5)
+        assert names(informer) == ["a"]
+        store.create(ns("b"))
+        store.apply(ns("a", team="x"))
+        store.delete(Kind.NAMESPACE, "b")
+        assert wait_until(lambda: names(informer) == ["a"] and
+                          informer.snapshot()[("", "a")]["metadata"]["labels"] == {"team": "x"})
+        assert pokes.acquire(timeout=1)
+    finally:
+        informer.stop()
+        store.close()
+
+
+def test_relists_after_the_watch_expires(tmp_path):
+    # A tiny journal: a burst of writes while the informer is stalled compacts its
+    # resource version away, so the watch raises Expired and the informer lists again.
+    store = FileDatastore(tmp_path, journal_limit=8, poll_interval=0.01)
+    store.create(ns("keep"))
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def on_change():
+        if not stalled.is_set():
+            stalled.set()
+            release.wait(5)
+
+    informer = Informer(store, Kind.NAMESPACE, on_change=on_change, max_backoff=0.05).start()
+    try:
+        assert stalled.wait(5)
+        writer = FileDatastore(tmp_path, journal_limit=8)
+        for i in range(30):
+            writer.create(ns(f"n{i}"))
+        for i in range(0, 30, 2):
+            writer.delete(Kind.NAMESPACE, f"n{i}")
+        release.set()
+        expected = sorted(["keep", *(f"n{i}" for i in range(1, 30, 2))])
+        assert wait_until(lambda: names(informer) == expected)
+        assert informer.relists >= 2
+        writer.close()
+    finally:
+        informer.stop()
+        store.close()
