@@ -100,9 +100,8 @@ def test_each_node_has_private_wireguard_socket_dir_and_state_dir(lab_name):
 
 def test_the_datastore_holds_the_lab_cluster(lab_name):
     lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "1")
-    from meshgress.datastore.file import FileDatastore
-
     from meshgress.datastore import Kind
+    from meshgress.datastore.file import FileDatastore
 
     store = FileDatastore(Path(f"/run/meshgress-lab/{lab_name}/datastore"))
     nodes = store.list(Kind.NODE).items

@@ -1,0 +1,163 @@
+"""The cross-platform WireGuard UAPI text protocol (wireguard-go's unix socket), as pure text.
+
+Why it exists: the userspace backend speaks this protocol, and the translation between
+it and the model is where the subtle parts are (hex keys, per-peer flags, the order of
+lines). Keeping it apart from the socket makes it testable without wireguard-go.
+
+The protocol (https://www.wireguard.com/xplatform/): a request is an operation line
+("get=1" or "set=1") followed by "key=value" lines and an empty line; the answer of a
+get is "key=value" lines, and every answer ends with "errno=N" and an empty line (N is
+0 or a negated errno). Keys are 64 lowercase hex digits. In a set, device keys come
+first; a "public_key" line starts (or creates) a peer and the lines after it apply to
+that peer. meshgress never sends `replace_peers`; for an updated peer it sends
+`update_only=true` right after the key (so a peer that vanished meanwhile is not
+re-created half-configured), and `replace_allowed_ips=true` only when that peer's
+allowed-ips change.
+
+Purely computational.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wireguard.errors import UapiError
+from wireguard.keys import key_from_hex, key_to_hex
+from wireguard.model import Device, Peer, PeerStats, parse_allowed_ips
+from wireguard.plan import DevicePlan
+
+GET_REQUEST = "get=1\n\n"
+
+
+def compute_uapi_set(plan: DevicePlan) -> str | None:
+    """The `set=1` request that carries out the WireGuard part of a plan, or None when
+    the plan changes nothing in WireGuard (then nothing is sent). Link-level parts
+    (create, MTU, up/down) are not part of the UAPI. Purely computational."""
+    if not plan.configures_wireguard:
+        return None
+    lines = ["set=1"]
+    if plan.private_key is not None:
+        lines.append(f"private_key={key_to_hex(plan.private_key)}")
+    if plan.listen_port is not None:
+        lines.append(f"listen_port={plan.listen_port}")
+    if plan.fwmark is not None:
+        lines.append(f"fwmark={plan.fwmark}")
+    for peer in plan.add_peers:
+        lines.append(f"public_key={key_to_hex(peer.public_key)}")
+        if peer.endpoint is not None:
+            lines.append(f"endpoint={peer.endpoint}")
+        if peer.persistent_keepalive:
+            lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        # For a new peer this clears nothing; should the peer exist after all (a race
+        # with another writer) it still ends up with exactly these allowed-ips.
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+    for upd in plan.update_peers:
+        lines.append(f"public_key={key_to_hex(upd.public_key)}")
+        lines.append("update_only=true")
+        if upd.endpoint is not None:
+            lines.append(f"endpoint={upd.endpoint}")
+        if upd.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={upd.persistent_keepalive}")
+        if upd.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines.extend(f"allowed_ip={net}" for net in upd.allowed_ips)
+    for key in plan.remove_peers:
+        lines.append(f"public_key={key_to_hex(key)}")
+        lines.append("remove=true")
+    return "\n".join(lines) + "\n\n"
+
+
+def parse_errno(text: str, *, interface: str, op: str) -> None:
+    """Raise UapiError unless the answer ends with "errno=0". Purely computational."""
+    value = None
+    for line in text.splitlines():
+        if line.startswith("errno="):
+            value = line[len("errno="):]
+    if value is None:
+        raise UapiError(interface, op, 5, "no errno in the answer (connection closed early?)")
+    try:
+        code = int(value)
+    except ValueError:
+        raise UapiError(interface, op, 71, f"malformed errno {value!r}") from None
+    if code != 0:
+        raise UapiError(interface, op, code)
+
+
+@dataclass
+class _PeerBuilder:
+    public_key: str
+    endpoint: str | None = None
+    keepalive: int = 0
+    allowed: list[str] = field(default_factory=list)
+    rx: int = 0
+    tx: int = 0
+    hs_sec: int = 0
+    hs_nsec: int = 0
+
+
+def parse_uapi_get(text: str, *, name: str, mtu: int,
+                   up: bool) -> tuple[Device, tuple[PeerStats, ...]]:
+    """Parse the answer to `get=1` into the device (its configuration) and the per-peer
+    counters. `mtu` and `up` come from the link, which the UAPI does not describe.
+    Unknown keys are ignored (newer or forked wireguard-go versions add some); a non-zero
+    errno raises UapiError. Purely computational."""
+    parse_errno(text, interface=name, op="get")
+    private_key: str | None = None
+    listen_port = 0
+    fwmark = 0
+    peers: list[_PeerBuilder] = []
+    current: _PeerBuilder | None = None
+    for raw in text.splitlines():
+        if not raw:
+            continue
+        key, sep, value = raw.partition("=")
+        if not sep:
+            raise UapiError(name, "get", 71, f"malformed line {raw!r}")
+        if key == "errno":
+            break
+        if key == "public_key":
+            current = _PeerBuilder(key_from_hex(value))
+            peers.append(current)
+            continue
+        if current is None:
+            if key == "private_key":
+                private_key = key_from_hex(value)
+            elif key == "listen_port":
+                listen_port = int(value)
+            elif key == "fwmark":
+                fwmark = int(value)
+            continue
+        if key == "endpoint":
+            current.endpoint = value
+        elif key == "persistent_keepalive_interval":
+            current.keepalive = int(value)
+        elif key == "allowed_ip":
+            current.allowed.append(value)
+        elif key == "rx_bytes":
+            current.rx = int(value)
+        elif key == "tx_bytes":
+            current.tx = int(value)
+        elif key == "last_handshake_time_sec":
+            current.hs_sec = int(value)
+        elif key == "last_handshake_time_nsec":
+            current.hs_nsec = int(value)
+    device = Device(
+        name=name,
+        private_key=private_key,
+        listen_port=listen_port,
+        fwmark=fwmark,
+        mtu=mtu,
+        up=up,
+        peers=tuple(
+            Peer(p.public_key, endpoint=p.endpoint, allowed_ips=parse_allowed_ips(p.allowed),
+                 persistent_keepalive=p.keepalive)
+            for p in peers
+        ),
+    )
+    stats = tuple(sorted(
+        (PeerStats(p.public_key, rx_bytes=p.rx, tx_bytes=p.tx, last_handshake_sec=p.hs_sec,
+                   last_handshake_nsec=p.hs_nsec) for p in peers),
+        key=lambda s: s.public_key,
+    ))
+    return device, stats
