@@ -55,7 +55,7 @@ def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout)
         f"{topology.underlay_netns}, outside host {OUTSIDE_ADDRESS} "
         f"(echo on tcp/udp {ECHO_PORT})")
     for node in topology.nodes:
-        say(f"  {node.name:<6} {node.role:<8} underlay {node.underlay_address:<12} "
+        say(f"  {node.name:<6} {node.role:<8} underlay {node.underlay_address!s:<12} "
             f"pod CIDR {node.pod_cidr}   netns {node.netns}")
     failures = 0
     say()
@@ -77,9 +77,10 @@ def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout)
     say()
     say(f"not built yet: {NOT_BUILT_YET}")
     say()
+    cli = ".venv/bin/meshgress lab" + ("" if lab.name == "lab" else f" --name {lab.name}")
     say(f"{'all checks held' if failures == 0 else f'{failures} check(s) FAILED'}. "
         "The lab is still up: look around with")
-    say(f"  .venv/bin/meshgress lab status    .venv/bin/meshgress lab exec {first.name} -- ip addr")
+    say(f"  {cli} status    {cli} exec {first.name} -- ip addr")
     say("and remove every trace of it with")
-    say("  .venv/bin/meshgress lab down")
+    say(f"  {cli} down")
     return failures

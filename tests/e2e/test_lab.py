@@ -159,3 +159,9 @@ def test_up_over_leftovers_of_a_killed_up(lab_name):
     status = json.loads(lab(lab_name, "status", "--json").stdout)
     assert status["up"] is True
     assert [n["name"] for n in status["nodes"]] == ["node1", "node2"]
+
+
+def test_demo_runs_to_the_end_and_every_check_holds(lab_name):
+    proc = lab(lab_name, "demo", "--nodes", "2", "--gateway-nodes", "1", timeout=300)
+    assert "all checks held" in proc.stdout, proc.stdout
+    assert "outside saw 192.0.2.11" in proc.stdout
