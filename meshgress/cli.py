@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from meshgress.lab.demo import run_demo
-from meshgress.lab.lab import Lab, LabError
+from meshgress.config import ConfigError
+from meshgress.datastore import DatastoreError
+from meshgress.datastore.file import FileDatastore
+from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.netns import CommandError
 from meshgress.lab.topology import LabSpecError
+
+# Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
+# one of them runs, so `meshgress lab ...` stays quick to start.
 
 
 def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,12 +36,27 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     up.add_argument("--gateway-nodes", type=int, default=2,
                     help="dedicated egress gateway nodes (default 2)")
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
+    gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
+    gw.add_argument("action", choices=("stop", "kill", "start"))
+    gw.add_argument("node")
     status = lab_sub.add_parser("status", help="what the lab has and whether it runs")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     exe = lab_sub.add_parser("exec", help="run a command inside a lab node or the outside host")
-    exe.add_argument("target", help="a node name or `outside`")
+    exe.add_argument("target", help="a node name, `outside`, or a pod as NAMESPACE/NAME")
     exe.add_argument("exec_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
+    agent = lab_sub.add_parser("agent", help="stop, start or restart a node's agent")
+    agent.add_argument("action", choices=("stop", "start", "restart"))
+    agent.add_argument("node")
+    add_node = lab_sub.add_parser("add-node", help="join one more worker node to the lab")
+    add_node.add_argument("--json", action="store_true",
+                          help="print the node and the times its agent started and was ready")
+    remove = lab_sub.add_parser("remove-node", help="take a node out of the running lab")
+    remove.add_argument("node")
+    pod = lab_sub.add_parser("add-pod", help="create a pod through the CNI plugin")
+    pod.add_argument("pod", metavar="NAMESPACE/NAME")
+    pod.add_argument("--node", required=True)
+    pod.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     demo = lab_sub.add_parser("demo", help="bring the lab up and show what it proves")
     demo.add_argument("--nodes", type=int, default=2)
     demo.add_argument("--gateway-nodes", type=int, default=2)
@@ -55,6 +77,9 @@ def _print_status(status: dict[str, object]) -> None:
 
 
 def _run_lab(args: argparse.Namespace) -> int:
+    from meshgress.lab.demo import run_demo
+    from meshgress.lab.lab import Lab
+
     lab = Lab(args.name)
     if args.lab_command == "up":
         topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes)
@@ -78,9 +103,110 @@ def _run_lab(args: argparse.Namespace) -> int:
             command = command[1:]
         argv = lab.exec_argv(args.target, command)
         os.execvp(argv[0], argv)
+    if args.lab_command == "agent":
+        lab.agent(args.action, args.node)
+        print(f"lab {lab.name}: agent on {args.node}: {args.action} done")
+        return 0
+    if args.lab_command == "gateway":
+        lab.gateway(args.action, args.node)
+        print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
+        return 0
+    if args.lab_command == "add-node":
+        node, timings = lab.add_node()
+        print(json.dumps({"node": node.name, **timings}) if args.json else node.name)
+        return 0
+    if args.lab_command == "remove-node":
+        lab.remove_node(args.node)
+        return 0
+    if args.lab_command == "add-pod":
+        namespace, sep, name = args.pod.partition("/")
+        labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+        if not sep or not namespace or not name or len(labels) != len(args.label):
+            raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
+        print(lab.add_pod(namespace, name, args.node, labels=labels or None))
+        return 0
     if args.lab_command == "demo":
         return 1 if run_demo(lab, args.nodes, args.gateway_nodes) else 0
     raise AssertionError(args.lab_command)
+
+
+def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from nodeagent.options import add_arguments as add_agent_arguments
+
+    agent = sub.add_parser("agent", help="run the node agent (one per node)")
+    add_agent_arguments(agent)
+    agent.add_argument("--log-level", default="INFO")
+    status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
+    status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
+                        help="this node's name (default: $MESHGRESS_NODE)")
+    status.add_argument("--datastore", type=Path,
+                        default=os.environ.get("MESHGRESS_DATASTORE"),
+                        help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    status.add_argument("--wireguard-backend", default="auto")
+    status.add_argument("--json", action="store_true")
+    explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
+    explain.add_argument("pod", metavar="NAMESPACE/NAME")
+    explain.add_argument("--to", metavar="IP", help="a destination address")
+    explain.add_argument("--datastore", type=Path,
+                         default=os.environ.get("MESHGRESS_DATASTORE"),
+                         help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    explain.add_argument("--cluster-config", type=Path,
+                         default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                         help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+    wg = sub.add_parser("wg-config", help="export the live mesh interface as a wg-quick file")
+    wg.add_argument("--interface", default=WIREGUARD_INTERFACE)
+    wg.add_argument("--wireguard-backend", default="auto")
+    wg.add_argument("--no-private-key", action="store_true",
+                    help="leave PrivateKey out (for sharing the file)")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from nodeagent.host import underlay_mtu
+    from nodeagent.status import collect_status, format_status
+    from wireguard.backend import detect_backend
+
+    if not args.node or not args.datastore:
+        raise UsageError("status: give --node and --datastore (or set $MESHGRESS_NODE and "
+                         "$MESHGRESS_DATASTORE)")
+    store = FileDatastore(Path(args.datastore))
+    try:
+        report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
+                                underlay_mtu)
+    finally:
+        store.close()
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))
+    return 0 if report.healthy else 1
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
+    from meshgress.explain import collect_and_explain
+
+    if not args.datastore:
+        raise UsageError("explain: give --datastore (or set $MESHGRESS_DATASTORE)")
+    cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
+               else DEFAULT_CLUSTER_CONFIG)
+    store = FileDatastore(Path(args.datastore))
+    try:
+        print("\n".join(collect_and_explain(store, cluster, args.pod, args.to)))
+    finally:
+        store.close()
+    return 0
+
+
+def _run_wg_config(args: argparse.Namespace) -> int:
+    from wireguard.backend import detect_backend
+    from wireguard.export import export_wg_quick
+
+    device = detect_backend(args.wireguard_backend).read(args.interface)
+    if device is None:
+        raise UsageError(f"wg-config: no WireGuard interface {args.interface} on this node")
+    sys.stdout.write(export_wg_quick(device, include_private_key=not args.no_private_key))
+    return 0
+
+
+class UsageError(RuntimeError):
+    """The command line asks for something impossible; the message says what to give."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meshgress",
         description="Encrypted pod-to-pod traffic and stable egress IPs for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _node_commands(sub)
     _lab_commands(sub)
     return parser
 
@@ -97,7 +224,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "lab":
             return _run_lab(args)
-    except (LabError, LabSpecError, CommandError) as exc:
+        if args.command == "agent":
+            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            from nodeagent.agent import main as run_agent
+
+            return run_agent(args)
+        if args.command == "status":
+            return _run_status(args)
+        if args.command == "wg-config":
+            return _run_wg_config(args)
+        if args.command == "explain":
+            return _run_explain(args)
+    except (LabSpecError, CommandError, UsageError, ConfigError, DatastoreError,
+            RuntimeError, ValueError, OSError) as exc:
+        # Every error type of ours derives from one of these; a traceback helps nobody
+        # at the command line, the message does.
         print(f"meshgress: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
@@ -132,6 +133,43 @@ class Lease:
 
     def held_by(self, holder: str, now: float) -> bool:
         return self.holder == holder and not self.expired(now)
+
+
+LEASE_DURATION_ANNOTATION = "meshgress.io/lease-duration-seconds"
+"""The exact (fractional) lease duration; spec.leaseDurationSeconds is an integer in
+Kubernetes, so it holds the duration rounded up."""
+
+
+def _parse_time(value: object, field: str) -> float:
+    if value in (None, ""):
+        return 0.0
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        raise Invalid(f"lease {field} {value!r} is not an RFC 3339 time") from None
+
+
+def parse_lease(obj: Object) -> Lease:
+    """A Lease object (coordination.k8s.io shape) as the Lease value; raises Invalid."""
+    meta = obj["metadata"]
+    spec = obj.get("spec") or {}
+    annotations = meta.get("annotations") or {}
+    try:
+        duration = float(annotations.get(LEASE_DURATION_ANNOTATION)
+                          or spec.get("leaseDurationSeconds") or 0)
+        transitions = int(spec.get("leaseTransitions") or 0)
+        resource_version = int(meta.get("resourceVersion") or 0)
+    except (TypeError, ValueError) as e:
+        raise Invalid(f"lease {meta.get('name')!r} is malformed: {e}") from None
+    return Lease(
+        name=str(meta.get("name")),
+        holder=spec.get("holderIdentity") or None,
+        duration_seconds=duration,
+        acquire_time=_parse_time(spec.get("acquireTime"), "acquireTime"),
+        renew_time=_parse_time(spec.get("renewTime"), "renewTime"),
+        transitions=transitions,
+        resource_version=resource_version,
+    )
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -69,6 +69,7 @@ import yaml
 
 from meshgress.datastore import (
     API_VERSIONS,
+    LEASE_DURATION_ANNOTATION,
     LEASE_NAMESPACE,
     NAMESPACED,
     AlreadyExists,
@@ -84,12 +85,12 @@ from meshgress.datastore import (
     Object,
     WatchEvent,
     object_key,
+    parse_lease,
 )
 from meshgress.validation import dns1123_subdomain_problem
 
 log = logging.getLogger(__name__)
 
-LEASE_DURATION_ANNOTATION: Final = "meshgress.io/lease-duration-seconds"
 """Annotation holding a lease's exact (fractional) duration in seconds, as Python float text."""
 
 _TMP_PREFIX: Final = ".tmp-"
@@ -201,7 +202,7 @@ class FileDatastore:
 
     def get_lease(self, name: str) -> Lease | None:
         try:
-            return _lease_from(self.get(Kind.LEASE, name, LEASE_NAMESPACE))
+            return parse_lease(self.get(Kind.LEASE, name, LEASE_NAMESPACE))
         except NotFound:
             return None
 
@@ -325,7 +326,7 @@ class FileDatastore:
                 self._stamp_new(new)
                 acquired, transitions = now, 0
             else:
-                lease = _lease_from(current)
+                lease = parse_lease(current)
                 if lease.holder == holder:
                     # A renewal (even of an expired lease nobody took over): like client-go's
                     # leader election it keeps acquireTime and leaseTransitions.
@@ -348,14 +349,14 @@ class FileDatastore:
                 "renewTime": _micro_time(now),
                 "leaseTransitions": transitions,
             }
-            return _lease_from(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
+            return parse_lease(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
                                             new, current))
 
     def release_lease(self, name: str, holder: str) -> None:
         path = self._path(Kind.LEASE, LEASE_NAMESPACE, name)
         with self._writing() as w:
             current = self._read(path)
-            if current is None or _lease_from(current).holder != holder:
+            if current is None or parse_lease(current).holder != holder:
                 return
             new = copy.deepcopy(current)
             new["spec"].pop("holderIdentity", None)
@@ -841,32 +842,3 @@ def _micro_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_time(value: object, field: str) -> float:
-    if value in (None, ""):
-        return 0.0
-    try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        raise Invalid(f"lease {field} {value!r} is not an RFC 3339 time") from None
-
-
-def _lease_from(obj: Object) -> Lease:
-    meta = obj["metadata"]
-    spec = obj.get("spec") or {}
-    annotations = meta.get("annotations") or {}
-    try:
-        duration = float(annotations.get(LEASE_DURATION_ANNOTATION)
-                          or spec.get("leaseDurationSeconds") or 0)
-        transitions = int(spec.get("leaseTransitions") or 0)
-        resource_version = int(meta.get("resourceVersion") or 0)
-    except (TypeError, ValueError) as e:
-        raise Invalid(f"lease {meta.get('name')!r} is malformed: {e}") from None
-    return Lease(
-        name=str(meta.get("name")),
-        holder=spec.get("holderIdentity") or None,
-        duration_seconds=duration,
-        acquire_time=_parse_time(spec.get("acquireTime"), "acquireTime"),
-        renew_time=_parse_time(spec.get("renewTime"), "renewTime"),
-        transitions=transitions,
-        resource_version=resource_version,
-    )

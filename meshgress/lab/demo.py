@@ -1,25 +1,28 @@
 """`meshgress lab demo`: bring the lab up and show, with real packets, what it proves.
 
-Each claim printed here is measured while the demo runs (a ping, a TCP and a UDP exchange
-with the outside host, which reports the source address it saw); nothing is assumed.
-The lab is left up afterwards so a person can look around; `meshgress lab down` removes it.
+Each claim printed here is measured while the demo runs — pings, TCP and UDP exchanges
+with the outside host (which reports the source address it saw), a capture on the
+underlay bridge — nothing is assumed. The lab is left up afterwards so a person can look
+around; `meshgress lab down` removes it.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import TextIO
 
 from meshgress.lab import netns
 from meshgress.lab.lab import Lab
-from meshgress.lab.topology import ECHO_PORT, OUTSIDE_ADDRESS, LabTopology
+from meshgress.lab.topology import CLUSTER_POD_CIDR, ECHO_PORT, OUTSIDE_ADDRESS, LabTopology
 
 NOT_BUILT_YET = (
-    "pods (the CNI plugin), the WireGuard mesh between nodes, and egress gateways are not "
-    "built yet: the lab has nodes, the underlay and the outside host, and traffic between "
-    "them is plain underlay traffic."
+    "egress gateways (stable egress IPs per namespace); until they are, every pod's "
+    "traffic to the outside leaves with its node's address."
 )
 
 
@@ -28,12 +31,12 @@ def _in(lab: Lab, target: str, *command: str, timeout: float = 15) -> tuple[bool
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
-def _ping(lab: Lab, source: str, address: str) -> str:
-    ok, out = _in(lab, source, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", address)
+def _ping(lab: Lab, source: str, address: str, count: int = 3) -> str:
+    ok, out = _in(lab, source, "ping", "-c", str(count), "-i", "0.2", "-W", "2", "-q", address)
     if not ok:
         return f"FAILED ({out.splitlines()[-1] if out else 'no output'})"
     match = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return f"ok, 3/3 replies, avg rtt {match.group(1) if match else '?'} ms"
+    return f"ok, {count}/{count} replies, avg rtt {match.group(1) if match else '?'} ms"
 
 
 def _seen_by_outside(lab: Lab, source: str, proto: str) -> str:
@@ -42,45 +45,96 @@ def _seen_by_outside(lab: Lab, source: str, proto: str) -> str:
     return out if ok else f"FAILED ({out})"
 
 
+def _count(pcap: Path, bpf: str) -> int:
+    out = subprocess.run(["tcpdump", "-r", str(pcap), "-n", bpf], capture_output=True,
+                         text=True, check=False).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
 def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout) -> int:
     """Returns the number of failed checks (0 when everything shown held)."""
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
+    failures = 0
+
+    def check(ok: bool, text: str) -> None:
+        nonlocal failures
+        failures += not ok
+        say(f"  {'ok  ' if ok else 'FAIL'} {text}")
+
     say(f"meshgress lab demo: {nodes} nodes + {gateway_nodes} gateway nodes")
     lab.down()
     started = time.monotonic()
     topology: LabTopology = lab.up(nodes=nodes, gateway_nodes=gateway_nodes)
-    say(f"lab up in {time.monotonic() - started:.1f} s: underlay 192.0.2.0/24 on a bridge in "
-        f"{topology.underlay_netns}, outside host {OUTSIDE_ADDRESS} "
-        f"(echo on tcp/udp {ECHO_PORT})")
+    say(f"lab up in {time.monotonic() - started:.1f} s: underlay 192.0.2.0/24 on a bridge, "
+        f"outside host {OUTSIDE_ADDRESS} (echo on tcp/udp {ECHO_PORT}), a node agent on "
+        f"every node, pods wired by the meshgress CNI plugin")
     for node in topology.nodes:
         say(f"  {node.name:<6} {node.role:<8} underlay {node.underlay_address!s:<12} "
-            f"pod CIDR {node.pod_cidr}   netns {node.netns}")
-    failures = 0
+            f"pod CIDR {node.pod_cidr}")
+    pods = {f"{p['namespace']}/{p['name']}": p for p in lab.pods()}
+    for key, pod in sorted(pods.items()):
+        say(f"  pod {key:<22} on {pod['node']:<6} {pod['address']}")
+
+    workers = [n for n in topology.nodes if n.role == "worker"]
+    first = workers[0]
+    near = f"payments/app-{first.name}"
     say()
-    say("node-to-node over the underlay:")
-    first = topology.nodes[0]
-    for other in topology.nodes[1:]:
-        result = _ping(lab, first.name, str(other.underlay_address))
-        failures += result.startswith("FAILED")
-        say(f"  {first.name} -> {other.name} ({other.underlay_address}): {result}")
+    say("pods reach each other (same node, and across nodes through the WireGuard mesh),")
+    say("while a capture on the underlay bridge watches every packet:")
+    pcap = Path(tempfile.mkdtemp(prefix="meshgress-demo-")) / "underlay.pcap"
+    capture = subprocess.Popen(
+        ["nsenter", f"--net={netns.netns_path(topology.underlay_netns)}", "tcpdump", "-i",
+         topology.bridge, "-n", "-U", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (not pcap.exists() or not pcap.stat().st_size):
+            time.sleep(0.05)
+        same = pods[f"web/app-{first.name}"]["address"]
+        result = _ping(lab, near, same)
+        check(not result.startswith("FAILED"), f"{near} -> web/app-{first.name} ({same}): "
+                                               f"{result}")
+        for other in workers[1:]:
+            for namespace in ("payments", "web"):
+                far = pods[f"{namespace}/app-{other.name}"]["address"]
+                result = _ping(lab, near, far)
+                check(not result.startswith("FAILED"),
+                      f"{near} -> {namespace}/app-{other.name} ({far}): {result}")
+    finally:
+        capture.terminate()
+        capture.wait(timeout=10)
+    plaintext = _count(pcap, f"net {CLUSTER_POD_CIDR}")
+    encrypted = _count(pcap, "udp port 51820")
+    check(plaintext == 0 and encrypted > 0,
+          f"on the underlay: {encrypted} WireGuard packets, {plaintext} packets with a pod "
+          "address in plaintext")
+    pcap.unlink(missing_ok=True)
+    pcap.parent.rmdir()
+
     say()
-    say("node-to-outside, and the source address the outside host saw:")
-    for node in topology.nodes:
+    ok, status = _in(lab, first.name, "meshgress", "status")
+    check(ok, f"`meshgress status` on {first.name} cross-checks both ends of every peer:")
+    for line in status.splitlines():
+        say(f"       {line}")
+
+    say()
+    say("pods reach the outside host, which reports the source address it saw:")
+    for pod_name, pod in sorted(pods.items()):
+        node = topology.node(pod["node"])
         for proto in ("tcp", "udp"):
-            seen = _seen_by_outside(lab, node.name, proto)
-            ok = seen == str(node.underlay_address)
-            failures += not ok
-            say(f"  {node.name:<6} {proto}: outside saw {seen}"
-                f"{'' if ok else f'  <-- expected {node.underlay_address}'}")
+            seen = _seen_by_outside(lab, pod_name, proto)
+            check(seen == str(node.underlay_address),
+                  f"{pod_name:<22} {proto}: outside saw {seen} (its node's address)")
     say()
     say(f"not built yet: {NOT_BUILT_YET}")
     say()
     cli = ".venv/bin/meshgress lab" + ("" if lab.name == "lab" else f" --name {lab.name}")
     say(f"{'all checks held' if failures == 0 else f'{failures} check(s) FAILED'}. "
         "The lab is still up: look around with")
-    say(f"  {cli} status    {cli} exec {first.name} -- ip addr")
+    say(f"  {cli} status    {cli} exec {first.name} -- meshgress status    "
+        f"{cli} exec {near} -- ip addr")
     say("and remove every trace of it with")
     say(f"  {cli} down")
     return failures

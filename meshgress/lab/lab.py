@@ -16,39 +16,57 @@ own network namespace.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cni.install import PLUGIN_NAME, install_plugin
 from meshgress.config import dump_cluster_config
+from meshgress.datastore import Kind
 from meshgress.datastore.file import FileDatastore
 from meshgress.lab import netns
 from meshgress.lab.topology import (
     ECHO_PORT,
+    LAB_KUBE_NAMESPACES,
     OUTSIDE_ADDRESS,
     UNDERLAY_CIDR,
     LabNode,
     LabTopology,
     compute_cluster_objects,
+    compute_egress_objects,
     compute_lab_topology,
     lab_cluster_config,
     lab_prefix,
 )
+from meshgress.slots import SlotId
+from nodeagent.steering import parse_slot_lease
 
 LAB_STATE_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
 WIREGUARD_SOCKET_DIR = "/var/run/wireguard"
 NODE_STATE_DIR = "/var/lib/meshgress"
 """The production state directory; in the lab each node's own folder is bound onto it."""
+NODE_RUN_DIR = "/run/meshgress"
+"""Where the agent's CNI socket lives; private per node in the lab."""
+POD_IFNAME = "eth0"
+AGENT_METRICS_PORT = 9820
+AGENT_READY_TIMEOUT = 30.0
 
 ANCHOR_SCRIPT = """set -e
 mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{wg}"
+mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{run}"
 mount --bind "{state}" "{node_state}"
 : > "{ready}"
 exec sleep infinity
@@ -72,7 +90,10 @@ class LabRecord:
     complete: bool = False
     created: float = field(default_factory=time.time)
     anchors: dict[str, int] = field(default_factory=dict)
+    agents: dict[str, int] = field(default_factory=dict)
+    gateways: dict[str, int] = field(default_factory=dict)
     echo_pid: int | None = None
+    removed: list[str] = field(default_factory=list)
 
 
 class Lab:
@@ -98,6 +119,10 @@ class Lab:
     def echo_log_path(self) -> Path:
         return self.state_dir / "outside" / "echo.jsonl"
 
+    @property
+    def cni_bin_dir(self) -> Path:
+        return self.state_dir / "cni" / "bin"
+
     def node_dir(self, node: str) -> Path:
         return self.state_dir / "nodes" / node
 
@@ -122,7 +147,19 @@ class Lab:
         record = self.load_record()
         if record is None:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
-        return compute_lab_topology(record.name, record.nodes, record.gateway_nodes)
+        return self._topology(record)
+
+    @staticmethod
+    def _topology(record: LabRecord) -> LabTopology:
+        full = compute_lab_topology(record.name, record.nodes, record.gateway_nodes)
+        return dataclasses.replace(
+            full, nodes=tuple(n for n in full.nodes if n.name not in record.removed))
+
+    def _running_record(self) -> LabRecord:
+        record = self.load_record()
+        if record is None or not record.complete:
+            raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
+        return record
 
     def datastore(self) -> FileDatastore:
         return FileDatastore(self.datastore_dir)
@@ -147,6 +184,15 @@ class Lab:
             self._save_record(record)
             self._write_cluster(topology)
             self._wait_ready(topology, record)
+            install_plugin(self.cni_bin_dir)
+            for node in topology.nodes:
+                self._start_agent(record, node.name)
+            for node in topology.nodes:
+                self._wait_agent(record, node.name)
+            for node in topology.nodes:
+                if node.role == "worker":
+                    for namespace in (ns for ns, _ in LAB_KUBE_NAMESPACES):
+                        self.add_pod(namespace, f"app-{node.name}", node.name, record=record)
         except BaseException:
             self.down()
             raise
@@ -155,31 +201,91 @@ class Lab:
         return topology
 
     def _build_network(self, topology: LabTopology) -> None:
-        for name in topology.netns_names:
+        for name in (topology.underlay_netns, topology.outside_netns):
             netns.add_netns(name)
-        underlay = topology.underlay_netns
-        netns.ip_batch(underlay, [f"link add {topology.bridge} type bridge",
-                                  f"link set {topology.bridge} up"])
-        plen = UNDERLAY_CIDR.prefixlen
-        attach: list[tuple[str, str, str]] = [
-            (node.underlay_ifname, node.netns, f"{node.underlay_address}/{plen}")
-            for node in topology.nodes
-        ]
-        attach.append(("outside", topology.outside_netns, f"{OUTSIDE_ADDRESS}/{plen}"))
-        for port, member_ns, address in attach:
-            netns.ip_batch(underlay, [
-                f"link add {port} type veth peer name eth0 netns {member_ns}",
-                f"link set {port} master {topology.bridge}",
-                f"link set {port} up",
-            ])
-            commands = [f"address add {address} dev eth0", "link set eth0 up"]
-            if member_ns != topology.outside_netns:
-                # The outside host stands for the internet: nodes route to it by default,
-                # as real nodes have a default route (proxy ARP for pods relies on one).
-                commands.append(f"route add default via {OUTSIDE_ADDRESS}")
-            netns.ip_batch(member_ns, commands)
+        netns.ip_batch(topology.underlay_netns, [f"link add {topology.bridge} type bridge",
+                                                 f"link set {topology.bridge} up"])
+        self._attach(topology, "outside", topology.outside_netns, OUTSIDE_ADDRESS,
+                     default_route=False)
         for node in topology.nodes:
-            netns.sysctl(node.netns, {"net.ipv4.ip_forward": "1"})
+            self._build_node(topology, node)
+
+    def _build_node(self, topology: LabTopology, node: LabNode) -> None:
+        netns.add_netns(node.netns)
+        # The outside host stands for the internet: nodes route to it by default, as
+        # real nodes have a default route (proxy ARP for pods relies on one).
+        self._attach(topology, node.underlay_ifname, node.netns, node.underlay_address,
+                     default_route=True)
+        netns.sysctl(node.netns, {"net.ipv4.ip_forward": "1"})
+
+    def _attach(self, topology: LabTopology, port: str, member_ns: str, address: object, *,
+                default_route: bool) -> None:
+        netns.ip_batch(topology.underlay_netns, [
+            f"link add {port} type veth peer name eth0 netns {member_ns}",
+            f"link set {port} master {topology.bridge}",
+            f"link set {port} up",
+        ])
+        commands = [f"address add {address}/{UNDERLAY_CIDR.prefixlen} dev eth0",
+                    "link set eth0 up"]
+        if default_route:
+            commands.append(f"route add default via {OUTSIDE_ADDRESS}")
+        netns.ip_batch(member_ns, commands)
+
+    def add_node(self) -> tuple[LabNode, dict[str, Any]]:
+        """Join one more worker node to a running lab: namespaces, mount namespace, Node
+        object, agent, and its two pods. Returns the node and when (wall clock) its agent
+        was started, was ready, and its pods were wired."""
+        record = self._running_record()
+        record.nodes += 1
+        topology = self._topology(record)
+        node = topology.node(f"node{record.nodes}")
+        self._save_record(record)
+        self._build_node(topology, node)
+        record.anchors[node.name] = self._start_anchor(node)
+        self._save_record(record)
+        self._wait_ready(topology, record)
+        store = self.datastore()
+        try:
+            for obj in compute_cluster_objects(topology):
+                if obj["kind"] == "Node" and obj["metadata"]["name"] == node.name:
+                    store.apply(obj)
+        finally:
+            store.close()
+        timings = {"agentStarted": time.time()}
+        self._start_agent(record, node.name)
+        self._wait_agent(record, node.name)
+        timings["agentReady"] = time.time()
+        # Both pods at once, as a kubelet starts pods in parallel.
+        with ThreadPoolExecutor(max_workers=len(LAB_KUBE_NAMESPACES)) as pool:
+            futures = {f"{ns}/app-{node.name}": pool.submit(
+                self.add_pod, ns, f"app-{node.name}", node.name, record=record)
+                for ns, _ in LAB_KUBE_NAMESPACES}
+            pods = {key: future.result() for key, future in futures.items()}
+        timings["podsWired"] = time.time()
+        return node, {**timings, "pods": pods}
+
+    def remove_node(self, name: str) -> None:
+        """Take a node out of a running lab, as a decommissioned machine leaves: its
+        processes stop, its Node and Pod objects are deleted, its namespaces removed."""
+        record = self._running_record()
+        topology = self._topology(record)
+        node = topology.node(name)
+        pods = [p for p in self.pods() if p["node"] == name]
+        netns.stop_pids(netns.netns_pids(node.netns))
+        for pod in pods:
+            netns.delete_netns(pod["netns"])
+        netns.delete_netns(node.netns)
+        record.removed.append(name)
+        record.anchors.pop(name, None)
+        record.agents.pop(name, None)
+        self._save_record(record)
+        store = self.datastore()
+        try:
+            for pod in pods:
+                store.delete(Kind.POD, pod["name"], pod["namespace"])
+            store.delete(Kind.NODE, name)
+        finally:
+            store.close()
 
     def _start_anchor(self, node: LabNode) -> int:
         node_dir = self.node_dir(node.name)
@@ -190,7 +296,8 @@ class Lab:
         # Mount points must exist on the host before a private mount can sit on them.
         Path(WIREGUARD_SOCKET_DIR).mkdir(parents=True, exist_ok=True)
         Path(NODE_STATE_DIR).mkdir(parents=True, exist_ok=True)
-        script = ANCHOR_SCRIPT.format(wg=WIREGUARD_SOCKET_DIR, state=state,
+        Path(NODE_RUN_DIR).mkdir(parents=True, exist_ok=True)
+        script = ANCHOR_SCRIPT.format(wg=WIREGUARD_SOCKET_DIR, run=NODE_RUN_DIR, state=state,
                                       node_state=NODE_STATE_DIR, ready=ready)
         argv = ["nsenter", f"--net={netns.netns_path(node.netns)}",
                 "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script]
@@ -240,10 +347,213 @@ class Lab:
             raise LabError(f"outside echo service not listening in {timeout}s")
 
     def _is_running(self, record: LabRecord) -> bool:
-        topology = compute_lab_topology(record.name, record.nodes, record.gateway_nodes)
+        topology = self._topology(record)
         present = set(netns.list_netns())
         return (all(ns in present for ns in topology.netns_names)
                 and all(netns.pid_alive(pid) for pid in record.anchors.values()))
+
+    # Agents ----------------------------------------------------------------------------
+
+    def _node_argv(self, record: LabRecord, node: str, command: list[str]) -> list[str]:
+        anchor = record.anchors.get(node)
+        if anchor is None or not netns.pid_alive(anchor):
+            raise LabError(f"node {node}: its mount namespace is gone; run lab down/up")
+        return ["nsenter", f"--target={anchor}", "--net", "--mount", "--", *command]
+
+    def _start_agent(self, record: LabRecord, node: str) -> int:
+        argv = self._node_argv(record, node, [
+            _python(), "-m", "meshgress.cli", "agent", "--node", node,
+            "--datastore", str(self.datastore_dir),
+            "--cluster-config", str(self.cluster_config_path),
+            "--node-grace", "5", "--resync-interval", "5"])
+        pid = netns.spawn_detached(argv, self.log_path(f"{node}-agent"))
+        record.agents[node] = pid
+        self._save_record(record)
+        return pid
+
+    def _wait_agent(self, record: LabRecord, node: str,
+                    timeout: float = AGENT_READY_TIMEOUT) -> None:
+        """Ready = the agent's readiness probe answers 200 (synced, applied, published,
+        serving CNI)."""
+        deadline = time.monotonic() + timeout
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{AGENT_METRICS_PORT}/readyz",
+                                            timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        while time.monotonic() < deadline:
+            pid = record.agents.get(node)
+            if pid is None or not netns.pid_alive(pid):
+                log = self.log_path(f"{node}-agent").read_text(errors="replace")[-3000:]
+                raise LabError(f"node {node}: the agent exited:\n{log}")
+            if netns.call_in_netns(f"/proc/{pid}/ns/net", ready):
+                return
+            time.sleep(0.02)
+        raise LabError(f"node {node}: the agent was not ready within {timeout:.0f}s "
+                       f"(log: {self.log_path(f'{node}-agent')})")
+
+    def agent(self, action: str, node: str) -> None:
+        """Stop, start or restart one node's agent (the dataplane stays in place)."""
+        record = self._running_record()
+        if node not in record.anchors:
+            raise LabError(f"lab agent: unknown node {node!r}")
+        if action in ("stop", "restart"):
+            pid = record.agents.pop(node, None)
+            if pid is not None:
+                netns.stop_pids([pid], grace=10)
+            self._save_record(record)
+        if action in ("start", "restart"):
+            if record.agents.get(node) and netns.pid_alive(record.agents[node]):
+                raise LabError(f"node {node}: the agent is already running")
+            self._start_agent(record, node)
+            self._wait_agent(record, node)
+
+    # Egress gateways -------------------------------------------------------------------
+
+    def _start_egress(self, topology: LabTopology, record: LabRecord) -> None:
+        objects = compute_egress_objects(topology)
+        if not objects:
+            return
+        store = self.datastore()
+        try:
+            for obj in objects:
+                store.apply(obj)
+        finally:
+            store.close()
+        for node in topology.nodes:
+            if node.role == "gateway":
+                self._start_gateway(record, node.name)
+        self._wait_slots(record)
+
+    def _start_gateway(self, record: LabRecord, node: str) -> int:
+        argv = self._node_argv(record, node, [
+            _python(), "-m", "meshgress.cli", "gateway", "--node", node,
+            "--datastore", str(self.datastore_dir),
+            "--cluster-config", str(self.cluster_config_path)])
+        pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))
+        record.gateways[node] = pid
+        self._save_record(record)
+        return pid
+
+    def slots(self) -> list[dict[str, Any]]:
+        """Every egress IP slot with its holder (from the slot leases)."""
+        if not self.datastore_dir.exists():
+            return []
+        store = self.datastore()
+        try:
+            gateways = store.list(Kind.EGRESS_GATEWAY).items
+            leases = store.list(Kind.LEASE).items
+        finally:
+            store.close()
+        now = time.time()
+        holders = {h.slot: h for h in (parse_slot_lease(o, now) for o in leases) if h}
+        out = []
+        for gw in gateways:
+            ips = (gw.get("spec") or {}).get("egressIPs") or []
+            for index, ip in enumerate(ips):
+                slot = SlotId(gw["metadata"]["name"], index)
+                holder = holders.get(slot)
+                out.append({"gateway": slot.gateway, "index": index, "egressIP": ip,
+                            "holder": holder.holder if holder else None,
+                            "node": holder.node if holder else None})
+        return out
+
+    def _wait_slots(self, record: LabRecord, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            slots = self.slots()
+            if slots and all(s["holder"] for s in slots):
+                return
+            for node, pid in record.gateways.items():
+                if not netns.pid_alive(pid):
+                    log = self.log_path(f"{node}-gateway").read_text(errors="replace")[-3000:]
+                    raise LabError(f"node {node}: the gateway exited:\n{log}")
+            time.sleep(0.1)
+        raise LabError(f"egress slots not all held within {timeout:.0f}s: {self.slots()}")
+
+    def gateway(self, action: str, node: str) -> None:
+        """Stop (SIGTERM: drain), kill (SIGKILL: a crash), or start a gateway process."""
+        record = self._running_record()
+        if node not in record.anchors or not node.startswith("gw"):
+            raise LabError(f"lab gateway: {node!r} is not a gateway node of the lab")
+        if action in ("stop", "kill"):
+            pid = record.gateways.pop(node, None)
+            if pid is not None:
+                if action == "kill":
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                netns.stop_pids([pid], grace=10)
+            self._save_record(record)
+        if action == "start":
+            if record.gateways.get(node) and netns.pid_alive(record.gateways[node]):
+                raise LabError(f"node {node}: the gateway is already running")
+            self._start_gateway(record, node)
+
+    # Pods ------------------------------------------------------------------------------
+
+    def pod_netns(self, namespace: str, name: str) -> str:
+        return f"{lab_prefix(self.name)}pod-{namespace}-{name}"
+
+    def add_pod(self, namespace: str, name: str, node: str, *,
+                labels: dict[str, str] | None = None,
+                record: LabRecord | None = None) -> str:
+        """Create a pod the way kubelet and a runtime would: the Pod object first, then
+        a network namespace wired by the real CNI plugin on its node. Returns its IP."""
+        record = record or self.load_record()
+        if record is None:
+            raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
+        pod_ns = self.pod_netns(namespace, name)
+        container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
+        store = self.datastore()
+        try:
+            store.apply({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": labels or {"app": name.split("-", maxsplit=1)[0]},
+                             "annotations": {"meshgress.io/lab-netns": pod_ns}},
+                "spec": {"nodeName": node, "containers": [{"name": "app", "image": "none"}]},
+                "status": {"phase": "Pending"},
+            })
+            netns.add_netns(pod_ns)
+            env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container_id,
+                   "CNI_NETNS": str(netns.netns_path(pod_ns)), "CNI_IFNAME": POD_IFNAME,
+                   "CNI_PATH": str(self.cni_bin_dir),
+                   "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
+            argv = self._node_argv(record, node, [
+                "env", *(f"{k}={v}" for k, v in env.items()),
+                str(self.cni_bin_dir / PLUGIN_NAME)])
+            config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress",
+                                 "type": PLUGIN_NAME, "socket": f"{NODE_RUN_DIR}/cni.sock"})
+            proc = netns.run(argv, input_text=config, check=False, timeout=30)
+            if proc.returncode != 0:
+                raise LabError(f"CNI ADD of pod {namespace}/{name} on {node} failed: "
+                               f"{proc.stdout.strip()} {proc.stderr.strip()}")
+            address = str(json.loads(proc.stdout)["ips"][0]["address"]).split("/")[0]
+            store.patch_status(Kind.POD, name, {
+                "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
+                "hostIP": str(self._topology(record).node(node).underlay_address),
+            }, namespace=namespace)
+        finally:
+            store.close()
+        return address
+
+    def pods(self) -> list[dict[str, Any]]:
+        if not self.datastore_dir.exists():
+            return []
+        store = self.datastore()
+        try:
+            items = store.list(Kind.POD).items
+        finally:
+            store.close()
+        return [{
+            "namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"],
+            "node": p["spec"].get("nodeName"), "address": (p.get("status") or {}).get("podIP"),
+            "netns": self.pod_netns(p["metadata"]["namespace"], p["metadata"]["name"]),
+        } for p in items]
 
     # Down ------------------------------------------------------------------------------
 
@@ -274,7 +584,7 @@ class Lab:
         record = self.load_record()
         if record is None:
             return {"name": self.name, "up": False}
-        topology = compute_lab_topology(record.name, record.nodes, record.gateway_nodes)
+        topology = self._topology(record)
         present = set(netns.list_netns())
         nodes = []
         for node in topology.nodes:
@@ -297,7 +607,8 @@ class Lab:
             "clusterConfig": str(self.cluster_config_path),
             "underlay": {"cidr": str(UNDERLAY_CIDR), "netns": topology.underlay_netns},
             "nodes": nodes,
-            "pods": [],
+            "pods": self.pods(),
+            "slots": self.slots(),
             "outside": {
                 "address": str(OUTSIDE_ADDRESS),
                 "netns": topology.outside_netns,
@@ -320,11 +631,19 @@ class Lab:
             return ["nsenter", f"--net={netns.netns_path(topology.outside_netns)}", "--",
                     *command]
         if target in {n.name for n in topology.nodes}:
-            anchor = record.anchors.get(target)
-            if anchor is None or not netns.pid_alive(anchor):
-                raise LabError(f"node {target}: its mount namespace is gone; run lab down/up")
-            return ["nsenter", f"--target={anchor}", "--net", "--mount", "--", *command]
-        names = ", ".join(["outside", *(n.name for n in topology.nodes)])
+            # The node's name and datastore come along, so `meshgress status` just works.
+            return self._node_argv(record, target, [
+                "env", f"MESHGRESS_NODE={target}", f"MESHGRESS_DATASTORE={self.datastore_dir}",
+                f"MESHGRESS_CLUSTER_CONFIG={self.cluster_config_path}",
+                f"PATH={Path(_python()).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                *command])
+        if "/" in target:
+            namespace, _, name = target.partition("/")
+            if not any(p["namespace"] == namespace and p["name"] == name for p in self.pods()):
+                raise LabError(f"lab exec: no pod {target} in the lab")
+            return ["nsenter", f"--net={netns.netns_path(self.pod_netns(namespace, name))}",
+                    "--", *command]
+        names = ", ".join(["outside", *(n.name for n in topology.nodes), "NAMESPACE/POD"])
         raise LabError(f"lab exec: unknown target {target!r} (one of: {names})")
 
 

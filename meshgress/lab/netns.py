@@ -8,14 +8,19 @@ a network namespace named by the caller; none touches the host's own namespace.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+_T = TypeVar("_T")
 
 
 class CommandError(RuntimeError):
@@ -126,3 +131,31 @@ def spawn_detached(argv: Sequence[str], log_path: Path) -> int:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
     return proc.pid
+
+
+def call_in_netns(ns_file: str | Path, fn: Callable[[], _T]) -> _T:
+    """Run `fn` on a short-lived thread that has entered the network namespace `ns_file`
+    (e.g. /proc/PID/ns/net). A network namespace is per thread, so the calling thread —
+    and the host namespace — are never touched; this is much cheaper than a process."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns_file}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="in-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

@@ -137,6 +137,27 @@ def compute_lab_topology(name: str, nodes: int, gateway_nodes: int) -> LabTopolo
     )
 
 
+LAB_GATEWAY_NAME = "egress"
+LAB_POLICY_NAME = "payments"
+
+
+def compute_egress_objects(topology: LabTopology) -> list[dict[str, Any]]:
+    """With gateway nodes: one EgressGateway holding the lab's egress IPs on the underlay,
+    and one EgressPolicy sending the `payments` namespace through it."""
+    if not any(n.role == "gateway" for n in topology.nodes):
+        return []
+    return [
+        {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+         "metadata": {"name": LAB_GATEWAY_NAME},
+         "spec": {"egressIPs": [str(ip) for ip in topology.egress_ips], "interface": "eth0",
+                  "failurePolicy": "FailClosed"}},
+        {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+         "metadata": {"name": LAB_POLICY_NAME},
+         "spec": {"gateway": LAB_GATEWAY_NAME,
+                  "namespaceSelector": {"matchLabels": {"team": "payments"}}}},
+    ]
+
+
 def compute_cluster_objects(topology: LabTopology) -> list[dict[str, Any]]:
     """The Node and Namespace objects the lab writes into its datastore."""
     objects: list[dict[str, Any]] = []

@@ -1,5 +1,6 @@
 """The lab's life cycle, run through the real CLI: up, status, exec, down, and crashes."""
 
+import ipaddress
 import json
 import os
 import signal
@@ -57,7 +58,20 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
         ]
         assert status["outside"] == {"address": "192.0.2.254", "netns": f"mg-{lab_name}-outside",
                                      "tcpEchoPort": 7777, "udpEchoPort": 7777, "running": True}
-        assert status["pods"] == []
+        pods = {(p["namespace"], p["name"]): p for p in status["pods"]}
+        assert sorted(pods) == [("payments", "app-node1"), ("payments", "app-node2"),
+                                ("web", "app-node1"), ("web", "app-node2")]
+        for (_ns, name), pod in pods.items():
+            node = name.removeprefix("app-")
+            cidr = next(n["podCIDR"] for n in status["nodes"] if n["name"] == node)
+            assert pod["node"] == node
+            assert ipaddress.ip_address(pod["address"]) in ipaddress.ip_network(cidr)
+        # A pod has its /32, and pods on the same node reach each other.
+        addr = in_lab(lab_name, "payments/app-node1", "ip", "-4", "-o", "addr", "show",
+                      "eth0").stdout
+        assert f"{pods[('payments', 'app-node1')]['address']}/32" in addr
+        in_lab(lab_name, "payments/app-node1", "ping", "-c", "1", "-W", "2",
+               pods[("web", "app-node1")]["address"])
 
         # Node to node and node to outside over the underlay; the outside host reports
         # the source address it saw.
@@ -69,13 +83,14 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
                 assert seen == address
 
         namespaces = lab_netns(lab_name)
-        assert namespaces == sorted(f"mg-{lab_name}-{n}" for n in
-                                    ("underlay", "outside", "node1", "node2", "gw1"))
+        assert namespaces == sorted(f"mg-{lab_name}-{n}" for n in (
+            "underlay", "outside", "node1", "node2", "gw1", "pod-payments-app-node1",
+            "pod-payments-app-node2", "pod-web-app-node1", "pod-web-app-node2"))
         pids = pids_in(namespaces)
         assert pids, "the lab runs node anchors and the echo service"
 
         down = lab(lab_name, "down")
-        assert "removed 5 network namespaces" in down.stdout
+        assert "removed 9 network namespaces" in down.stdout
         assert lab_netns(lab_name) == []
         assert not any(alive(p) for p in pids)
         assert not Path(f"/run/meshgress-lab/{lab_name}").exists()
@@ -87,7 +102,9 @@ def test_each_node_has_private_wireguard_socket_dir_and_state_dir(lab_name):
     marker = f"mark-{lab_name}"
     in_lab(lab_name, "node1", "touch", f"/var/run/wireguard/{marker}",
            f"/var/lib/meshgress/{marker}")
-    assert in_lab(lab_name, "node1", "ls", "/var/run/wireguard").stdout.split() == [marker]
+    # Each node's wireguard-go socket sits in its own folder, under the production name.
+    assert sorted(in_lab(lab_name, "node1", "ls", "/var/run/wireguard").stdout.split()) == sorted([
+        "meshgress0.sock", marker])
     assert marker not in in_lab(lab_name, "node2", "ls", "/var/run/wireguard").stdout
     assert marker not in in_lab(lab_name, "node2", "ls", "/var/lib/meshgress").stdout
     assert not Path(f"/var/run/wireguard/{marker}").exists(), "leaked into the host"
@@ -121,7 +138,7 @@ def test_up_refuses_a_running_lab_and_bad_targets(lab_name):
     assert "is already up; run `meshgress lab down` first" in again.stderr
     bad = in_lab(lab_name, "node9", "true", check=False)
     assert bad.returncode == 2
-    assert "unknown target 'node9' (one of: outside, node1)" in bad.stderr
+    assert "unknown target 'node9' (one of: outside, node1, NAMESPACE/POD)" in bad.stderr
     # The refused commands changed nothing.
     assert json.loads(lab(lab_name, "status", "--json").stdout)["up"] is True
 

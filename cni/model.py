@@ -1,0 +1,328 @@
+"""The CNI plugin's pure logic: requests, attachments, results and what GC removes.
+
+Everything the server decides without touching the kernel or the disk lives here as
+functions from values to frozen values, so it is tested without root:
+
+- `parse_request` turns the shim's request into a validated `CniRequest`;
+- `compute_host_ifname` names a pod's host-side veth from its container id and ifname;
+- `compute_result` builds the spec's Result for the requested cniVersion, appending to a
+  `prevResult` when meshgress is not first in a chain;
+- `parse_valid_attachments` and `plan_gc` decide which allocations and host interfaces a
+  GC removes.
+
+Purely computational, no side effects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from cni import protocol as p
+from meshgress.kernel_ids import POD_GATEWAY_IPV4, POD_HOST_VETH_PREFIX
+
+HOST_IFNAME_HASH_CHARS = 11
+"""15-byte interface names leave 12 characters after the 3-character prefix; 11 hex chars
+(44 bits) keep a collision among a node's pods below one in a billion."""
+
+
+@dataclass(frozen=True, order=True)
+class AttachmentKey:
+    """What identifies one attachment to the network (CNI spec: container id + ifname)."""
+
+    container_id: str
+    ifname: str
+
+
+@dataclass(frozen=True)
+class PodAttachment:
+    """A pod wired into the network, as the pod-ready hook and the agent see it."""
+
+    container_id: str
+    ifname: str
+    netns: str
+    namespace: str | None
+    name: str | None
+    ip: IPv4Address
+    host_ifname: str
+
+    @property
+    def key(self) -> AttachmentKey:
+        return AttachmentKey(self.container_id, self.ifname)
+
+
+@dataclass(frozen=True)
+class CniRequest:
+    """A validated request from the shim."""
+
+    command: str
+    container_id: str
+    ifname: str
+    netns: str
+    args: Mapping[str, str]
+    config: Mapping[str, Any]
+    cni_version: str
+    cni_path: str = ""
+
+    @property
+    def key(self) -> AttachmentKey:
+        return AttachmentKey(self.container_id, self.ifname)
+
+    @property
+    def pod_namespace(self) -> str | None:
+        return self.args.get("K8S_POD_NAMESPACE") or None
+
+    @property
+    def pod_name(self) -> str | None:
+        return self.args.get("K8S_POD_NAME") or None
+
+    @property
+    def prev_result(self) -> Mapping[str, Any] | None:
+        prev = self.config.get("prevResult")
+        return prev if isinstance(prev, Mapping) else None
+
+
+@dataclass(frozen=True)
+class WiringPlan:
+    """What the apply layer builds for one pod: both veth ends, address, routes."""
+
+    host_ifname: str
+    pod_ifname: str
+    ip: IPv4Address
+    gateway: IPv4Address
+    host_mac: str
+    pod_mac: str
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What a GC removes: allocations (by key) and host interfaces (by name)."""
+
+    release: tuple[AttachmentKey, ...] = ()
+    delete_links: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Differences CHECK found between the kernel and what ADD built."""
+
+    problems: tuple[str, ...] = field(default=())
+
+
+def compute_host_ifname(container_id: str, ifname: str) -> str:
+    """`mgc` + 11 hex chars of sha256(container id + ifname): stable, <= 15 bytes."""
+    digest = hashlib.sha256(f"{container_id}{ifname}".encode()).hexdigest()
+    return POD_HOST_VETH_PREFIX + digest[:HOST_IFNAME_HASH_CHARS]
+
+
+def compute_mac(seed: bytes) -> str:
+    """A locally administered unicast MAC address from 6 (random) bytes."""
+    if len(seed) < 6:
+        raise ValueError("a MAC address needs 6 bytes")
+    first = (seed[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in (first, *seed[1:6]))
+
+
+def parse_request(raw: Mapping[str, Any]) -> CniRequest:
+    """Validate the shim's request; raise CniError with the spec's code on bad input."""
+    command = raw.get("command")
+    if command not in p.COMMANDS or command == "VERSION":
+        raise p.CniError(p.ERR_INVALID_ENV, f"unsupported CNI_COMMAND {command!r}")
+    stdin = raw.get("stdin")
+    if not isinstance(stdin, str):
+        raise p.CniError(p.ERR_DECODE, "request has no network configuration")
+    try:
+        config = json.loads(stdin)
+    except ValueError as exc:
+        raise p.CniError(
+            p.ERR_DECODE, "failed to decode the network configuration", str(exc)
+        ) from None
+    if not isinstance(config, dict):
+        raise p.CniError(p.ERR_INVALID_CONFIG, "network configuration is not a JSON object")
+    version = p.check_version(command, config.get("cniVersion"))
+    fields = {}
+    for name in ("containerID", "ifname", "netns", "args", "path"):
+        value = raw.get(name, "")
+        if not isinstance(value, str):
+            raise p.CniError(p.ERR_INVALID_ENV, f"request field {name} is not a string")
+        fields[name] = value
+    env_names = {"containerID": "CNI_CONTAINERID", "ifname": "CNI_IFNAME", "netns": "CNI_NETNS"}
+    for env_name in p.REQUIRED_ENV[command]:
+        field_name = next(k for k, v in env_names.items() if v == env_name)
+        if not fields[field_name]:
+            raise p.CniError(p.ERR_INVALID_ENV, f"{env_name} must be set for {command}")
+    if command in ("ADD", "CHECK", "DEL"):
+        p.check_container_id(fields["containerID"])
+        p.check_ifname(fields["ifname"])
+    mtu = config.get("mtu")
+    if mtu is not None and (
+        isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
+    ):
+        raise p.CniError(
+            p.ERR_INVALID_CONFIG, f"'mtu' must be an integer in 68..65535, not {mtu!r}"
+        )
+    return CniRequest(
+        command=command,
+        container_id=fields["containerID"],
+        ifname=fields["ifname"],
+        netns=fields["netns"],
+        args=p.parse_cni_args(fields["args"]),
+        config=config,
+        cni_version=version,
+        cni_path=fields["path"],
+    )
+
+
+def compute_wiring_plan(
+    attachment: PodAttachment, host_mac: str, pod_mac: str, mtu: int | None = None
+) -> WiringPlan:
+    return WiringPlan(
+        host_ifname=attachment.host_ifname,
+        pod_ifname=attachment.ifname,
+        ip=attachment.ip,
+        gateway=IPv4Address(POD_GATEWAY_IPV4),
+        host_mac=host_mac,
+        pod_mac=pod_mac,
+        mtu=mtu,
+    )
+
+
+def compute_result(
+    cni_version: str,
+    plan: WiringPlan,
+    sandbox: str,
+    prev_result: Mapping[str, Any] | None = None,
+    dns: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The spec's Result for `cni_version`, appended to `prev_result` if there is one.
+
+    interfaces: the host veth (no sandbox) then the pod interface (sandbox = netns path);
+    ips: the pod's /32 with the link-local gateway, pointing at the pod interface;
+    routes: the default route via that gateway. 0.4.0 results carry ips[].version.
+    """
+    prev = dict(prev_result) if prev_result else {}
+    interfaces = [dict(i) for i in prev.get("interfaces", []) if isinstance(i, Mapping)]
+    host_if: dict[str, Any] = {"name": plan.host_ifname, "mac": plan.host_mac}
+    pod_if: dict[str, Any] = {"name": plan.pod_ifname, "mac": plan.pod_mac, "sandbox": sandbox}
+    if plan.mtu is not None and (p.parse_version(cni_version) or (0, 0, 0)) >= (1, 1, 0):
+        host_if["mtu"] = plan.mtu
+        pod_if["mtu"] = plan.mtu
+    interfaces += [host_if, pod_if]
+    ip_entry: dict[str, Any] = {
+        "address": f"{plan.ip}/32",
+        "gateway": str(plan.gateway),
+        "interface": len(interfaces) - 1,
+    }
+    if cni_version == "0.4.0":
+        ip_entry = {"version": "4", **ip_entry}
+    ips = [dict(i) for i in prev.get("ips", []) if isinstance(i, Mapping)] + [ip_entry]
+    routes = [dict(r) for r in prev.get("routes", []) if isinstance(r, Mapping)]
+    routes.append({"dst": "0.0.0.0/0", "gw": str(plan.gateway)})
+    result: dict[str, Any] = {
+        "cniVersion": cni_version,
+        "interfaces": interfaces,
+        "ips": ips,
+        "routes": routes,
+        "dns": dict(prev.get("dns") or dns or {}),
+    }
+    return result
+
+
+def compute_check_problems(
+    request: CniRequest, ip: IPv4Address, host_ifname: str
+) -> tuple[str, ...]:
+    """Differences between the runtime's prevResult and the allocation, if any."""
+    prev = request.prev_result
+    if prev is None:
+        return ()
+    problems = []
+    interfaces = prev.get("interfaces") or []
+    pod_indexes = [
+        n for n, i in enumerate(interfaces)
+        if isinstance(i, Mapping) and i.get("name") == request.ifname and i.get("sandbox")
+    ]
+    if not pod_indexes:
+        problems.append(f"prevResult has no interface {request.ifname} in a sandbox")
+    if not any(isinstance(i, Mapping) and i.get("name") == host_ifname for i in interfaces):
+        problems.append(f"prevResult has no host interface {host_ifname}")
+    addresses = {
+        str(i.get("address")) for i in prev.get("ips") or [] if isinstance(i, Mapping)
+    }
+    if f"{ip}/32" not in addresses:
+        problems.append(f"prevResult does not list the allocated address {ip}/32")
+    return tuple(problems)
+
+
+def parse_valid_attachments(config: Mapping[str, Any]) -> frozenset[AttachmentKey]:
+    """The GC's keep-list: `cni.dev/valid-attachments` (spec 1.1) or `cni.dev/attachments`."""
+    raw = config.get("cni.dev/valid-attachments")
+    if raw is None:
+        raw = config.get("cni.dev/attachments")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise p.CniError(p.ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    keys = set()
+    for entry in raw:
+        if not isinstance(entry, Mapping):
+            raise p.CniError(p.ERR_INVALID_CONFIG, f"invalid attachment entry {entry!r}")
+        container_id, ifname = entry.get("containerID"), entry.get("ifname")
+        if not isinstance(container_id, str) or not isinstance(ifname, str):
+            raise p.CniError(
+                p.ERR_INVALID_CONFIG,
+                f"attachment entry {entry!r} needs string containerID and ifname",
+            )
+        keys.add(AttachmentKey(container_id, ifname))
+    return frozenset(keys)
+
+
+def plan_gc(
+    valid: Iterable[AttachmentKey],
+    allocated: Iterable[AttachmentKey],
+    host_links: Iterable[str],
+) -> GcPlan:
+    """Release allocations not in `valid`; delete prefixed host links no valid one owns."""
+    valid_set = set(valid)
+    keep_links = {compute_host_ifname(k.container_id, k.ifname) for k in valid_set}
+    release = tuple(sorted(k for k in set(allocated) if k not in valid_set))
+    delete = tuple(
+        sorted(
+            name for name in set(host_links)
+            if name.startswith(POD_HOST_VETH_PREFIX) and name not in keep_links
+        )
+    )
+    return GcPlan(release=release, delete_links=delete)
+
+
+def compute_pod_cidr_usable(cidr: IPv4Network) -> tuple[int, int]:
+    """First and last usable address (as ints): network/broadcast skipped below /31."""
+    first, last = int(cidr.network_address), int(cidr.broadcast_address)
+    if cidr.prefixlen <= 30:
+        return first + 1, last - 1
+    return first, last
+
+
+def compute_next_free(
+    cidr: IPv4Network, taken: Iterable[IPv4Address | int], after: IPv4Address | None = None
+) -> IPv4Address | None:
+    """The next free usable address after `after` (wrapping), or None if all are taken.
+
+    Starting after the last allocation, as host-local does, delays the reuse of a freed
+    address, so a stale conntrack entry or a peer's cache rarely meets a new pod.
+    """
+    first, last = compute_pod_cidr_usable(cidr)
+    taken_ints = {int(a) for a in taken}
+    size = last - first + 1
+    start = first
+    if after is not None and first <= int(after) <= last:
+        start = int(after) + 1 if int(after) < last else first
+    for offset in range(size):
+        candidate = first + (start - first + offset) % size
+        if candidate not in taken_ints:
+            return IPv4Address(candidate)
+    return None

@@ -1,0 +1,213 @@
+"""The agent's CNI server: a unix socket the `meshgress-cni` shim talks to.
+
+Connections are served by a fixed set of worker threads that each block in accept() on the
+listening socket (pod operations of different pods run concurrently; the kernel and the
+IPAM lock serialise what must be serialised). No thread is started and no hand-off is
+made per request: each costs ~0.1 ms of wake-ups on a pod's ADD path. One request and one
+response per connection, in the framing of `cni.protocol`. The container's network
+namespace arrives as a file descriptor with the request (SCM_RIGHTS) and is closed when
+the answer is sent.
+
+API for the agent (and the lab):
+
+    service = CniService(pod_cidr, state_dir, pod_ready_hook=steer_pod)
+    stop = threading.Event()
+    serve("/run/meshgress/cni.sock", service, stop)   # blocks until stop is set
+
+`serve` opens the service (netlink socket, gateway address) in the calling thread's
+network namespace, which must be the node's. Standalone, for tests and benchmarks:
+
+    python -m cni.server --socket PATH --pod-cidr CIDR --state-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import faulthandler
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+from types import FrameType
+
+from cni import protocol as p
+from cni.model import PodAttachment
+from cni.service import CniService, PodHook
+
+__all__ = ["CniService", "PodAttachment", "PodHook", "main", "serve"]
+
+log = logging.getLogger("meshgress.cni")
+_CLIENT_TIMEOUT = 60.0
+_MAX_FDS = 4
+_WORKERS = 32
+"""Requests served at once, each by a thread blocked in accept() (the kernel wakes exactly
+one per connection); more wait in the listen backlog. A blocking pod-ready hook holds one."""
+_BACKLOG = 256
+
+
+class _NoRequest(Exception):
+    """The client connected and left without a word (a liveness probe)."""
+
+
+def _recv_request(sock: socket.socket) -> tuple[dict[str, object], list[int]]:
+    """Read one framed request and any file descriptors sent with it."""
+    fds: list[int] = []
+    buffer = bytearray()
+    needed: int | None = None
+    while needed is None or len(buffer) < needed:
+        data, ancdata, _flags, _addr = sock.recvmsg(
+            65536, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(cdata[: len(cdata) - len(cdata) % received.itemsize])
+                fds.extend(received)
+        if not data:
+            if not buffer:
+                raise _NoRequest
+            raise ConnectionError("client closed the connection mid-request")
+        buffer += data
+        if needed is None and len(buffer) >= 4:
+            needed = 4 + p.frame_length(bytes(buffer[:4]))
+    request = json.loads(bytes(buffer[4:needed]))
+    if not isinstance(request, dict):
+        raise ValueError("request is not a JSON object")
+    return request, fds
+
+
+def _serve_connection(sock: socket.socket, service: CniService) -> None:
+    """Answer the one request of a connection."""
+    sock.settimeout(_CLIENT_TIMEOUT)
+    fds: list[int] = []
+    request: dict[str, object] = {}
+    began = time.perf_counter()
+    try:
+        try:
+            request, fds = _recv_request(sock)
+        except _NoRequest:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("CNI server: bad request: %s", exc)
+            answer = (1, p.CniError(p.ERR_DECODE, "bad request", str(exc)).to_json(
+                p.LATEST_VERSION))
+        else:
+            answer = service.handle(request, fds[0] if fds else None)
+        with contextlib.suppress(OSError):
+            sock.sendall(p.encode_frame({"exit": answer[0], "stdout": answer[1]}))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("CNI %s %s answered (exit %d) in %.2f ms", request.get("command"),
+                      request.get("containerID"), answer[0], (time.perf_counter() - began) * 1e3)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _accept_loop(listener: socket.socket, service: CniService) -> None:
+    """One of the workers: block in accept(), serve, repeat, until the listener shuts."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # shutdown() of the listener wakes every worker with EINVAL
+        with conn:
+            try:
+                _serve_connection(conn, service)
+            except Exception:
+                log.exception("CNI server: request failed")
+
+
+def _remove_stale_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket")
+        path.unlink()
+
+
+def serve(socket_path: Path | str, service: CniService, stop: threading.Event) -> None:
+    """Serve CNI requests on `socket_path` until `stop` is set, then finish those in flight.
+
+    Opens `service` first (idempotent). The socket is created mode 0600: only root (the
+    container runtime) may talk to the agent. Do not set `stop` from a signal handler of
+    the thread blocked here (Event.set would need a lock that thread may hold); set it
+    from another thread.
+    """
+    path = Path(socket_path)
+    service.open()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _remove_stale_socket(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    inode = path.stat().st_ino
+    listener.listen(_BACKLOG)
+    workers = [
+        threading.Thread(target=_accept_loop, args=(listener, service),
+                         name=f"cni-worker-{n}", daemon=True)
+        for n in range(_WORKERS)
+    ]
+    for worker in workers:
+        worker.start()
+    log.info("CNI server listening on %s (pod CIDR %s)", path, service.pod_cidr)
+    try:
+        # Wake up now and then: a signal delivered to another thread does not interrupt a
+        # plain wait, and the main thread runs Python signal handlers only when it wakes.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_ino == inode:
+                path.unlink()  # new clients fail fast (and retry) from here on
+        listener.shutdown(socket.SHUT_RDWR)
+        for worker in workers:
+            worker.join()  # requests in flight finish
+        listener.close()
+        log.info("CNI server on %s stopped", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cni.server",
+        description="Serve meshgress CNI requests in the current network namespace.",
+    )
+    parser.add_argument("--socket", required=True, help="unix socket path")
+    parser.add_argument("--pod-cidr", required=True, type=IPv4Network,
+                        help="this node's pod CIDR, e.g. 198.18.0.0/24")
+    parser.add_argument("--state-dir", required=True, help="directory for allocations")
+    parser.add_argument("--mtu", type=int, default=None, help="default pod veth MTU")
+    parser.add_argument("--no-gateway-address", action="store_true",
+                        help="do not add 169.254.1.1/32 to the loopback (proxy ARP only)")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = CniService(args.pod_cidr, args.state_dir, own_gateway=not args.no_gateway_address,
+                         mtu=args.mtu)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        # Not stop.set() here: the handler runs in the main thread, which may be inside
+        # stop.wait() holding the Event's lock at that instant, and would deadlock.
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: thread stacks to stderr
+    try:
+        serve(args.socket, service, stop)
+    finally:
+        service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`meshgress explain POD [--to IP]`: which egress path a pod's traffic takes, and why.
+
+No other egress implementation answers "which egress IP will pod X use?". This one does,
+from the same pure decision function the node agents and gateways run
+(`meshgress.egress.compute_egress`), so the answer cannot drift from what the dataplane
+does: every policy that could apply is listed in the order packets try them, with why it
+selects the pod or not, whether it lost on priority or a conflict, which excluded range
+applied to the destination, and the gateway's slots with their holders and egress IPs.
+
+`explain_pod` is pure; `collect_and_explain` reads the datastore.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from meshgress.config import ClusterConfig
+from meshgress.datastore import Datastore, Kind
+from meshgress.egress import (
+    EgressModel,
+    PolicyView,
+    compute_egress,
+    namespace_labels,
+    pod_view,
+    range_contains,
+    ranges_to_cidrs,
+)
+from meshgress.selectors import LabelSelector, matches
+from nodeagent.mesh import parse_node
+from nodeagent.steering import SlotHolder, parse_slot_lease
+
+
+class ExplainError(ValueError):
+    """The pod or address asked about does not exist or is malformed."""
+
+
+def _describe_selector(selector: LabelSelector) -> str:
+    if selector.is_empty:
+        return "everything"
+    parts = [f"{k}={v}" for k, v in selector.match_labels]
+    parts += [f"{r.key} {r.operator.value} {list(r.values)}" if r.values
+              else f"{r.key} {r.operator.value}" for r in selector.match_expressions]
+    return ", ".join(parts)
+
+
+def _why_excluded(view: PolicyView, to: ipaddress.IPv4Address,
+                  cluster: ClusterConfig, node_addresses: set[str]) -> str | None:
+    assert view.policy is not None
+    if range_contains(view.destinations, to):
+        return None
+    for cidr in view.policy.excluded_cidrs:
+        if to in cidr:
+            return f"excluded by its excludedCIDRs entry {cidr}"
+    for cidr in cluster.pod_cidrs:
+        if to in cidr:
+            return f"always excluded: the cluster pod range {cidr}"
+    for cidr in cluster.service_cidrs:
+        if to in cidr:
+            return f"always excluded: the service range {cidr}"
+    if str(to) in node_addresses:
+        return "always excluded: a node address"
+    return "not in its destinationCIDRs " + ", ".join(map(str, view.policy.destination_cidrs))
+
+
+def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
+                namespace_labels_: Mapping[str, str], holders: Mapping[Any, SlotHolder],
+                cluster: ClusterConfig, node_addresses: set[str],
+                to: ipaddress.IPv4Address | None) -> list[str]:
+    """Purely computational."""
+    view = pod_view(pod)
+    key = (view.namespace, view.name)
+    lines = [f"pod {view.namespace}/{view.name} on {view.node or '?'}, IP {view.ip or '?'}",
+             f"  namespace labels: {dict(namespace_labels_) or '{}'}",
+             f"  pod labels: {dict(view.labels) or '{}'}"]
+    ordered = sorted(model.policies.values(),
+                     key=lambda v: (v.policy.priority if v.policy else 1 << 30, v.name))
+    applied: PolicyView | None = None
+    lines.append("policies, in the order packets try them:")
+    for policy_view in ordered:
+        policy = policy_view.policy
+        if policy is None:
+            lines.append(f"  - {policy_view.name}: invalid, ignored ({policy_view.message})")
+            continue
+        head = f"  - {policy_view.name} (priority {policy.priority}, gateway {policy.gateway})"
+        if key not in policy_view.selected:
+            if not matches(policy.namespace_selector, namespace_labels_):
+                why = f"namespaceSelector [{_describe_selector(policy.namespace_selector)}] " \
+                      "does not match the namespace"
+            else:
+                why = f"podSelector [{_describe_selector(policy.pod_selector)}] does not " \
+                      "match the pod"
+            lines.append(f"{head}: does not select this pod: {why}")
+            continue
+        if not policy_view.accepted:
+            lines.append(f"{head}: selects this pod but is NOT applied: "
+                         f"{policy_view.reason}: {policy_view.message}")
+            continue
+        if to is not None:
+            excluded = _why_excluded(policy_view, to, cluster, node_addresses)
+            if excluded:
+                lines.append(f"{head}: selects this pod, but not for {to}: {excluded}")
+                continue
+        if applied is None:
+            applied = policy_view
+            suffix = f" for {to}" if to is not None else ""
+            lines.append(f"{head}: selects this pod -> APPLIES{suffix}")
+        else:
+            lines.append(f"{head}: selects this pod, but {applied.name} comes first")
+    if applied is None or applied.policy is None:
+        target = f"to {to}" if to is not None else "to outside the cluster"
+        lines.append(f"verdict: traffic {target} is not steered: it leaves through its node "
+                     "and is masqueraded to the node's address")
+        return lines
+    gateway = model.gateways[applied.policy.gateway]
+    assert gateway.gateway is not None
+    lines.append(f"verdict: through EgressGateway {gateway.name} "
+                 f"({gateway.gateway.failure_policy.value})")
+    if to is None:
+        cidrs = ranges_to_cidrs(applied.destinations)
+        shown = ", ".join(map(str, cidrs[:6])) + (" …" if len(cidrs) > 6 else "")
+        lines.append(f"  for destinations {shown}")
+    for slot, ip in gateway.slots:
+        holder = holders.get(slot)
+        who = f"held by {holder.holder} on {holder.node}" if holder else "NOT HELD"
+        lines.append(f"  slot {slot.index}: egress IP {ip}, {who}")
+    for disabled_ip, why in sorted(gateway.disabled_ips.items()):
+        lines.append(f"  egress IP {disabled_ip} is not served: {why}")
+    held = [str(ip) for slot, ip in gateway.slots if slot in holders]
+    if held:
+        lines.append(f"  each flow is pinned to one slot by a hash of its addresses and ports "
+                     f"(kept in conntrack): the source outside sees is one of "
+                     f"{', '.join(held)}")
+    else:
+        fate = ("dropped" if gateway.gateway.failure_policy.value == "FailClosed"
+                else "sent out through its node (FailOpen)")
+        lines.append(f"  no slot is held: this traffic is {fate}")
+    return lines
+
+
+def collect_and_explain(store: Datastore, cluster: ClusterConfig, target: str,
+                        to: str | None) -> list[str]:
+    namespace, sep, name = target.partition("/")
+    if not sep or not namespace or not name:
+        raise ExplainError(f"explain: give the pod as NAMESPACE/NAME, not {target!r}")
+    to_ip: ipaddress.IPv4Address | None = None
+    if to is not None:
+        try:
+            parsed = ipaddress.ip_address(to)
+        except ValueError:
+            raise ExplainError(f"explain: --to {to!r} is not an IP address") from None
+        if not isinstance(parsed, ipaddress.IPv4Address):
+            raise ExplainError("explain: only IPv4 destinations are steered")
+        to_ip = parsed
+    pods = store.list(Kind.POD).items
+    pod = next((p for p in pods if p["metadata"].get("namespace") == namespace
+                and p["metadata"]["name"] == name), None)
+    if pod is None:
+        raise ExplainError(f"explain: no pod {namespace}/{name}")
+    namespaces = namespace_labels(store.list(Kind.NAMESPACE).items)
+    nodes = [parse_node(n) for n in store.list(Kind.NODE).items]
+    addresses = [n.internal_ip for n in nodes if n.internal_ip is not None]
+    model = compute_egress(gateways=store.list(Kind.EGRESS_GATEWAY).items,
+                           policies=store.list(Kind.EGRESS_POLICY).items,
+                           namespaces=namespaces, pods=[pod_view(p) for p in pods],
+                           node_addresses=addresses, cluster=cluster)
+    now = time.time()
+    holders = {h.slot: h for h in (parse_slot_lease(o, now)
+                                   for o in store.list(Kind.LEASE).items) if h}
+    return explain_pod(model=model, pod=pod, namespace_labels_=namespaces.get(namespace, {}),
+                       holders=holders, cluster=cluster,
+                       node_addresses={str(a) for a in addresses}, to=to_ip)

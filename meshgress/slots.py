@@ -1,0 +1,131 @@
+"""The contract between egress gateways and node agents about egress IP slots.
+
+A slot is one egress IP of one EgressGateway. Exactly one gateway process holds a slot at a
+time — the holder of the slot's Lease — and only the holder brings the IP up. The holder
+publishes how to reach it on that Lease (annotations below): its WireGuard public key for
+the slot and the endpoint (IP:port) it listens on. Node agents read leases, never the
+gateway's status, to decide where to send a slot's traffic; status is for people.
+
+Naming is derived, never stored, so both sides compute the same names independently:
+- lease `egress-<gateway>-<index>` in LEASE_NAMESPACE;
+- on nodes, the slot's tunnel interface `mge` + 8 hex chars of a hash of (gateway, index);
+- on the gateway, the slot's tunnel interface `mgeg` + the same 8 hex chars ("g" is not a
+  hex digit, so the two never collide, and both match the `mge*` interfaces the node's
+  leak guard trusts);
+- the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + index (one port per slot
+  on a node: a holder of two slots runs two interfaces);
+- on nodes, the slot's fwmark is (ordinal + 1) << 16 inside FWMARK_MASK, the ordinal
+  being the slot's position among all slots of all gateways sorted by (gateway, index);
+  the mark 0xff << 16 means "drop: no healthy slot" (FailClosed); on gateways, replies
+  are routed back into a slot's tunnel with the mark (0x80 + ordinal) << 16, so a
+  gateway node that also steers pods of its own never mixes the two.
+
+Health probes: a node sends a UDP datagram through the slot's tunnel from its probe
+address (the network address of its pod CIDR, which IPAM never hands out, so the
+gateway's cryptokey routing accepts it) to PROBE_ADDRESS:PROBE_PORT; the holder answers
+with the same payload through the same tunnel. PROBE_ADDRESS sits on the holder's slot
+interface.
+
+Purely computational: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from meshgress.datastore import LEASE_NAMESPACE
+from meshgress.kernel_ids import EGRESS_INTERFACE_PREFIX, FWMARK_MASK, ROUTING_TABLE_BASE
+
+GATEWAY_BASE_PORT = 51900
+PROBE_ADDRESS = ipaddress.IPv4Address("169.254.123.1")
+PROBE_PORT = 51899
+
+PUBLIC_KEY_ANNOTATION = "meshgress.io/wireguard-public-key"
+ENDPOINT_ANNOTATION = "meshgress.io/wireguard-endpoint"
+EGRESS_IP_ANNOTATION = "meshgress.io/egress-ip"
+HOLDER_NODE_ANNOTATION = "meshgress.io/holder-node"
+
+MARK_SHIFT = 16
+MAX_SLOTS = 126
+GATEWAY_MARK_BASE = 0x80
+DROP_MARK = 0xFF << MARK_SHIFT
+DROP_TABLE = ROUTING_TABLE_BASE
+"""Routing table holding only `blackhole default`: FailClosed with no healthy slot."""
+GATEWAY_TABLE_BASE = ROUTING_TABLE_BASE + 256
+
+LEASE_DURATION_SECONDS = 3.0
+LEASE_RENEW_SECONDS = 1.0
+
+assert DROP_MARK & FWMARK_MASK == DROP_MARK
+
+
+@dataclass(frozen=True, order=True)
+class SlotId:
+    gateway: str
+    index: int
+
+    @property
+    def lease_name(self) -> str:
+        return f"egress-{self.gateway}-{self.index}"
+
+    @property
+    def lease_namespace(self) -> str:
+        return LEASE_NAMESPACE
+
+    @property
+    def _hash(self) -> str:
+        return hashlib.sha256(f"{self.gateway}/{self.index}".encode()).hexdigest()[:8]
+
+    @property
+    def node_interface(self) -> str:
+        return f"{EGRESS_INTERFACE_PREFIX}{self._hash}"
+
+    @property
+    def gateway_interface(self) -> str:
+        return f"{EGRESS_INTERFACE_PREFIX}g{self._hash}"
+
+    @property
+    def gateway_port(self) -> int:
+        return GATEWAY_BASE_PORT + self.index
+
+
+def slot_ordinals(slots: list[SlotId]) -> dict[SlotId, int]:
+    """Ordinal of every slot among all slots, sorted, so every node agrees."""
+    ordered = sorted(set(slots))
+    if len(ordered) > MAX_SLOTS:
+        raise ValueError(f"{len(ordered)} egress IP slots: at most {MAX_SLOTS} are supported")
+    return {slot: i for i, slot in enumerate(ordered)}
+
+
+def slot_mark(ordinal: int) -> int:
+    return (ordinal + 1) << MARK_SHIFT
+
+
+def slot_table(ordinal: int) -> int:
+    return ROUTING_TABLE_BASE + 1 + ordinal
+
+
+def gateway_mark(ordinal: int) -> int:
+    """The mark a gateway routes a slot's replies by (back into the slot's tunnel)."""
+    return (GATEWAY_MARK_BASE + ordinal) << MARK_SHIFT
+
+
+def gateway_table(ordinal: int) -> int:
+    return GATEWAY_TABLE_BASE + ordinal
+
+
+def parse_slot_lease_name(name: str) -> SlotId | None:
+    """Inverse of SlotId.lease_name; None for leases that are not slots."""
+    if not name.startswith("egress-"):
+        return None
+    gateway, sep, index = name[len("egress-"):].rpartition("-")
+    if not sep or not gateway or not index.isdigit():
+        return None
+    return SlotId(gateway, int(index))
+
+
+def probe_source(pod_cidr: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The node's probe source: its pod CIDR's network address (never given to a pod)."""
+    return pod_cidr.network_address

@@ -1,0 +1,778 @@
+"""The `inet meshgress` nftables table as frozen values: compute it, and plan changes to it.
+
+Why it exists: the node agent owns one nftables table whole (architecture.md, "Kernel
+object ownership"). It guards the fail-closed promise — no pod packet leaves on the
+underlay in plaintext, and no packet from the underlay may claim a pod source — and it
+masquerades unselected pod traffic leaving the cluster. This module is the pure half:
+
+- `compute_ruleset(spec)` turns a `FirewallSpec` into a `Ruleset`: named sets and maps
+  (with elements), named counters and chains of rules, in a deterministic order.
+- `plan_ruleset(desired, observed)` diffs that against the parsed output of
+  `nft -j list table inet meshgress` (None: no table) and returns the smallest `NftPlan`
+  that makes the kernel match: set and map *elements* are added and deleted one by one,
+  a chain whose rules differ is flushed and refilled, named counters are created when
+  missing and never deleted or reset, and the table is never flushed or deleted.
+- `NftPlan.commands()` renders the plan as libnftables JSON commands; the apply layer
+  (`nodeagent.nft`) sends them as one atomic transaction.
+
+How rules are recognised: every rule carries a comment `mg:<hash>` — a hash of its chain
+name and its canonical JSON expression. The plan compares the sequence of comments of a
+chain with the desired one and never parses rule expressions back (nft prints them in a
+normalised form that differs from what was sent). A foreign rule (no or another comment),
+a missing rule or a reordered rule makes the plan replace that chain's rules.
+
+The model is generic on purpose: the egress work adds sets of pod IPs, mark maps and a
+mangle chain by adding values to a `Ruleset`; plan and apply need no change. `Ruleset`
+checks its own references (every `@set`, named counter and jump target exists) so a bad
+compute fails here, in a unit test, instead of at the kernel.
+
+Purely computational: no I/O, no clocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshgress.kernel_ids import (
+    EGRESS_INTERFACE_PREFIX,
+    NFT_FAMILY,
+    NFT_TABLE,
+    POD_HOST_VETH_PREFIX,
+    WIREGUARD_INTERFACE,
+)
+
+Json = Any
+"""A JSON value as libnftables reads and prints it (dict, list, str, int, None)."""
+
+TABLE_COMMENT = "managed by meshgress; do not edit"
+RULE_COMMENT_PREFIX = "mg:"
+
+# Hook priorities (nft's names in brackets). See the chain docstrings in compute_ruleset.
+PRIORITY_GUARD_IN = -300
+"""[raw] after defragmentation (-400), *before* conntrack (-200)."""
+PRIORITY_MASQ = 100
+"""[srcnat] the standard source-NAT slot."""
+PRIORITY_GUARD_OUT = 110
+"""[srcnat + 10] after source NAT, so masqueraded packets already carry the node address."""
+
+COUNTER_LEAK_OUT = "leak_out"
+COUNTER_SPOOF_IN = "spoof_in"
+SET_CLUSTER = "cluster_v4"
+SET_NONMASQ = "nonmasq_v4"
+CHAIN_GUARD_OUT = "guard_out"
+CHAIN_GUARD_IN = "guard_in"
+CHAIN_MASQ = "masq"
+
+IFNAMSIZ = 16
+
+
+def canonical_json(value: Json) -> str:
+    """One spelling per JSON value (sorted keys, no spaces): what hashes and diffs use."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+# --- expression helpers (libnftables JSON), all purely computational ------------------
+
+
+def meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def payload(protocol: str, field_name: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field_name}}
+
+
+def match(left: Json, right: Json, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def set_ref(name: str) -> str:
+    """A reference to a named set or map, as a rule's right-hand side."""
+    return "@" + name
+
+
+def counter_ref(name: str) -> Json:
+    """The statement `counter name <name>` (a named counter object)."""
+    return {"counter": name}
+
+
+ACCEPT: Json = {"accept": None}
+DROP: Json = {"drop": None}
+MASQUERADE: Json = {"masquerade": None}
+
+
+def jump(chain: str) -> Json:
+    return {"jump": {"target": chain}}
+
+
+def goto(chain: str) -> Json:
+    return {"goto": {"target": chain}}
+
+
+# --- the model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verdict as the value of a verdict map element (`accept`, `jump <chain>`, …)."""
+
+    kind: str
+    target: str | None = None
+
+    def to_json(self) -> Json:
+        return {self.kind: None if self.target is None else {"target": self.target}}
+
+
+Scalar = ipaddress.IPv4Address | ipaddress.IPv4Network | int | str
+Key = Scalar | tuple[Scalar, ...]
+"""A set element (or map key): an address, a prefix (interval sets only), an integer
+(marks, ports), a string (interface names) or a tuple of these (concatenated types)."""
+Value = Scalar | Verdict
+
+
+def _scalar_json(value: Scalar | Verdict) -> Json:
+    if isinstance(value, Verdict):
+        return value.to_json()
+    if isinstance(value, ipaddress.IPv4Network):
+        if value.prefixlen == value.max_prefixlen:
+            # nft lists a /32 in an interval set as the bare address.
+            return str(value.network_address)
+        return {"prefix": {"addr": str(value.network_address), "len": value.prefixlen}}
+    if isinstance(value, ipaddress.IPv4Address):
+        return str(value)
+    if isinstance(value, bool):  # bool is an int; never a valid element
+        raise TypeError("booleans are not nftables values")
+    return value
+
+
+def element_json(key: Key) -> Json:
+    """A set element exactly as `nft -j list` prints it (so observed and desired compare)."""
+    if isinstance(key, tuple):
+        return {"concat": [_scalar_json(part) for part in key]}
+    return _scalar_json(key)
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or not all(c.isalnum() or c == "_" for c in name) or not name[0].isalpha():
+        raise ValueError(f"{kind} name {name!r}: use letters, digits and '_', starting "
+                         f"with a letter")
+
+
+def _check_elements(name: str, flags: tuple[str, ...], keys: Iterable[Key]) -> None:
+    seen: set[str] = set()
+    for key in keys:
+        parts = key if isinstance(key, tuple) else (key,)
+        for part in parts:
+            if (isinstance(part, ipaddress.IPv4Network)
+                    and part.prefixlen != part.max_prefixlen and "interval" not in flags):
+                raise ValueError(f"set {name}: prefix {part} needs flags interval")
+        text = canonical_json(element_json(key))
+        if text in seen:
+            raise ValueError(f"set {name}: duplicate element {text}")
+        seen.add(text)
+
+
+def _type_json(type_: str | tuple[str, ...]) -> Json:
+    return list(type_) if isinstance(type_, tuple) else type_
+
+
+@dataclass(frozen=True)
+class NftSet:
+    """A named set. `type` is an nft type name (`ipv4_addr`, `mark`, `ifname`, …) or a
+    tuple of them for a concatenation. Elements keep the order compute gave them (which
+    must be deterministic); the plan compares them as a set. Interval sets must not hold
+    overlapping elements (nft refuses them): callers collapse prefixes first."""
+
+    name: str
+    type: str | tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    elements: tuple[Key, ...] = ()
+
+    kind = "set"
+
+    def __post_init__(self) -> None:
+        _check_name("set", self.name)
+        object.__setattr__(self, "flags", tuple(sorted(set(self.flags))))
+        _check_elements(self.name, self.flags, self.elements)
+
+    def definition(self) -> dict[str, Json]:
+        """The fields that, when they differ, force the set to be recreated."""
+        return {"type": _type_json(self.type), "flags": list(self.flags)}
+
+    def elements_json(self) -> tuple[Json, ...]:
+        return tuple(element_json(key) for key in self.elements)
+
+
+@dataclass(frozen=True)
+class NftMap:
+    """A named map from keys of `type` to values of `data` (`mark`, `verdict`, …)."""
+
+    name: str
+    type: str | tuple[str, ...]
+    data: str
+    flags: tuple[str, ...] = ()
+    elements: tuple[tuple[Key, Value], ...] = ()
+
+    kind = "map"
+
+    def __post_init__(self) -> None:
+        _check_name("map", self.name)
+        object.__setattr__(self, "flags", tuple(sorted(set(self.flags))))
+        _check_elements(self.name, self.flags, (key for key, _ in self.elements))
+
+    def definition(self) -> dict[str, Json]:
+        return {"type": _type_json(self.type), "map": self.data, "flags": list(self.flags)}
+
+    def elements_json(self) -> tuple[Json, ...]:
+        return tuple([element_json(key), _scalar_json(value)] for key, value in self.elements)
+
+
+NamedSet = NftSet | NftMap
+
+
+@dataclass(frozen=True)
+class NftCounter:
+    """A named counter object. Created when missing; never deleted, never reset."""
+
+    name: str
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("counter", self.name)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """What makes a chain a base chain: `type filter hook postrouting priority 110`."""
+
+    type: str
+    hook: str
+    priority: int
+    policy: str = "accept"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: its statements as canonical JSON (so the value is frozen and hashable).
+
+    Build with `Rule.of(match(...), counter_ref(...), DROP)`.
+    """
+
+    expr: str
+
+    @classmethod
+    def of(cls, *statements: Json) -> Rule:
+        if not statements:
+            raise ValueError("a rule needs at least one statement")
+        return cls(canonical_json(list(statements)))
+
+    @property
+    def statements(self) -> list[Json]:
+        result: list[Json] = json.loads(self.expr)
+        return result
+
+
+def rule_comment(chain: str, rule: Rule) -> str:
+    """The rule's identity in the kernel: a short stable hash of its chain and expression."""
+    digest = hashlib.sha256(f"{chain}\n{rule.expr}".encode()).hexdigest()
+    return RULE_COMMENT_PREFIX + digest[:12]
+
+
+@dataclass(frozen=True)
+class NftChain:
+    """A chain and its rules, in order. `hook` None makes it a regular (jump-target) chain."""
+
+    name: str
+    rules: tuple[Rule, ...] = ()
+    hook: Hook | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("chain", self.name)
+        comments = self.rule_comments()
+        if len(set(comments)) != len(comments):
+            raise ValueError(f"chain {self.name}: the same rule twice")
+
+    def rule_comments(self) -> tuple[str, ...]:
+        return tuple(rule_comment(self.name, rule) for rule in self.rules)
+
+
+def _references(value: Json) -> Iterator[tuple[str, str]]:
+    """(kind, name) of every set, counter and chain a JSON expression refers to."""
+    if isinstance(value, str):
+        if value.startswith("@"):
+            yield "set", value[1:]
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key == "counter" and isinstance(item, str):
+                yield "counter", item
+            elif key in ("jump", "goto") and isinstance(item, dict):
+                yield "chain", str(item.get("target"))
+            else:
+                yield from _references(item)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Everything the table should hold. Sets, counters and chains keep compute's order."""
+
+    sets: tuple[NamedSet, ...] = ()
+    counters: tuple[NftCounter, ...] = ()
+    chains: tuple[NftChain, ...] = ()
+    family: str = NFT_FAMILY
+    table: str = NFT_TABLE
+    comment: str = TABLE_COMMENT
+
+    def __post_init__(self) -> None:
+        for kind, names in (("set/map", [s.name for s in self.sets]),
+                            ("counter", [c.name for c in self.counters]),
+                            ("chain", [c.name for c in self.chains])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"ruleset: duplicate {kind} name in {names}")
+        known = {"set": {s.name for s in self.sets},
+                 "counter": {c.name for c in self.counters},
+                 "chain": {c.name for c in self.chains if c.hook is None}}
+        sources: list[tuple[str, Json]] = [
+            (f"chain {chain.name}", rule.statements) for chain in self.chains
+            for rule in chain.rules]
+        sources += [(f"map {m.name}", list(m.elements_json())) for m in self.sets
+                    if isinstance(m, NftMap)]
+        for where, statements in sources:
+            for kind, name in _references(statements):
+                if name not in known[kind]:
+                    raise ValueError(f"ruleset: {where} refers to unknown {kind} {name!r}"
+                                     + (" (jump targets must be regular chains)"
+                                        if kind == "chain" else ""))
+
+    def chain(self, name: str) -> NftChain:
+        return next(c for c in self.chains if c.name == name)
+
+    def named_set(self, name: str) -> NamedSet:
+        return next(s for s in self.sets if s.name == name)
+
+
+# --- compute ---------------------------------------------------------------------------
+
+
+def _networks(values: Iterable[ipaddress.IPv4Network | str]) -> tuple[ipaddress.IPv4Network, ...]:
+    nets = []
+    for value in values:
+        net = ipaddress.ip_network(value, strict=True)
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise ValueError(f"{value}: only IPv4 networks are supported")
+        nets.append(net)
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class FirewallSpec:
+    """What the node's table depends on. CIDRs are normalised (sorted, de-duplicated);
+    overlapping or adjacent ones are merged later, when sets are computed."""
+
+    cluster_pod_cidrs: tuple[ipaddress.IPv4Network, ...]
+    service_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    mesh_interface: str = WIREGUARD_INTERFACE
+    pod_interface_prefix: str = POD_HOST_VETH_PREFIX
+    egress_interface_prefix: str = EGRESS_INTERFACE_PREFIX
+    masquerade: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cluster_pod_cidrs",
+                           tuple(sorted(set(_networks(self.cluster_pod_cidrs)))))
+        object.__setattr__(self, "service_cidrs",
+                           tuple(sorted(set(_networks(self.service_cidrs)))))
+        for what, name, limit in (
+                ("mesh_interface", self.mesh_interface, IFNAMSIZ - 1),
+                ("pod_interface_prefix", self.pod_interface_prefix, IFNAMSIZ - 2),
+                ("egress_interface_prefix", self.egress_interface_prefix, IFNAMSIZ - 2)):
+            if not name or len(name) > limit or any(c in name for c in ' \t\n"*/\\'):
+                raise ValueError(f"{what} {name!r}: not a usable interface name or prefix")
+
+
+def _collapse(nets: Iterable[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
+    """Merge overlapping and adjacent networks: nft refuses overlapping interval elements."""
+    return tuple(sorted(ipaddress.collapse_addresses(nets)))
+
+
+def compute_ruleset(spec: FirewallSpec) -> Ruleset:
+    """The node's `inet meshgress` table for `spec`. Purely computational.
+
+    guard_out — filter, postrouting, priority 110 (srcnat + 10): the fail-closed guard.
+      It runs after source NAT, so pod traffic that was masqueraded (leaving the cluster
+      legitimately) already carries the node address and passes; anything still *from*
+      or *to* a cluster pod address that leaves on another interface than loopback, the
+      mesh, a pod veth or an egress tunnel would cross the underlay in plaintext: it is
+      counted in `leak_out` and dropped.
+    guard_in — filter, prerouting, priority -300 (raw): anti-spoofing. A packet that
+      arrives on another interface than loopback, the mesh, a pod veth or an egress
+      tunnel while claiming a cluster pod source is counted in `spoof_in` and dropped.
+      It runs *before* conntrack (-200) on purpose: the check is stateless, and a forged
+      packet dropped this early never creates, refreshes or changes the state of a
+      conntrack entry (a spoofed pod tuple could otherwise keep a pod's flow alive, feed
+      TCP window tracking or poison a NAT mapping), and costs no conntrack lookup in a
+      flood. It still runs after defragmentation (-400) and before the egress mangle
+      chain (-150), so marking never sees a spoofed packet.
+    masq — nat, postrouting, priority 100 (srcnat): pod traffic to anything outside the
+      cluster pod and service ranges, leaving on neither the mesh nor an egress tunnel,
+      is masqueraded to the node address. Egress tunnels keep the pod source on purpose:
+      the gateway selects by it. With `spec.masquerade` False the chain exists but is empty.
+    """
+    cluster = _collapse(spec.cluster_pod_cidrs)
+    nonmasq = _collapse(spec.cluster_pod_cidrs + spec.service_cidrs)
+    pods_wild = spec.pod_interface_prefix + "*"
+    egress_wild = spec.egress_interface_prefix + "*"
+    trusted = ("lo", spec.mesh_interface, pods_wild, egress_wild)
+    saddr, daddr = payload("ip", "saddr"), payload("ip", "daddr")
+
+    guard_out = NftChain(
+        CHAIN_GUARD_OUT,
+        hook=Hook("filter", "postrouting", PRIORITY_GUARD_OUT),
+        rules=(
+            *(Rule.of(match(meta("oifname"), name), ACCEPT) for name in trusted),
+            Rule.of(match(saddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_LEAK_OUT), DROP),
+            Rule.of(match(daddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_LEAK_OUT), DROP),
+        ),
+    )
+    guard_in = NftChain(
+        CHAIN_GUARD_IN,
+        hook=Hook("filter", "prerouting", PRIORITY_GUARD_IN),
+        rules=(
+            *(Rule.of(match(meta("iifname"), name), ACCEPT) for name in trusted),
+            Rule.of(match(saddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_SPOOF_IN), DROP),
+        ),
+    )
+    masq_rules: tuple[Rule, ...] = ()
+    if spec.masquerade:
+        masq_rules = (Rule.of(
+            match(saddr, set_ref(SET_CLUSTER)),
+            match(daddr, set_ref(SET_NONMASQ), "!="),
+            match(meta("oifname"), spec.mesh_interface, "!="),
+            match(meta("oifname"), egress_wild, "!="),
+            MASQUERADE,
+        ),)
+    masq = NftChain(CHAIN_MASQ, hook=Hook("nat", "postrouting", PRIORITY_MASQ),
+                    rules=masq_rules)
+    return Ruleset(
+        sets=(
+            NftSet(SET_CLUSTER, "ipv4_addr", ("interval",), cluster),
+            NftSet(SET_NONMASQ, "ipv4_addr", ("interval",), nonmasq),
+        ),
+        counters=(
+            NftCounter(COUNTER_LEAK_OUT,
+                       "plaintext pod traffic dropped before leaving on the underlay"),
+            NftCounter(COUNTER_SPOOF_IN,
+                       "packets claiming a pod source dropped on a non-cluster interface"),
+        ),
+        chains=(guard_out, guard_in, masq),
+    )
+
+
+# --- observed state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservedChain:
+    name: str
+    hook: Hook | None
+    rule_comments: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class ObservedSet:
+    name: str
+    kind: str  # "set" or "map"
+    definition: str  # canonical JSON of the same fields as NftSet.definition()
+    elements: tuple[str, ...]  # canonical JSON of each element, in listed order
+
+
+@dataclass(frozen=True)
+class ObservedTable:
+    """The parts of a listed table the plan compares. Built by `parse_observed`."""
+
+    chains: Mapping[str, ObservedChain] = field(default_factory=dict)
+    sets: Mapping[str, ObservedSet] = field(default_factory=dict)
+    counters: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _definition_of(kind: str, obj: Mapping[str, Json]) -> str:
+    type_ = obj.get("type")
+    fields: dict[str, Json] = {"type": type_, "flags": sorted(obj.get("flags") or [])}
+    if kind == "map":
+        fields["map"] = obj.get("map")
+    return canonical_json(fields)
+
+
+def _desired_definition(named: NamedSet) -> str:
+    fields = named.definition()
+    fields["flags"] = sorted(fields["flags"])
+    return canonical_json(fields)
+
+
+def parse_observed(doc: Mapping[str, Json] | None, family: str = NFT_FAMILY,
+                   table: str = NFT_TABLE) -> ObservedTable | None:
+    """Parse `nft -j list table <family> <table>` output (None: the table is missing).
+
+    Objects of other tables are ignored, so a whole `list ruleset` may be passed too.
+    Purely computational.
+    """
+    if doc is None:
+        return None
+    found_table = False
+    chains: dict[str, ObservedChain] = {}
+    rules: dict[str, list[str | None]] = {}
+    sets: dict[str, ObservedSet] = {}
+    counters: dict[str, tuple[int, int]] = {}
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((kind, obj),) = item.items()
+        if not isinstance(obj, dict) or obj.get("family") != family:
+            continue
+        if kind == "table":
+            found_table = found_table or obj.get("name") == table
+            continue
+        if obj.get("table") != table:
+            continue
+        if kind == "chain":
+            hook = None
+            if "hook" in obj:
+                hook = Hook(str(obj.get("type")), str(obj["hook"]), int(obj.get("prio", 0)),
+                            str(obj.get("policy", "accept")))
+            chains[obj["name"]] = ObservedChain(obj["name"], hook, ())
+        elif kind == "rule":
+            comment = obj.get("comment")
+            rules.setdefault(obj["chain"], []).append(
+                comment if isinstance(comment, str) else None)
+        elif kind in ("set", "map"):
+            sets[obj["name"]] = ObservedSet(
+                obj["name"], kind, _definition_of(kind, obj),
+                tuple(canonical_json(e) for e in obj.get("elem") or ()))
+        elif kind == "counter":
+            counters[obj["name"]] = (int(obj.get("packets", 0)), int(obj.get("bytes", 0)))
+    if not found_table:
+        return None
+    for name, comments in rules.items():
+        if name in chains:
+            chains[name] = ObservedChain(name, chains[name].hook, tuple(comments))
+    return ObservedTable(chains=chains, sets=sets, counters=counters)
+
+
+# --- plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ElementChange:
+    """Elements to add to or delete from one named set or map, as canonical JSON."""
+
+    set_name: str
+    elements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NftPlan:
+    """What one transaction changes. Empty: nothing is sent.
+
+    The commands run in this order, inside ONE atomic transaction (so no packet ever
+    sees a half-applied state and the order is only about what nft accepts): add the
+    table when missing; flush chains that are refilled or deleted; delete obsolete set
+    elements (before adding new ones: nft refuses an interval that overlaps an existing
+    one even when that one is deleted later in the same transaction); delete sets and
+    chains that are obsolete or whose definition changed; add sets, counters and
+    chains; add elements; add rules.
+    """
+
+    family: str = NFT_FAMILY
+    table: str = NFT_TABLE
+    table_comment: str = TABLE_COMMENT
+    create_table: bool = False
+    flush_chains: tuple[str, ...] = ()
+    delete_elements: tuple[ElementChange, ...] = ()
+    delete_sets: tuple[tuple[str, str], ...] = ()  # (kind, name)
+    delete_chains: tuple[str, ...] = ()
+    add_sets: tuple[NamedSet, ...] = ()
+    add_counters: tuple[NftCounter, ...] = ()
+    add_chains: tuple[NftChain, ...] = ()
+    add_elements: tuple[ElementChange, ...] = ()
+    add_rules: tuple[tuple[str, Rule], ...] = ()  # (chain, rule)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create_table or self.flush_chains or self.delete_elements
+                    or self.delete_sets or self.delete_chains or self.add_sets
+                    or self.add_counters or self.add_chains or self.add_elements
+                    or self.add_rules)
+
+    def _ref(self, **extra: Json) -> dict[str, Json]:
+        return {"family": self.family, "table": self.table, **extra}
+
+    def commands(self) -> list[Json]:
+        """The plan as libnftables JSON commands (the list under "nftables")."""
+        cmds: list[Json] = []
+        if self.create_table:
+            # 1.0.6 ignores "comment" here; the adapter sets it (see nodeagent.nft).
+            cmds.append({"add": {"table": {"family": self.family, "name": self.table}}})
+        cmds += [{"flush": {"chain": self._ref(name=name)}} for name in self.flush_chains]
+        cmds += [{"delete": {"element": self._ref(
+            name=c.set_name, elem=[json.loads(e) for e in c.elements])}}
+            for c in self.delete_elements]
+        cmds += [{"delete": {kind: self._ref(name=name)}} for kind, name in self.delete_sets]
+        cmds += [{"delete": {"chain": self._ref(name=name)}} for name in self.delete_chains]
+        cmds += [{"add": {s.kind: self._ref(name=s.name, **s.definition())}}
+                 for s in self.add_sets]
+        for counter in self.add_counters:
+            note = {"comment": counter.comment} if counter.comment else {}
+            cmds.append({"add": {"counter": self._ref(name=counter.name, **note)}})
+        for chain in self.add_chains:
+            hook = chain.hook
+            extra: dict[str, Json] = {} if hook is None else {
+                "type": hook.type, "hook": hook.hook, "prio": hook.priority,
+                "policy": hook.policy}
+            cmds.append({"add": {"chain": self._ref(name=chain.name, **extra)}})
+        cmds += [{"add": {"element": self._ref(
+            name=c.set_name, elem=[json.loads(e) for e in c.elements])}}
+            for c in self.add_elements]
+        cmds += [{"add": {"rule": self._ref(chain=chain, comment=rule_comment(chain, rule),
+                                            expr=rule.statements)}}
+                 for chain, rule in self.add_rules]
+        return cmds
+
+    def summary(self) -> str:
+        """One line for logs: what the plan touches."""
+        if self.empty:
+            return "no change"
+        parts = []
+        if self.create_table:
+            parts.append(f"create table {self.family} {self.table}")
+        for label, names in (
+                ("delete chains", self.delete_chains),
+                ("delete sets", tuple(name for _, name in self.delete_sets)),
+                ("add sets", tuple(s.name for s in self.add_sets)),
+                ("add counters", tuple(c.name for c in self.add_counters)),
+                ("add chains", tuple(c.name for c in self.add_chains)),
+                ("refill chains", tuple(n for n in self.flush_chains
+                                        if n not in self.delete_chains))):
+            if names:
+                parts.append(f"{label} {','.join(names)}")
+        for label, changes in (("-", self.delete_elements), ("+", self.add_elements)):
+            for change in changes:
+                parts.append(f"{change.set_name} {label}{len(change.elements)} elements")
+        if self.add_rules:
+            parts.append(f"{len(self.add_rules)} rules")
+        return "; ".join(parts)
+
+
+def _all_elements(named: NamedSet) -> tuple[str, ...]:
+    return tuple(canonical_json(e) for e in named.elements_json())
+
+
+def _set_users(desired: Ruleset, set_name: str) -> set[str]:
+    """Chains whose desired rules refer to a set (they must be refilled if it is recreated)."""
+    return {chain.name for chain in desired.chains for rule in chain.rules
+            if ("set", set_name) in set(_references(rule.statements))}
+
+
+def plan_ruleset(desired: Ruleset,
+                 observed: Mapping[str, Json] | ObservedTable | None) -> NftPlan:
+    """The smallest transaction that turns the observed table into `desired`.
+
+    `observed` is the parsed output of `nft -j list table` (None or a listing without the
+    table: it is missing). Purely computational.
+
+    Guarantees: an equal table gives an empty plan; element changes are element adds and
+    deletes only; a chain with different rules is flushed and refilled (never a chain
+    that matches); named counters are added when missing and never deleted or recreated,
+    so their values survive every plan; the table itself is never deleted or flushed.
+    Objects the agent does not know in its own table (other chains, sets) are removed:
+    it owns the table whole. Foreign counters are left alone (deleting one would lose
+    its values, and they are harmless).
+    """
+    table = observed if isinstance(observed, ObservedTable) else parse_observed(
+        observed, desired.family, desired.table)
+    if table is None:
+        return NftPlan(
+            family=desired.family, table=desired.table, table_comment=desired.comment,
+            create_table=True,
+            add_sets=desired.sets, add_counters=desired.counters, add_chains=desired.chains,
+            add_elements=tuple(ElementChange(s.name, _all_elements(s))
+                               for s in desired.sets if s.elements),
+            add_rules=tuple((c.name, r) for c in desired.chains for r in c.rules),
+        )
+
+    delete_elements: list[ElementChange] = []
+    delete_sets: list[tuple[str, str]] = []
+    add_sets: list[NamedSet] = []
+    add_elements: list[ElementChange] = []
+    refill_for_sets: set[str] = set()
+    for named in desired.sets:
+        wanted = _all_elements(named)
+        seen = table.sets.get(named.name)
+        if seen is not None and (seen.kind != named.kind
+                                 or seen.definition != _desired_definition(named)):
+            delete_sets.append((seen.kind, named.name))
+            refill_for_sets |= _set_users(desired, named.name)
+            seen = None
+        if seen is None:
+            add_sets.append(named)
+            if wanted:
+                add_elements.append(ElementChange(named.name, wanted))
+            continue
+        wanted_set, seen_set = set(wanted), set(seen.elements)
+        stale = tuple(e for e in seen.elements if e not in wanted_set)
+        missing = tuple(e for e in wanted if e not in seen_set)
+        if stale:
+            delete_elements.append(ElementChange(named.name, stale))
+        if missing:
+            add_elements.append(ElementChange(named.name, missing))
+    desired_set_names = {s.name for s in desired.sets}
+    delete_sets += [(seen.kind, name) for name, seen in sorted(table.sets.items())
+                    if name not in desired_set_names]
+
+    flush: list[str] = []
+    delete_chains: list[str] = []
+    add_chains: list[NftChain] = []
+    add_rules: list[tuple[str, Rule]] = []
+    for chain in desired.chains:
+        seen_chain = table.chains.get(chain.name)
+        if seen_chain is None:
+            add_chains.append(chain)
+        elif seen_chain.hook != chain.hook:
+            # Type, hook or priority cannot change in place: recreate in the transaction.
+            flush.append(chain.name)
+            delete_chains.append(chain.name)
+            add_chains.append(chain)
+        elif seen_chain.rule_comments != chain.rule_comments() or chain.name in refill_for_sets:
+            flush.append(chain.name)
+        else:
+            continue
+        add_rules += [(chain.name, rule) for rule in chain.rules]
+    desired_chain_names = {c.name for c in desired.chains}
+    for name in sorted(table.chains):
+        if name not in desired_chain_names:
+            flush.append(name)
+            delete_chains.append(name)
+
+    return NftPlan(
+        family=desired.family, table=desired.table, table_comment=desired.comment,
+        flush_chains=tuple(flush),
+        delete_elements=tuple(delete_elements),
+        delete_sets=tuple(delete_sets),
+        delete_chains=tuple(delete_chains),
+        add_sets=tuple(add_sets),
+        add_counters=tuple(c for c in desired.counters if c.name not in table.counters),
+        add_chains=tuple(add_chains),
+        add_elements=tuple(add_elements),
+        add_rules=tuple(add_rules),
+    )
+
+
+def ruleset_commands(desired: Ruleset) -> list[Json]:
+    """Every command that creates `desired` from nothing (what a missing table gets)."""
+    return plan_ruleset(desired, None).commands()
+

@@ -1,0 +1,256 @@
+"""Egress steering on a node: which local pod's packets are marked for which gateway slot.
+
+From the cluster's egress decisions (`meshgress.egress.compute_egress`), the slot holders
+published on leases and the health the prober measured, `compute_steering` derives this
+node's share:
+
+- one WireGuard interface per slot that has a holder (peer = the holder's slot key and
+  endpoint, allowed-ips 0.0.0.0/0), carrying the node's probe address;
+- per slot a routing table whose default route is that interface, selected by an
+  `ip rule` on the slot's fwmark; and a drop table (`blackhole default`) for FailClosed;
+- nftables additions to the node's table: per policy a set of its local pods and a set of
+  its effective destinations; a prerouting chain that keeps a flow on its slot while the
+  slot is healthy (the choice lives in the conntrack mark) and otherwise sends the packet
+  through the policies in priority order; per policy a pick chain that spreads flows over
+  the gateway's healthy slots by a hash over BUCKETS fixed buckets.
+
+Buckets are assigned so that a failure moves only the failed slot's buckets: bucket b
+belongs to slot b mod n when that slot is healthy, else to the healthy slot with the
+highest rendezvous weight for b — the same on every node.
+
+Purely computational: no I/O, no clocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from meshgress.api import FailurePolicy
+from meshgress.datastore import LEASE_DURATION_ANNOTATION
+from meshgress.egress import EgressModel, PolicyView, ranges_to_cidrs
+from meshgress.kernel_ids import FWMARK_MASK, POD_HOST_VETH_PREFIX
+from meshgress.slots import (
+    DROP_MARK,
+    DROP_TABLE,
+    EGRESS_IP_ANNOTATION,
+    ENDPOINT_ANNOTATION,
+    HOLDER_NODE_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    SlotId,
+    parse_slot_lease_name,
+    slot_mark,
+    slot_ordinals,
+    slot_table,
+)
+from nodeagent.nft_model import Hook as NftHook
+from nodeagent.nft_model import (
+    NftChain,
+    NftSet,
+    Rule,
+    goto,
+    match,
+    meta,
+    payload,
+    set_ref,
+)
+from wireguard.keys import is_valid_key
+from wireguard.model import Device, Peer, normalise_endpoint
+
+BUCKETS = 64
+HASH_SEED = 0x6D657368  # "mesh": fixed, so every node hashes a flow the same way
+PRIORITY_STEER = -150  # mangle: before routing, after conntrack and the raw-priority guard
+CHAIN_STEER = "egress_steer"
+SET_HEALTHY = "egress_healthy"
+ALL_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+@dataclass(frozen=True)
+class SlotHolder:
+    """A slot's current holder, as published on its lease (only while the lease is valid)."""
+
+    slot: SlotId
+    holder: str
+    public_key: str
+    endpoint: str
+    egress_ip: str
+    node: str | None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def parse_slot_lease(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
+    """The holder of a slot lease, or None when it is not a slot lease, is free, expired,
+    or lacks what nodes need to reach it. Never raises."""
+    meta_ = _mapping(obj.get("metadata"))
+    slot = parse_slot_lease_name(str(meta_.get("name") or ""))
+    spec = _mapping(obj.get("spec"))
+    notes = _mapping(meta_.get("annotations"))
+    holder = spec.get("holderIdentity")
+    if slot is None or not holder:
+        return None
+    try:
+        duration = float(notes.get(LEASE_DURATION_ANNOTATION)
+                         or spec.get("leaseDurationSeconds") or 0)
+        renew = datetime.fromisoformat(str(spec.get("renewTime"))).timestamp()
+        endpoint = normalise_endpoint(str(notes.get(ENDPOINT_ANNOTATION) or ""))
+    except (TypeError, ValueError):
+        return None
+    key = notes.get(PUBLIC_KEY_ANNOTATION)
+    if now >= renew + duration or not isinstance(key, str) or not is_valid_key(key):
+        return None
+    return SlotHolder(slot=slot, holder=str(holder), public_key=key, endpoint=endpoint,
+                      egress_ip=str(notes.get(EGRESS_IP_ANNOTATION) or ""),
+                      node=notes.get(HOLDER_NODE_ANNOTATION))
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    namespace: str
+    name: str
+    ip: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    slot: SlotId
+    interface: str
+    interval_ms: int
+    timeout_ms: int
+    failure_threshold: int
+
+
+@dataclass(frozen=True)
+class SteeringInputs:
+    model: EgressModel
+    local_pods: tuple[LocalPod, ...]
+    holders: Mapping[SlotId, SlotHolder]
+    healthy: frozenset[SlotId]
+    private_key: str
+    mtu: int
+    probe_source: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class SteeringState:
+    devices: tuple[Device, ...]
+    probe_targets: tuple[ProbeTarget, ...]
+    rules: tuple[tuple[int, int], ...]
+    """(fwmark, table) for every slot table and the drop table."""
+    routes: tuple[tuple[int, str | None], ...]
+    """(table, interface) default routes; interface None = blackhole."""
+    sets: tuple[NftSet, ...]
+    chains: tuple[NftChain, ...]
+    buckets: Mapping[str, tuple[int, ...]]
+    """gateway → the fwmark of each bucket (0 = not steered, DROP_MARK = dropped)."""
+
+
+def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
+                    marks: Mapping[SlotId, int]) -> tuple[int, ...] | None:
+    """The slot mark of each bucket, or None when no slot of the gateway is healthy."""
+    alive = [s for s in slots if s in healthy]
+    if not alive:
+        return None
+    out: list[int] = []
+    for bucket in range(BUCKETS):
+        home = slots[bucket % len(slots)]
+        if home in healthy:
+            out.append(marks[home])
+            continue
+
+        def weight(slot: SlotId, b: int = bucket) -> bytes:
+            return hashlib.sha256(f"{b}/{slot.gateway}/{slot.index}".encode()).digest()
+        out.append(marks[max(alive, key=weight)])
+    return tuple(out)
+
+
+def _policy_key(view: PolicyView) -> tuple[int, str]:
+    return (view.policy.priority if view.policy else 0, view.name)
+
+
+def compute_steering(inputs: SteeringInputs) -> SteeringState:
+    model = inputs.model
+    all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
+    ordinals = slot_ordinals(all_slots)
+    marks = {slot: slot_mark(o) for slot, o in ordinals.items()}
+
+    devices: list[Device] = []
+    probes: list[ProbeTarget] = []
+    rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE)]
+    routes: list[tuple[int, str | None]] = [(DROP_TABLE, None)]
+    for gw in model.gateways.values():
+        if gw.gateway is None:
+            continue
+        check = gw.gateway.health_check
+        for slot, _ip in gw.slots:
+            holder = inputs.holders.get(slot)
+            if holder is None:
+                continue
+            devices.append(Device(
+                slot.node_interface, private_key=inputs.private_key, listen_port=0,
+                mtu=inputs.mtu,
+                peers=[Peer(holder.public_key, endpoint=holder.endpoint,
+                            allowed_ips=[ALL_IPV4], persistent_keepalive=0)]))
+            probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
+                                      check.timeout_ms, check.failure_threshold))
+            rules.append((marks[slot], slot_table(ordinals[slot])))
+            routes.append((slot_table(ordinals[slot]), slot.node_interface))
+    usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)
+
+    pods_by_key = {(p.namespace, p.name): p for p in inputs.local_pods}
+    sets: list[NftSet] = [NftSet(SET_HEALTHY, "mark", (), tuple(sorted(
+        marks[s] for s in usable_healthy if s in marks)))]
+    steer_rules: list[Rule] = [
+        Rule.of(match(meta("iifname"), POD_HOST_VETH_PREFIX + "*", "!="), {"return": None}),
+        Rule.of(match({"&": [{"ct": {"key": "mark"}}, FWMARK_MASK]}, 0, "!="),
+                match({"&": [{"ct": {"key": "mark"}}, FWMARK_MASK]}, set_ref(SET_HEALTHY)),
+                {"mangle": {"key": meta("mark"),
+                            "value": {"&": [{"ct": {"key": "mark"}}, FWMARK_MASK]}}},
+                {"return": None}),
+    ]
+    pick_chains: list[NftChain] = []
+    buckets_by_gateway: dict[str, tuple[int, ...]] = {}
+    accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
+                      key=_policy_key)
+    for number, view in enumerate(accepted):
+        assert view.policy is not None
+        local = sorted(pods_by_key[k].ip for k in view.selected if k in pods_by_key)
+        if not local or not view.destinations:
+            continue
+        gw = model.gateways[view.policy.gateway]
+        assert gw.gateway is not None
+        slots = [slot for slot, _ in gw.slots]
+        buckets = compute_buckets(slots, usable_healthy, marks)
+        if buckets is None:
+            fallback = DROP_MARK if gw.gateway.failure_policy is FailurePolicy.FAIL_CLOSED else 0
+            buckets = tuple([fallback] * BUCKETS)
+        buckets_by_gateway[gw.name] = buckets
+        prefix = f"ep{number}"
+        sets.append(NftSet(f"{prefix}_pods", "ipv4_addr", (), tuple(local)))
+        sets.append(NftSet(f"{prefix}_dst", "ipv4_addr", ("interval",),
+                           ranges_to_cidrs(view.destinations)))
+        steer_rules.append(Rule.of(
+            match(payload("ip", "saddr"), set_ref(f"{prefix}_pods")),
+            match(payload("ip", "daddr"), set_ref(f"{prefix}_dst")),
+            goto(f"{prefix}_pick")))
+        flow = {"concat": [payload("ip", "saddr"), payload("ip", "daddr"),
+                           payload("th", "sport"), payload("th", "dport")]}
+        pick_chains.append(NftChain(f"{prefix}_pick", rules=(
+            Rule.of({"mangle": {"key": meta("mark"), "value": {"map": {
+                "key": {"jhash": {"mod": BUCKETS, "seed": HASH_SEED, "expr": flow}},
+                "data": {"set": [[b, m] for b, m in enumerate(buckets)]}}}}},
+                {"mangle": {"key": {"ct": {"key": "mark"}}, "value": meta("mark")}}),
+        )))
+    steer = NftChain(CHAIN_STEER, hook=NftHook("filter", "prerouting", PRIORITY_STEER),
+                     rules=tuple(steer_rules))
+    return SteeringState(devices=tuple(devices), probe_targets=tuple(probes),
+                         rules=tuple(sorted(set(rules))), routes=tuple(sorted(
+                             set(routes), key=lambda r: (r[0], r[1] or ""))),
+                         sets=tuple(sets), chains=(steer, *pick_chains),
+                         buckets=buckets_by_gateway)

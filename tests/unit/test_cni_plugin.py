@@ -1,0 +1,228 @@
+"""The plugin binary as a runtime runs it: a subprocess with CNI env vars and stdin.
+
+The agent is faked by a unix socket served from a thread of the test, so these tests need
+no root; what the shim sends (including the namespace file descriptor) is recorded.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni import protocol as p
+from cni.install import install_plugin
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> Path:
+    return install_plugin(tmp_path_factory.mktemp("bin"))
+
+
+@dataclass
+class FakeAgent:
+    """Answers each connection with `answer(request)`: bytes to send, or None to hang up."""
+
+    path: Path
+    answer: Callable[[dict[str, Any]], bytes | None]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    fd_inodes: list[list[int]] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data, ancdata, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(16))
+                fds = array.array("i")
+                for level, kind, cdata in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(cdata)
+                inodes = [os.fstat(fd).st_ino for fd in fds]
+                for fd in fds:
+                    os.close(fd)
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                    data += conn.recv(1 << 20)
+                request = json.loads(data[4:])
+                self.requests.append(request)
+                self.fd_inodes.append(inodes)
+                reply = self.answer(request)
+                if reply is None:
+                    self.release.wait(10)
+                    continue
+                conn.sendall(reply)
+
+
+@pytest.fixture
+def fake_agent(tmp_path) -> Iterator[Callable[..., FakeAgent]]:
+    listeners: list[socket.socket] = []
+    agents: list[FakeAgent] = []
+
+    def start(answer: Callable[[dict[str, Any]], bytes | None]) -> FakeAgent:
+        agent = FakeAgent(tmp_path / f"agent{len(agents)}.sock", answer)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(agent.path))
+        listener.listen(8)
+        listeners.append(listener)
+        agents.append(agent)
+        threading.Thread(target=agent.serve, args=(listener,), daemon=True).start()
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.release.set()
+    for listener in listeners:
+        listener.close()
+
+
+def ok(stdout: str, exit_code: int = 0) -> Callable[[dict[str, Any]], bytes]:
+    return lambda request: p.encode_frame({"exit": exit_code, "stdout": stdout})
+
+
+def call(plugin: Path, env: dict[str, str], stdin: bytes | str) -> tuple[int, dict | None, str]:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run([str(plugin)], input=data, env=env, capture_output=True, timeout=30)
+    out = proc.stdout.decode()
+    return proc.returncode, (json.loads(out) if out.strip() else None), out
+
+
+def conf(socket_path: Path | str = "/run/mgt-cni-nonexistent.sock", version: str = "1.0.0",
+         **extra: Any) -> str:
+    return json.dumps({"cniVersion": version, "name": "n", "type": "meshgress-cni",
+                       "socket": str(socket_path), **extra})
+
+
+def env(command: str = "ADD", **overrides: str) -> dict[str, str]:
+    base = {"CNI_COMMAND": command, "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/proc/self/ns/net",
+            "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
+            "CNI_ARGS": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+# --- answered by the shim itself ------------------------------------------------------
+
+
+def test_version_is_answered_locally(plugin):
+    code, out, _ = call(plugin, {"CNI_COMMAND": "VERSION"}, '{"cniVersion": "1.0.0"}')
+    assert code == 0
+    assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+
+
+@pytest.mark.parametrize(
+    ("environment", "stdin", "code"),
+    [
+        ({"CNI_CONTAINERID": "c"}, conf(), p.ERR_INVALID_ENV),
+        (env("FLY"), conf(), p.ERR_INVALID_ENV),
+        (env(CNI_CONTAINERID=None), conf(), p.ERR_INVALID_ENV),
+        (env(CNI_NETNS=""), conf(), p.ERR_INVALID_ENV),
+        (env(CNI_IFNAME="way-too-long-ifname"), conf(), p.ERR_INVALID_ENV),
+        (env(CNI_CONTAINERID="-bad"), conf(), p.ERR_INVALID_ENV),
+        (env(CNI_ARGS="K8S_POD_NAME"), conf(), p.ERR_INVALID_ENV),
+        (env(), "{not json", p.ERR_DECODE),
+        (env(), b"\xff\xfe", p.ERR_DECODE),
+        (env(), "", p.ERR_DECODE),
+        (env(), "[1, 2]", p.ERR_INVALID_CONFIG),
+        (env(), '{"name": "n"}', p.ERR_INVALID_CONFIG),
+        (env(), conf(socket_path="relative.sock"), p.ERR_INVALID_CONFIG),
+        (env(), conf(timeout=-1), p.ERR_INVALID_CONFIG),
+        (env(), conf(version="0.3.1"), p.ERR_INCOMPATIBLE_VERSION),
+        (env("GC"), conf(version="1.0.0"), p.ERR_INCOMPATIBLE_VERSION),
+        (env(CNI_NETNS="/run/netns/mgt-cni-no-such-ns"), conf(), p.ERR_UNKNOWN_CONTAINER),
+        (env(), conf(), p.ERR_TRY_AGAIN_LATER),
+        (env("DEL", CNI_NETNS=""), conf(), p.ERR_TRY_AGAIN_LATER),
+        (env("STATUS"), conf(version="1.1.0"), p.ERR_NOT_AVAILABLE),
+    ],
+    ids=["no CNI_COMMAND", "unknown command", "no container id", "ADD without netns",
+         "ifname too long", "bad container id", "bad CNI_ARGS", "bad json", "not utf-8",
+         "empty stdin", "config not an object", "no cniVersion", "relative socket",
+         "negative timeout", "version too old", "GC needs 1.1", "netns gone",
+         "agent unreachable", "DEL with agent unreachable", "STATUS with agent unreachable"],
+)
+def test_error_codes(plugin, environment, stdin, code):
+    exit_code, out, raw = call(plugin, environment, stdin)
+    assert exit_code != 0
+    assert out is not None, raw
+    assert out["code"] == code
+    assert set(out) == {"cniVersion", "code", "msg", "details"}
+    assert out["msg"]
+
+
+def test_errors_echo_the_requested_version(plugin):
+    _, out, _ = call(plugin, env(), conf(version="0.3.1"))
+    assert out["cniVersion"] == "0.3.1"
+    _, out, _ = call(plugin, env(), conf(version="0.4.0"))
+    assert (out["cniVersion"], out["code"]) == ("0.4.0", p.ERR_TRY_AGAIN_LATER)
+
+
+# --- talking to the agent ---------------------------------------------------------------
+
+
+def test_request_carries_env_config_and_the_namespace_fd(plugin, fake_agent, tmp_path):
+    netns_file = tmp_path / "fake-netns"
+    netns_file.write_text("")
+    agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
+    stdin = conf(agent.path)
+    code, out, _ = call(plugin, env(CNI_NETNS=str(netns_file)), stdin)
+    assert (code, out) == (0, {"cniVersion": "1.0.0"})
+    (request,) = agent.requests
+    assert request == {"command": "ADD", "containerID": "ctr1", "ifname": "eth0",
+                       "netns": str(netns_file), "args": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
+                       "path": "/usr/lib/cni", "stdin": stdin}
+    assert agent.fd_inodes == [[netns_file.stat().st_ino]]
+
+
+def test_del_sends_no_namespace(plugin, fake_agent):
+    agent = fake_agent(ok(""))
+    code, out, raw = call(plugin, env("DEL", CNI_NETNS="/run/netns/gone-already"),
+                          conf(agent.path))
+    assert (code, out, raw) == (0, None, "")
+    assert agent.fd_inodes == [[]]
+
+
+def test_agent_errors_are_printed_verbatim(plugin, fake_agent):
+    error = p.CniError(p.ERR_IPAM_EXHAUSTED, "pod CIDR 198.18.0.0/30 is exhausted").to_json("1.0.0")
+    agent = fake_agent(ok(error, exit_code=1))
+    code, out, _ = call(plugin, env(), conf(agent.path))
+    assert code == 1
+    assert out == json.loads(error)
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (lambda request: None, p.ERR_TRY_AGAIN_LATER),
+        (lambda request: b"\x00\x00\x00\x05{bad}", p.ERR_AGENT_PROTOCOL),
+        (lambda request: p.encode_frame({"exit": "zero"}), p.ERR_AGENT_PROTOCOL),
+        (lambda request: b"", p.ERR_TRY_AGAIN_LATER),
+    ],
+    ids=["agent hangs", "garbage frame", "malformed answer", "hangs up"],
+)
+def test_a_misbehaving_agent(plugin, fake_agent, answer, code):
+    agent = fake_agent(answer)
+    exit_code, out, _ = call(plugin, env(), conf(agent.path, timeout=0.5))
+    assert exit_code != 0
+    assert out["code"] == code
+
+
+def test_the_shim_imports_nothing_slow():
+    """The binary's start-up cost is the interpreter's: only C-level stdlib modules."""
+    root = Path(__file__).resolve().parents[2]
+    probe = ("import sys; base = set(sys.modules); sys.path.insert(0, sys.argv[1]); "
+             "import cni.plugin; print(' '.join(sorted(set(sys.modules) - base)))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe, str(root)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert set(out) <= {"cni", "cni.protocol", "cni.plugin", "_socket", "_json"}, out
