@@ -95,8 +95,8 @@ class FailurePolicy(StrEnum):
 class HealthCheck:
     """How nodes probe each gateway slot through its tunnel."""
 
-    interval_ms: int = 200
-    timeout_ms: int = 150
+    interval_ms: int = 100
+    timeout_ms: int = 80
     """Always less than `interval_ms`, so probes never overlap."""
     failure_threshold: int = 3
     """Consecutive missed probes after which a slot is taken out of the buckets."""

@@ -71,9 +71,14 @@ def _print_status(status: dict[str, object]) -> None:
     for node in status["nodes"]:  # type: ignore[attr-defined]
         print(f"  {node['name']:<6} {node['role']:<8} {node['underlayAddress']:<12} "
               f"pod CIDR {node['podCIDR']:<16} {'running' if node['running'] else 'DOWN'}")
-    outside = status["outside"]
-    print(f"  outside  {outside['address']}  echo tcp/udp {outside['tcpEchoPort']}  "  # type: ignore[index]
-          f"{'running' if outside['running'] else 'DOWN'}")  # type: ignore[index]
+    outside: dict[str, object] = status["outside"]  # type: ignore[assignment]
+    print(f"  outside  {outside['address']}  echo tcp/udp {outside['tcpEchoPort']}  "
+          f"{'running' if outside['running'] else 'DOWN'}")
+    for pod in status.get("pods") or []:  # type: ignore[attr-defined]
+        print(f"  pod {pod['namespace']}/{pod['name']:<16} on {pod['node']:<6} {pod['address']}")
+    for slot in status.get("slots") or []:  # type: ignore[attr-defined]
+        holder = f"held by {slot['holder']} on {slot['node']}" if slot["holder"] else "NOT HELD"
+        print(f"  egress slot {slot['gateway']}/{slot['index']} {slot['egressIP']:<12} {holder}")
 
 
 def _run_lab(args: argparse.Namespace) -> int:
@@ -136,6 +141,11 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     add_agent_arguments(agent)
     agent.add_argument("--log-level", default="INFO")
+    from gateway.options import add_arguments as add_gateway_arguments
+
+    gateway = sub.add_parser("gateway", help="run an egress gateway (on a gateway node)")
+    add_gateway_arguments(gateway)
+    gateway.add_argument("--log-level", default="INFO")
     status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
@@ -230,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from nodeagent.agent import main as run_agent
 
             return run_agent(args)
+        if args.command == "gateway":
+            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            from gateway.process import main as run_gateway
+
+            return run_gateway(args)
         if args.command == "status":
             return _run_status(args)
         if args.command == "wg-config":

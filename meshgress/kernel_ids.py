@@ -35,4 +35,7 @@ NFT_TABLE = "meshgress"
 FWMARK_MASK = 0x00FF0000
 ROUTING_TABLE_BASE = 51820
 RULE_PRIORITY_EGRESS = 100
-"""ip rule priority of fwmark → per-slot table rules (before main at 32766)."""
+"""ip rule priority of a node's fwmark → per-slot table rules (before main at 32766)."""
+RULE_PRIORITY_GATEWAY = 101
+"""ip rule priority of a gateway's fwmark → slot tunnel rules (replies back into the
+tunnel). Node agents never touch rules at this priority, gateways never at 100."""

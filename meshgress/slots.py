@@ -12,8 +12,9 @@ Naming is derived, never stored, so both sides compute the same names independen
 - on the gateway, the slot's tunnel interface `mgeg` + the same 8 hex chars ("g" is not a
   hex digit, so the two never collide, and both match the `mge*` interfaces the node's
   leak guard trusts);
-- the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + index (one port per slot
-  on a node: a holder of two slots runs two interfaces);
+- the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + the slot's ordinal (so
+  a holder of several slots, of one gateway or of several, never needs one port twice)
+  and publishes that endpoint on the lease; nodes only ever read it from there;
 - on nodes, the slot's fwmark is (ordinal + 1) << 16 inside FWMARK_MASK, the ordinal
   being the slot's position among all slots of all gateways sorted by (gateway, index);
   the mark 0xff << 16 means "drop: no healthy slot" (FailClosed); on gateways, replies
@@ -86,9 +87,6 @@ class SlotId:
     def gateway_interface(self) -> str:
         return f"{EGRESS_INTERFACE_PREFIX}g{self._hash}"
 
-    @property
-    def gateway_port(self) -> int:
-        return GATEWAY_BASE_PORT + self.index
 
 
 def slot_ordinals(slots: list[SlotId]) -> dict[SlotId, int]:
@@ -105,6 +103,11 @@ def slot_mark(ordinal: int) -> int:
 
 def slot_table(ordinal: int) -> int:
     return ROUTING_TABLE_BASE + 1 + ordinal
+
+
+def gateway_port(ordinal: int) -> int:
+    """The UDP port the holder of the slot with this ordinal listens on."""
+    return GATEWAY_BASE_PORT + ordinal
 
 
 def gateway_mark(ordinal: int) -> int:

@@ -10,6 +10,7 @@ point at it, and removes what is obsolete only after the marks stopped pointing 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -45,6 +46,10 @@ class EgressKernel:
 
     def __post_init__(self) -> None:
         self._ipr = IPRoute()
+        # Tenure each slot interface was last configured for. Not a memory of the kernel
+        # (that is always re-read) but of the cluster: it only decides when a session
+        # must be reset. After a restart it starts empty and adopts what it finds.
+        self._tenures: dict[str, str] = {}
 
     def close(self) -> None:
         self._ipr.close()
@@ -85,6 +90,13 @@ class EgressKernel:
     def apply_adds(self, desired: SteeringState) -> list[str]:
         done: list[str] = []
         for device in desired.devices:
+            tenure = desired.tenures.get(device.name, "")
+            known = self._tenures.get(device.name)
+            if known is not None and known != tenure:
+                # A new holder tenure: drop the peer so the next packet handshakes afresh.
+                apply_device(self.wireguard, dataclasses.replace(device, peers=()))
+                done.append(f"{device.name}: reset session for holder {tenure}")
+            self._tenures[device.name] = tenure
             plan = apply_device(self.wireguard, device)
             done += [f"{device.name}: {line}" for line in plan.describe()]
             self._ensure_probe_address(device.name)
@@ -118,13 +130,18 @@ class EgressKernel:
                 family=socket.AF_INET))
             done.append(f"-rule fwmark {mark:#x} table {table}")
         wanted_routes = set(desired.routes)
-        for table, ifname in sorted(self.routes() - wanted_routes, key=lambda r: r[0]):
+        wanted_tables = {table for table, _ in desired.routes}
+        # A table whose route changed was replaced in place by apply_adds: deleting by
+        # table would remove the new route.
+        stale = {r for r in self.routes() - wanted_routes if r[0] not in wanted_tables}
+        for table, ifname in sorted(stale, key=lambda r: r[0]):
             self._ignore_missing(lambda t=table: self._ipr.route(
                 "del", dst="0.0.0.0/0", table=t, proto=ROUTE_PROTOCOL))
             done.append(f"-route default table {table} {ifname or 'blackhole'}")
         wanted_devices = {d.name for d in desired.devices}
         for name in sorted(self.slot_interfaces() - wanted_devices):
             self.wireguard.delete(name)
+            self._tenures.pop(name, None)
             done.append(f"-interface {name}")
         return done
 

@@ -79,6 +79,12 @@ class SlotHolder:
     endpoint: str
     egress_ip: str
     node: str | None
+    acquired: str = ""
+    """The lease's acquireTime: with `holder`, it names one tenure of the slot."""
+
+    @property
+    def tenure(self) -> str:
+        return f"{self.holder}@{self.acquired}"
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -107,7 +113,8 @@ def parse_slot_lease(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
         return None
     return SlotHolder(slot=slot, holder=str(holder), public_key=key, endpoint=endpoint,
                       egress_ip=str(notes.get(EGRESS_IP_ANNOTATION) or ""),
-                      node=notes.get(HOLDER_NODE_ANNOTATION))
+                      node=notes.get(HOLDER_NODE_ANNOTATION),
+                      acquired=str(spec.get("acquireTime") or ""))
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,10 @@ class SteeringState:
     chains: tuple[NftChain, ...]
     buckets: Mapping[str, tuple[int, ...]]
     """gateway → the fwmark of each bucket (0 = not steered, DROP_MARK = dropped)."""
+    tenures: Mapping[str, str]
+    """slot interface → the holder tenure its peer points at. A new tenure (another
+    gateway process, or the same one restarted) needs a fresh WireGuard session even when
+    key and endpoint are unchanged: the new process has no session state."""
 
 
 def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
@@ -182,6 +193,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
 
     devices: list[Device] = []
     probes: list[ProbeTarget] = []
+    tenures: dict[str, str] = {}
     rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE)]
     routes: list[tuple[int, str | None]] = [(DROP_TABLE, None)]
     for gw in model.gateways.values():
@@ -197,6 +209,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                 mtu=inputs.mtu,
                 peers=[Peer(holder.public_key, endpoint=holder.endpoint,
                             allowed_ips=[ALL_IPV4], persistent_keepalive=0)]))
+            tenures[slot.node_interface] = holder.tenure
             probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
                                       check.timeout_ms, check.failure_threshold))
             rules.append((marks[slot], slot_table(ordinals[slot])))
@@ -253,4 +266,4 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                          rules=tuple(sorted(set(rules))), routes=tuple(sorted(
                              set(routes), key=lambda r: (r[0], r[1] or ""))),
                          sets=tuple(sets), chains=(steer, *pick_chains),
-                         buckets=buckets_by_gateway)
+                         buckets=buckets_by_gateway, tenures=tenures)

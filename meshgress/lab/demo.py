@@ -20,11 +20,6 @@ from meshgress.lab import netns
 from meshgress.lab.lab import Lab
 from meshgress.lab.topology import CLUSTER_POD_CIDR, ECHO_PORT, OUTSIDE_ADDRESS, LabTopology
 
-NOT_BUILT_YET = (
-    "egress gateways (stable egress IPs per namespace); until they are, every pod's "
-    "traffic to the outside leaves with its node's address."
-)
-
 
 def _in(lab: Lab, target: str, *command: str, timeout: float = 15) -> tuple[bool, str]:
     proc = netns.run(lab.exec_argv(target, list(command)), check=False, timeout=timeout)
@@ -119,16 +114,36 @@ def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout)
     for line in status.splitlines():
         say(f"       {line}")
 
+    slots = lab.slots()
+    egress_ips = {s["egressIP"] for s in slots}
+    if slots:
+        say()
+        say("egress gateway slots (one lease per egress IP):")
+        for slot in slots:
+            check(bool(slot["holder"]), f"{slot['gateway']}/{slot['index']} "
+                  f"{slot['egressIP']}: held by {slot['holder']} on {slot['node']}")
     say()
-    say("pods reach the outside host, which reports the source address it saw:")
+    say("pods reach the outside host, which reports the source address it saw"
+        + (" (policy `payments` sends that namespace through the egress gateway):"
+           if slots else ":"))
     for pod_name, pod in sorted(pods.items()):
         node = topology.node(pod["node"])
+        steered = bool(slots) and pod_name.startswith("payments/")
         for proto in ("tcp", "udp"):
             seen = _seen_by_outside(lab, pod_name, proto)
-            check(seen == str(node.underlay_address),
-                  f"{pod_name:<22} {proto}: outside saw {seen} (its node's address)")
-    say()
-    say(f"not built yet: {NOT_BUILT_YET}")
+            if steered:
+                check(seen in egress_ips, f"{pod_name:<22} {proto}: outside saw {seen} "
+                                          "(a stable egress IP)")
+            else:
+                check(seen == str(node.underlay_address),
+                      f"{pod_name:<22} {proto}: outside saw {seen} (its node's address)")
+    if slots:
+        say()
+        ok, explained = _in(lab, first.name, "meshgress", "explain", near, "--to",
+                            str(OUTSIDE_ADDRESS))
+        check(ok, f"`meshgress explain {near} --to {OUTSIDE_ADDRESS}`:")
+        for line in explained.splitlines():
+            say(f"       {line}")
     say()
     cli = ".venv/bin/meshgress lab" + ("" if lab.name == "lab" else f" --name {lab.name}")
     say(f"{'all checks held' if failures == 0 else f'{failures} check(s) FAILED'}. "

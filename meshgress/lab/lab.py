@@ -189,6 +189,7 @@ class Lab:
                 self._start_agent(record, node.name)
             for node in topology.nodes:
                 self._wait_agent(record, node.name)
+            self._start_egress(topology, record)
             for node in topology.nodes:
                 if node.role == "worker":
                     for namespace in (ns for ns, _ in LAB_KUBE_NAMESPACES):
@@ -484,14 +485,34 @@ class Lab:
             pid = record.gateways.pop(node, None)
             if pid is not None:
                 if action == "kill":
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                netns.stop_pids([pid], grace=10)
+                    # A crashed gateway pod loses every process of its container: the
+                    # gateway and the wireguard-go of its slot tunnels. Kernel state (its
+                    # address, with a lifetime; its table) stays, as on a real node.
+                    victims = [pid, *self._gateway_tunnel_pids(node)]
+                    for victim in victims:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(victim, signal.SIGKILL)
+                    netns.stop_pids(victims, grace=5)
+                else:
+                    netns.stop_pids([pid], grace=10)
             self._save_record(record)
         if action == "start":
             if record.gateways.get(node) and netns.pid_alive(record.gateways[node]):
                 raise LabError(f"node {node}: the gateway is already running")
             self._start_gateway(record, node)
+
+    def _gateway_tunnel_pids(self, node: str) -> list[int]:
+        """wireguard-go processes serving a gateway's slot tunnels (`mgeg…`) on `node`."""
+        found = []
+        for pid in netns.netns_pids(self._topology(self._running_record()).node(node).netns):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 1 and argv[0].endswith(b"wireguard-go") \
+                    and argv[1].startswith(b"mgeg"):
+                found.append(pid)
+        return found
 
     # Pods ------------------------------------------------------------------------------
 

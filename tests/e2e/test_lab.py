@@ -181,4 +181,7 @@ def test_up_over_leftovers_of_a_killed_up(lab_name):
 def test_demo_runs_to_the_end_and_every_check_holds(lab_name):
     proc = lab(lab_name, "demo", "--nodes", "2", "--gateway-nodes", "1", timeout=300)
     assert "all checks held" in proc.stdout, proc.stdout
-    assert "outside saw 192.0.2.11" in proc.stdout
+    assert "web/app-node1          tcp: outside saw 192.0.2.11 (its node's address)" \
+        in proc.stdout
+    assert "tcp: outside saw 192.0.2.201 (a stable egress IP)" in proc.stdout \
+        or "tcp: outside saw 192.0.2.202 (a stable egress IP)" in proc.stdout

@@ -93,7 +93,7 @@ def test_minimal_gateway_gets_every_default() -> None:
         egress_ips=(ipaddress.IPv4Address("192.0.2.10"),),
         interface=None,
         failure_policy=FailurePolicy.FAIL_CLOSED,
-        health_check=HealthCheck(interval_ms=200, timeout_ms=150, failure_threshold=3),
+        health_check=HealthCheck(interval_ms=100, timeout_ms=80, failure_threshold=3),
         node_selector=LabelSelector(match_labels=(("meshgress.io/gateway", "true"),)),
         generation=1,
         resource_version=None,
@@ -144,7 +144,7 @@ def test_gateway_null_fields_mean_defaults() -> None:
 def test_gateway_health_check_fields_default_individually() -> None:
     gateway = parse_gateway(gateway_doc(healthCheck={"intervalMilliseconds": 1000}))
     assert gateway.health_check == HealthCheck(
-        interval_ms=1000, timeout_ms=150, failure_threshold=3
+        interval_ms=1000, timeout_ms=80, failure_threshold=3
     )
 
 
@@ -446,9 +446,9 @@ BAD_GATEWAYS = [
         id="timeout-not-below-interval",
     ),
     pytest.param(
-        gateway_doc(healthCheck={"intervalMilliseconds": 100}),
-        "spec.healthCheck.timeoutMilliseconds: 150 (the default) must be less than "
-        "intervalMilliseconds (100)",
+        gateway_doc(healthCheck={"intervalMilliseconds": 60}),
+        "spec.healthCheck.timeoutMilliseconds: 80 (the default) must be less than "
+        "intervalMilliseconds (60)",
         id="default-timeout-not-below-interval",
     ),
     pytest.param(

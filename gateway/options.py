@@ -1,0 +1,50 @@
+"""The gateway's command-line options and defaults, apart from the gateway itself.
+
+The CLI builds its parser for every command; keeping these here (standard library only)
+means `meshgress lab ...` does not pay for importing the gateway's kernel libraries just
+to describe `gateway`'s flags. `--log-level` is not defined here: the CLI adds it to every
+long-running command the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path("/var/lib/meshgress/gateway")
+DEFAULT_METRICS_ADDRESS = "0.0.0.0:9821"
+DEFAULT_MAX_SLOTS = 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", required=True,
+                        help="this node's name (its Node object: labels, InternalIP)")
+    parser.add_argument("--datastore", type=Path, required=True,
+                        help="the file datastore directory")
+    parser.add_argument("--cluster-config", type=Path,
+                        help="YAML with clusterPodCIDRs and serviceCIDRs "
+                             "(default: 10.244.0.0/16 and 10.96.0.0/12)")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="where the gateway keeps its WireGuard private key "
+                             f"(default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--max-slots", type=_positive_int, default=DEFAULT_MAX_SLOTS,
+                        help="egress IP slots to hold normally; a slot nobody else serves "
+                             "is taken over beyond this (default 1)")
+    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
+                        default="auto")
+    parser.add_argument("--identity",
+                        help="lease holder identity; must be unique among gateway processes "
+                             "(e.g. the pod name; default NODE/PID)")
+    parser.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS,
+                        help="host:port for /metrics, /healthz and /readyz ('' = off)")
+    parser.add_argument("--flow-log", type=Path,
+                        help="append one JSON line per new SNATed flow to this file")
+    parser.add_argument("--resync-interval", type=float, default=10.0,
+                        help="seconds between full reconciles when nothing changes")

@@ -1,0 +1,116 @@
+"""The health-probe responder: echo every datagram nodes send to a held slot.
+
+Nodes probe each slot through its tunnel at sub-second intervals (meshgress.slots): a UDP
+datagram from their probe address to PROBE_ADDRESS:PROBE_PORT. The holder answers with the
+same payload, so a node learns that the tunnel, the holder's WireGuard peer for it and the
+holder's process all work. One socket per held slot interface, bound to that interface
+(SO_BINDTODEVICE): the same address and port on every slot interface. A reply must leave
+back through the same tunnel: the socket also carries the slot's mark (SO_MARK), so the
+slot's `ip rule fwmark` routes it by `default dev <slot interface>` like every other
+reply of the slot — whatever the main table says about the node's pod CIDR (on a
+gateway node the agent routes it via the mesh, or has it unreachable).
+
+Only held slots answer: a slot interface kept after its lease was lost has no socket, so
+probes through it fail and nodes stop using it.
+
+One daemon thread serves every socket; `ensure` (called by the control loop) opens and
+closes sockets to match the held slot interfaces, and reopens a socket whose interface was
+recreated (a socket stays bound to the old interface index) or whose mark changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+from collections.abc import Mapping
+
+from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
+
+log = logging.getLogger("meshgress.gateway.probe")
+
+MAX_DATAGRAM = 2048
+
+
+class ProbeResponder:
+    def __init__(self, address: str = str(PROBE_ADDRESS), port: int = PROBE_PORT) -> None:
+        self.address = address
+        self.port = port
+        self._sockets: dict[str, tuple[tuple[int, int], socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.answered = 0
+        self._thread = threading.Thread(target=self._serve, name="probe", daemon=True)
+        self._thread.start()
+
+    def interfaces(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {name: key for name, (key, _) in self._sockets.items()}
+
+    def ensure(self, wanted: Mapping[str, tuple[int, int]]) -> None:
+        """Serve exactly the interfaces in `wanted` (name → (current ifindex, the slot's
+        mark)). Raises OSError for a socket that cannot be opened (the others are still
+        served)."""
+        failures: list[str] = []
+        with self._lock:
+            for name in list(self._sockets):
+                key, sock = self._sockets[name]
+                if wanted.get(name) != key:
+                    sock.close()
+                    del self._sockets[name]
+            for name, key in sorted(wanted.items()):
+                if name in self._sockets:
+                    continue
+                try:
+                    self._sockets[name] = (key, self._open(name, key[1]))
+                except OSError as exc:
+                    failures.append(f"{name}: {exc}")
+        if failures:
+            raise OSError(f"probe responder: {'; '.join(failures)}")
+
+    def _open(self, interface: str, mark: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.bind((self.address, self.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                socks = [sock for _, sock in self._sockets.values()]
+            if not socks:
+                self._stop.wait(0.1)
+                continue
+            try:
+                readable, _, _ = select.select(socks, [], [], 0.1)
+            except (OSError, ValueError):
+                continue  # a socket was closed under us; take a new snapshot
+            for sock in readable:
+                for _ in range(64):
+                    try:
+                        data, peer = sock.recvfrom(MAX_DATAGRAM)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break
+                    with contextlib.suppress(OSError):
+                        sock.sendto(data, peer)
+                        self.answered += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            for _, sock in self._sockets.values():
+                sock.close()
+            self._sockets.clear()

@@ -1,0 +1,230 @@
+"""EgressGateway and EgressPolicy status, computed from the shared view of the cluster.
+
+Every gateway process writes status, and each computes exactly the same thing from the
+same inputs — the objects, `compute_egress`, the slot leases and their annotations — so
+whichever writes, the result is identical and a process patches only when what is stored
+differs. Conditions keep their lastTransitionTime while their status stays the same, so
+two processes never fight over a timestamp (the stored one wins).
+
+Status is for people; node agents read leases, never status.
+
+EgressGateway status:
+    conditions: Ready (every servable slot held and published), Degraded (not Ready, or an
+      egress IP disabled because another gateway lists it too); Invalid gateways get both
+      with reason Invalid and the validation message.
+    slots: one entry per egress IP, in spec order:
+      {ip, index, holder, node, publicKey, endpoint, ready, since}
+    observedGeneration
+EgressPolicy status:
+    conditions: Accepted (reason Accepted/Invalid/GatewayNotFound/GatewayInvalid/Conflict),
+      Conflict (True when the reason is Conflict, naming the other policies)
+    selectedPods, observedGeneration
+
+Purely computational: no I/O, no clocks (the caller passes `now`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from meshgress.datastore import Lease
+from meshgress.egress import EgressModel, GatewayView, PolicyView
+from meshgress.slots import (
+    EGRESS_IP_ANNOTATION,
+    ENDPOINT_ANNOTATION,
+    HOLDER_NODE_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    SlotId,
+)
+
+READY = "Ready"
+DEGRADED = "Degraded"
+ACCEPTED = "Accepted"
+CONFLICT = "Conflict"
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """A slot's lease as stored, and the annotations on its Lease object."""
+
+    lease: Lease | None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+def format_time(when: float) -> str:
+    """Kubernetes metav1.Time: RFC 3339, UTC, whole seconds."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(previous: object, wanted: Sequence[Condition],
+                     now: float) -> list[dict[str, str]]:
+    """Conditions in Kubernetes shape; lastTransitionTime is kept from `previous` (the
+    stored list, any shape) for every condition whose status did not change."""
+    before: dict[str, Mapping[str, Any]] = {}
+    if isinstance(previous, list):
+        for item in previous:
+            if isinstance(item, Mapping) and isinstance(item.get("type"), str):
+                before[item["type"]] = item
+    out: list[dict[str, str]] = []
+    for cond in wanted:
+        status = "True" if cond.status else "False"
+        old = before.get(cond.type)
+        since = old.get("lastTransitionTime") if old is not None else None
+        if old is None or old.get("status") != status or not isinstance(since, str):
+            since = format_time(now)
+        out.append({"type": cond.type, "status": status, "reason": cond.reason,
+                    "message": cond.message, "lastTransitionTime": since})
+    return out
+
+
+def _stored_status(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    status = obj.get("status") if obj else None
+    return status if isinstance(status, Mapping) else {}
+
+
+def _generation(obj: Mapping[str, Any] | None, default: int = 1) -> int:
+    meta = obj.get("metadata") if obj else None
+    value = meta.get("generation") if isinstance(meta, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+@dataclass(frozen=True)
+class _SlotState:
+    entry: dict[str, Any]
+    problem: str | None
+
+
+def _slot_state(slot: SlotId, ip: str, record: SlotRecord | None, now: float) -> _SlotState:
+    lease = record.lease if record else None
+    annotations = record.annotations if record else {}
+    entry: dict[str, Any] = {"ip": ip, "index": slot.index, "holder": None, "node": None,
+                             "publicKey": None, "endpoint": None, "ready": False,
+                             "since": None}
+    if lease is None:
+        return _SlotState(entry, "no gateway has claimed it yet")
+    if lease.holder is None:
+        entry["since"] = format_time(lease.renew_time)
+        return _SlotState(entry, "released; no gateway holds it")
+    if lease.expired(now):
+        expiry = lease.renew_time + lease.duration_seconds
+        entry["since"] = format_time(expiry)
+        return _SlotState(entry, f"the lease of {lease.holder} expired at {format_time(expiry)}")
+    entry.update(holder=lease.holder, since=format_time(lease.acquire_time),
+                 node=annotations.get(HOLDER_NODE_ANNOTATION),
+                 publicKey=annotations.get(PUBLIC_KEY_ANNOTATION),
+                 endpoint=annotations.get(ENDPOINT_ANNOTATION))
+    published = (annotations.get(EGRESS_IP_ANNOTATION) == ip
+                 and all(entry[k] for k in ("node", "publicKey", "endpoint")))
+    if not published:
+        return _SlotState(entry, f"held by {lease.holder}, not published yet")
+    entry["ready"] = True
+    return _SlotState(entry, None)
+
+
+def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
+                           records: Mapping[SlotId, SlotRecord], now: float) -> dict[str, Any]:
+    """The status of one EgressGateway. `obj` is the stored object (for its generation
+    and current conditions). Purely computational."""
+    stored = _stored_status(obj)
+    gw = view.gateway
+    if gw is None:
+        message = view.error or "invalid"
+        wanted = [Condition(READY, False, "Invalid", message),
+                  Condition(DEGRADED, True, "Invalid", message)]
+        return {"conditions": merge_conditions(stored.get("conditions"), wanted, now),
+                "slots": [], "observedGeneration": _generation(obj)}
+    servable = {slot.index: slot for slot, _ in view.slots}
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    ready_count = 0
+    for index, ip in enumerate(gw.egress_ips):
+        slot = servable.get(index, SlotId(gw.name, index))
+        if index not in servable:
+            state = _SlotState({"ip": str(ip), "index": index, "holder": None, "node": None,
+                                "publicKey": None, "endpoint": None, "ready": False,
+                                "since": None}, None)
+        else:
+            state = _slot_state(slot, str(ip), records.get(slot), now)
+            if state.problem is not None and isinstance(ip, ipaddress.IPv6Address) \
+                    and state.entry["holder"] is None:
+                state = _SlotState(state.entry, "IPv6 egress IPs are not served yet")
+        entries.append(state.entry)
+        if index in servable:
+            if state.problem is None:
+                ready_count += 1
+            else:
+                problems.append(f"{ip} (slot {index}): {state.problem}")
+    disabled = [view.disabled_ips[ip] for ip in sorted(view.disabled_ips)]
+    total = len(servable)
+    all_ready = total > 0 and ready_count == total
+    if all_ready:
+        ready = Condition(READY, True, "SlotsReady",
+                          f"{total} of {total} egress IPs are held and published")
+    elif total == 0:
+        ready = Condition(READY, False, "NoServableEgressIPs",
+                          "no egress IP can be served: " + "; ".join(disabled))
+    else:
+        ready = Condition(READY, False, "SlotsNotReady",
+                          f"{ready_count} of {total} egress IPs are ready: "
+                          + "; ".join(problems))
+    if all_ready and not disabled:
+        degraded = Condition(DEGRADED, False, "SlotsReady", "")
+    elif all_ready:
+        degraded = Condition(DEGRADED, True, "EgressIPConflict", "; ".join(disabled))
+    else:
+        degraded = Condition(DEGRADED, True, ready.reason, "; ".join(problems + disabled))
+    return {"conditions": merge_conditions(stored.get("conditions"), [ready, degraded], now),
+            "slots": entries, "observedGeneration": gw.generation}
+
+
+def compute_policy_status(view: PolicyView, obj: Mapping[str, Any] | None,
+                          now: float) -> dict[str, Any]:
+    """The status of one EgressPolicy. Purely computational."""
+    stored = _stored_status(obj)
+    accepted = Condition(ACCEPTED, view.accepted, view.reason, view.message)
+    if view.reason == CONFLICT:
+        conflict = Condition(CONFLICT, True, CONFLICT, view.message)
+    else:
+        conflict = Condition(CONFLICT, False, "NoConflict", "")
+    return {"conditions": merge_conditions(stored.get("conditions"), [accepted, conflict], now),
+            "selectedPods": len(view.selected),
+            "observedGeneration": view.generation if view.policy else _generation(obj,
+                                                                                  view.generation)}
+
+
+@dataclass(frozen=True)
+class StatusUpdates:
+    gateways: Mapping[str, dict[str, Any]]
+    policies: Mapping[str, dict[str, Any]]
+
+
+def compute_status_updates(model: EgressModel, gateway_objects: Mapping[str, Mapping[str, Any]],
+                           policy_objects: Mapping[str, Mapping[str, Any]],
+                           records: Mapping[SlotId, SlotRecord], now: float) -> StatusUpdates:
+    """The statuses that differ from what is stored (only those need a patch).
+    Purely computational."""
+    gateways: dict[str, dict[str, Any]] = {}
+    for name, view in sorted(model.gateways.items()):
+        obj = gateway_objects.get(name)
+        status = compute_gateway_status(view, obj, records, now)
+        if dict(_stored_status(obj)) != status:
+            gateways[name] = status
+    policies: dict[str, dict[str, Any]] = {}
+    for name, pview in sorted(model.policies.items()):
+        obj = policy_objects.get(name)
+        status = compute_policy_status(pview, obj, now)
+        if dict(_stored_status(obj)) != status:
+            policies[name] = status
+    return StatusUpdates(gateways, policies)

@@ -1,0 +1,353 @@
+"""Egress gateways on the lab: stable egress IPs per namespace, failover, fail-closed.
+
+One gateway (`egress`, IPs 192.0.2.201 and .202), two gateway nodes, a policy sending the
+`payments` namespace through it. The outside host reports the source it saw; captures
+check what crossed the wire.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshgress.datastore import Kind
+from meshgress.datastore.file import FileDatastore
+from tests.conftest import run_meshgress
+
+pytestmark = pytest.mark.e2e
+
+EGRESS_IPS = {"192.0.2.201", "192.0.2.202"}
+OUTSIDE = "192.0.2.254"
+
+
+def lab(name, *args, **kw):
+    return run_meshgress("lab", "--name", name, *args, **kw)
+
+
+def pod_netns(name, pod):
+    namespace, pod_name = pod.split("/")
+    return f"/run/netns/mg-{name}-pod-{namespace}-{pod_name}"
+
+
+def seen_from(name, pod, proto="tcp", timeout=2.0):
+    """The source the outside host saw for one exchange from `pod`, or None."""
+    proc = subprocess.run(
+        ["nsenter", f"--net={pod_netns(name, pod)}", sys.executable, "-m",
+         "meshgress.lab.echo", proto, OUTSIDE, "7777", "--timeout", str(timeout)],
+        capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def eventually(check, timeout=15.0, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def store(name):
+    return FileDatastore(__import__("pathlib").Path(f"/run/meshgress-lab/{name}/datastore"))
+
+
+def condition(obj, kind):
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == kind:
+            return cond
+    return None
+
+
+def _egress_lab():
+    name = "e" + __import__("secrets").token_hex(3)
+    lab(name, "up", "--nodes", "2", "--gateway-nodes", "2", timeout=180)
+    try:
+        yield name
+    finally:
+        lab(name, "down", check=False)
+
+
+egress_lab = pytest.fixture(scope="module")(_egress_lab)
+"""One lab for the tests that change objects and put them back."""
+
+fresh_egress_lab = pytest.fixture(_egress_lab)
+"""A lab of its own: failover is measured from a settled gateway layout (slot numbering
+still shifts when gateways or egress IPs are added or removed; see the README)."""
+
+
+def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_lab):
+    name = egress_lab
+    for proto in ("tcp", "udp"):
+        assert seen_from(name, "payments/app-node1", proto) in EGRESS_IPS
+        assert seen_from(name, "payments/app-node2", proto) in EGRESS_IPS
+        assert seen_from(name, "web/app-node1", proto) == "192.0.2.11"
+        assert seen_from(name, "web/app-node2", proto) == "192.0.2.12"
+    status = json.loads(lab(name, "status", "--json").stdout)
+    slots = {s["egressIP"]: s for s in status["slots"]}
+    assert set(slots) == EGRESS_IPS and all(s["holder"] for s in slots.values())
+    assert {s["node"] for s in slots.values()} == {"gw1", "gw2"}
+    explain = run_meshgress("lab", "--name", name, "exec", "node1", "--", "meshgress",
+                            "explain", "payments/app-node1", "--to", OUTSIDE).stdout
+    assert "payments (priority 1000, gateway egress): selects this pod -> APPLIES" in explain
+
+
+def test_a_new_selected_pod_never_leaves_with_another_source_and_the_hop_is_encrypted(
+        egress_lab, tmp_path):
+    name = egress_lab
+    outside_pcap, underlay_pcap = tmp_path / "outside.pcap", tmp_path / "underlay.pcap"
+    captures = [
+        subprocess.Popen(["nsenter", f"--net=/run/netns/mg-{name}-outside", "tcpdump", "-i",
+                          "eth0", "-n", "-U", "-w", str(outside_pcap), "net", "198.18.0.0/15",
+                          "or", "net", "192.0.2.0/24"], stderr=subprocess.DEVNULL),
+        subprocess.Popen(["nsenter", f"--net=/run/netns/mg-{name}-underlay", "tcpdump", "-i",
+                          "br0", "-n", "-U", "-w", str(underlay_pcap)],
+                         stderr=subprocess.DEVNULL)]
+    time.sleep(1)
+    try:
+        # The pod sends from its very first moment: a sender started right after ADD.
+        ip = lab(name, "add-pod", "payments/fresh", "--node", "node2").stdout.strip()
+        assert ip.startswith("198.18.2.")
+        for _ in range(5):
+            assert seen_from(name, "payments/fresh") in EGRESS_IPS
+    finally:
+        for cap in captures:
+            cap.terminate()
+            cap.wait(timeout=10)
+    sources = subprocess.run(["tcpdump", "-r", str(outside_pcap), "-n", "dst", OUTSIDE],
+                             capture_output=True, text=True).stdout
+    seen = set(re.findall(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > " + re.escape(OUTSIDE), sources))
+    assert seen and seen <= EGRESS_IPS | {"192.0.2.11", "192.0.2.12"}
+    assert "198.18." not in sources
+    hop = subprocess.run(["tcpdump", "-r", str(underlay_pcap), "-n", "net", "198.18.0.0/16"],
+                         capture_output=True, text=True).stdout
+    assert hop == "", f"pod addresses crossed the underlay in plaintext:\n{hop[:1000]}"
+    tunnel = subprocess.run(["tcpdump", "-r", str(underlay_pcap), "-n", "udp portrange "
+                             "51900-51999"], capture_output=True, text=True).stdout
+    assert tunnel, "the node-to-gateway hop should be WireGuard"
+
+
+def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_lab):
+    name = egress_lab
+    s = store(name)
+    try:
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+                 "metadata": {"name": "bad-cidr"},
+                 "spec": {"gateway": "egress", "namespaceSelector": {},
+                          "destinationCIDRs": ["203.0.113.7/24"]}})
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+                 "metadata": {"name": "no-gateway"},
+                 "spec": {"gateway": "nowhere", "namespaceSelector": {}}})
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                 "metadata": {"name": "copycat"},
+                 "spec": {"egressIPs": ["192.0.2.202"],
+                          "nodeSelector": {"matchLabels": {"meshgress.io/none": "x"}}}})
+
+        def conditions():
+            bad = s.get(Kind.EGRESS_POLICY, "bad-cidr")
+            lost = s.get(Kind.EGRESS_POLICY, "no-gateway")
+            copy = s.get(Kind.EGRESS_GATEWAY, "copycat")
+            got = (condition(bad, "Accepted"), condition(lost, "Accepted"),
+                   condition(copy, "Ready"))
+            return got if all(got) else None
+
+        bad, lost, copy = eventually(conditions, timeout=20)
+        assert bad["status"] == "False" and bad["reason"] == "Invalid"
+        assert "spec.destinationCIDRs[0]" in bad["message"]
+        assert lost["status"] == "False" and lost["reason"] == "GatewayNotFound"
+        assert copy["status"] == "False" and "192.0.2.202" in json.dumps(
+            s.get(Kind.EGRESS_GATEWAY, "copycat")["status"])
+        # The rest keeps working (192.0.2.202 is now disabled: .201 still serves).
+        assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.201")
+        assert seen_from(name, "web/app-node1") == "192.0.2.11"
+    finally:
+        for kind, obj in ((Kind.EGRESS_POLICY, "bad-cidr"), (Kind.EGRESS_POLICY, "no-gateway"),
+                          (Kind.EGRESS_GATEWAY, "copycat")):
+            s.delete(kind, obj)
+        s.close()
+    assert eventually(lambda: len(json.loads(lab(name, "status", "--json").stdout)["slots"])
+                      == 2 and all(x["holder"] for x in json.loads(
+                          lab(name, "status", "--json").stdout)["slots"]), timeout=20)
+
+
+def test_excluded_destinations_bypass_and_priority_and_conflicts(egress_lab):
+    name = egress_lab
+    s = store(name)
+    try:
+        policy = s.get(Kind.EGRESS_POLICY, "payments")
+        policy["spec"]["excludedCIDRs"] = [f"{OUTSIDE}/32"]
+        s.replace(policy)
+        assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.11")
+        policy = s.get(Kind.EGRESS_POLICY, "payments")
+        policy["spec"].pop("excludedCIDRs")
+        s.replace(policy)
+        assert eventually(lambda: seen_from(name, "payments/app-node1") in EGRESS_IPS)
+        # An equal-priority overlap is a Conflict naming both, never a coin toss.
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+                 "metadata": {"name": "rival"},
+                 "spec": {"gateway": "egress", "namespaceSelector": {
+                     "matchLabels": {"team": "payments"}}}})
+
+        def conflict():
+            got = condition(s.get(Kind.EGRESS_POLICY, "rival"), "Conflict")
+            return got if got and got["status"] == "True" else None
+
+        assert "payments" in eventually(conflict, timeout=20)["message"]
+        # Neither applies: payments leaves through its node until the conflict is fixed.
+        assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.11")
+        # A higher priority (lower number) wins: the rival now names a second gateway
+        # (192.0.2.203, picked up by a gateway process as an unclaimed slot).
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                 "metadata": {"name": "second"}, "spec": {"egressIPs": ["192.0.2.203"]}})
+        rival = s.get(Kind.EGRESS_POLICY, "rival")
+        rival["spec"].update(priority=10, gateway="second")
+        s.replace(rival)
+        assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.203",
+                          timeout=30)
+        explain = run_meshgress("lab", "--name", name, "exec", "node1", "--", "meshgress",
+                                "explain", "payments/app-node1", "--to", OUTSIDE).stdout
+        assert "rival (priority 10, gateway second): selects this pod -> APPLIES" in explain
+        assert "payments (priority 1000, gateway egress): selects this pod, but rival comes " \
+               "first" in explain
+        rival = s.get(Kind.EGRESS_POLICY, "rival")
+        rival["spec"]["priority"] = 2000
+        s.replace(rival)
+        assert eventually(lambda: seen_from(name, "payments/app-node1") in EGRESS_IPS)
+    finally:
+        for kind, obj in ((Kind.EGRESS_POLICY, "rival"), (Kind.EGRESS_GATEWAY, "second")):
+            if any(o["metadata"]["name"] == obj for o in s.list(kind).items):
+                s.delete(kind, obj)
+        s.close()
+    assert eventually(lambda: seen_from(name, "payments/app-node1") in EGRESS_IPS, timeout=20)
+
+
+STREAMS = """
+import json, socket, sys, threading, time
+outside, seconds, flows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+end = time.time() + seconds
+udp, tcp = [[] for _ in range(flows)], [[] for _ in range(flows)]
+
+def probe(udp):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05); i = 0
+    while time.time() < end:
+        t = time.time(); i += 1; seen = None
+        s.sendto(str(i).encode(), (outside, 7777))
+        try:
+            seen = s.recvfrom(512)[0].decode().split()[0]
+        except OSError:
+            pass
+        udp.append((t, seen)); time.sleep(max(0, t + 0.01 - time.time()))
+
+def flow(out):
+    try:
+        c = socket.create_connection((outside, 7777), timeout=2); c.settimeout(2)
+        f = c.makefile("rwb"); out.append(("source", f.readline().decode().split()[0]))
+        i = 0
+        while time.time() < end:
+            i += 1; f.write(f"{i}\\n".encode()); f.flush()
+            line = f.readline().decode().split()
+            out.append(("echo", line[-1] if line else None))
+            if not line or line[-1] != str(i):
+                out.append(("error", f"lost {i}")); return
+            time.sleep(0.01)
+    except OSError as exc:
+        out.append(("error", str(exc)))
+
+threads = [threading.Thread(target=probe, args=(o,)) for o in udp]
+threads += [threading.Thread(target=flow, args=(o,)) for o in tcp]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(json.dumps({"udp": udp, "tcp": tcp}))
+"""
+
+
+def run_streams(name, pod, seconds, flows=4):
+    """`flows` UDP probe streams (a probe every 10 ms each) and `flows` long-lived TCP
+    connections (a line every 10 ms, echo checked) from `pod` to the outside host."""
+    return subprocess.Popen(["nsenter", f"--net={pod_netns(name, pod)}", sys.executable, "-c",
+                             STREAMS, OUTSIDE, str(seconds), str(flows)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def largest_gap(samples):
+    """Longest run without an answer, in seconds."""
+    gap, start = 0.0, None
+    for t, seen in samples:
+        if seen is None and start is None:
+            start = t
+        elif seen is not None and start is not None:
+            gap, start = max(gap, t - start), None
+    return gap
+
+
+def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
+    """From each payments pod: four UDP probe streams (every 10 ms) and four long-lived TCP
+    flows, spread over both slots by the flow hash. The gateway holding 192.0.2.201 is
+    crashed (its processes killed). Probe streams on that slot see a gap under 1 s, then
+    leave through the other slot; TCP flows pinned to the healthy slot lose nothing."""
+    name = fresh_egress_lab
+    victim_ip, survivor_ip = "192.0.2.201", "192.0.2.202"
+    status = json.loads(lab(name, "status", "--json").stdout)
+    victim = {s["egressIP"]: s["node"] for s in status["slots"]}[victim_ip]
+    streams = {pod: run_streams(name, pod, 16) for pod in
+               ("payments/app-node1", "payments/app-node2")}
+    time.sleep(2)
+    try:
+        lab(name, "gateway", "kill", victim)
+        results = {pod: json.loads(p.communicate(timeout=60)[0]) for pod, p in streams.items()}
+    finally:
+        lab(name, "gateway", "start", victim)
+        assert eventually(lambda: all(x["holder"] for x in json.loads(
+            lab(name, "status", "--json").stdout)["slots"]), timeout=30)
+    gaps, healthy_flows = [], 0
+    for pod, result in results.items():
+        for udp in result["udp"]:
+            before = {seen for _, seen in udp[:50] if seen}
+            after = {seen for _, seen in udp[-50:] if seen}
+            changes = [(round(t - udp[0][0], 3), seen) for i, (t, seen) in enumerate(udp)
+                       if i == 0 or seen != udp[i - 1][1]]
+            assert after == {survivor_ip}, (pod, changes)
+            if before == {victim_ip}:
+                gaps.append(largest_gap(udp))
+        for flow in result["tcp"]:
+            if dict(flow).get("source") == survivor_ip:
+                healthy_flows += 1
+                errors = [v for k, v in flow if k == "error"]
+                assert not errors, f"a flow on the healthy slot was disturbed: {errors}"
+                assert sum(1 for k, _ in flow if k == "echo") > 150
+    print(f"\nfailover gaps of the streams on the crashed slot: "
+          f"{sorted(round(g * 1000) for g in gaps)} ms; {healthy_flows} TCP flows on the "
+          "healthy slot lost nothing")
+    assert gaps, "no probe stream hashed onto the crashed slot"
+    assert max(gaps) < 1.0
+    assert healthy_flows >= 1
+
+
+@pytest.mark.parametrize("policy", ["FailClosed", "FailOpen"])
+def test_with_every_gateway_down(fresh_egress_lab, policy):
+    name = fresh_egress_lab
+    s = store(name)
+    gw = s.get(Kind.EGRESS_GATEWAY, "egress")
+    gw["spec"]["failurePolicy"] = policy
+    s.replace(gw)
+    try:
+        time.sleep(1)
+        lab(name, "gateway", "kill", "gw1")
+        lab(name, "gateway", "kill", "gw2")
+        if policy == "FailClosed":
+            assert eventually(lambda: seen_from(name, "payments/app-node1", timeout=0.5) is None)
+            for _ in range(5):
+                assert seen_from(name, "payments/app-node1", timeout=0.5) is None
+        else:
+            assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.11")
+        assert seen_from(name, "web/app-node1") == "192.0.2.11"
+    finally:
+        gw = s.get(Kind.EGRESS_GATEWAY, "egress")
+        gw["spec"]["failurePolicy"] = "FailClosed"
+        s.replace(gw)
+        s.close()
+        lab(name, "gateway", "start", "gw1")
+        lab(name, "gateway", "start", "gw2")
+        assert eventually(lambda: all(x["holder"] for x in json.loads(
+            lab(name, "status", "--json").stdout)["slots"]), timeout=30)

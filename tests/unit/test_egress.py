@@ -1,0 +1,165 @@
+"""Egress decisions (compute_egress), node steering (compute_steering) and explain: pure."""
+
+import ipaddress
+
+import pytest
+
+from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
+from meshgress.explain import explain_pod
+from meshgress.lab.topology import lab_cluster_config
+from meshgress.slots import DROP_MARK, SlotId, slot_mark
+from nodeagent.steering import (
+    BUCKETS,
+    LocalPod,
+    SlotHolder,
+    SteeringInputs,
+    compute_buckets,
+    compute_steering,
+)
+from wireguard.keys import generate_private_key, public_key
+
+CLUSTER = lab_cluster_config()
+NODE_IPS = [ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.12")]
+NAMESPACES = {"payments": {"team": "payments"}, "web": {"team": "web"}}
+
+
+def gateway(name="egress", ips=("192.0.2.201", "192.0.2.202"), **spec):
+    return {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+            "metadata": {"name": name}, "spec": {"egressIPs": list(ips), **spec}}
+
+
+def policy(name, team="payments", gw="egress", priority=None, **spec):
+    body = {"gateway": gw, "namespaceSelector": {"matchLabels": {"team": team}}, **spec}
+    if priority is not None:
+        body["priority"] = priority
+    return {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+            "metadata": {"name": name, "generation": 3}, "spec": body}
+
+
+PODS = [PodView("payments", "pay", {"app": "pay"}, "node1", ipaddress.ip_address("198.18.1.1")),
+        PodView("web", "web", {"app": "web"}, "node1", ipaddress.ip_address("198.18.1.2"))]
+
+
+def model(gateways=None, policies=None):
+    gateways = gateways if gateways is not None else (gateway(),)
+    policies = policies if policies is not None else (policy("payments"),)
+    return compute_egress(gateways=gateways, policies=policies, namespaces=NAMESPACES,
+                          pods=PODS, node_addresses=NODE_IPS, cluster=CLUSTER)
+
+
+def test_a_policy_selects_its_namespace_and_always_excludes_cluster_ranges_and_nodes():
+    view = model().policies["payments"]
+    assert view.accepted and view.reason == "Accepted"
+    assert view.selected == (("payments", "pay"),)
+    cidrs = ranges_to_cidrs(view.destinations)
+    for address in ("198.18.5.5", "198.19.0.10", "192.0.2.11", "192.0.2.12"):
+        assert not any(ipaddress.ip_address(address) in c for c in cidrs), address
+    assert any(ipaddress.ip_address("192.0.2.254") in c for c in cidrs)
+
+
+@pytest.mark.parametrize(("policies", "gateways", "expected"), [
+    ((policy("p", gw="missing"),), (gateway(),),
+     ("GatewayNotFound", "EgressGateway missing does not exist")),
+    ((policy("p"),), (gateway(ips=("10.0.0.1/8",)),),
+     ("GatewayInvalid", "EgressGateway egress is invalid: spec.egressIPs[0]: ")),
+    ((policy("p", destinationCIDRs=["10.0.0.1/8"]),), (gateway(),),
+     ("Invalid", "spec.destinationCIDRs[0]: ")),
+], ids=["unknown-gateway", "invalid-gateway", "invalid-policy"])
+def test_unusable_policies_are_not_accepted_with_a_reason(policies, gateways, expected):
+    view = model(gateways=gateways, policies=policies).policies["p"]
+    assert not view.accepted
+    assert (view.reason, view.message[:len(expected[1])]) == expected
+
+
+def test_equal_priority_overlap_is_a_conflict_naming_both_and_neither_applies():
+    views = model(policies=(policy("a"), policy("b"), policy("c", team="web"))).policies
+    assert (views["a"].reason, views["a"].conflicts_with) == ("Conflict", ("b",))
+    assert (views["b"].reason, views["b"].conflicts_with) == ("Conflict", ("a",))
+    assert "shared with b" in views["a"].message
+    assert views["c"].accepted
+
+
+def test_different_priorities_or_disjoint_destinations_do_not_conflict():
+    views = model(policies=(policy("a", priority=10), policy("b", priority=20))).policies
+    assert views["a"].accepted and views["b"].accepted
+    views = model(policies=(policy("a", destinationCIDRs=["203.0.113.0/24"]),
+                            policy("b", destinationCIDRs=["198.51.100.0/24"]))).policies
+    assert views["a"].accepted and views["b"].accepted
+
+
+def test_an_egress_ip_listed_by_two_gateways_is_served_by_neither():
+    gws = model(gateways=(gateway(), gateway("other", ips=("192.0.2.202", "192.0.2.203"))))
+    assert [ip for _, ip in gws.gateways["egress"].slots] == [ipaddress.ip_address("192.0.2.201")]
+    assert [ip for _, ip in gws.gateways["other"].slots] == [ipaddress.ip_address("192.0.2.203")]
+    assert "also listed by EgressGateway other" in gws.gateways["egress"].disabled_ips[
+        "192.0.2.202"]
+
+
+SLOTS = [SlotId("egress", 0), SlotId("egress", 1)]
+MARKS = {SLOTS[0]: slot_mark(0), SLOTS[1]: slot_mark(1)}
+
+
+def test_buckets_spread_over_slots_and_a_failure_moves_only_its_own_buckets():
+    both = compute_buckets(SLOTS, frozenset(SLOTS), MARKS)
+    assert len(both) == BUCKETS and set(both) == {slot_mark(0), slot_mark(1)}
+    one = compute_buckets(SLOTS, frozenset({SLOTS[0]}), MARKS)
+    assert set(one) == {slot_mark(0)}
+    moved = [b for b in range(BUCKETS) if both[b] != one[b]]
+    assert all(both[b] == slot_mark(1) for b in moved)
+    assert compute_buckets(SLOTS, frozenset(), MARKS) is None
+
+
+def steering(healthy, failure_policy="FailClosed"):
+    key = generate_private_key()
+    holders = {slot: SlotHolder(slot, f"gw{slot.index + 1}/1", public_key(generate_private_key()),
+                                f"192.0.2.10{slot.index + 1}:5190{slot.index}",
+                                f"192.0.2.20{slot.index + 1}", f"gw{slot.index + 1}")
+               for slot in SLOTS}
+    m = model(gateways=(gateway(failurePolicy=failure_policy),))
+    return compute_steering(SteeringInputs(
+        model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
+                             LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
+        holders=holders, healthy=frozenset(healthy), private_key=key, mtu=1440,
+        probe_source=ipaddress.ip_address("198.18.1.0")))
+
+
+def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules():
+    state = steering(SLOTS)
+    assert [d.name for d in state.devices] == [s.node_interface for s in SLOTS]
+    assert all(str(p.allowed_ips[0]) == "0.0.0.0/0" for d in state.devices for p in d.peers)
+    sets = {s.name: s.elements for s in state.sets}
+    assert sets["ep0_pods"] == (ipaddress.ip_address("198.18.1.1"),)
+    assert set(sets["egress_healthy"]) == {slot_mark(0), slot_mark(1)}
+    assert (DROP_MARK, 51820) in state.rules and (slot_mark(0), 51821) in state.rules
+    assert (51821, SLOTS[0].node_interface) in state.routes and (51820, None) in state.routes
+
+
+@pytest.mark.parametrize(("failure_policy", "mark"), [("FailClosed", DROP_MARK),
+                                                      ("FailOpen", 0)])
+def test_with_no_healthy_slot_fail_closed_drops_and_fail_open_leaves_unmarked(failure_policy,
+                                                                               mark):
+    state = steering((), failure_policy)
+    assert set(state.buckets["egress"]) == {mark}
+
+
+def test_explain_names_the_applied_policy_the_loser_and_the_excluded_range():
+    m = model(policies=(policy("first", priority=10, excludedCIDRs=["203.0.113.0/24"]),
+                        policy("second", priority=20)))
+    pod = {"metadata": {"namespace": "payments", "name": "pay", "labels": {"app": "pay"}},
+           "spec": {"nodeName": "node1"}, "status": {"podIP": "198.18.1.1"}}
+    holders = {SLOTS[0]: SlotHolder(SLOTS[0], "gw1/1", "k", "192.0.2.101:51900",
+                                    "192.0.2.201", "gw1")}
+    common = dict(model=m, pod=pod, namespace_labels_=NAMESPACES["payments"], holders=holders,
+                  cluster=CLUSTER, node_addresses={"192.0.2.11"})
+    text = "\n".join(explain_pod(**common, to=ipaddress.ip_address("192.0.2.254")))
+    assert "first (priority 10, gateway egress): selects this pod -> APPLIES for 192.0.2.254" \
+        in text
+    assert "second (priority 20, gateway egress): selects this pod, but first comes first" in text
+    assert "slot 0: egress IP 192.0.2.201, held by gw1/1 on gw1" in text
+    assert "slot 1: egress IP 192.0.2.202, NOT HELD" in text
+    text = "\n".join(explain_pod(**common, to=ipaddress.ip_address("203.0.113.9")))
+    assert "first (priority 10, gateway egress): selects this pod, but not for 203.0.113.9: " \
+           "excluded by its excludedCIDRs entry 203.0.113.0/24" in text
+    text = "\n".join(explain_pod(**common, to=ipaddress.ip_address("198.18.2.1")))
+    assert "always excluded: the cluster pod range 198.18.0.0/16" in text
+    assert "is not steered" in text

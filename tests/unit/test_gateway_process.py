@@ -1,0 +1,369 @@
+"""The gateway's control loop (`gateway.process.Gateway`) without root: a real file
+datastore and informers, fake kernel, nftables and WireGuard, and a clock the test moves.
+
+What is checked here is the logic between the pure parts: claiming and renewing leases,
+fencing (the IP goes first, at once), publishing, drain, and two gateways sharing slots.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.dataplane import EgressAddress, FakeKernel
+from gateway.process import Gateway, GatewayConfig
+from gateway.rules import NFT_TABLE
+from meshgress.config import ClusterConfig
+from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind
+from meshgress.datastore.file import FileDatastore
+from meshgress.slots import (
+    EGRESS_IP_ANNOTATION,
+    ENDPOINT_ANNOTATION,
+    HOLDER_NODE_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    SlotId,
+)
+from nodeagent.nft import FakeNftablesAdapter
+from wireguard.fake import FakeBackend
+from wireguard.keys import generate_private_key, public_key
+from wireguard.plan import DevicePlan
+
+CLUSTER = ClusterConfig(pod_cidrs=(ipaddress.ip_network("198.18.0.0/16"),),
+                        service_cidrs=(ipaddress.ip_network("10.96.0.0/12"),))
+SLOT0, SLOT1 = SlotId("egw", 0), SlotId("egw", 1)
+E0, E1 = ipaddress.IPv4Address("192.0.2.50"), ipaddress.IPv4Address("192.0.2.51")
+NODE_KEY = public_key(generate_private_key())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LinkedBackend(FakeBackend):
+    """A fake WireGuard backend whose interfaces appear as links in the fake kernel."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def apply(self, plan: DevicePlan) -> None:
+        super().apply(plan)
+        self.kernel.links.setdefault(plan.name, (1440, b""))
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.kernel.remove_link(name)
+
+
+class FakeProbe:
+    def __init__(self) -> None:
+        self.serving: dict[str, tuple[int, int]] = {}
+
+    def ensure(self, wanted: dict[str, tuple[int, int]]) -> None:
+        self.serving = dict(wanted)
+
+    def close(self) -> None:
+        self.serving = {}
+
+
+class FlakyStore:
+    """Delegates to a store; `fail` makes lease calls raise a transient error."""
+
+    def __init__(self, store: FileDatastore) -> None:
+        self._store = store
+        self.fail = False
+
+    def acquire_lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail:
+            raise DatastoreError("the datastore is unreachable")
+        return self._store.acquire_lease(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def objects(ips: list[str]) -> list[dict[str, Any]]:
+    def node(name: str, address: str, **extra: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, **extra.pop("meta", {})},
+                "spec": extra.pop("spec", {}),
+                "status": {"addresses": [{"type": "InternalIP", "address": address}]}}
+
+    gateway_labels = {"labels": {"meshgress.io/gateway": "true"}}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "ns-a", "labels": {"team": "a"}}},
+        node("n1", "192.0.2.1", spec={"podCIDRs": ["198.18.1.0/24"]},
+             meta={"annotations": {PUBLIC_KEY_ANNOTATION: NODE_KEY}}),
+        node("gw1", "192.0.2.11", meta=gateway_labels),
+        node("gw2", "192.0.2.12", meta=gateway_labels),
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p1", "namespace": "ns-a"},
+         "spec": {"nodeName": "n1"}, "status": {"podIP": "198.18.1.10"}},
+        {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+         "metadata": {"name": "egw"}, "spec": {"egressIPs": ips}},
+        {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+         "metadata": {"name": "team-a"},
+         "spec": {"gateway": "egw", "namespaceSelector": {"matchLabels": {"team": "a"}}}},
+    ]
+
+
+class Harness:
+    def __init__(self, root: Path, clock: Clock, ips: list[str]) -> None:
+        self.root = root
+        self.clock = clock
+        self.store = FileDatastore(root / "store", poll_interval=0.01, clock=clock)
+        for obj in objects(ips):
+            self.store.create(obj)
+        self.gateways: list[Gateway] = []
+
+    def gateway(self, node: str = "gw1", *, store: Any = None, max_slots: int = 1,
+                identity: str | None = None) -> Gateway:
+        kernel = FakeKernel({"eth0": (1500, bytes.fromhex("020000000001"))})
+        garps: list[tuple[str, bytes, ipaddress.IPv4Address]] = []
+        gw = Gateway(GatewayConfig(node_name=node, cluster=CLUSTER,
+                                   state_dir=self.root / f"{node}-state",
+                                   max_slots=max_slots,
+                                   identity=identity or f"{node}/{len(self.gateways)}"),
+                     store or self.store, kernel=kernel, wireguard=LinkedBackend(kernel),
+                     nft=FakeNftablesAdapter("inet", NFT_TABLE), clock=self.clock,
+                     garp=lambda *args: garps.append(args), probe=FakeProbe())  # type: ignore[arg-type]
+        gw.garps = garps  # type: ignore[attr-defined]
+        for informer in gw.informers.values():
+            informer.start()
+        assert all(i.synced.wait(5) for i in gw.informers.values())
+        self.gateways.append(gw)
+        return gw
+
+    def settle(self, *gateways: Gateway, passes: int = 2) -> None:
+        """A few passes, letting the informers catch up with each pass's writes."""
+        for _ in range(passes):
+            for gw in gateways:
+                gw.reconcile()
+            time.sleep(0.05)
+
+    def annotations(self, slot: SlotId) -> dict[str, str]:
+        obj = self.store.get(Kind.LEASE, slot.lease_name, LEASE_NAMESPACE)
+        return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+    def holder(self, slot: SlotId) -> str | None:
+        lease = self.store.get_lease(slot.lease_name)
+        return None if lease is None or lease.expired(self.clock()) else lease.holder
+
+    def close(self) -> None:
+        for gw in self.gateways:
+            for informer in gw.informers.values():
+                informer.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def lab(tmp_path: Path, clock: Clock):
+    made: list[Harness] = []
+
+    def make(ips: list[str]) -> Harness:
+        h = Harness(tmp_path, clock, ips)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def kernel(gw: Gateway) -> FakeKernel:
+    assert isinstance(gw._kernel, FakeKernel)
+    return gw._kernel
+
+
+def test_claims_serves_and_publishes_a_slot(lab):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0"
+    k = kernel(gw)
+    assert k.egress == {EgressAddress("eth0", E0): 2}  # a lifetime shorter than the lease
+    assert gw.garps == [("eth0", bytes.fromhex("020000000001"), E0)]  # once, when it came up
+    iface = SLOT0.gateway_interface
+    assert iface in k.links and k.probe == {iface} and k.rp == {iface: 2}
+    assert {(r.table, r.interface) for r in k.routes} == {(52076, iface)}
+    assert {(r.mark, r.table) for r in k.rules} == {(0x800000, 52076)}
+    device = gw.wireguard.read(iface)
+    assert device is not None and device.listen_port == 51900
+    assert [p.public_key for p in device.peers] == [NODE_KEY]
+    assert gw._probe.serving == {iface: (k.link_index(iface), 0x800000)}  # type: ignore[union-attr]
+    assert h.annotations(SLOT0) | {} == {
+        **h.annotations(SLOT0),
+        PUBLIC_KEY_ANNOTATION: gw.public_key, ENDPOINT_ANNOTATION: "192.0.2.11:51900",
+        EGRESS_IP_ANNOTATION: "192.0.2.50", HOLDER_NODE_ANNOTATION: "gw1"}
+    nft = gw._nft
+    assert isinstance(nft, FakeNftablesAdapter) and nft.state is not None
+    assert "src_" + iface[4:] in nft.state.sets
+    status = h.store.get(Kind.EGRESS_GATEWAY, "egw")["status"]
+    assert status["conditions"][0]["status"] == "True"
+    assert status["slots"][0]["holder"] == "gw1/0" and status["slots"][0]["ready"]
+    assert gw.health()["ready"] is False  # never ran the loop; first_pass_ok unset
+    # Nothing changes on further passes: no new GARP, no kernel write at all (the IP's
+    # lifetime is refreshed by renewals only, never shortened by a pass).
+    log_len = len(k.log)
+    h.settle(gw)
+    assert len(gw.garps) == 1
+    assert k.log[log_len:] == []
+
+
+def test_renewal_refreshes_the_ip_lifetime(lab, clock):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    k = kernel(gw)
+    k.log.clear()
+    clock.now += 1.0
+    assert gw._renew(SLOT0)
+    assert k.log == ["+ip 192.0.2.50 2"]
+    assert gw.held()[SLOT0].valid_until == pytest.approx(clock.now + 3.0)
+
+
+def test_a_renewal_refused_fences_the_slot_at_once(lab, clock):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    # Someone else holds the lease now (as after a partition longer than the lease).
+    h.store.release_lease(SLOT0.lease_name, "gw1/0")
+    h.store.acquire_lease(SLOT0.lease_name, "thief", 3.0)
+    k = kernel(gw)
+    assert gw._renew(SLOT0)
+    assert k.egress == {}, "the IP must go the moment the lease is lost"
+    assert SLOT0 not in gw.held() and gw.metrics.fenced == 1
+    # The next pass tears the rest down; the interface itself stays while the process is
+    # young (a restart that regains the slot keeps the nodes' sessions).
+    clock.now += 0.5
+    h.settle(gw)
+    assert k.routes == set() and k.rules == set() and k.egress == {}
+    assert SLOT0.gateway_interface in k.links
+    assert gw._probe.serving == {}  # type: ignore[union-attr]
+    # The thief never renews: once its lease expired the slot is claimed again.
+    clock.now += 30
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in k.egress
+
+
+def test_renewals_failing_until_the_lease_would_expire_fence_the_slot(lab, clock):
+    h = lab(["192.0.2.50"])
+    flaky = FlakyStore(h.store)
+    gw = h.gateway(store=flaky)
+    h.settle(gw)
+    k = kernel(gw)
+    flaky.fail = True
+    clock.now += 1.0
+    assert not gw._renew(SLOT0)  # transient: retried, the IP stays
+    assert EgressAddress("eth0", E0) in k.egress and gw.metrics.renew_failures == 1
+    clock.now += 1.6  # 2.6 s after the last renewal: within FENCE_MARGIN of expiry
+    gw._renew(SLOT0)
+    assert k.egress == {} and SLOT0 not in gw.held()
+
+
+def test_the_ip_is_not_brought_up_when_the_lease_is_about_to_expire(lab, clock):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    k = kernel(gw)
+    k.egress.clear()  # as if the kernel removed it (lifetime ran out)
+    gw._held[SLOT0].valid_until = clock.now + 1.2  # renewals are overdue
+    gw.reconcile()
+    assert k.egress == {}
+
+
+class WatchingStore(FlakyStore):
+    """Records what the fake kernel held at the moment each lease was released."""
+
+    def __init__(self, store: FileDatastore) -> None:
+        super().__init__(store)
+        self.kernel: FakeKernel | None = None
+        self.at_release: list[dict[EgressAddress, int]] = []
+
+    def release_lease(self, name: str, holder: str) -> None:
+        assert self.kernel is not None
+        self.at_release.append(dict(self.kernel.egress))
+        self._store.release_lease(name, holder)
+
+
+def test_drain_releases_right_after_removing_the_ip_and_leaves_nothing(lab):
+    h = lab(["192.0.2.50"])
+    store = WatchingStore(h.store)
+    gw = h.gateway(store=store)
+    k = store.kernel = kernel(gw)
+    h.settle(gw)
+    gw.drain()
+    assert store.at_release == [{}], "the IP must be gone before the lease is released"
+    lease = h.store.get_lease(SLOT0.lease_name)
+    assert lease is not None and lease.holder is None
+    assert not {EGRESS_IP_ANNOTATION, PUBLIC_KEY_ANNOTATION, ENDPOINT_ANNOTATION,
+                HOLDER_NODE_ANNOTATION} & set(h.annotations(SLOT0))
+    assert k.egress == {} and k.routes == set() and k.rules == set()
+    assert [n for n in k.links if n.startswith("mgeg")] == []
+    assert gw._nft.state is None  # type: ignore[union-attr]
+    assert gw._probe.serving == {}  # type: ignore[union-attr]
+
+
+def test_two_gateways_end_with_one_slot_each(lab):
+    h = lab(["192.0.2.50", "192.0.2.51"])
+    a, b = h.gateway("gw1"), h.gateway("gw2")
+    h.settle(a, b, passes=3)
+    holders = {h.holder(SLOT0), h.holder(SLOT1)}
+    assert holders == {"gw1/0", "gw2/1"}
+    assert len(kernel(a).egress) == len(kernel(b).egress) == 1
+    assert set(kernel(a).egress) != set(kernel(b).egress)
+
+
+def test_a_full_gateway_takes_an_orphaned_slot_after_the_grace(lab, clock):
+    h = lab(["192.0.2.50", "192.0.2.51"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert len(gw.held()) == 1
+    clock.now += 2.0
+    h.settle(gw)
+    assert len(gw.held()) == 1  # starting up: another gateway may be starting too
+    clock.now += 1.2  # past the startup grace; the slot has been free for long
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0, SLOT1}
+    assert {a.ip for a in kernel(gw).egress} == {E0, E1}
+
+
+def test_a_node_the_gateway_does_not_select_claims_nothing(lab):
+    h = lab(["192.0.2.50"])
+    h.store.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                   "metadata": {"name": "egw"},
+                   "spec": {"egressIPs": ["192.0.2.50"],
+                            "nodeSelector": {"matchLabels": {"zone": "eu"}}}})
+    gw = h.gateway()
+    h.settle(gw)
+    assert gw.held() == {} and h.holder(SLOT0) is None
+    status = h.store.get(Kind.EGRESS_GATEWAY, "egw")["status"]
+    assert status["conditions"][0]["reason"] == "SlotsNotReady"
+
+
+def test_a_gateway_removed_from_the_spec_releases_its_slot(lab):
+    h = lab(["192.0.2.50", "192.0.2.51"])
+    gw = h.gateway(max_slots=2)
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0, SLOT1}
+    h.store.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                   "metadata": {"name": "egw"}, "spec": {"egressIPs": ["192.0.2.50"]}})
+    time.sleep(0.1)
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0}
+    assert {a.ip for a in kernel(gw).egress} == {E0}
+    lease = h.store.get_lease(SLOT1.lease_name)
+    assert lease is not None and lease.holder is None
