@@ -1,0 +1,880 @@
+"""Control-plane scale: the agent's mesh reconcile against 1,000 and 5,000 simulated nodes.
+
+Run as root:  .venv/bin/python tests/bench/scale_bench.py [--sizes 1000,5000]
+                  [--variants as-is,proposed] [--profile DIR] [--json FILE]
+
+What is measured is the node agent's own mesh path, with the real code at every step:
+a FileDatastore holding N Node objects (spec.podCIDRs: one /28 each out of 198.18.0.0/15,
+which has 8,192 of them; a valid WireGuard public key and an endpoint 100.64.x.y:51820 in
+the annotations) is read by the real `Informer` (list, then watch), each object goes
+through `parse_node`, `compute_mesh` computes the device and routes, and
+`wireguard.backend.apply_device` (the userspace backend `detect_backend("userspace")`
+returns, i.e. wireguard-go over its UAPI socket) and `nodeagent.routes.apply_routes`
+(`NetlinkRoutes`, pyroute2) program them — the same calls, in the same order, as
+`Agent._reconcile`'s mesh part (the nftables, egress and publish steps are left out).
+
+Every size runs in a process of its own (so its peak RSS is its own) inside a throwaway
+network namespace `mgb-scale-<pid>-…` and a private mount namespace whose
+/var/run/wireguard is a fresh tmpfs, so the interface is `meshgress0` as in production and
+nothing touches the host's network namespace or its wireguard-go sockets. Per size:
+
+- full sync: from starting the informer (datastore list) to all N-1 peers and N-1 routes
+  (+ the unreachable fallback) in the kernel, checked afterwards with `wg` and `ip`;
+- idle resync (with --resync): one more reconcile with nothing changed (the agent does
+  this every resync interval; both plans are empty). Off by default: the endpoint
+  change's reconcile costs the same plus one peer;
+- endpoint change: one node's endpoint annotation is patched in the datastore; timed from
+  the patch to the reconcile that follows it done (the plan must update exactly that
+  peer's endpoint and change no route). "reconcile" is the part after the watch event
+  reached the cache; the rest is the file datastore's watch poll (50 ms);
+- node added: a new Node object is created; the same timing (one peer and one route
+  added, nothing else);
+- peak RSS of the process (ru_maxrss) and of its wireguard-go (VmHWM).
+
+A run (one size, one variant) that exceeds --timeout (default 240 s; the as-is code at
+5,000 nodes needs about that on a quiet machine) is stopped (SIGTERM: it still removes what
+it made) and the phases it did not reach are reported as such, so `make bench` stays
+bounded.
+
+Each reconcile is broken down by stage (parse, compute, WireGuard read = UAPI get + parse,
+WireGuard set, routes dump, route writes), so a slow stage is named.
+
+Variants: `as-is` runs the code unchanged; `proposed` swaps in the two fixes this
+benchmark proposes, both defined below and nowhere else:
+- `nodeagent.mesh._colliding_cidrs` (quadratic in the number of nodes) → a sweep over the
+  sorted pod CIDRs returning the same dict (checked against the original on random
+  inputs before use);
+- `nodeagent.routes.NetlinkRoutes` / `apply_routes` (one pyroute2 request per route, plus
+  an interface lookup per route) → the same adapter with a `struct`-parsed route dump and
+  a batched `replace_many` on a plain rtnetlink socket (its read is checked to equal the
+  original's after the full sync).
+The kernel end state is checked the same way in both.
+
+Everything is removed afterwards, also on failure: the inner process deletes meshgress0
+(wireguard-go then exits by itself); the outer one stops whatever is still in the
+namespace by PID, deletes the namespace and the datastore folder (under /dev/shm, a tmpfs,
+so populating it is not a disk benchmark). Leftovers of a crashed run (its PID is gone)
+are removed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import ipaddress
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+PREFIX = "mgb-scale-"
+RUN = f"{PREFIX}{os.getpid()}-"
+LEFTOVER = re.compile(rf"^{PREFIX}(\d+)-")
+NETNS_DIR = Path("/run/netns")
+DATA_ROOT = Path("/dev/shm")
+WG_SOCKET_DIR = "/var/run/wireguard"
+POD_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+POD_PREFIX = 28
+SERVICE_RANGE = ipaddress.IPv4Network("198.51.100.0/24")
+SELF = "node-00000"
+MTU = 1440
+CHANGED = "node-00042"
+TARGETS = {"full_sync_s": 10.0, "change_e2e_ms": 100.0, "add_e2e_ms": 100.0, "rss_mb": 200.0}
+
+# The mount namespace for the inner process: a private /var/run/wireguard, then exec.
+MOUNT_SCRIPT = ('set -e; mount -t tmpfs -o mode=0755,size=16m mgb-scale-wg "$1"; shift; '
+                'exec "$@"')
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 120) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr or proc.stdout}")
+    return proc.stdout
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- the cluster ------------------------------------------------------------------------
+
+
+def endpoint_ip(i: int) -> str:
+    return str(ipaddress.IPv4Address("100.64.0.0") + i)
+
+
+def node_object(i: int, cidr: ipaddress.IPv4Network, key: str) -> dict[str, Any]:
+    from nodeagent.mesh import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION
+
+    name = f"node-{i:05d}"
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name,
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                     "annotations": {PUBLIC_KEY_ANNOTATION: key,
+                                     ENDPOINT_ANNOTATION: f"{endpoint_ip(i)}:51820"}},
+        "spec": {"podCIDR": str(cidr), "podCIDRs": [str(cidr)]},
+        "status": {"addresses": [{"type": "InternalIP", "address": endpoint_ip(i)},
+                                 {"type": "Hostname", "address": name}]},
+    }
+
+
+def populate(root: Path, nodes: int) -> float:
+    """N Node objects through the datastore's own create (not timed as part of a sync)."""
+    from meshgress.datastore.file import FileDatastore
+    from wireguard.keys import generate_private_key, public_key
+
+    started = time.perf_counter()
+    store = FileDatastore(root)
+    try:
+        cidrs = POD_RANGE.subnets(new_prefix=POD_PREFIX)
+        for i in range(nodes):
+            store.create(node_object(i, next(cidrs), public_key(generate_private_key())))
+    finally:
+        store.close()
+    return time.perf_counter() - started
+
+
+# --- the proposed fix for compute_mesh --------------------------------------------------
+
+
+def colliding_cidrs_sweep(nodes: Iterable[Any]) -> dict[str, str]:
+    """Proposed drop-in for nodeagent.mesh._colliding_cidrs: the same result, in
+    O(C log C) for C pod CIDRs instead of O(N^2) node pairs.
+
+    CIDR blocks are either nested or disjoint, so after sorting by (version, first
+    address, last address descending) every block overlaps exactly the blocks still
+    "open" on a stack (each contains it). The overlapping pairs found (normally none)
+    are then replayed in the original's order — node pairs (i, j), i < j, by name, then
+    each side's CIDRs in order — so `setdefault` picks the same message."""
+    listed = sorted(nodes, key=lambda n: n.name)
+    spans = sorted(
+        ((c.version, int(c.network_address), -int(c.broadcast_address), i, k)
+         for i, node in enumerate(listed) for k, c in enumerate(node.pod_cidrs)))
+    hits: set[tuple[int, int, int, int]] = set()
+    open_: list[tuple[int, int, int, int]] = []  # (version, last, node, cidr) nested
+    for version, first, neg_last, i, k in spans:
+        while open_ and (open_[-1][0] != version or open_[-1][1] < first):
+            open_.pop()
+        for _, _, j, m in open_:
+            if j != i:
+                hits.add((i, j, k, m) if i < j else (j, i, m, k))
+        open_.append((version, -neg_last, i, k))
+    bad: dict[str, str] = {}
+    for i, j, k, m in sorted(hits):
+        a, b = listed[i], listed[j]
+        ca, cb = a.pod_cidrs[k], b.pod_cidrs[m]
+        bad.setdefault(a.name, f"pod CIDR {ca} overlaps {b.name}'s {cb}")
+        bad.setdefault(b.name, f"pod CIDR {cb} overlaps {a.name}'s {ca}")
+    return bad
+
+
+def check_sweep_matches_original(rounds: int = 300) -> None:
+    """The proposed function must return exactly what the original returns."""
+    from nodeagent import mesh
+
+    rng = random.Random(1)
+    space = ipaddress.IPv4Network("198.18.0.0/22")
+    for _ in range(rounds):
+        nodes = []
+        for n in range(rng.randint(0, 12)):
+            cidrs = set()
+            for _ in range(rng.randint(0, 3)):
+                prefix = rng.randint(22, 28)
+                subnets = 2 ** (prefix - space.prefixlen)
+                cidrs.add(list(space.subnets(new_prefix=prefix))[rng.randrange(subnets)])
+            nodes.append(mesh.NodeInfo(name=f"n{rng.randint(0, 30):02d}{n}",
+                                       pod_cidrs=tuple(sorted(cidrs)), internal_ip=None,
+                                       public_key=None, endpoint=None))
+        expected = mesh._colliding_cidrs(nodes)
+        got = colliding_cidrs_sweep(nodes)
+        if got != expected:
+            raise AssertionError(f"sweep differs: {got} != {expected} for {nodes}")
+
+
+# --- the proposed fix for the routes adapter ---------------------------------------------
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x100, 0x400, 0x300
+RTA_DST, RTA_OIF = 1, 4
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
+_NLMSGHDR = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_RTATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+WRITE_BATCH = 64
+
+
+def _rta(kind: int, payload: bytes) -> bytes:
+    size = _RTATTR.size + len(payload)
+    return _RTATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def make_proposed_routes() -> Any:
+    """Proposed NetlinkRoutes (nodeagent/routes.py): the same class, with `read` doing
+    one rtnetlink dump parsed with `struct` (kernel-side filtered to the main table and
+    ROUTE_PROTOCOL where the kernel has NETLINK_GET_STRICT_CHK) and a new
+    `replace_many` that sends RTM_NEWROUTE (NLM_F_CREATE|NLM_F_REPLACE|NLM_F_ACK)
+    messages packed with `struct`, WRITE_BATCH to a send(), on a plain NETLINK_ROUTE
+    socket, then reads every ack before raising the first error. The mesh interface's
+    index is looked up once per call, not once per route. `delete` stays as it is."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from meshgress.kernel_ids import ROUTE_PROTOCOL
+    from nodeagent.mesh import RouteSpec
+    from nodeagent.routes import (
+        MAIN_TABLE,
+        RT_SCOPE_LINK,
+        RT_SCOPE_UNIVERSE,
+        RTN_UNICAST,
+        RTN_UNREACHABLE,
+        NetlinkRoutes,
+    )
+
+    class ProposedNetlinkRoutes(NetlinkRoutes):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._sock = socket.socket(socket.AF_NETLINK,
+                                       socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                       socket.NETLINK_ROUTE)
+            self._sock.bind((0, 0))
+            with contextlib.suppress(OSError):  # kernels before 4.20 filter nothing
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            self._seq = 0
+
+        def close(self) -> None:
+            self._sock.close()
+            super().close()
+
+        def _next_seq(self) -> int:
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            return self._seq
+
+        def _messages(self, data: bytes) -> Iterator[tuple[int, int, bytes]]:
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    break
+                yield kind, seq, data[offset + _NLMSGHDR.size:offset + length]
+                offset += (length + 3) & ~3
+
+        def read(self) -> frozenset[RouteSpec]:
+            mesh_index = self._ifindex(self._mesh_interface)
+            seq = self._next_seq()
+            request = _RTMSG.pack(socket.AF_INET, 0, 0, 0, MAIN_TABLE, ROUTE_PROTOCOL, 0, 0, 0)
+            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), RTM_GETROUTE,
+                                           NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
+            owned: set[RouteSpec] = set()
+            while True:
+                for kind, got_seq, body in self._messages(self._sock.recv(1 << 20)):
+                    if got_seq != seq:
+                        continue
+                    if kind == NLMSG_DONE:
+                        return frozenset(owned)
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", body)
+                        raise NetlinkError(-code, "route dump failed")
+                    if kind != RTM_NEWROUTE:
+                        continue
+                    (_family, dst_len, _src_len, _tos, table, proto, _scope, rtype,
+                     _flags) = _RTMSG.unpack_from(body)
+                    if proto != ROUTE_PROTOCOL:
+                        continue
+                    dst, oif, table_attr = b"\0\0\0\0", None, table
+                    offset = _RTMSG.size
+                    while offset + _RTATTR.size <= len(body):
+                        size, attr = _RTATTR.unpack_from(body, offset)
+                        if size < _RTATTR.size:
+                            break
+                        value = body[offset + _RTATTR.size:offset + size]
+                        if attr == RTA_DST:
+                            dst = value
+                        elif attr == RTA_OIF:
+                            (oif,) = _U32.unpack(value)
+                        elif attr == 15:  # RTA_TABLE: the full table id
+                            (table_attr,) = _U32.unpack(value)
+                        offset += (size + 3) & ~3
+                    if table_attr != MAIN_TABLE:
+                        continue
+                    net = ipaddress.IPv4Network((int.from_bytes(dst, "big"), dst_len))
+                    if rtype == RTN_UNREACHABLE:
+                        owned.add(RouteSpec(dst=net, type="unreachable"))
+                    elif rtype == RTN_UNICAST and mesh_index is not None and oif == mesh_index:
+                        owned.add(RouteSpec(dst=net, oif=self._mesh_interface))
+
+        def replace(self, route: RouteSpec) -> None:
+            self.replace_many((route,))
+
+        def replace_many(self, routes: Iterable[RouteSpec]) -> None:
+            indexes: dict[str, int] = {}
+            encoded: list[tuple[int, RouteSpec, bytes]] = []
+            for route in routes:
+                attrs = _rta(RTA_DST, route.dst.network_address.packed)
+                if route.type == "unreachable":
+                    head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
+                                       route.protocol, RT_SCOPE_UNIVERSE, RTN_UNREACHABLE, 0)
+                else:
+                    assert route.oif is not None
+                    if route.oif not in indexes:
+                        index = self._ifindex(route.oif)
+                        if index is None:
+                            raise NetlinkError(19, f"route {route.dst}: interface "
+                                                   f"{route.oif} does not exist")
+                        indexes[route.oif] = index
+                    head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
+                                       route.protocol, RT_SCOPE_LINK, RTN_UNICAST, 0)
+                    attrs += _rta(RTA_OIF, _U32.pack(indexes[route.oif]))
+                seq = self._next_seq()
+                body = head + attrs
+                encoded.append((seq, route, _NLMSGHDR.pack(
+                    _NLMSGHDR.size + len(body), RTM_NEWROUTE,
+                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, 0) + body))
+            failed: list[tuple[int, RouteSpec]] = []
+            for start in range(0, len(encoded), WRITE_BATCH):
+                batch = encoded[start:start + WRITE_BATCH]
+                pending = {seq: route for seq, route, _ in batch}
+                self._sock.send(b"".join(message for _, _, message in batch))
+                while pending:
+                    for kind, seq, body in self._messages(self._sock.recv(1 << 16)):
+                        if kind == NLMSG_ERROR and seq in pending:
+                            (code,) = struct.unpack_from("=i", body)
+                            route = pending.pop(seq)
+                            if code:
+                                failed.append((-code, route))
+            if failed:
+                code, route = failed[0]
+                raise NetlinkError(code, f"route {route.dst}: {os.strerror(code)} "
+                                         f"({len(failed)} routes failed)")
+
+    return ProposedNetlinkRoutes
+
+
+def proposed_apply_routes(adapter: Any, desired: tuple[Any, ...]) -> Any:
+    """Proposed apply_routes: the same plan, the adds in one batched call."""
+    from nodeagent.routes import plan_routes
+
+    plan = plan_routes(desired, adapter.read())
+    adapter.replace_many(plan.add)
+    for route in plan.remove:
+        adapter.delete(route)
+    return plan
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+class Clock:
+    """Accumulates time per stage name; `wrap` times a callable under a name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+            self.calls[name] += 1
+
+    def wrap(self, name: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            label = name(*args, **kwargs) if callable(name) else name
+            with self.stage(label):
+                return fn(*args, **kwargs)
+        return timed
+
+
+def instrument(clock: Clock, backend: Any, routes: Any) -> None:
+    """Time the kernel-facing calls inside the real adapters, without changing them
+    (instance attributes shadow the methods they wrap)."""
+    backend.request = clock.wrap(lambda _name, text: "wg.uapi_" + text.split("=", 1)[0],
+                                 backend.request)
+    backend.links.get = clock.wrap("wg.link_get", backend.links.get)
+    backend.links.configure = clock.wrap("wg.link_set", backend.links.configure)
+    routes.read = clock.wrap("routes.dump", routes.read)
+    routes._ipr.route = clock.wrap(lambda op, **_kw: f"routes.{op}", routes._ipr.route)
+    routes._ipr.link_lookup = clock.wrap("routes.link_lookup", routes._ipr.link_lookup)
+    if hasattr(routes, "replace_many"):
+        routes.replace_many = clock.wrap("routes.replace", routes.replace_many)
+
+
+# --- inside the namespaces: the measurement -----------------------------------------------
+
+
+class Body:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from meshgress.config import ClusterConfig
+        from meshgress.datastore import Kind
+        from meshgress.datastore.file import FileDatastore
+        from meshgress.datastore.informer import Informer
+        from nodeagent.routes import NetlinkRoutes
+        from wireguard.backend import detect_backend
+        from wireguard.keys import generate_private_key
+
+        self.args = args
+        self.clock = Clock()
+        self.store = FileDatastore(Path(args.datastore))
+        self.poke = threading.Event()
+        self.informer = Informer(self.store, Kind.NODE, on_change=self.poke.set)
+        self.backend = detect_backend("userspace")
+        self.routes = make_proposed_routes()() if args.variant == "proposed" else NetlinkRoutes()
+        instrument(self.clock, self.backend, self.routes)
+        self.private_key = generate_private_key()
+        self.cluster = ClusterConfig(pod_cidrs=(POD_RANGE,), service_cidrs=(SERVICE_RANGE,))
+        self.profile = cProfile.Profile() if args.profile else None
+
+    def reconcile(self) -> dict[str, Any]:
+        """The mesh part of Agent._reconcile, stage by stage."""
+        from nodeagent.mesh import MeshInputs, compute_mesh, parse_node
+        from nodeagent.routes import apply_routes
+        from wireguard.backend import apply_device
+
+        clock = self.clock
+        with clock.stage("parse"):
+            nodes = tuple(parse_node(o) for o in self.informer.snapshot().values())
+        with clock.stage("compute"):
+            mesh = compute_mesh(MeshInputs(self_name=SELF, nodes=nodes,
+                                           private_key=self.private_key, mtu=MTU,
+                                           cluster=self.cluster))
+        with clock.stage("wireguard"):
+            wg_plan = apply_device(self.backend, mesh.device)
+        with clock.stage("routes"):
+            route_plan = apply_routes(self.routes, mesh.routes)
+        return {"peers": len(mesh.device.peers), "routes": len(mesh.routes),
+                "skipped": len(mesh.skipped),
+                "wg_plan": {"add": len(wg_plan.add_peers), "update": len(wg_plan.update_peers),
+                            "remove": len(wg_plan.remove_peers), "create": wg_plan.create,
+                            "updated_fields": sorted(
+                                {f for u in wg_plan.update_peers for f in
+                                 ("endpoint", "allowed_ips", "persistent_keepalive")
+                                 if getattr(u, f) is not None})},
+                "route_plan": {"add": len(route_plan.add), "remove": len(route_plan.remove)}}
+
+    def timed(self, label: str, write: Callable[[], None] | None) -> dict[str, Any]:
+        """One reconcile; with `write`, first make that datastore change and wait for the
+        informer to deliver it (timed from just before the write)."""
+        self.clock.reset()
+        self.poke.clear()
+        started = time.perf_counter()
+        if write is not None:
+            with self.clock.stage("datastore_write"):
+                write()
+            if not self.poke.wait(10):
+                raise RuntimeError(f"{label}: the informer never delivered the change")
+        seen = time.perf_counter()
+        if self.profile is not None:
+            self.profile.enable()
+        try:
+            result = self.reconcile()
+        finally:
+            if self.profile is not None:
+                self.profile.disable()
+        done = time.perf_counter()
+        return {"phase": label, "total_s": done - started, "reconcile_s": done - seen,
+                "stages": dict(self.clock.seconds), "calls": dict(self.clock.calls), **result}
+
+    def full_sync(self) -> dict[str, Any]:
+        self.clock.reset()
+        if self.profile is not None:
+            self.profile.enable()
+        started = time.perf_counter()
+        with self.clock.stage("datastore_list"):
+            self.informer.start()
+            if not self.informer.synced.wait(120):
+                raise RuntimeError("the informer did not sync")
+        listed = time.perf_counter()
+        result = self.reconcile()
+        done = time.perf_counter()
+        if self.profile is not None:
+            self.profile.disable()
+        return {"phase": "full sync", "total_s": done - started, "reconcile_s": done - listed,
+                "stages": dict(self.clock.seconds), "calls": dict(self.clock.calls), **result}
+
+    def kernel_counts(self) -> tuple[int, int]:
+        """Peers and meshgress routes as the stock tools see them."""
+        peers = run(["wg", "show", "meshgress0", "peers"]).split()
+        routes = run(["ip", "-4", "route", "show", "proto", "109"]).splitlines()
+        return len(peers), len(routes)
+
+    def emit(self, phase: dict[str, Any]) -> None:
+        """One finished phase, as a JSON line (so a run stopped by its time limit still
+        reports what it measured), with the peak RSS so far."""
+        phase["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"type": "phase", **phase}), flush=True)
+
+    def measure(self) -> None:
+        from meshgress.datastore import Kind
+        from nodeagent.mesh import ENDPOINT_ANNOTATION
+        from wireguard.keys import generate_private_key, public_key
+
+        rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        full = self.full_sync()
+        peers, routes = self.kernel_counts()
+        if self.args.variant == "proposed":
+            # The proposed read must see exactly what the original one sees.
+            from nodeagent.routes import NetlinkRoutes
+
+            original = NetlinkRoutes()
+            try:
+                if original.read() != self.routes.read():
+                    raise RuntimeError("the proposed routes read differs from the original")
+            finally:
+                original.close()
+        expected = self.args.nodes - 1
+        if (peers, routes) != (expected, expected + 1):
+            raise RuntimeError(f"after the full sync the kernel has {peers} peers and "
+                               f"{routes} routes, not {expected} and {expected + 1}")
+        self.emit(full)
+        if self.args.resync:
+            self.emit(self.timed("idle resync", None))
+        self.emit(self.timed("endpoint change", lambda: self.store.patch_annotations(
+            Kind.NODE, CHANGED, {ENDPOINT_ANNOTATION: "100.127.255.1:51820"})))
+        cidr = list(POD_RANGE.subnets(new_prefix=POD_PREFIX))[self.args.nodes]
+        self.emit(self.timed("node added", lambda: self.store.create(node_object(
+            self.args.nodes, cidr, public_key(generate_private_key())))))
+        peers_after, routes_after = self.kernel_counts()
+        wg_pid = self.backend.pid("meshgress0")
+        wg_hwm = 0
+        if wg_pid is not None:
+            status = Path(f"/proc/{wg_pid}/status").read_text()
+            wg_hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        if self.profile is not None:
+            self.profile.dump_stats(os.path.join(self.args.profile,
+                                                 f"scale-{self.args.nodes}-{self.args.variant}"
+                                                 ".prof"))
+        print(json.dumps({
+            "type": "summary",
+            "kernel": {"peers": peers, "routes": routes, "peers_after": peers_after,
+                       "routes_after": routes_after},
+            "rss_start_mb": rss_start / 1024,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "wireguard_go_hwm_mb": wg_hwm / 1024}), flush=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.informer.stop()
+        with contextlib.suppress(Exception):
+            self.backend.delete("meshgress0")
+        with contextlib.suppress(Exception):
+            self.routes.close()
+        self.store.close()
+
+
+def inner(args: argparse.Namespace) -> int:
+    if args.variant == "proposed":
+        from nodeagent import mesh, routes
+
+        check_sweep_matches_original()
+        mesh._colliding_cidrs = colliding_cidrs_sweep  # type: ignore[assignment]
+        routes.apply_routes = proposed_apply_routes  # type: ignore[assignment]
+    # Stopped at its time limit: SIGTERM, so the finally below still removes meshgress0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    body = Body(args)
+    try:
+        body.measure()
+    finally:
+        body.close()
+    return 0
+
+
+# --- outside: namespaces, datastore, the report ---------------------------------------------
+
+
+def netns_list() -> list[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(os.listdir(NETNS_DIR))
+    return []
+
+
+def remove_netns(ns: str) -> None:
+    """Stop what still runs in the namespace (by PID: processes in a namespace this run
+    created), delete its links (wireguard-go exits when its TUN goes), then the name."""
+    for line in run(["ip", "-n", ns, "-o", "link", "show"], check=False).splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name != "lo":
+            run(["ip", "-n", ns, "link", "del", name], check=False)
+    pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).split() if p.isdigit()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            time.sleep(0.05)
+    run(["ip", "netns", "delete", ns], check=False)
+
+
+def remove_leftovers() -> None:
+    for ns in netns_list():
+        match = LEFTOVER.match(ns)
+        if match and not pid_alive(int(match.group(1))):
+            remove_netns(ns)
+    for path in DATA_ROOT.glob(f"{PREFIX}*"):
+        match = LEFTOVER.match(path.name)
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def measure_size(nodes: int, variant: str, datastore: Path,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    ns = f"{RUN}{nodes}-{variant}"
+    try:
+        run(["ip", "netns", "add", ns])
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        argv = ["nsenter", f"--net={NETNS_DIR / ns}",
+                "unshare", "--mount", "--propagation", "private", "--",
+                "sh", "-c", MOUNT_SCRIPT, "mgb-scale", WG_SOCKET_DIR,
+                sys.executable, str(Path(__file__).resolve()), "--inner",
+                "--nodes", str(nodes), "--variant", variant, "--datastore", str(datastore)]
+        if args.profile:
+            argv += ["--profile", str(Path(args.profile).resolve())]
+        if args.resync:
+            argv.append("--resync")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+        stopped = None
+        try:
+            out, err = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            stopped = f"stopped at the {args.timeout:.0f}s limit"
+            proc.terminate()  # our child, by PID: it removes meshgress0 and exits
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+        if stopped is None and proc.returncode != 0:
+            raise RuntimeError(f"{nodes} nodes, {variant}: the measurement failed:\n"
+                               f"{err[-4000:]}")
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        phases = [line for line in lines if line["type"] == "phase"]
+        summary = next((line for line in lines if line["type"] == "summary"), {})
+        if not phases and stopped is None:
+            raise RuntimeError(f"{nodes} nodes, {variant}: no phase finished:\n{err[-4000:]}")
+        return {"nodes": nodes, "variant": variant, "phases": phases, "stopped": stopped,
+                "kernel": summary.get("kernel"),
+                "rss_peak_mb": summary.get("rss_peak_mb",
+                                           phases[-1]["rss_peak_mb"] if phases else None),
+                "rss_start_mb": summary.get("rss_start_mb"),
+                "wireguard_go_hwm_mb": summary.get("wireguard_go_hwm_mb")}
+    finally:
+        remove_netns(ns)
+
+
+def outer(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        sys.exit("the benchmark creates network namespaces: run it as root")
+    for tool in ("wireguard-go", "wg", "ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed")
+    remove_leftovers()
+    Path(WG_SOCKET_DIR).mkdir(parents=True, exist_ok=True)  # the mount point (as the lab)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    variants = args.variants.split(",")
+    rows: list[dict[str, Any]] = []
+    populated: dict[int, float] = {}
+    started = time.monotonic()
+    load_before = loadavg()
+    try:
+        for nodes in sizes:
+            if not 2 <= nodes < 2 ** (POD_PREFIX - POD_RANGE.prefixlen):
+                sys.exit(f"--sizes: {nodes} does not fit in {POD_RANGE} as /{POD_PREFIX}s")
+            template = DATA_ROOT / f"{RUN}{nodes}"
+            try:
+                populated[nodes] = populate(template, nodes)
+                print(f"  {nodes} nodes: datastore populated in {populated[nodes]:.1f}s",
+                      file=sys.stderr, flush=True)
+                for variant in variants:
+                    # A fresh copy per run: each run writes a change and adds a node.
+                    datastore = DATA_ROOT / f"{RUN}{nodes}-{variant}"
+                    try:
+                        shutil.copytree(template, datastore)
+                        print(f"  {nodes} nodes, {variant}: measuring", file=sys.stderr,
+                              flush=True)
+                        rows.append(measure_size(nodes, variant, datastore, args))
+                    finally:
+                        shutil.rmtree(datastore, ignore_errors=True)
+            finally:
+                shutil.rmtree(template, ignore_errors=True)
+    finally:
+        for ns in netns_list():
+            if ns.startswith(RUN):
+                remove_netns(ns)
+    report(rows, args, time.monotonic() - started, load_before)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+STAGES = (("datastore_list", "list"), ("datastore_write", "write"), ("parse", "parse"),
+          ("compute", "compute"), ("wg.link_get", "wg link"), ("wg.uapi_get", "uapi get"),
+          ("wg.read_parse", "uapi parse"), ("wg.uapi_set", "uapi set"),
+          ("wg.link_set", "wg mtu/up"), ("routes.dump", "rt dump"),
+          ("routes.link_lookup", "rt ifindex"), ("routes.replace", "rt replace"))
+
+
+def stage_values(phase: dict[str, Any]) -> dict[str, float]:
+    s = dict(phase["stages"])
+    # apply_device = link get + UAPI get + parse + plan + UAPI set + link set: what is left
+    # after the timed calls is parsing the answer (and planning, which is small).
+    wg_known = sum(v for k, v in s.items() if k.startswith("wg."))
+    s["wg.read_parse"] = max(0.0, s.get("wireguard", 0.0) - wg_known)
+    return s
+
+
+def fmt_s(value: float) -> str:
+    return f"{value * 1e3:.0f}ms" if value < 10 else f"{value:.1f}s"
+
+
+PHASES = ("full sync", "idle resync", "endpoint change", "node added")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
+           load_before: str) -> None:
+    print("Mesh control-plane scale: FileDatastore → Informer → parse_node → compute_mesh → "
+          "apply_device (wireguard-go UAPI) → apply_routes (pyroute2)")
+    print(f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python "
+          f"{platform.python_version()}; load average {load_before} → {loadavg()}; "
+          f"{wall:.0f}s in all")
+    print(f"command: .venv/bin/python tests/bench/scale_bench.py --sizes {args.sizes} "
+          f"--variants {args.variants} --timeout {args.timeout:g}"
+          + (" --resync" if args.resync else ""))
+    print("total = from the datastore list (full sync) or write (changes) to the kernel "
+          "programmed; reconcile = compute + plan + apply after the cache has it")
+    print()
+    header = (f"{'nodes':>6} {'variant':<9}{'phase':<16}{'total':>9}{'reconcile':>10}"
+              f"{'wg plan +/~/-':>16}{'routes +/-':>12}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        done = {p["phase"] for p in row["phases"]}
+        for p in row["phases"]:
+            wg, rp = p["wg_plan"], p["route_plan"]
+            print(f"{row['nodes']:>6} {row['variant']:<9}{p['phase']:<16}"
+                  f"{fmt_s(p['total_s']):>9}{fmt_s(p['reconcile_s']):>10}"
+                  f"{wg['add']:>10}/{wg['update']}/{wg['remove']:<3}"
+                  f"{rp['add']:>8}/{rp['remove']:<3}")
+        if row["stopped"]:
+            missing = [ph for ph in PHASES if ph not in done
+                       and (ph != "idle resync" or args.resync)]
+            print(f"{row['nodes']:>6} {row['variant']:<9}{', '.join(missing)}: not reached "
+                  f"({row['stopped']})")
+    print()
+    print("where the time goes (ms per stage):")
+    names = [label for _, label in STAGES]
+    header = f"{'nodes':>6} {'variant':<9}{'phase':<16}" + "".join(f"{n:>11}" for n in names)
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for p in row["phases"]:
+            values = stage_values(p)
+            print(f"{row['nodes']:>6} {row['variant']:<9}{p['phase']:<16}"
+                  + "".join(f"{values.get(key, 0.0) * 1e3:>11.1f}" for key, _ in STAGES))
+    print()
+    print("memory and kernel state:")
+    header = (f"{'nodes':>6} {'variant':<9}{'RSS at start':>13}{'peak RSS':>10}"
+              f"{'wireguard-go':>13}{'peers':>7}{'routes':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        k = row["kernel"] or {}
+        start = f"{row['rss_start_mb']:.0f}MB" if row["rss_start_mb"] is not None else "?"
+        wg_go = (f"{row['wireguard_go_hwm_mb']:.0f}MB"
+                 if row["wireguard_go_hwm_mb"] is not None else "?")
+        peak = f"{row['rss_peak_mb']:.0f}MB" if row["rss_peak_mb"] is not None else "?"
+        print(f"{row['nodes']:>6} {row['variant']:<9}{start:>13}{peak:>10}"
+              f"{wg_go:>13}{k.get('peers_after', '?'):>7}{k.get('routes_after', '?'):>7}")
+    print()
+    print("targets: full sync of 5,000 < 10 s, one change < 100 ms, RSS < 200 MB")
+    for row in rows:
+        by = {p["phase"]: p for p in row["phases"]}
+        limits = {"full sync": TARGETS["full_sync_s"],
+                  "endpoint change": TARGETS["change_e2e_ms"] / 1e3,
+                  "node added": TARGETS["add_e2e_ms"] / 1e3}
+        verdict = [f"{ph} {'ok' if by[ph]['total_s'] < limit else 'MISSED'}" if ph in by
+                   else f"{ph} MISSED (not reached)" for ph, limit in limits.items()]
+        if row["rss_peak_mb"] is not None:
+            verdict.append(f"RSS {'ok' if row['rss_peak_mb'] < TARGETS['rss_mb'] else 'MISSED'}")
+        print(f"  {row['nodes']:>5} {row['variant']:<9}" + "  ".join(verdict))
+    by_variant: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        by_variant[row["variant"]][row["nodes"]] = row
+    for variant, sized in by_variant.items():
+        if len(sized) < 2:
+            continue
+        small, large = min(sized), max(sized)
+        print(f"growth {small}→{large} nodes (x{large / small:g}), {variant}:", end="")
+        for phase in ("full sync", "endpoint change", "node added"):
+            a = next((p for p in sized[small]["phases"] if p["phase"] == phase), None)
+            b = next((p for p in sized[large]["phases"] if p["phase"] == phase), None)
+            if a and b:
+                print(f"  {phase} x{b['total_s'] / a['total_s']:.1f}", end="")
+        if sized[large]["rss_peak_mb"] and sized[small]["rss_peak_mb"]:
+            print(f"  peak RSS x{sized[large]['rss_peak_mb'] / sized[small]['rss_peak_mb']:.1f}",
+                  end="")
+        print()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000")
+    parser.add_argument("--variants", default="proposed,as-is",
+                        help="as-is: the code unchanged; proposed: with the proposed "
+                             "_colliding_cidrs (see the module docstring)")
+    parser.add_argument("--profile", help="write a cProfile of each run's reconciles here")
+    parser.add_argument("--resync", action="store_true",
+                        help="also time an idle resync (a reconcile with nothing changed)")
+    parser.add_argument("--timeout", type=float, default=240,
+                        help="per run (one size, one variant), seconds; the phases not "
+                             "reached by then are reported as such")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--datastore", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    return inner(args) if args.inner else outer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
