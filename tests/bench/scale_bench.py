@@ -5,7 +5,7 @@ Run as root:  .venv/bin/python tests/bench/scale_bench.py [--sizes 1000,5000]
 
 What is measured is the node agent's own mesh path, with the real code at every step:
 a FileDatastore holding N Node objects (spec.podCIDRs: one /28 each out of 198.18.0.0/15,
-which has 8,192 of them; a valid WireGuard public key and an endpoint 100.64.x.y:51820 in
+which has 8,192 of them; a valid WireGuard public key and an endpoint in 203.0.113.0/24 in
 the annotations) is read by the real `Informer` (list, then watch), each object goes
 through `parse_node`, `compute_mesh` computes the device and routes, and
 `wireguard.backend.apply_device` (the userspace backend `detect_backend("userspace")`
@@ -125,7 +125,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def endpoint_ip(i: int) -> str:
-    return str(ipaddress.IPv4Address("100.64.0.0") + i)
+    # Documentation range only (TEST-NET-3); simulated nodes share its 254 addresses and
+    # differ by port. Nothing is ever sent to them: the namespace has no route there.
+    return str(ipaddress.IPv4Address("203.0.113.1") + i % 254)
+
+
+def endpoint_port(i: int) -> int:
+    return 20000 + i // 254
 
 
 def node_object(i: int, cidr: ipaddress.IPv4Network, key: str) -> dict[str, Any]:
@@ -137,7 +143,7 @@ def node_object(i: int, cidr: ipaddress.IPv4Network, key: str) -> dict[str, Any]
         "metadata": {"name": name,
                      "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
                      "annotations": {PUBLIC_KEY_ANNOTATION: key,
-                                     ENDPOINT_ANNOTATION: f"{endpoint_ip(i)}:51820"}},
+                                     ENDPOINT_ANNOTATION: f"{endpoint_ip(i)}:{endpoint_port(i)}"}},
         "spec": {"podCIDR": str(cidr), "podCIDRs": [str(cidr)]},
         "status": {"addresses": [{"type": "InternalIP", "address": endpoint_ip(i)},
                                  {"type": "Hostname", "address": name}]},
