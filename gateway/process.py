@@ -180,6 +180,7 @@ class _Pass:
     externals: dict[SlotId, str] = field(default_factory=dict)
     records: dict[SlotId, SlotRecord] = field(default_factory=dict)
     claims: ClaimPlan | None = None
+    ordinals: dict[SlotId, int] = field(default_factory=dict)
 
 
 def _fmt(slot: SlotId) -> str:
@@ -299,6 +300,7 @@ class Gateway:
                 log.error("cannot number the egress slots error=%s", exc)
             self._ordinal_error = str(exc)
             ordinals = {}
+        state.ordinals = dict(ordinals)
         state.records = self._read_records(model, snap.leases)
         if own is None or own.internal_ip is None:
             # Without its own Node (InternalIP, labels) the gateway cannot decide what to
@@ -425,7 +427,8 @@ class Gateway:
                 and state.own.internal_ip is not None:
             wanted = compute_lease_annotations(
                 public_key=self.public_key, internal_ip=state.own.internal_ip, slot=slot,
-                egress_ip=info.egress_ip, node=self.config.node_name, ordinal=None)
+                egress_ip=info.egress_ip, node=self.config.node_name,
+                ordinal=state.ordinals.get(slot))
             stale = annotations_to_clear(record.annotations, wanted)
             if stale:
                 self._step("clear-annotations", lambda: self.store.patch_annotations(

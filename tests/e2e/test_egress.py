@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from meshgress.datastore import Kind
+from meshgress.datastore import Conflict, Kind
 from meshgress.datastore.file import FileDatastore
 from tests.conftest import run_meshgress
 
@@ -52,6 +52,19 @@ def eventually(check, timeout=15.0, interval=0.2):
 
 def store(name):
     return FileDatastore(__import__("pathlib").Path(f"/run/meshgress-lab/{name}/datastore"))
+
+
+def update(s, kind, name, change):
+    """Read-modify-write with retries on Conflict, as kubectl edit does (gateways write
+    status concurrently, which moves the resourceVersion)."""
+    for _ in range(20):
+        obj = s.get(kind, name)
+        change(obj["spec"])
+        try:
+            return s.replace(obj)
+        except Conflict:
+            time.sleep(0.05)
+    raise AssertionError(f"could not update {kind} {name}")
 
 
 def condition(obj, kind):
@@ -141,14 +154,14 @@ def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_la
                  "metadata": {"name": "no-gateway"},
                  "spec": {"gateway": "nowhere", "namespaceSelector": {}}})
         s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
-                 "metadata": {"name": "copycat"},
+                 "metadata": {"name": "zz-copycat"},
                  "spec": {"egressIPs": ["192.0.2.202"],
                           "nodeSelector": {"matchLabels": {"meshgress.io/none": "x"}}}})
 
         def conditions():
             bad = s.get(Kind.EGRESS_POLICY, "bad-cidr")
             lost = s.get(Kind.EGRESS_POLICY, "no-gateway")
-            copy = s.get(Kind.EGRESS_GATEWAY, "copycat")
+            copy = s.get(Kind.EGRESS_GATEWAY, "zz-copycat")
             got = (condition(bad, "Accepted"), condition(lost, "Accepted"),
                    condition(copy, "Ready"))
             return got if all(got) else None
@@ -158,13 +171,13 @@ def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_la
         assert "spec.destinationCIDRs[0]" in bad["message"]
         assert lost["status"] == "False" and lost["reason"] == "GatewayNotFound"
         assert copy["status"] == "False" and "192.0.2.202" in json.dumps(
-            s.get(Kind.EGRESS_GATEWAY, "copycat")["status"])
+            s.get(Kind.EGRESS_GATEWAY, "zz-copycat")["status"])
         # The rest keeps working (192.0.2.202 is now disabled: .201 still serves).
         assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.201")
         assert seen_from(name, "web/app-node1") == "192.0.2.11"
     finally:
         for kind, obj in ((Kind.EGRESS_POLICY, "bad-cidr"), (Kind.EGRESS_POLICY, "no-gateway"),
-                          (Kind.EGRESS_GATEWAY, "copycat")):
+                          (Kind.EGRESS_GATEWAY, "zz-copycat")):
             s.delete(kind, obj)
         s.close()
     assert eventually(lambda: len(json.loads(lab(name, "status", "--json").stdout)["slots"])
@@ -176,13 +189,10 @@ def test_excluded_destinations_bypass_and_priority_and_conflicts(egress_lab):
     name = egress_lab
     s = store(name)
     try:
-        policy = s.get(Kind.EGRESS_POLICY, "payments")
-        policy["spec"]["excludedCIDRs"] = [f"{OUTSIDE}/32"]
-        s.replace(policy)
+        update(s, Kind.EGRESS_POLICY, "payments",
+               lambda spec: spec.update(excludedCIDRs=[f"{OUTSIDE}/32"]))
         assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.11")
-        policy = s.get(Kind.EGRESS_POLICY, "payments")
-        policy["spec"].pop("excludedCIDRs")
-        s.replace(policy)
+        update(s, Kind.EGRESS_POLICY, "payments", lambda spec: spec.pop("excludedCIDRs"))
         assert eventually(lambda: seen_from(name, "payments/app-node1") in EGRESS_IPS)
         # An equal-priority overlap is a Conflict naming both, never a coin toss.
         s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
@@ -201,9 +211,8 @@ def test_excluded_destinations_bypass_and_priority_and_conflicts(egress_lab):
         # (192.0.2.203, picked up by a gateway process as an unclaimed slot).
         s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
                  "metadata": {"name": "second"}, "spec": {"egressIPs": ["192.0.2.203"]}})
-        rival = s.get(Kind.EGRESS_POLICY, "rival")
-        rival["spec"].update(priority=10, gateway="second")
-        s.replace(rival)
+        update(s, Kind.EGRESS_POLICY, "rival",
+               lambda spec: spec.update(priority=10, gateway="second"))
         assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.203",
                           timeout=30)
         explain = run_meshgress("lab", "--name", name, "exec", "node1", "--", "meshgress",
@@ -211,9 +220,7 @@ def test_excluded_destinations_bypass_and_priority_and_conflicts(egress_lab):
         assert "rival (priority 10, gateway second): selects this pod -> APPLIES" in explain
         assert "payments (priority 1000, gateway egress): selects this pod, but rival comes " \
                "first" in explain
-        rival = s.get(Kind.EGRESS_POLICY, "rival")
-        rival["spec"]["priority"] = 2000
-        s.replace(rival)
+        update(s, Kind.EGRESS_POLICY, "rival", lambda spec: spec.update(priority=2000))
         assert eventually(lambda: seen_from(name, "payments/app-node1") in EGRESS_IPS)
     finally:
         for kind, obj in ((Kind.EGRESS_POLICY, "rival"), (Kind.EGRESS_GATEWAY, "second")):
@@ -328,9 +335,7 @@ def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
 def test_with_every_gateway_down(fresh_egress_lab, policy):
     name = fresh_egress_lab
     s = store(name)
-    gw = s.get(Kind.EGRESS_GATEWAY, "egress")
-    gw["spec"]["failurePolicy"] = policy
-    s.replace(gw)
+    update(s, Kind.EGRESS_GATEWAY, "egress", lambda spec: spec.update(failurePolicy=policy))
     try:
         time.sleep(1)
         lab(name, "gateway", "kill", "gw1")
@@ -343,9 +348,8 @@ def test_with_every_gateway_down(fresh_egress_lab, policy):
             assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.11")
         assert seen_from(name, "web/app-node1") == "192.0.2.11"
     finally:
-        gw = s.get(Kind.EGRESS_GATEWAY, "egress")
-        gw["spec"]["failurePolicy"] = "FailClosed"
-        s.replace(gw)
+        update(s, Kind.EGRESS_GATEWAY, "egress",
+               lambda spec: spec.update(failurePolicy="FailClosed"))
         s.close()
         lab(name, "gateway", "start", "gw1")
         lab(name, "gateway", "start", "gw2")
