@@ -139,16 +139,22 @@ def compute_mtu(underlay_mtu: int, underlay_is_ipv6: bool) -> int:
 
 def _colliding_cidrs(nodes: Iterable[NodeInfo]) -> dict[str, str]:
     """Nodes whose pod CIDRs overlap another node's, with the reason. Both sides of a
-    collision are left out: picking one would be picking at random."""
+    collision are left out: picking one would be picking at random.
+
+    A sweep over the CIDRs sorted by start address, so 5,000 nodes cost a sort, not 25
+    million comparisons: a CIDR overlaps an earlier one exactly when it starts before the
+    furthest end seen so far."""
+    spans = sorted((int(c.network_address), int(c.broadcast_address), n.name, c)
+                   for n in nodes for c in n.pod_cidrs)
     bad: dict[str, str] = {}
-    listed = sorted(nodes, key=lambda n: n.name)
-    for i, a in enumerate(listed):
-        for b in listed[i + 1:]:
-            for ca in a.pod_cidrs:
-                for cb in b.pod_cidrs:
-                    if ca.overlaps(cb):
-                        bad.setdefault(a.name, f"pod CIDR {ca} overlaps {b.name}'s {cb}")
-                        bad.setdefault(b.name, f"pod CIDR {cb} overlaps {a.name}'s {ca}")
+    reach: tuple[int, str, ipaddress.IPv4Network] | None = None
+    for start, end, name, cidr in spans:
+        if reach is not None and start <= reach[0] and reach[1] != name:
+            other, other_cidr = reach[1], reach[2]
+            bad.setdefault(name, f"pod CIDR {cidr} overlaps {other}'s {other_cidr}")
+            bad.setdefault(other, f"pod CIDR {other_cidr} overlaps {name}'s {cidr}")
+        if reach is None or end > reach[0]:
+            reach = (end, name, cidr)
     return bad
 
 

@@ -68,15 +68,21 @@ class NetlinkRoutes:
     def __init__(self, mesh_interface: str = WIREGUARD_INTERFACE) -> None:
         self._ipr = IPRoute()
         self._mesh_interface = mesh_interface
+        # Interface indexes seen by the last read(): a pass adds thousands of routes
+        # through one interface, and each lookup is a dump of every link.
+        self._indexes: dict[str, int | None] = {}
 
     def close(self) -> None:
         self._ipr.close()
 
     def _ifindex(self, name: str) -> int | None:
-        found = self._ipr.link_lookup(ifname=name)
-        return found[0] if found else None
+        if name not in self._indexes:
+            found = self._ipr.link_lookup(ifname=name)
+            self._indexes[name] = found[0] if found else None
+        return self._indexes[name]
 
     def read(self) -> frozenset[RouteSpec]:
+        self._indexes = {}
         mesh_index = self._ifindex(self._mesh_interface)
         owned: set[RouteSpec] = set()
         for msg in self._ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
