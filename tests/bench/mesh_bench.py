@@ -1,7 +1,7 @@
 """Pod-to-pod throughput and latency across the meshgress WireGuard mesh, against a
 hand-configured wireguard-go tunnel between two bare namespaces.
 
-Run as root:  .venv/bin/python tests/bench/mesh_bench.py [--rounds 3] [--seconds 10]
+Run as root:  .venv/bin/python tests/bench/mesh_bench.py [--rounds 4] [--seconds 10]
                   [--pings 200] [--json FILE]
 
 meshgress ("mesh"): a lab of two worker nodes and no gateway nodes
@@ -12,22 +12,34 @@ leak guard) → meshgress0 (wireguard-go, MTU as the agent computed it: 1500 - 6
 underlay veth → the lab's bridge → the other node, and back out through its pod veth. The
 node agents keep running meanwhile, as they would.
 
-Baseline ("bare"): three throwaway namespaces `mgb-mesh-<pid>-{sw,a,b}` shaped like the
-lab's underlay — a bridge in `sw`, `a` (192.0.2.1/24) and `b` (192.0.2.2/24) each on it
-with a veth — and in `a` and `b` the same wireguard-go binary started the same way the
-agent starts it (foreground, LOG_LEVEL=error, in a private mount namespace so its
-/var/run/wireguard is its own), configured by hand with `wg set` (keys from `wg genkey`),
-`wg0` with the same MTU and 198.18.250.1/24, .2/24. iperf3 and ping run directly in `a`
-and `b`: no pod veth, no nftables, no forwarding. So mesh/bare isolates what meshgress
-adds on top of wireguard-go.
+Baseline: throwaway namespaces `mgb-mesh-<pid>-<rand>-{sw,a,b,pa,pb}` shaped like the
+lab — a bridge in `sw`; `a` (192.0.2.1/24) and `b` (192.0.2.2/24) each on it with a veth;
+in `a` and `b` the same wireguard-go binary started the way the agent starts it
+(foreground, LOG_LEVEL=error, in a private mount namespace so its /var/run/wireguard is
+its own), configured by hand with `wg set` (keys from `wg genkey`): `wg0`, the same MTU,
+198.18.250.1/24 and .2/24; and behind each a pod namespace (`pa`: 198.18.250.66/32, `pb`:
+.130/32) wired by hand the way the CNI plugin wires one (routed veth with the same MTU,
+default route via 169.254.1.1 answered by proxy ARP, rp_filter strict, forwarding on) —
+but no nftables, no agent. Three setups use that one tunnel:
+- "bare": iperf3 and ping in `a` and `b` themselves (no pod veth, no forwarding);
+- "pods": in `pa` and `pb`, the lab's topology by hand;
+- "pods+nft": the same, with the lab node's own `inet meshgress` table (read from the
+  running lab with `nft list table`, cluster range and interface names rewritten to the
+  baseline's) loaded into `a` and `b` for each of its samples and deleted after it.
+So mesh/bare is meshgress against plain wireguard-go; mesh/pods is what meshgress itself
+adds to the same topology; pods+nft/pods is the share of that due to the nftables table
+(leak guard, and a NAT chain and a ct-mark rule that turn conntrack on for every packet);
+mesh/pods+nft the rest (the agents' CPU, the lab); pods/bare the cost of the pod hop.
 
-Measurements, alternated (mesh, bare, mesh, bare, …) so the noise of this shared machine
-hits both: TCP throughput (iperf3, one stream, `--seconds` long, the first second omitted
-from the result), and latency (`--pings` pings at 10 ms intervals; p50/p99 of the
-per-packet rtt). Both tunnels are warmed up (handshake done) before the first sample.
-Reported: every sample, the medians, and mesh/bare for each (throughput: target ≥ 0.95),
-and the CPU the lab's two node agents used during each mesh throughput sample (share of
-one core, both together): on two cores it competes with wireguard-go and iperf3.
+Measurements, in rounds: each round samples every setup once, in an order rotated from
+round to round (so none always runs first or last on this shared, noisy machine): TCP
+throughput (iperf3, one stream, `--seconds` long, the first second omitted from the
+result), then latency (`--pings` pings at 10 ms intervals; p50/p99 of the per-packet
+rtt). Every tunnel is warmed up (handshake done) before the first sample. Reported: every
+sample, the medians, the ratios of the medians and the median of the per-round ratios
+(throughput mesh/bare: target ≥ 0.95), and the CPU the lab's two node agents used during
+each mesh throughput sample (share of one core, both together): on two cores it competes
+with wireguard-go and iperf3.
 
 Everything is removed afterwards, also on failure: iperf3 servers and the baseline's
 processes are stopped by PID, its namespaces deleted, the lab taken down. Leftovers of a
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -55,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 MESHGRESS = [sys.executable, "-m", "meshgress.cli"]
 NETNS_DIR = Path("/run/netns")
 LAB_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
@@ -64,6 +78,7 @@ LAB_NAME = re.compile(r"^b(\d+)$")
 IPERF_PORT = 5201
 BARE_NET = "198.18.250"
 UNDERLAY = "192.0.2"
+SETUPS = ("mesh", "pods+nft", "pods", "bare")
 
 
 def run(argv: list[str], *, check: bool = True, timeout: float = 120,
@@ -125,6 +140,27 @@ class Endpoints:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     background: list[int] = field(default_factory=list)
     """PIDs whose CPU time is reported alongside (the lab's node agents)."""
+    ruleset: str | None = None
+    """nftables text loaded into `ruleset_netns` for each sample of this setup, and its
+    table deleted again afterwards."""
+    ruleset_netns: list[str] = field(default_factory=list)
+    live_table: str | None = None
+    """The lab only: node1's `inet meshgress` table as the agent programmed it."""
+
+    @contextlib.contextmanager
+    def sample(self) -> Iterator[None]:
+        if self.ruleset is None:
+            yield
+            return
+        for ns in self.ruleset_netns:
+            run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "-f", "-"],
+                input_text=self.ruleset)
+        try:
+            yield
+        finally:
+            for ns in self.ruleset_netns:
+                run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "delete", "table", "inet",
+                     "meshgress"], check=False)
 
 
 @contextlib.contextmanager
@@ -139,10 +175,12 @@ def meshgress_lab(name: str) -> Iterator[Endpoints]:
         node_ns = next(n["netns"] for n in status["nodes"] if n["name"] == "node1")
         link = json.loads(run(["ip", "-n", node_ns, "-j", "link", "show", "meshgress0"]).stdout)
         record = json.loads((LAB_ROOT / name / "lab.json").read_text())
+        table = run(["nsenter", f"--net={NETNS_DIR / node_ns}", "nft", "list", "table",
+                     "inet", "meshgress"]).stdout
         yield Endpoints("mesh", ["nsenter", f"--net={NETNS_DIR / client['netns']}"],
                         ["nsenter", f"--net={NETNS_DIR / server['netns']}"],
                         server["address"], int(link[0]["mtu"]),
-                        background=sorted(record["agents"].values()))
+                        background=sorted(record["agents"].values()), live_table=table)
     finally:
         run([*lab, "down"], check=False, timeout=120)
 
@@ -169,9 +207,35 @@ def remove_bare(namespaces: list[str]) -> None:
         run(["ip", "netns", "delete", ns], check=False)
 
 
+POD_HOST = {1: 66, 2: 130}
+"""The baseline's pod address per node: 198.18.250.66 behind a, .130 behind b."""
+
+
+def _wire_pod(node: str, pod: str, host_if: str, address: str, mtu: int) -> None:
+    """A routed veth as the CNI plugin wires one (cni/wiring.py), by hand: the pod has a
+    /32 and a default route via 169.254.1.1, which the node owns (on its loopback, as
+    `CniService(own_gateway=True)` does) and answers by proxy ARP on the host side."""
+    run(["ip", "netns", "add", pod])
+    run(["ip", "-n", pod, "link", "set", "lo", "up"])
+    run(["ip", "-n", node, "-batch", "-"], input_text=(
+        "address replace 169.254.1.1/32 dev lo\n"  # the node owns the gateway, as the CNI's
+        f"link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod}\n"
+        f"link set {host_if} up\n"
+        f"route add {address}/32 dev {host_if} scope link\n"))
+    run(["nsenter", f"--net={NETNS_DIR / node}", "sysctl", "-q", "-w",
+         "net.ipv4.ip_forward=1", f"net.ipv4.conf.{host_if}.proxy_arp=1",
+         f"net.ipv4.neigh.{host_if}.proxy_delay=0", f"net.ipv4.conf.{host_if}.rp_filter=1"])
+    run(["ip", "-n", pod, "-batch", "-"], input_text=(
+        f"address add {address}/32 dev eth0\nlink set eth0 up\n"
+        "route add 169.254.1.1 dev eth0 scope link\n"
+        "route add default via 169.254.1.1 dev eth0\n"))
+
+
 @contextlib.contextmanager
-def bare_tunnel(prefix: str, mtu: int) -> Iterator[Endpoints]:
-    sw, a, b = f"{prefix}sw", f"{prefix}a", f"{prefix}b"
+def bare_tunnel(prefix: str, mtu: int) -> Iterator[tuple[Endpoints, Endpoints]]:
+    """The baseline tunnel; yields two ways across it: between the tunnel namespaces
+    themselves ("bare") and between a pod behind each ("pods")."""
+    sw, a, b, pa, pb = (f"{prefix}{n}" for n in ("sw", "a", "b", "pa", "pb"))
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -214,26 +278,34 @@ def bare_tunnel(prefix: str, mtu: int) -> Iterator[Endpoints]:
         env = {**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"}
         for i, (ns, other, other_i) in enumerate(((a, b, 2), (b, a, 1)), start=1):
             inside = ["nsenter", f"--target={anchors[ns]}", "--net", "--mount", "--"]
-            wg_go = subprocess.Popen([*inside, "wireguard-go", "wg0"], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+            log = workdir / f"{ns}.wireguard-go.log"
+            with log.open("wb") as out:
+                wg_go = subprocess.Popen([*inside, "wireguard-go", "wg0"], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(wg_go)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 20
             while run([*inside, "wg", "show", "wg0"], check=False).returncode != 0:
                 if wg_go.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{ns}: wireguard-go did not start")
+                    raise RuntimeError(f"{ns}: wireguard-go did not start (exit "
+                                       f"{wg_go.poll()}): {log.read_text(errors='replace')}")
                 time.sleep(0.02)
             run([*inside, "wg", "set", "wg0", "private-key", str(workdir / f"{ns}.key"),
                  "listen-port", "51820", "peer", keys[other],
                  "endpoint", f"{UNDERLAY}.{other_i}:51820",
-                 "allowed-ips", f"{BARE_NET}.{other_i}/32"])
+                 "allowed-ips", f"{BARE_NET}.{other_i}/32,{BARE_NET}.{POD_HOST[other_i]}/32"])
             run(["ip", "-n", ns, "-batch", "-"], input_text=(
                 f"address add {BARE_NET}.{i}/24 dev wg0\nlink set wg0 mtu {mtu}\n"
                 "link set wg0 up\n"))
-        yield Endpoints("bare", ["nsenter", f"--net={NETNS_DIR / a}"],
-                        ["nsenter", f"--net={NETNS_DIR / b}"], f"{BARE_NET}.2", mtu, procs)
+        for i, (ns, pod) in enumerate(((a, pa), (b, pb)), start=1):
+            _wire_pod(ns, pod, f"pod{i}", f"{BARE_NET}.{POD_HOST[i]}", mtu)
+        yield (Endpoints("bare", ["nsenter", f"--net={NETNS_DIR / a}"],
+                         ["nsenter", f"--net={NETNS_DIR / b}"], f"{BARE_NET}.2", mtu, procs),
+               Endpoints("pods", ["nsenter", f"--net={NETNS_DIR / pa}"],
+                         ["nsenter", f"--net={NETNS_DIR / pb}"], f"{BARE_NET}.{POD_HOST[2]}",
+                         mtu, procs, ruleset_netns=[a, b]))
     finally:
-        remove_bare([b, a, sw])
+        remove_bare([pb, pa, b, a, sw])
         stop(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -276,8 +348,9 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def throughput(ep: Endpoints, seconds: int) -> dict[str, float]:
     cpu_before, began = cpu_seconds(ep.background), time.monotonic()
-    proc = run([*ep.client, "iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t",
-                str(seconds), "-O", "1", "-J"], timeout=seconds + 60)
+    with ep.sample():
+        proc = run([*ep.client, "iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t",
+                    str(seconds), "-O", "1", "-J"], timeout=seconds + 60)
     background = (cpu_seconds(ep.background) - cpu_before) / (time.monotonic() - began)
     end = json.loads(proc.stdout)["end"]
     return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
@@ -286,13 +359,42 @@ def throughput(ep: Endpoints, seconds: int) -> dict[str, float]:
 
 
 def latency(ep: Endpoints, count: int) -> dict[str, float]:
-    proc = run([*ep.client, "ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1",
-                ep.server_ip], check=False, timeout=count * 0.05 + 60)
+    with ep.sample():
+        proc = run([*ep.client, "ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1",
+                    ep.server_ip], check=False, timeout=count * 0.05 + 60)
     rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", proc.stdout)]
     if not rtts:
         raise RuntimeError(f"{ep.name}: no ping answers: {proc.stdout} {proc.stderr}")
     return {"p50_ms": statistics.median(rtts), "p99_ms": percentile(rtts, 99),
             "loss": 1 - len(rtts) / count}
+
+
+def inotify_instances_free() -> tuple[int, int]:
+    """(free, limit) inotify instances for root. wireguard-go needs one to serve its
+    UAPI socket and fails with "too many open files" without it; orphaned wireguard-go
+    processes (interfaces in namespaces whose names were deleted) keep theirs forever."""
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    used = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if proc.stat().st_uid != 0:
+                continue
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == "anon_inode:inotify":
+                        used += 1
+    return limit - used, limit
+
+
+def baseline_ruleset(table: str) -> str:
+    """The lab node's `inet meshgress` table, for the baseline's nodes: the same rules,
+    with the baseline's cluster range and interface names."""
+    from meshgress.lab.topology import CLUSTER_POD_CIDR
+
+    return (table.replace(str(CLUSTER_POD_CIDR), f"{BARE_NET}.0/24")
+            .replace('"meshgress0"', '"wg0"').replace('"mgc*"', '"pod*"'))
 
 
 def remove_leftovers() -> None:
@@ -311,7 +413,8 @@ def remove_leftovers() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="samples of each, alternated")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds; each samples every setup once, in a rotated order")
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration")
     parser.add_argument("--pings", type=int, default=200)
     parser.add_argument("--json", help="also write the samples to this file")
@@ -322,22 +425,35 @@ def main() -> int:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed")
     remove_leftovers()
+    free, limit = inotify_instances_free()
+    if free < 8:
+        orphans = run(["pgrep", "-c", "-P", "1", "-x", "wireguard-go"], check=False).stdout
+        sys.exit(f"only {free} of root's {limit} inotify instances are free "
+                 "(fs.inotify.max_user_instances); wireguard-go needs one per interface. "
+                 f"{orphans.strip() or 0} wireguard-go processes are orphaned (parent 1): "
+                 "stop the ones that are no longer wanted, then run this again")
     pid = os.getpid()
     lab_name = f"b{pid}"
     started = time.monotonic()
     load_before = loadavg()
-    samples: dict[str, list[dict[str, float]]] = {"mesh": [], "bare": []}
-    pings: dict[str, list[dict[str, float]]] = {"mesh": [], "bare": []}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
+    pings: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
     with meshgress_lab(lab_name) as mesh, \
-            bare_tunnel(f"{BARE_PREFIX}{pid}-{secrets.token_hex(2)}-", mesh.mtu) as bare:
+            bare_tunnel(f"{BARE_PREFIX}{pid}-{secrets.token_hex(2)}-", mesh.mtu) as (bare, pods):
+        assert mesh.live_table is not None
+        pods_nft = dataclasses.replace(pods, name="pods+nft",
+                                       ruleset=baseline_ruleset(mesh.live_table))
+        setups = [mesh, pods_nft, pods, bare]
         try:
-            for ep in (mesh, bare):
+            for ep in (mesh, pods, bare):
                 start_server(ep)
                 warm_up(ep)
-            for _ in range(args.rounds):
-                for ep in (mesh, bare):
+            for r in range(args.rounds):
+                # A different order each round, so no setup always runs first or last.
+                order = setups[r % len(setups):] + setups[:r % len(setups)]
+                for ep in order:
                     samples[ep.name].append(throughput(ep, args.seconds))
-                for ep in (mesh, bare):
+                for ep in order:
                     pings[ep.name].append(latency(ep, args.pings))
         finally:
             stop(mesh.procs)
@@ -353,39 +469,50 @@ def main() -> int:
 def report(args: argparse.Namespace, samples: dict[str, list[dict[str, float]]],
            pings: dict[str, list[dict[str, float]]], *, mtu: int, load_before: str,
            wall: float) -> None:
-    print(f"WireGuard mesh data path: meshgress lab (pod → pod across two nodes) against a "
-          f"hand-configured wireguard-go tunnel (bare); MTU {mtu}; wireguard-go "
-          f"{_version()}; {os.cpu_count()} CPUs, kernel {platform.release()}; "
-          f"load average {load_before} → {loadavg()}; {wall:.0f}s in all")
+    print("WireGuard mesh data path: mesh = meshgress lab, pod → pod across two nodes; "
+          "pods = the hand-made tunnel, pod → pod (routed veths, no nftables); pods+nft = "
+          "the same with the lab node's inet meshgress table loaded; bare = the hand-made "
+          "tunnel, end to end")
+    print(f"MTU {mtu}; wireguard-go {_version()}; {os.cpu_count()} CPUs, kernel "
+          f"{platform.release()}; load average {load_before} → {loadavg()}; {wall:.0f}s in all")
     print(f"command: .venv/bin/python tests/bench/mesh_bench.py --rounds {args.rounds} "
           f"--seconds {args.seconds} --pings {args.pings}")
     print()
-    header = f"{'round':<7}{'setup':<6}{'TCP Gbit/s':>11}{'retrans':>9}" \
+    header = f"{'round':<7}{'setup':<9}{'TCP Gbit/s':>11}{'retrans':>9}" \
              f"{'rtt p50':>10}{'rtt p99':>10}{'loss':>7}{'agents CPU':>12}"
     print(header)
     print("-" * len(header))
     for i in range(args.rounds):
-        for name in ("mesh", "bare"):
+        for name in SETUPS:
             t, p = samples[name][i], pings[name][i]
-            print(f"{i + 1:<7}{name:<6}{t['gbps']:>11.3f}{t['retransmits']:>9.0f}"
+            print(f"{i + 1:<7}{name:<9}{t['gbps']:>11.3f}{t['retransmits']:>9.0f}"
                   f"{p['p50_ms']:>8.3f}ms{p['p99_ms']:>8.3f}ms{p['loss']:>6.1%}"
                   + (f"{t['agents_cpu']:>11.1%}" if name == "mesh" else f"{'-':>12}"))
     print("-" * len(header))
     med = {name: {"gbps": statistics.median(s["gbps"] for s in samples[name]),
                   "p50": statistics.median(p["p50_ms"] for p in pings[name]),
                   "p99": statistics.median(p["p99_ms"] for p in pings[name])}
-           for name in ("mesh", "bare")}
-    for name in ("mesh", "bare"):
-        print(f"{'median':<7}{name:<6}{med[name]['gbps']:>11.3f}{'':>9}"
+           for name in SETUPS}
+    for name in SETUPS:
+        print(f"{'median':<7}{name:<9}{med[name]['gbps']:>11.3f}{'':>9}"
               f"{med[name]['p50']:>8.3f}ms{med[name]['p99']:>8.3f}ms")
     print()
-    ratio = med["mesh"]["gbps"] / med["bare"]["gbps"]
-    paired = statistics.median(m["gbps"] / b["gbps"]
-                               for m, b in zip(samples["mesh"], samples["bare"], strict=True))
-    print(f"mesh/bare throughput: {ratio:.3f} (median of medians; per-round pairs: "
-          f"{paired:.3f})  target >= 0.95: {'ok' if ratio >= 0.95 else 'MISSED'}")
-    print(f"mesh/bare latency:    p50 {med['mesh']['p50'] / med['bare']['p50']:.3f}  "
-          f"p99 {med['mesh']['p99'] / med['bare']['p99']:.3f}  (above 1: the mesh is slower)")
+    print("ratios (throughput: median of medians, and the median of per-round pairs; "
+          "latency: above 1 = slower)")
+    for top, bottom, what in (
+            ("mesh", "bare", "meshgress against the bare tunnel"),
+            ("mesh", "pods", "what meshgress adds to the same topology"),
+            ("pods+nft", "pods", "of that, the inet meshgress table alone (no agents)"),
+            ("mesh", "pods+nft", "the rest (agents' CPU, the lab)"),
+            ("pods", "bare", "the pod veth hops and forwarding alone")):
+        ratio = med[top]["gbps"] / med[bottom]["gbps"]
+        paired = statistics.median(
+            x["gbps"] / y["gbps"] for x, y in zip(samples[top], samples[bottom], strict=True))
+        target = (f"  target >= 0.95: {'ok' if ratio >= 0.95 else 'MISSED'}"
+                  if (top, bottom) == ("mesh", "bare") else "")
+        print(f"  {top + '/' + bottom:<14} throughput {ratio:.3f} (pairs {paired:.3f})  "
+              f"latency p50 {med[top]['p50'] / med[bottom]['p50']:.3f}  p99 "
+              f"{med[top]['p99'] / med[bottom]['p99']:.3f}  — {what}{target}")
 
 
 def _version() -> str:
