@@ -33,10 +33,11 @@ from meshgress.slots import (
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
     SlotId,
+    assign_slot_numbers,
     gateway_mark,
     gateway_port,
     gateway_table,
-    slot_ordinals,
+    slot_number_of_port,
 )
 from nodeagent.mesh import NodeInfo
 from wireguard.model import Device, Peer, format_endpoint
@@ -92,11 +93,29 @@ def compute_servable_slots(model: EgressModel, labels: Mapping[str, str]) -> Ser
     return ServableSlots(tuple(sorted(slots)), skipped)
 
 
-def compute_all_ordinals(model: EgressModel) -> dict[SlotId, int]:
-    """Ordinal of every slot of every valid gateway (the same list node agents number).
+def compute_slot_numbers(model: EgressModel, kept: Mapping[SlotId, int]
+                         ) -> dict[SlotId, int]:
+    """A stable number (port, mark, table) for every slot of every valid gateway; `kept`
+    is what this process used so far (see meshgress.slots.assign_slot_numbers).
 
-    Raises ValueError when there are more slots than marks (a permanent error)."""
-    return slot_ordinals([slot for view in model.gateways.values() for slot, _ in view.slots])
+    Raises ValueError when there are more slots than numbers (a permanent error)."""
+    return assign_slot_numbers(
+        [slot for view in model.gateways.values() for slot, _ in view.slots], kept)
+
+
+def compute_kept_numbers(records: Mapping[SlotId, Mapping[str, str]], node: str
+                         ) -> dict[SlotId, int]:
+    """The numbers this node published on the leases of slots it holds (or held): the
+    port of the endpoint. A restarted gateway keeps them, so its endpoints do not move."""
+    kept: dict[SlotId, int] = {}
+    for slot, notes in records.items():
+        if notes.get(HOLDER_NODE_ANNOTATION) != node:
+            continue
+        _, _, port = str(notes.get(ENDPOINT_ANNOTATION) or "").rpartition(":")
+        number = slot_number_of_port(int(port)) if port.isdigit() else None
+        if number is not None:
+            kept[slot] = number
+    return kept
 
 
 def compute_allowed_sources(model: EgressModel, pods: Iterable[PodView]
@@ -168,7 +187,7 @@ class SlotDataplane:
 
     slot: SlotId
     egress_ip: ipaddress.IPv4Address
-    ordinal: int
+    number: int
     external_interface: str
     allowed_sources: tuple[ipaddress.IPv4Address, ...]
     device: Device
@@ -179,11 +198,11 @@ class SlotDataplane:
 
     @property
     def mark(self) -> int:
-        return gateway_mark(self.ordinal)
+        return gateway_mark(self.number)
 
     @property
     def table(self) -> int:
-        return gateway_table(self.ordinal)
+        return gateway_table(self.number)
 
     @property
     def suffix(self) -> str:
@@ -195,29 +214,29 @@ def compute_mtu(external_mtu: int) -> int:
     return external_mtu - UNDERLAY_OVERHEAD_IPV4
 
 
-def compute_slot_dataplane(info: SlotInfo, *, ordinal: int, external_interface: str,
+def compute_slot_dataplane(info: SlotInfo, *, number: int, external_interface: str,
                            external_mtu: int, allowed_sources: Iterable[ipaddress.IPv4Address],
                            private_key: str, peers: PeerSet) -> SlotDataplane:
     device = Device(info.slot.gateway_interface, private_key=private_key,
-                    listen_port=gateway_port(ordinal), mtu=compute_mtu(external_mtu),
+                    listen_port=gateway_port(number), mtu=compute_mtu(external_mtu),
                     peers=peers.peers)
-    return SlotDataplane(slot=info.slot, egress_ip=info.egress_ip, ordinal=ordinal,
+    return SlotDataplane(slot=info.slot, egress_ip=info.egress_ip, number=number,
                          external_interface=external_interface,
                          allowed_sources=tuple(sorted(set(allowed_sources))), device=device)
 
 
 def compute_lease_annotations(*, public_key: str, internal_ip: IPAddress, slot: SlotId,
                               egress_ip: IPAddress, node: str,
-                              ordinal: int | None) -> dict[str, str]:
+                              number: int | None) -> dict[str, str]:
     """What the holder of `slot` publishes on its Lease (see meshgress.slots). Without the
-    slot's ordinal the endpoint is left out (only the other fields are compared then)."""
+    slot's number the endpoint is left out (only the other fields are compared then)."""
     wanted = {
         PUBLIC_KEY_ANNOTATION: public_key,
         EGRESS_IP_ANNOTATION: str(egress_ip),
         HOLDER_NODE_ANNOTATION: node,
     }
-    if ordinal is not None:
-        wanted[ENDPOINT_ANNOTATION] = format_endpoint(internal_ip, gateway_port(ordinal))
+    if number is not None:
+        wanted[ENDPOINT_ANNOTATION] = format_endpoint(internal_ip, gateway_port(number))
     return wanted
 
 

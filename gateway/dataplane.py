@@ -2,8 +2,8 @@
 
 Per held slot the gateway needs, besides its nftables table and the slot's WireGuard
 interface: PROBE_ADDRESS/32 on the slot interface, rp_filter loose (2) there, a routing
-table `gateway_table(ordinal)` holding `default dev <slot interface>`, an `ip rule
-fwmark gateway_mark(ordinal)/FWMARK_MASK lookup gateway_table(ordinal)`, and the egress
+table `gateway_table(number)` holding `default dev <slot interface>`, an `ip rule
+fwmark gateway_mark(number)/FWMARK_MASK lookup gateway_table(number)`, and the egress
 IP as a /32 on the external interface.
 
 How the gateway finds its own objects after a restart, without memory (kernel_ids style):

@@ -50,11 +50,12 @@ from gateway.compute import (
     SlotDataplane,
     SlotInfo,
     annotations_to_clear,
-    compute_all_ordinals,
     compute_allowed_sources,
+    compute_kept_numbers,
     compute_lease_annotations,
     compute_servable_slots,
     compute_slot_dataplane,
+    compute_slot_numbers,
     compute_slot_peers,
     node_labels,
 )
@@ -180,7 +181,7 @@ class _Pass:
     externals: dict[SlotId, str] = field(default_factory=dict)
     records: dict[SlotId, SlotRecord] = field(default_factory=dict)
     claims: ClaimPlan | None = None
-    ordinals: dict[SlotId, int] = field(default_factory=dict)
+    numbers: dict[SlotId, int] = field(default_factory=dict)
 
 
 def _fmt(slot: SlotId) -> str:
@@ -215,7 +216,10 @@ class Gateway:
         self.started_at = clock()
         self.last_loop = time.monotonic()
         self.first_pass_ok = False
-        self._ordinal_error: str | None = None
+        self._number_error: str | None = None
+        # The number (port, mark, table) of every slot, kept for as long as the slot
+        # exists: renumbering would move a held slot's endpoint under its flows.
+        self._numbers: dict[SlotId, int] = {}
         self._waiting_for_node = False
         self._last_pass: _Pass | None = None
         kinds = (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY,
@@ -292,16 +296,22 @@ class Gateway:
         state = _Pass(model=model, own=own)
         ok = True
         try:
-            ordinals = compute_all_ordinals(model)
-            self._ordinal_error = None
+            state.records = self._read_records(model, snap.leases)
+            kept = compute_kept_numbers({slot: record.annotations for slot, record
+                                         in state.records.items()}, self.config.node_name)
+            kept.update(self._numbers)
+            numbers = compute_slot_numbers(model, kept)
+            self._numbers = numbers
+            self._number_error = None
         except ValueError as exc:
             # Permanent until the configuration changes: say it once, serve nothing new.
-            if self._ordinal_error != str(exc):
+            if self._number_error != str(exc):
                 log.error("cannot number the egress slots error=%s", exc)
-            self._ordinal_error = str(exc)
-            ordinals = {}
-        state.ordinals = dict(ordinals)
-        state.records = self._read_records(model, snap.leases)
+            self._number_error = str(exc)
+            numbers = {}
+        state.numbers = dict(numbers)
+        if not state.records:
+            state.records = self._read_records(model, snap.leases)
         if own is None or own.internal_ip is None:
             # Without its own Node (InternalIP, labels) the gateway cannot decide what to
             # serve: it changes nothing (held slots stay up and are renewed) and waits.
@@ -312,7 +322,7 @@ class Gateway:
             self._step("status", lambda: self._write_status(model, snap, now))
             return False
         self._waiting_for_node = False
-        if ordinals:
+        if numbers:
             servable = compute_servable_slots(model, node_labels(own_obj))
             for info in servable.slots:
                 external = self._external_interface(info)
@@ -320,7 +330,7 @@ class Gateway:
                     state.servable[info.slot] = info
                     state.externals[info.slot] = external
         ok &= self._claim(state, now)
-        desired = self._desired(state, ordinals, nodes, pods)
+        desired = self._desired(state, numbers, nodes, pods)
         ok &= self._apply(desired, model)
         ok &= self._publish(state, desired, snap)
         self._update_flow_log(desired, pods)
@@ -428,7 +438,7 @@ class Gateway:
             wanted = compute_lease_annotations(
                 public_key=self.public_key, internal_ip=state.own.internal_ip, slot=slot,
                 egress_ip=info.egress_ip, node=self.config.node_name,
-                ordinal=state.ordinals.get(slot))
+                number=state.numbers.get(slot))
             stale = annotations_to_clear(record.annotations, wanted)
             if stale:
                 self._step("clear-annotations", lambda: self.store.patch_annotations(
@@ -551,7 +561,7 @@ class Gateway:
 
     # -- desired state ----------------------------------------------------------------
 
-    def _desired(self, state: _Pass, ordinals: Mapping[SlotId, int], nodes: list[NodeInfo],
+    def _desired(self, state: _Pass, numbers: Mapping[SlotId, int], nodes: list[NodeInfo],
                  pods: list[Any]) -> list[SlotDataplane]:
         held = self.held()
         peers = compute_slot_peers(nodes, self.public_key)
@@ -559,7 +569,7 @@ class Gateway:
         desired: list[SlotDataplane] = []
         for slot in sorted(held):
             info = state.servable.get(slot)
-            if info is None or slot not in ordinals:
+            if info is None or slot not in numbers:
                 continue
             external = state.externals[slot]
             try:
@@ -567,7 +577,7 @@ class Gateway:
             except KernelError:
                 mtu = 1500
             desired.append(compute_slot_dataplane(
-                info, ordinal=ordinals[slot], external_interface=external, external_mtu=mtu,
+                info, number=numbers[slot], external_interface=external, external_mtu=mtu,
                 allowed_sources=allowed.get(slot.gateway, ()), private_key=self.private_key,
                 peers=peers))
         return desired
@@ -738,7 +748,7 @@ class Gateway:
                 published = held.published
             wanted = compute_lease_annotations(
                 public_key=self.public_key, internal_ip=own.internal_ip, slot=s.slot,
-                egress_ip=s.egress_ip, node=self.config.node_name, ordinal=s.ordinal)
+                egress_ip=s.egress_ip, node=self.config.node_name, number=s.number)
             record = state.records.get(s.slot)
             current = record.annotations if record else {}
             if all(current.get(k) == v for k, v in wanted.items()):

@@ -7,7 +7,7 @@ arrives on the tunnel, and steer replies back into the same tunnel. The model, p
 apply machinery is the node agent's (`nodeagent.nft_model`, `nodeagent.nft`): this
 module only computes the desired value.
 
-Per slot (interface I, external interface X, egress IP E, mark M = gateway_mark(ordinal),
+Per slot (interface I, external interface X, egress IP E, mark M = gateway_mark(number),
 set src_<h> of allowed pod IPs, h = the slot's 8-hex hash):
 
     tunnel_in  filter prerouting -150 (mangle: after conntrack, before DNAT and routing)

@@ -12,14 +12,19 @@ Naming is derived, never stored, so both sides compute the same names independen
 - on the gateway, the slot's tunnel interface `mgeg` + the same 8 hex chars ("g" is not a
   hex digit, so the two never collide, and both match the `mge*` interfaces the node's
   leak guard trusts);
-- the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + the slot's ordinal (so
-  a holder of several slots, of one gateway or of several, never needs one port twice)
+- every process numbers the slots itself (`assign_slot_numbers`): a slot keeps the number
+  it has for as long as it exists — read back from the kernel or the lease after a restart
+  — and a new slot takes the lowest free number. Numbers are local: a node's marks and
+  tables and a gateway's ports never need to agree with another process, so adding or
+  removing a gateway never renumbers (and so never disturbs) another slot's flows;
+- the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + the slot's number (a
+  holder of several slots, of one gateway or of several, never needs one port twice)
   and publishes that endpoint on the lease; nodes only ever read it from there;
-- on nodes, the slot's fwmark is (ordinal + 1) << 16 inside FWMARK_MASK, the ordinal
-  being the slot's position among all slots of all gateways sorted by (gateway, index);
-  the mark 0xff << 16 means "drop: no healthy slot" (FailClosed); on gateways, replies
-  are routed back into a slot's tunnel with the mark (0x80 + ordinal) << 16, so a
-  gateway node that also steers pods of its own never mixes the two.
+- on nodes, the slot's fwmark is (number + 1) << 16 inside FWMARK_MASK and its table
+  ROUTING_TABLE_BASE + 1 + number; the mark 0xff << 16 means "drop: no healthy slot"
+  (FailClosed); on gateways, replies are routed back into a slot's tunnel with the mark
+  (0x80 + number) << 16, so a gateway node that also steers pods of its own never mixes
+  the two.
 
 Health probes: a node sends a UDP datagram through the slot's tunnel from its probe
 address (the network address of its pod CIDR, which IPAM never hands out, so the
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshgress.datastore import LEASE_NAMESPACE
@@ -89,34 +95,64 @@ class SlotId:
 
 
 
-def slot_ordinals(slots: list[SlotId]) -> dict[SlotId, int]:
-    """Ordinal of every slot among all slots, sorted, so every node agrees."""
+def assign_slot_numbers(slots: Iterable[SlotId],
+                        kept: Mapping[SlotId, int]) -> dict[SlotId, int]:
+    """A number in 0..MAX_SLOTS-1 for every slot in `slots`, stable across changes.
+
+    A slot keeps its number from `kept` (what this process used so far) when that number
+    is valid and no earlier slot (in sorted order) kept it too; every other slot takes the
+    lowest free number, in sorted order. Slots in `kept` but not in `slots` give theirs
+    up. Raises ValueError when there are more slots than numbers (a permanent error until
+    the configuration changes)."""
     ordered = sorted(set(slots))
     if len(ordered) > MAX_SLOTS:
         raise ValueError(f"{len(ordered)} egress IP slots: at most {MAX_SLOTS} are supported")
-    return {slot: i for i, slot in enumerate(ordered)}
+    numbers: dict[SlotId, int] = {}
+    used: set[int] = set()
+    for slot in ordered:
+        number = kept.get(slot)
+        if number is not None and 0 <= number < MAX_SLOTS and number not in used:
+            numbers[slot] = number
+            used.add(number)
+    free = (n for n in range(MAX_SLOTS) if n not in used)
+    for slot in ordered:
+        if slot not in numbers:
+            numbers[slot] = next(free)
+    return numbers
 
 
-def slot_mark(ordinal: int) -> int:
-    return (ordinal + 1) << MARK_SHIFT
+def slot_mark(number: int) -> int:
+    return (number + 1) << MARK_SHIFT
 
 
-def slot_table(ordinal: int) -> int:
-    return ROUTING_TABLE_BASE + 1 + ordinal
+def slot_table(number: int) -> int:
+    return ROUTING_TABLE_BASE + 1 + number
 
 
-def gateway_port(ordinal: int) -> int:
-    """The UDP port the holder of the slot with this ordinal listens on."""
-    return GATEWAY_BASE_PORT + ordinal
+def slot_number_of_table(table: int) -> int | None:
+    """Inverse of slot_table (None for other tables): how a node reads its numbers back."""
+    number = table - ROUTING_TABLE_BASE - 1
+    return number if 0 <= number < MAX_SLOTS else None
 
 
-def gateway_mark(ordinal: int) -> int:
+def gateway_port(number: int) -> int:
+    """The UDP port the holder of the slot with this number listens on."""
+    return GATEWAY_BASE_PORT + number
+
+
+def slot_number_of_port(port: int) -> int | None:
+    """Inverse of gateway_port (None for other ports): how a gateway reads its numbers back."""
+    number = port - GATEWAY_BASE_PORT
+    return number if 0 <= number < MAX_SLOTS else None
+
+
+def gateway_mark(number: int) -> int:
     """The mark a gateway routes a slot's replies by (back into the slot's tunnel)."""
-    return (GATEWAY_MARK_BASE + ordinal) << MARK_SHIFT
+    return (GATEWAY_MARK_BASE + number) << MARK_SHIFT
 
 
-def gateway_table(ordinal: int) -> int:
-    return GATEWAY_TABLE_BASE + ordinal
+def gateway_table(number: int) -> int:
+    return GATEWAY_TABLE_BASE + number
 
 
 def parse_slot_lease_name(name: str) -> SlotId | None:

@@ -145,6 +145,7 @@ class Agent:
         self._hook_labels: dict[tuple[str, str], dict[str, Any]] = {}
         self.prober: SlotProber | None = None
         self._egress: EgressKernel | None = None
+        self._slot_numbers_seen: dict[str, int] = {}
         self.state = AgentState()
         self.metrics = AgentMetrics(started_at=time.time())
         self._wireguard = wireguard
@@ -198,11 +199,15 @@ class Agent:
             private_key=self.private_key, mtu=self.state.mtu, cluster=self.config.cluster))
         self.state.mesh = mesh
         base = self._base_ruleset()
+        egress = self.egress_kernel(own)
+        try:
+            self._slot_numbers_seen = egress.slot_numbers()
+        except Exception as exc:
+            log.warning("reading the egress slot tables: %s", exc)
         steering = self._compute_steering(own)
         self.state.steering = steering
         ruleset = Ruleset(sets=base.sets + steering.sets, counters=base.counters,
                           chains=base.chains + steering.chains)
-        egress = self.egress_kernel(own)
         # Order matters: the guard and egress tunnels first, then the marks that point
         # into them; peers, then routes into the mesh; what is obsolete last.
         if not self.state.first_apply_ok:
@@ -272,12 +277,19 @@ class Agent:
             holder = parse_slot_lease(obj, now)
             if holder is not None:
                 holders[holder.slot] = holder
+        # Numbers in use: the kernel's (last read) over those this agent last assigned.
+        kept = dict(self.state.steering.numbers) if self.state.steering else {}
+        for gw in model.gateways.values():
+            for slot, _ in gw.slots:
+                number = self._slot_numbers_seen.get(slot.node_interface)
+                if number is not None:
+                    kept[slot] = number
         assert self.state.mtu is not None
         return compute_steering(SteeringInputs(
             model=model, local_pods=tuple(self._local_pods.values()), holders=holders,
             healthy=self.prober.healthy() if self.prober else frozenset(),
             private_key=self.private_key, mtu=self.state.mtu,
-            probe_source=probe_source(own.pod_cidrs[0])))
+            probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept))
 
     def egress_kernel(self, own: NodeInfo) -> EgressKernel:
         if self._egress is None:

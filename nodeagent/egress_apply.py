@@ -27,6 +27,7 @@ from meshgress.kernel_ids import (
     ROUTING_TABLE_BASE,
     RULE_PRIORITY_EGRESS,
 )
+from meshgress.slots import slot_number_of_table
 from nodeagent.steering import SteeringState
 from wireguard.backend import WireGuardBackend, apply_device
 
@@ -84,6 +85,16 @@ class EgressKernel:
             else:
                 found.add((table, names.get(route.get_attr("RTA_OIF"))))
         return found
+
+    def slot_numbers(self) -> dict[str, int]:
+        """Slot interface → the number its table says it has (meshgress.slots.slot_table),
+        so a restarted agent keeps every slot's mark and table."""
+        numbers: dict[str, int] = {}
+        for table, ifname in self.routes():
+            number = slot_number_of_table(table)
+            if ifname is not None and number is not None and NODE_SLOT_INTERFACE.match(ifname):
+                numbers[ifname] = number
+        return numbers
 
     # -- phases ------------------------------------------------------------------------
 

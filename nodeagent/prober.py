@@ -4,10 +4,18 @@ Failover must be sub-second and must reflect the path this node's packets really
 so each node measures it itself: every interval it sends one UDP datagram per slot from
 its probe address, bound to the slot's tunnel interface, to the gateway's probe
 responder, and waits `timeout` for the echo. `failure_threshold` misses in a row make a
-slot unhealthy; one answer makes it healthy again. A change pokes the agent's loop, which
-moves only that slot's buckets. A slot never answered is not healthy (fail closed).
+slot unhealthy; one answer makes it healthy again.
 
-Runs on its own thread; sockets are its only I/O.
+A round in which the slot's tunnel received anything (its rx packet counter moved: only
+the holder's key can produce packets there, so the holder is alive and reachable) counts
+as answered even if the echo itself came late: a slot busy with heavy traffic delays its
+echoes past the timeout, and taking its flows away then would be a false failover. Traffic
+only keeps a healthy slot healthy; only an echo makes a slot healthy.
+
+A change pokes the agent's loop, which moves only that slot's buckets. A slot never
+answered is not healthy (fail closed).
+
+Runs on its own thread; its only I/O is its sockets and /proc/thread-self/net/dev.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class _SlotState:
     sent: int = 0
     answered: int = 0
     transitions: int = 0
+    rx_packets: int | None = None
 
 
 class SlotProber:
@@ -138,12 +147,17 @@ class SlotProber:
                     except (BlockingIOError, OSError):
                         pass
             sel.close()
+            received = _rx_packets()
             changed = False
             with self._lock:
                 for slot, state in states:
                     if self._slots.get(slot) is not state:
                         continue
-                    if slot in answered:
+                    rx = received.get(state.target.interface)
+                    traffic = rx is not None and state.rx_packets is not None \
+                        and rx > state.rx_packets
+                    state.rx_packets = rx
+                    if slot in answered or (traffic and state.healthy):
                         state.answered += 1
                         state.misses = 0
                         if not state.healthy:
@@ -160,3 +174,19 @@ class SlotProber:
             if changed:
                 self._on_change()
             self._stop.wait(max(0.0, started + interval - time.monotonic()))
+
+
+def _rx_packets() -> dict[str, int]:
+    """Received packets per interface of the calling thread's network namespace."""
+    counters: dict[str, int] = {}
+    try:
+        with open("/proc/thread-self/net/dev", encoding="ascii") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return counters
+    for line in lines:
+        name, _, fields = line.partition(":")
+        values = fields.split()
+        if len(values) > 1:
+            counters[name.strip()] = int(values[1])
+    return counters

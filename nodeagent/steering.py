@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,9 +42,9 @@ from meshgress.slots import (
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
     SlotId,
+    assign_slot_numbers,
     parse_slot_lease_name,
     slot_mark,
-    slot_ordinals,
     slot_table,
 )
 from nodeagent.nft_model import Hook as NftHook
@@ -142,6 +142,9 @@ class SteeringInputs:
     private_key: str
     mtu: int
     probe_source: ipaddress.IPv4Address
+    kept_numbers: Mapping[SlotId, int] = field(default_factory=dict)
+    """The number (mark, table) each slot has on this node now, read back from the kernel:
+    kept, so that other slots coming and going never renumber a slot under its flows."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ class SteeringState:
     """slot interface → the holder tenure its peer points at. A new tenure (another
     gateway process, or the same one restarted) needs a fresh WireGuard session even when
     key and endpoint are unchanged: the new process has no session state."""
+    numbers: Mapping[SlotId, int] = field(default_factory=dict)
+    """slot → its number on this node (see meshgress.slots.assign_slot_numbers)."""
 
 
 def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
@@ -188,8 +193,8 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
 def compute_steering(inputs: SteeringInputs) -> SteeringState:
     model = inputs.model
     all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
-    ordinals = slot_ordinals(all_slots)
-    marks = {slot: slot_mark(o) for slot, o in ordinals.items()}
+    numbers = assign_slot_numbers(all_slots, inputs.kept_numbers)
+    marks = {slot: slot_mark(n) for slot, n in numbers.items()}
 
     devices: list[Device] = []
     probes: list[ProbeTarget] = []
@@ -212,8 +217,8 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
             tenures[slot.node_interface] = holder.tenure
             probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
                                       check.timeout_ms, check.failure_threshold))
-            rules.append((marks[slot], slot_table(ordinals[slot])))
-            routes.append((slot_table(ordinals[slot]), slot.node_interface))
+            rules.append((marks[slot], slot_table(numbers[slot])))
+            routes.append((slot_table(numbers[slot]), slot.node_interface))
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)
 
     pods_by_key = {(p.namespace, p.name): p for p in inputs.local_pods}
@@ -266,4 +271,4 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                          rules=tuple(sorted(set(rules))), routes=tuple(sorted(
                              set(routes), key=lambda r: (r[0], r[1] or ""))),
                          sets=tuple(sets), chains=(steer, *pick_chains),
-                         buckets=buckets_by_gateway, tenures=tenures)
+                         buckets=buckets_by_gateway, tenures=tenures, numbers=numbers)

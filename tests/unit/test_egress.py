@@ -7,7 +7,7 @@ import pytest
 from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
 from meshgress.explain import explain_pod
 from meshgress.lab.topology import lab_cluster_config
-from meshgress.slots import DROP_MARK, SlotId, slot_mark
+from meshgress.slots import DROP_MARK, SlotId, assign_slot_numbers, slot_mark
 from nodeagent.steering import (
     BUCKETS,
     LocalPod,
@@ -109,7 +109,7 @@ def test_buckets_spread_over_slots_and_a_failure_moves_only_its_own_buckets():
     assert compute_buckets(SLOTS, frozenset(), MARKS) is None
 
 
-def steering(healthy, failure_policy="FailClosed"):
+def steering(healthy, failure_policy="FailClosed", kept=None):
     key = generate_private_key()
     holders = {slot: SlotHolder(slot, f"gw{slot.index + 1}/1", public_key(generate_private_key()),
                                 f"192.0.2.10{slot.index + 1}:5190{slot.index}",
@@ -120,7 +120,7 @@ def steering(healthy, failure_policy="FailClosed"):
         model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
                              LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
         holders=holders, healthy=frozenset(healthy), private_key=key, mtu=1440,
-        probe_source=ipaddress.ip_address("198.18.1.0")))
+        probe_source=ipaddress.ip_address("198.18.1.0"), kept_numbers=kept or {}))
 
 
 def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules():
@@ -140,6 +140,39 @@ def test_with_no_healthy_slot_fail_closed_drops_and_fail_open_leaves_unmarked(fa
                                                                                mark):
     state = steering((), failure_policy)
     assert set(state.buckets["egress"]) == {mark}
+
+
+def test_slot_numbers_are_kept_so_marks_and_tables_never_move_under_flows():
+    assert steering(SLOTS).numbers == {SLOTS[0]: 0, SLOTS[1]: 1}
+    # Read back from the kernel: egress/1 has number 7 there. It keeps it (its mark and
+    # table, and so the conntrack marks of its flows); egress/0 keeps 0.
+    state = steering(SLOTS, kept={SLOTS[1]: 7, SLOTS[0]: 0})
+    assert state.numbers == {SLOTS[0]: 0, SLOTS[1]: 7}
+    assert (slot_mark(7), 51828) in state.rules and (51828, SLOTS[1].node_interface) \
+        in state.routes
+    healthy = {s.name: s.elements for s in state.sets}["egress_healthy"]
+    assert set(healthy) == {slot_mark(0), slot_mark(7)}
+
+
+@pytest.mark.parametrize(("slots", "kept", "expected"), [
+    ([], {}, {}),
+    ([SlotId("b", 0), SlotId("a", 0)], {}, {SlotId("a", 0): 0, SlotId("b", 0): 1}),
+    # kept numbers win; new slots take the lowest free number in sorted order
+    ([SlotId("a", 0), SlotId("b", 0), SlotId("c", 0)], {SlotId("b", 0): 0},
+     {SlotId("a", 0): 1, SlotId("b", 0): 0, SlotId("c", 0): 2}),
+    # two slots claiming one number (stale input): the first in sorted order keeps it
+    ([SlotId("a", 0), SlotId("b", 0)], {SlotId("a", 0): 3, SlotId("b", 0): 3},
+     {SlotId("a", 0): 3, SlotId("b", 0): 0}),
+    # out-of-range numbers are not kept; kept slots that are gone free their number
+    ([SlotId("a", 0)], {SlotId("a", 0): 126, SlotId("z", 0): 0}, {SlotId("a", 0): 0}),
+])
+def test_assign_slot_numbers(slots, kept, expected):
+    assert assign_slot_numbers(slots, kept) == expected
+
+
+def test_more_slots_than_numbers_is_an_error():
+    with pytest.raises(ValueError, match="at most 126"):
+        assign_slot_numbers([SlotId("g", i) for i in range(127)], {})
 
 
 def test_explain_names_the_applied_policy_the_loser_and_the_excluded_range():

@@ -10,11 +10,12 @@ import pytest
 from gateway.compute import (
     SlotInfo,
     annotations_to_clear,
-    compute_all_ordinals,
     compute_allowed_sources,
+    compute_kept_numbers,
     compute_lease_annotations,
     compute_servable_slots,
     compute_slot_dataplane,
+    compute_slot_numbers,
     compute_slot_peers,
 )
 from gateway.dataplane import (
@@ -84,10 +85,37 @@ def test_servable_slots_follow_the_node_selector_and_skip_ipv6():
     assert compute_servable_slots(m, {}).slots == ()
 
 
-def test_ordinals_cover_every_slot_of_every_valid_gateway():
+def test_numbers_cover_every_slot_of_every_valid_gateway():
     m = model([gateway("b", ["192.0.2.51"]), gateway("a", ["192.0.2.50", "192.0.2.52"])])
-    assert compute_all_ordinals(m) == {SlotId("a", 0): 0, SlotId("a", 1): 1,
-                                       SlotId("b", 0): 2}
+    assert compute_slot_numbers(m, {}) == {SlotId("a", 0): 0, SlotId("a", 1): 1,
+                                           SlotId("b", 0): 2}
+
+
+def test_a_new_gateway_never_renumbers_the_slots_already_numbered():
+    before = compute_slot_numbers(model([gateway("b", ["192.0.2.51", "192.0.2.53"])]), {})
+    assert before == {SlotId("b", 0): 0, SlotId("b", 1): 1}
+    # "a" sorts first: by position it would take 0 and shift b's slots (and their ports).
+    after = compute_slot_numbers(model([gateway("a", ["192.0.2.50"]),
+                                        gateway("b", ["192.0.2.51", "192.0.2.53"])]), before)
+    assert after == {SlotId("a", 0): 2, SlotId("b", 0): 0, SlotId("b", 1): 1}
+    # b/0 goes away: its number is free again, nobody else moves.
+    later = compute_slot_numbers(model([gateway("a", ["192.0.2.50"]),
+                                        gateway("b", ["192.0.2.51"])]), after)
+    assert later == {SlotId("a", 0): 2, SlotId("b", 0): 0}
+
+
+def test_a_restarted_gateway_keeps_the_ports_it_published_on_its_own_leases():
+    records = {
+        SlotId("egw", 0): {"meshgress.io/holder-node": "gw1",
+                           "meshgress.io/wireguard-endpoint": "192.0.2.11:51904"},
+        SlotId("egw", 1): {"meshgress.io/holder-node": "gw2",  # another node's: not ours
+                           "meshgress.io/wireguard-endpoint": "192.0.2.12:51901"},
+        SlotId("egw", 2): {"meshgress.io/holder-node": "gw1",
+                           "meshgress.io/wireguard-endpoint": "192.0.2.11:8080"},  # not ours
+        SlotId("egw", 3): {"meshgress.io/holder-node": "gw1",
+                           "meshgress.io/wireguard-endpoint": "garbage"},
+    }
+    assert compute_kept_numbers(records, "gw1") == {SlotId("egw", 0): 4}
 
 
 def test_allowed_sources_are_the_selected_pods_of_accepted_policies_only():
@@ -131,7 +159,7 @@ def test_nodes_that_cannot_be_peers_are_skipped_with_a_reason(nodes, skipped):
 def test_slot_dataplane_and_its_derived_names():
     info = SlotInfo(SlotId("egw", 1), addr("192.0.2.51"), None)
     peers = compute_slot_peers([node("n1")], public_key(GW_PRIVATE))
-    s = compute_slot_dataplane(info, ordinal=3, external_interface="eth0", external_mtu=1500,
+    s = compute_slot_dataplane(info, number=3, external_interface="eth0", external_mtu=1500,
                                allowed_sources=[addr("198.18.1.11"), addr("198.18.1.10"),
                                                 addr("198.18.1.10")],
                                private_key=GW_PRIVATE, peers=peers)
@@ -146,7 +174,7 @@ def test_slot_dataplane_and_its_derived_names():
 def test_lease_annotations_and_what_a_new_holder_clears():
     wanted = compute_lease_annotations(public_key=K1, internal_ip=addr("192.0.2.11"),
                                        slot=SlotId("egw", 1), egress_ip=addr("192.0.2.51"),
-                                       node="gw1", ordinal=1)
+                                       node="gw1", number=1)
     assert wanted == {"meshgress.io/wireguard-public-key": K1,
                       "meshgress.io/wireguard-endpoint": "192.0.2.11:51901",
                       "meshgress.io/egress-ip": "192.0.2.51",
@@ -165,9 +193,9 @@ def test_lease_annotations_and_what_a_new_holder_clears():
 # --- the kernel plan ---------------------------------------------------------------------
 
 
-def slot(index, ordinal, ip="192.0.2.50", external="eth0"):
+def slot(index, number, ip="192.0.2.50", external="eth0"):
     info = SlotInfo(SlotId("egw", index), addr(ip), None)
-    return compute_slot_dataplane(info, ordinal=ordinal, external_interface=external,
+    return compute_slot_dataplane(info, number=number, external_interface=external,
                                   external_mtu=1500, allowed_sources=(),
                                   private_key=GW_PRIVATE,
                                   peers=compute_slot_peers([], public_key(GW_PRIVATE)))
@@ -218,7 +246,7 @@ def test_a_slot_no_longer_held_is_fenced_first_and_removed_last():
     assert kept.remove_interfaces == () and kept.remove_addresses == plan.remove_addresses
 
 
-def test_an_ordinal_change_adds_the_new_rule_and_route_before_removing_the_old():
+def test_a_number_change_adds_the_new_rule_and_route_before_removing_the_old():
     moved = slot(0, 5)
     plan = plan_dataplane([moved], served(S0))
     assert plan.add_routes == (RouteEntry(52081, S0.interface),)
