@@ -128,6 +128,7 @@ class Agent:
         self.store = store
         self.stop = threading.Event()
         self._poke = threading.Event()
+        self._health_changed = threading.Event()
         poke = self._poke.set
         self.nodes = Informer(store, Kind.NODE, on_change=poke)
         self.pods = Informer(store, Kind.POD, on_change=poke,
@@ -296,6 +297,34 @@ class Agent:
             self._egress = EgressKernel(self.wireguard, probe_source(own.pod_cidrs[0]))
         return self._egress
 
+    # -- failover fast path --------------------------------------------------------------
+
+    def _on_health_change(self) -> None:
+        self._health_changed.set()
+        self._poke.set()
+
+    def reconcile_health(self) -> bool:
+        """A slot's health changed: move its buckets now, by the nftables step alone.
+
+        Health moves marks between slots whose tunnels, tables and rules already exist,
+        so nothing else needs to change first; the full pass that follows checks the rest.
+        Skipping the other steps (each reads the kernel) is what keeps failover short."""
+        started = time.monotonic()
+        with self._reconcile_lock:
+            own = self._own_node()
+            if own is None or not own.pod_cidrs or self.state.mtu is None:
+                return False
+            steering = self._compute_steering(own)
+            base = self._base_ruleset()
+            ok = self._step("nftables", lambda: apply_ruleset(self.nft, Ruleset(
+                sets=base.sets + steering.sets, counters=base.counters,
+                chains=base.chains + steering.chains)))
+            if ok:
+                self.state.steering = steering
+        log.info("slot health changed: buckets moved in %.0f ms",
+                 (time.monotonic() - started) * 1000)
+        return ok
+
     # -- CNI hooks: run before the pod's ADD answers ------------------------------------
 
     def on_pod_ready(self, attachment: PodAttachment) -> None:
@@ -433,7 +462,10 @@ class Agent:
                 if self.prober is None and own is not None and own.pod_cidrs:
                     self._load_local_pods(own.pod_cidrs[0])
                     self.prober = SlotProber(str(probe_source(own.pod_cidrs[0])),
-                                             self._poke.set).start()
+                                             self._on_health_change).start()
+                if self._health_changed.is_set() and self.state.first_apply_ok:
+                    self._health_changed.clear()
+                    self.reconcile_health()
                 ok = self.synced() and self.reconcile()
                 if ok and cni_thread is None:
                     # The guard, the fallback and the mesh are in place: pods may come.
