@@ -585,10 +585,20 @@ class Lab:
     def down(self) -> dict[str, Any]:
         """Remove everything of this lab; safe to run at any time, also twice."""
         namespaces = self.leftover_netns()
-        pids: set[int] = set()
-        for ns in namespaces:
-            pids.update(netns.netns_pids(ns))
-        stopped = netns.stop_pids(sorted(pids))
+        stopped: list[int] = []
+        # Until nothing runs in them: a process being stopped can still start another
+        # (an agent mid-pass starting wireguard-go). Names are deleted only after that —
+        # a process in a namespace without a name could no longer be found.
+        for _ in range(5):
+            pids = sorted({pid for ns in namespaces for pid in netns.netns_pids(ns)})
+            if not pids:
+                break
+            stopped += netns.stop_pids(pids)
+        else:
+            left = sorted({pid for ns in namespaces for pid in netns.netns_pids(ns)})
+            if left:
+                raise LabError(f"processes {left} keep running in the lab's namespaces; "
+                               "nothing was deleted (run `lab down` again)")
         for ns in namespaces:
             netns.delete_netns(ns)
         removed_files = self.state_dir.exists()
