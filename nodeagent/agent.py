@@ -52,7 +52,7 @@ from nodeagent.mesh import (
     compute_node_annotations,
     parse_node,
 )
-from nodeagent.metrics import AgentMetrics, serve_metrics
+from nodeagent.metrics import AgentMetrics, SlotSample, serve_metrics
 from nodeagent.nft import NftablesAdapter, apply_ruleset
 from nodeagent.nft_model import FirewallSpec, Ruleset, compute_ruleset
 from nodeagent.options import DEFAULT_CNI_SOCKET, DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
@@ -64,6 +64,7 @@ from nodeagent.steering import (
     SteeringState,
     compute_steering,
     parse_slot_lease,
+    slot_flows_counter,
 )
 from wireguard.backend import WireGuardBackend, apply_device, detect_backend
 from wireguard.keys import load_or_create_private_key, public_key
@@ -207,8 +208,7 @@ class Agent:
             log.warning("reading the egress slot tables: %s", exc)
         steering = self._compute_steering(own)
         self.state.steering = steering
-        ruleset = Ruleset(sets=base.sets + steering.sets, counters=base.counters,
-                          chains=base.chains + steering.chains)
+        ruleset = _with_steering(base, steering)
         # Order matters: the guard and egress tunnels first, then the marks that point
         # into them; peers, then routes into the mesh; what is obsolete last.
         if not self.state.first_apply_ok:
@@ -316,9 +316,8 @@ class Agent:
                 return False
             steering = self._compute_steering(own)
             base = self._base_ruleset()
-            ok = self._step("nftables", lambda: apply_ruleset(self.nft, Ruleset(
-                sets=base.sets + steering.sets, counters=base.counters,
-                chains=base.chains + steering.chains)))
+            ok = self._step("nftables", lambda: apply_ruleset(
+                self.nft, _with_steering(base, steering)))
             if ok:
                 self.state.steering = steering
         log.info("slot health changed: buckets moved in %.0f ms",
@@ -351,9 +350,7 @@ class Agent:
                 return
             # Selected: program its marks now (the tunnels and tables already exist).
             base = self._base_ruleset()
-            apply_ruleset(self.nft, Ruleset(sets=base.sets + steering.sets,
-                                             counters=base.counters,
-                                             chains=base.chains + steering.chains))
+            apply_ruleset(self.nft, _with_steering(base, steering))
             self.state.steering = steering
         self._poke.set()
 
@@ -442,7 +439,33 @@ class Agent:
             stats = ()
         names = dict(self.state.mesh.peer_names) if self.state.mesh else {}
         return self.metrics.render(counters=counters, peer_stats=stats, peer_names=names,
-                                   now=time.time())
+                                   now=time.time(), slots=self._slot_samples(counters),
+                                   selected_pods=dict(self.state.steering.selected_pods)
+                                   if self.state.steering else {})
+
+    def _slot_samples(self, counters: dict[str, tuple[int, int]]) -> list[SlotSample]:
+        steering = self.state.steering
+        if steering is None or self.prober is None:
+            return []
+        probes = self.prober.stats()
+        samples = []
+        for slot, number in sorted(steering.numbers.items()):
+            probe = probes.get(slot)
+            if probe is None:
+                continue  # no holder: no tunnel here
+            try:
+                tunnel = self.wireguard.stats(slot.node_interface)
+            except Exception as exc:
+                log.debug("reading WireGuard stats of %s: %s", slot.node_interface, exc)
+                tunnel = ()
+            samples.append(SlotSample(
+                gateway=slot.gateway, index=slot.index, healthy=bool(probe["healthy"]),
+                probes_sent=int(probe["sent"]), probes_answered=int(probe["answered"]),
+                failovers=int(probe["failures"]),
+                flows=counters.get(slot_flows_counter(number), (0, 0))[0],
+                tx_bytes=sum(p.tx_bytes for p in tunnel),
+                rx_bytes=sum(p.rx_bytes for p in tunnel)))
+        return samples
 
     def synced(self) -> bool:
         return all(i.synced.is_set() for i in self.informers)
@@ -483,6 +506,12 @@ class Agent:
             for informer in self.informers:
                 informer.stop()
         return 0
+
+
+def _with_steering(base: Ruleset, steering: SteeringState) -> Ruleset:
+    """The node's whole table: the guard and masquerade, plus the egress steering."""
+    return Ruleset(sets=base.sets + steering.sets, counters=base.counters + steering.counters,
+                   chains=base.chains + steering.chains)
 
 
 def main(args: argparse.Namespace) -> int:

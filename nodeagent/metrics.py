@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,6 +31,21 @@ def _labels(**labels: str) -> str:
     inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
                      for k, v in sorted(labels.items()))
     return "{" + inner + "}" if inner else ""
+
+
+@dataclass(frozen=True)
+class SlotSample:
+    """One egress slot as this node sees it, for a scrape."""
+
+    gateway: str
+    index: int
+    healthy: bool
+    probes_sent: int
+    probes_answered: int
+    failovers: int
+    flows: int
+    tx_bytes: int
+    rx_bytes: int
 
 
 @dataclass
@@ -54,7 +69,9 @@ class AgentMetrics:
                 self.reconcile_buckets[i] += 1
 
     def render(self, *, counters: Mapping[str, tuple[int, int]], peer_stats: tuple[PeerStats, ...],
-               peer_names: Mapping[str, str], now: float) -> str:
+               peer_names: Mapping[str, str], now: float,
+               slots: Sequence[SlotSample] = (),
+               selected_pods: Mapping[str, int] | None = None) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str,
@@ -116,6 +133,32 @@ class AgentMetrics:
                "Seconds since the latest handshake with the peer (-1: never).", hs)
         metric("meshgress_wireguard_peer_rx_bytes_total", "counter", "Bytes from the peer.", rx)
         metric("meshgress_wireguard_peer_tx_bytes_total", "counter", "Bytes to the peer.", tx)
+
+        def per_slot(value: Callable[[SlotSample], float]) -> list[tuple[str, float]]:
+            return [(_labels(gateway=s.gateway, slot=str(s.index)), value(s)) for s in slots]
+
+        metric("meshgress_egress_slot_healthy", "gauge",
+               "1 while the slot answers this node's probes (its buckets are in use).",
+               per_slot(lambda s: int(s.healthy)))
+        metric("meshgress_egress_slot_probes_sent_total", "counter",
+               "Health probes sent through the slot's tunnel.", per_slot(lambda s: s.probes_sent))
+        metric("meshgress_egress_slot_probes_answered_total", "counter",
+               "Probe rounds answered (an echo, or traffic from the holder).",
+               per_slot(lambda s: s.probes_answered))
+        metric("meshgress_egress_slot_failovers_total", "counter",
+               "Times the slot turned unhealthy and its flows moved to other slots.",
+               per_slot(lambda s: s.failovers))
+        metric("meshgress_egress_slot_flows_total", "counter",
+               "New flows of this node's pods steered into the slot.",
+               per_slot(lambda s: s.flows))
+        metric("meshgress_egress_slot_tx_bytes_total", "counter",
+               "Bytes this node sent into the slot's tunnel.", per_slot(lambda s: s.tx_bytes))
+        metric("meshgress_egress_slot_rx_bytes_total", "counter",
+               "Bytes this node received from the slot's tunnel.",
+               per_slot(lambda s: s.rx_bytes))
+        metric("meshgress_egress_policy_selected_pods", "gauge",
+               "Pods on this node the policy selects.",
+               [(_labels(policy=name), n) for name, n in sorted((selected_pods or {}).items())])
         return "\n".join(out) + "\n"
 
 

@@ -48,6 +48,8 @@ class _SlotState:
     sent: int = 0
     answered: int = 0
     transitions: int = 0
+    failures: int = 0
+    """Transitions from healthy to unhealthy: failovers away from the slot."""
     rx_packets: int | None = None
 
 
@@ -92,7 +94,8 @@ class SlotProber:
     def stats(self) -> dict[SlotId, dict[str, int | bool]]:
         with self._lock:
             return {s: {"healthy": st.healthy, "sent": st.sent, "answered": st.answered,
-                        "transitions": st.transitions} for s, st in self._slots.items()}
+                        "transitions": st.transitions, "failures": st.failures}
+                    for s, st in self._slots.items()}
 
     def _open(self, state: _SlotState) -> socket.socket | None:
         try:
@@ -169,6 +172,7 @@ class SlotProber:
                         if state.healthy and state.misses >= state.target.failure_threshold:
                             state.healthy, changed = False, True
                             state.transitions += 1
+                            state.failures += 1
                             log.warning("slot %s/%d missed %d probes: unhealthy",
                                         slot.gateway, slot.index, state.misses)
             if changed:

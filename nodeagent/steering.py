@@ -50,8 +50,10 @@ from meshgress.slots import (
 from nodeagent.nft_model import Hook as NftHook
 from nodeagent.nft_model import (
     NftChain,
+    NftCounter,
     NftSet,
     Rule,
+    counter_ref,
     goto,
     match,
     meta,
@@ -165,6 +167,10 @@ class SteeringState:
     key and endpoint are unchanged: the new process has no session state."""
     numbers: Mapping[SlotId, int] = field(default_factory=dict)
     """slot → its number on this node (see meshgress.slots.assign_slot_numbers)."""
+    counters: tuple[NftCounter, ...] = ()
+    """One per slot number: flows this node sent into the slot (metrics)."""
+    selected_pods: Mapping[str, int] = field(default_factory=dict)
+    """policy → how many of this node's pods it selects (accepted policies only)."""
 
 
 def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
@@ -184,6 +190,11 @@ def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
             return hashlib.sha256(f"{b}/{slot.gateway}/{slot.index}".encode()).digest()
         out.append(marks[max(alive, key=weight)])
     return tuple(out)
+
+
+def slot_flows_counter(number: int) -> str:
+    """The named counter of the flows this node steers into the slot with `number`."""
+    return f"egress_flows_{number}"
 
 
 def _policy_key(view: PolicyView) -> tuple[int, str]:
@@ -234,11 +245,13 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     ]
     pick_chains: list[NftChain] = []
     buckets_by_gateway: dict[str, tuple[int, ...]] = {}
+    selected_pods: dict[str, int] = {}
     accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
                       key=_policy_key)
     for number, view in enumerate(accepted):
         assert view.policy is not None
         local = sorted(pods_by_key[k].ip for k in view.selected if k in pods_by_key)
+        selected_pods[view.name] = len(local)
         if not local or not view.destinations:
             continue
         gw = model.gateways[view.policy.gateway]
@@ -259,11 +272,15 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
             goto(f"{prefix}_pick")))
         flow = {"concat": [payload("ip", "saddr"), payload("ip", "daddr"),
                            payload("th", "sport"), payload("th", "dport")]}
+        count = tuple(Rule.of(match(meta("mark"), marks[slot]),
+                              counter_ref(slot_flows_counter(numbers[slot])))
+                      for slot in slots if marks[slot] in buckets)
         pick_chains.append(NftChain(f"{prefix}_pick", rules=(
             Rule.of({"mangle": {"key": meta("mark"), "value": {"map": {
                 "key": {"jhash": {"mod": BUCKETS, "seed": HASH_SEED, "expr": flow}},
                 "data": {"set": [[b, m] for b, m in enumerate(buckets)]}}}}},
                 {"mangle": {"key": {"ct": {"key": "mark"}}, "value": meta("mark")}}),
+            *count,
         )))
     steer = NftChain(CHAIN_STEER, hook=NftHook("filter", "prerouting", PRIORITY_STEER),
                      rules=tuple(steer_rules))
@@ -271,4 +288,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                          rules=tuple(sorted(set(rules))), routes=tuple(sorted(
                              set(routes), key=lambda r: (r[0], r[1] or ""))),
                          sets=tuple(sets), chains=(steer, *pick_chains),
-                         buckets=buckets_by_gateway, tenures=tenures, numbers=numbers)
+                         buckets=buckets_by_gateway, tenures=tenures, numbers=numbers,
+                         counters=tuple(NftCounter(slot_flows_counter(n)) for n in
+                                        sorted(set(numbers.values()))),
+                         selected_pods=selected_pods)

@@ -105,6 +105,22 @@ def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_
     explain = run_meshgress("lab", "--name", name, "exec", "node1", "--", "meshgress",
                             "explain", "payments/app-node1", "--to", OUTSIDE).stdout
     assert "payments (priority 1000, gateway egress): selects this pod -> APPLIES" in explain
+    # The node's metrics: both slots healthy, flows and bytes went into them, one
+    # selected pod here.
+    scrape = ("import urllib.request as u; "
+              "print(u.urlopen('http://127.0.0.1:9820/metrics', timeout=2).read().decode())")
+    metrics = run_meshgress("lab", "--name", name, "exec", "node1", "--", sys.executable,
+                            "-c", scrape).stdout
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    for index in ("0", "1"):
+        slot = f'{{gateway="egress",slot="{index}"}}'
+        assert samples[f"meshgress_egress_slot_healthy{slot}"] == 1
+        assert samples[f"meshgress_egress_slot_probes_answered_total{slot}"] > 0
+        assert samples[f"meshgress_egress_slot_tx_bytes_total{slot}"] > 0
+    assert sum(v for k, v in samples.items() if k.startswith("meshgress_egress_slot_flows")) \
+        >= 2  # one TCP and one UDP flow at least
+    assert samples['meshgress_egress_policy_selected_pods{policy="payments"}'] == 1
 
 
 def test_a_new_selected_pod_never_leaves_with_another_source_and_the_hop_is_encrypted(
@@ -288,16 +304,31 @@ def largest_gap(samples):
     return gap
 
 
+def after_largest_gap(samples):
+    """The first answer after the longest run without one (None: no such run)."""
+    gap, start, first = 0.0, None, None
+    for t, seen in samples:
+        if seen is None and start is None:
+            start = t
+        elif seen is not None and start is not None:
+            if t - start > gap:
+                gap, first = t - start, seen
+            start = None
+    return first
+
+
 def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
     """From each payments pod: four UDP probe streams (every 10 ms) and four long-lived TCP
     flows, spread over both slots by the flow hash. The gateway holding 192.0.2.201 is
     crashed (its processes killed). Probe streams on that slot see a gap under 1 s, then
-    leave through the other slot; TCP flows pinned to the healthy slot lose nothing."""
+    flow through the other slot (later the standby takes the dead holder's slot over when
+    its lease expires, and 192.0.2.201 may serve again); TCP flows pinned to the healthy
+    slot lose nothing."""
     name = fresh_egress_lab
     victim_ip, survivor_ip = "192.0.2.201", "192.0.2.202"
     status = json.loads(lab(name, "status", "--json").stdout)
     victim = {s["egressIP"]: s["node"] for s in status["slots"]}[victim_ip]
-    streams = {pod: run_streams(name, pod, 16) for pod in
+    streams = {pod: run_streams(name, pod, 12) for pod in
                ("payments/app-node1", "payments/app-node2")}
     time.sleep(2)
     try:
@@ -314,9 +345,10 @@ def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
             after = {seen for _, seen in udp[-50:] if seen}
             changes = [(round(t - udp[0][0], 3), seen) for i, (t, seen) in enumerate(udp)
                        if i == 0 or seen != udp[i - 1][1]]
-            assert after == {survivor_ip}, (pod, changes)
+            assert after and after <= EGRESS_IPS, (pod, changes)
             if before == {victim_ip}:
                 gaps.append(largest_gap(udp))
+                assert after_largest_gap(udp) == survivor_ip, (pod, changes)
         for flow in result["tcp"]:
             if dict(flow).get("source") == survivor_ip:
                 healthy_flows += 1

@@ -154,6 +154,17 @@ def test_slot_numbers_are_kept_so_marks_and_tables_never_move_under_flows():
     assert set(healthy) == {slot_mark(0), slot_mark(7)}
 
 
+def test_each_slot_counts_the_flows_steered_into_it_and_policies_count_local_pods():
+    state = steering(SLOTS, kept={SLOTS[1]: 7, SLOTS[0]: 0})
+    assert [c.name for c in state.counters] == ["egress_flows_0", "egress_flows_7"]
+    pick = {c.name: c for c in state.chains}["ep0_pick"]
+    counted = [r.statements for r in pick.rules[1:]]
+    assert counted == [[{"match": {"op": "==", "left": {"meta": {"key": "mark"}},
+                                   "right": slot_mark(n)}}, {"counter": f"egress_flows_{n}"}]
+                       for n in (0, 7)]
+    assert state.selected_pods == {"payments": 1}
+
+
 @pytest.mark.parametrize(("slots", "kept", "expected"), [
     ([], {}, {}),
     ([SlotId("b", 0), SlotId("a", 0)], {}, {SlotId("a", 0): 0, SlotId("b", 0): 1}),
