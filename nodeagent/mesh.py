@@ -130,6 +130,7 @@ class NodeParseCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[Mapping[str, Any], str, NodeInfo]] = {}
+        self._by_id: dict[int, tuple[Mapping[str, Any], str, NodeInfo]] = {}
         self._lock = threading.Lock()
         self.parsed = 0
         """How many objects were actually parsed (for tests and benchmarks)."""
@@ -139,18 +140,24 @@ class NodeParseCache:
 
     def parse(self, obj: Mapping[str, Any]) -> NodeInfo:
         with self._lock:
-            return self._parse(obj, self._entries)
+            return self._parse(obj, self._entries, self._by_id)
 
     def parse_all(self, objs: Iterable[Mapping[str, Any]]) -> list[NodeInfo]:
         """Every object parsed (in the given order); entries of other nodes are dropped."""
         with self._lock:
             kept: dict[str, tuple[Mapping[str, Any], str, NodeInfo]] = {}
-            infos = [self._parse(obj, kept) for obj in objs]
-            self._entries = kept
+            by_id: dict[int, tuple[Mapping[str, Any], str, NodeInfo]] = {}
+            infos = [self._parse(obj, kept, by_id) for obj in objs]
+            self._entries, self._by_id = kept, by_id
             return infos
 
     def _parse(self, obj: Mapping[str, Any],
-               into: dict[str, tuple[Mapping[str, Any], str, NodeInfo]]) -> NodeInfo:
+               into: dict[str, tuple[Mapping[str, Any], str, NodeInfo]],
+               by_id: dict[int, tuple[Mapping[str, Any], str, NodeInfo]]) -> NodeInfo:
+        entry = self._by_id.get(id(obj))
+        if entry is not None and entry[0] is obj:  # the same object: nothing to look at
+            into[entry[2].name] = by_id[id(obj)] = entry
+            return entry[2]
         meta = _mapping(obj.get("metadata"))
         name = str(meta.get("name") or "")
         version = str(meta.get("resourceVersion") or "")
@@ -158,7 +165,7 @@ class NodeParseCache:
         if entry is None or not (entry[0] is obj or (version and entry[1] == version)):
             entry = (obj, version, parse_node(obj))
             self.parsed += 1
-        into[name] = entry
+        into[name] = by_id[id(obj)] = entry
         return entry[2]
 
 
@@ -219,15 +226,14 @@ def compute_mtu(underlay_mtu: int, underlay_is_ipv6: bool) -> int:
     return underlay_mtu - (IPV6_OVERHEAD if underlay_is_ipv6 else IPV4_OVERHEAD)
 
 
-def _colliding_cidrs(nodes: Iterable[NodeInfo], interface: str = WIREGUARD_INTERFACE
-                     ) -> dict[str, str]:
+def _colliding_cidrs(parts: Iterable[_NodeParts]) -> dict[str, str]:
     """Nodes whose pod CIDRs overlap another node's, with the reason. Both sides of a
     collision are left out: picking one would be picking at random.
 
     A sweep over the CIDRs sorted by start address, so 5,000 nodes cost a sort, not 25
     million comparisons: a CIDR overlaps an earlier one exactly when it starts before the
     furthest end seen so far."""
-    spans = sorted(span for n in nodes for span in _node_parts(n, interface).spans)
+    spans = sorted(span for p in parts for span in p.spans)
     bad: dict[str, str] = {}
     reach: tuple[int, str, ipaddress.IPv4Network] | None = None
     for start, end, name, cidr in spans:
@@ -260,19 +266,24 @@ def _node_parts(node: NodeInfo, interface: str) -> _NodeParts:
     return _NodeParts(spans, peer, routes)
 
 
+def _name(node: NodeInfo) -> str:
+    return node.name
+
+
 @functools.lru_cache(maxsize=16)
 def _own_public_key(private_key: str) -> str:
     return public_key(private_key)
 
 
 def compute_mesh(inputs: MeshInputs) -> MeshState:
-    collisions = _colliding_cidrs(inputs.nodes, inputs.interface)
+    nodes = [(n, _node_parts(n, inputs.interface)) for n in sorted(inputs.nodes, key=_name)]
+    collisions = _colliding_cidrs(p for _, p in nodes)
     peers: list[Peer] = []
     routes: list[RouteSpec] = []
     names: dict[str, str] = {}
     skipped: dict[str, str] = {}
     own_key = _own_public_key(inputs.private_key)
-    for node in sorted(inputs.nodes, key=lambda n: n.name):
+    for node, parts in nodes:
         if node.name == inputs.self_name:
             continue
         reason = None
@@ -291,9 +302,7 @@ def compute_mesh(inputs: MeshInputs) -> MeshState:
         if reason is not None:
             skipped[node.name] = reason
             continue
-        assert node.public_key is not None
-        parts = _node_parts(node, inputs.interface)
-        assert parts.peer is not None
+        assert node.public_key is not None and parts.peer is not None
         names[node.public_key] = node.name
         peers.append(parts.peer)
         routes.extend(parts.routes)
