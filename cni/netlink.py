@@ -48,7 +48,7 @@ IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
-SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
+SOL_NETLINK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 270, 11, 12
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -132,14 +132,24 @@ def _text(raw: bytes | None) -> str:
 
 
 class Rtnl:
-    """One rtnetlink socket in the network namespace of the creating thread."""
+    """One rtnetlink socket in the network namespace of the creating thread.
 
-    def __init__(self) -> None:
+    `strict_dumps`: ask the kernel (4.20 and later) to check dump requests strictly and
+    to filter by what their header says (a route dump by table and protocol, say); the
+    caller must still filter itself, since older kernels ignore the header and dump all.
+    `strict_dumps_on` tells whether the kernel accepted."""
+
+    def __init__(self, *, strict_dumps: bool = False) -> None:
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         )
         with contextlib.suppress(OSError):  # older kernels: errors come without a message
             self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        self.strict_dumps_on = False
+        if strict_dumps:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+                self.strict_dumps_on = True
         self._sock.bind((0, 0))
         self._lock = threading.Lock()
         self._seq = 0
@@ -163,6 +173,16 @@ class Rtnl:
         ACK or be a dump. If any failed, the first failure is raised once all answers
         are read, so the socket stays in step.
         """
+        replies, errors = self.batch_results(messages)
+        if errors:
+            raise errors[min(errors)]
+        return replies
+
+    def batch_results(
+        self, messages: Sequence[Message]
+    ) -> tuple[list[list[tuple[int, bytes]]], dict[int, NetlinkError]]:
+        """As `batch`, but nothing is raised for a failed request: the failures come back
+        by position, for callers to whom some errnos are success (ESRCH on a delete)."""
         with self._lock:
             seqs, chunks = [], []
             for msg_type, flags, payload in messages:
@@ -198,9 +218,7 @@ class Rtnl:
                         pending -= 1
                         continue
                     replies[n].append((kind, body))
-            if errors:
-                raise errors[min(errors)]
-            return replies
+            return replies, errors
 
     def request(self, msg_type: int, flags: int, payload: bytes) -> list[tuple[int, bytes]]:
         """Send one request; return the (type, body) replies; raise NetlinkError on error."""

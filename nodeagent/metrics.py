@@ -59,6 +59,9 @@ class AgentMetrics:
     started_at: float = 0.0
     """Wall-clock time the agent began running (its modules loaded)."""
     skipped_nodes: dict[str, str] = field(default_factory=dict)
+    dataplane_reads: dict[str, int] = field(default_factory=dict)
+    """Full kernel reads per subsystem (the rest of the passes planned against the
+    tracked state; see nodeagent.tracker)."""
 
     def observe_reconcile(self, seconds: float, ok: bool) -> None:
         self.reconciles += 1
@@ -101,6 +104,10 @@ class AgentMetrics:
         metric("meshgress_reconcile_errors_total", "counter",
                "Failed apply steps by operation.",
                [(_labels(op=op), n) for op, n in sorted(self.errors.items())])
+        metric("meshgress_dataplane_full_reads_total", "counter",
+               "Passes that read the whole dataplane from the kernel (at start, every "
+               "resync, after an error); the others planned against the tracked state.",
+               [(_labels(subsystem=k), n) for k, n in sorted(self.dataplane_reads.items())])
         metric("meshgress_mesh_peers_expected", "gauge",
                "Other nodes that publish a usable key and endpoint.",
                [("", self.peers_expected)])

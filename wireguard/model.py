@@ -25,6 +25,7 @@ Purely computational: no I/O, no clocks.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ DEFAULT_MTU = 1420
 MIN_MTU = 68
 MAX_MTU = 65535
 IFNAMSIZ = 16
+
+_MEMO = 1 << 15
+"""Entries kept by the memoised text parsers below: `ipaddress` parses a few thousand
+addresses a second per core, and an agent re-reads the same thousands of endpoints and
+allowed-ips on every resync. The parsers are pure, so the memo only changes the cost."""
 
 
 # --- small parsers, all purely computational ---------------------------------------------
@@ -61,14 +67,21 @@ def parse_allowed_ips(items: Iterable[str | IPNetwork] | str | IPNetwork) -> tup
             continue
         if not isinstance(item, str):
             raise ValueError(f"an allowed ip must be a CIDR string, not {type(item).__name__}")
-        text = item.strip()
-        if "/" not in text:
-            raise ValueError(f"allowed ip {text!r} has no prefix length (write e.g. {text}/32)")
-        try:
-            networks.add(ipaddress.ip_network(text, strict=False))
-        except ValueError as exc:
-            raise ValueError(f"allowed ip {text!r} is not a network: {exc}") from None
+        networks.add(_parse_network(item))
+    if len(networks) == 1:
+        return tuple(networks)
     return tuple(sorted(networks, key=_network_sort_key))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _parse_network(item: str) -> IPNetwork:
+    text = item.strip()
+    if "/" not in text:
+        raise ValueError(f"allowed ip {text!r} has no prefix length (write e.g. {text}/32)")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"allowed ip {text!r} is not a network: {exc}") from None
 
 
 def _network_sort_key(net: IPNetwork) -> tuple[int, int, int]:
@@ -113,6 +126,13 @@ def format_endpoint(address: IPAddress, port: int) -> str:
 
 def normalise_endpoint(text: str) -> str:
     """Validate an endpoint and return its canonical spelling. Purely computational."""
+    if not isinstance(text, str):
+        return format_endpoint(*parse_endpoint(text))  # raises ValueError
+    return _normalise_endpoint(text)
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _normalise_endpoint(text: str) -> str:
     return format_endpoint(*parse_endpoint(text))
 
 
@@ -154,6 +174,8 @@ class Peer:
     endpoint: str | None
     allowed_ips: tuple[IPNetwork, ...]
     persistent_keepalive: int
+    _ip_keys: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __init__(self, public_key: str, *, endpoint: str | None = None,
                  allowed_ips: Iterable[str | IPNetwork] | str = (),
@@ -164,6 +186,14 @@ class Peer:
         _set(self, "allowed_ips", parse_allowed_ips(allowed_ips))
         _set(self, "persistent_keepalive",
              _check_int("persistent_keepalive", persistent_keepalive, 0, 65535))
+        # Worked out once per value: `ipaddress` hashes networks in Python, and a device
+        # of 5,000 peers is hashed, compared and checked on every pass of an agent.
+        _set(self, "_ip_keys", tuple(_network_sort_key(n) for n in self.allowed_ips))
+        _set(self, "_hash", hash((self.public_key, self.endpoint, self._ip_keys,
+                                  self.persistent_keepalive)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, init=False)
@@ -206,9 +236,13 @@ class Device:
         for peer in peers:
             if not isinstance(peer, Peer):
                 raise ValueError(f"peers must be Peer values, not {type(peer).__name__}")
-        peers = tuple(sorted(peers, key=lambda p: p.public_key))
+        peers = tuple(sorted(peers, key=_public_key_of))
+        keys = {p.public_key for p in peers}
+        ips = [k for p in peers for k in p._ip_keys]
+        if len(keys) == len(peers) and self.public_key not in keys and len(set(ips)) == len(ips):
+            return peers  # the common case, checked in bulk; the loop below names the fault
         seen_keys: set[str] = set()
-        owner: dict[IPNetwork, str] = {}
+        owner: dict[tuple[int, int, int], str] = {}
         own = self.public_key
         for peer in peers:
             if peer.public_key in seen_keys:
@@ -217,12 +251,27 @@ class Device:
             if own is not None and peer.public_key == own:
                 raise ValueError(f"device {self.name}: peer {peer.public_key} is this device's "
                                  "own public key")
-            for net in peer.allowed_ips:
-                if net in owner:
+            for net, key in zip(peer.allowed_ips, peer._ip_keys, strict=True):
+                if key in owner:
                     raise ValueError(f"device {self.name}: allowed ip {net} is on two peers "
-                                     f"({owner[net]} and {peer.public_key})")
-                owner[net] = peer.public_key
+                                     f"({owner[key]} and {peer.public_key})")
+                owner[key] = peer.public_key
         return peers
+
+    def with_settings(self, *, private_key: str | None, listen_port: int) -> Device:
+        """This device with another key and port, its peers kept as they are (not checked
+        again unless the key changes: checking 5,000 peers costs tens of milliseconds, and
+        only the own-key rule depends on the key)."""
+        copy = object.__new__(Device)
+        for name in ("name", "fwmark", "mtu", "up", "peers"):
+            object.__setattr__(copy, name, getattr(self, name))
+        object.__setattr__(copy, "private_key",
+                           None if private_key is None else normalise_key(private_key))
+        object.__setattr__(copy, "listen_port",
+                           _check_int("listen_port", listen_port, 0, 65535))
+        if copy.private_key != self.private_key:
+            object.__setattr__(copy, "peers", copy._checked_peers(self.peers))
+        return copy
 
     @property
     def public_key(self) -> str | None:
@@ -236,6 +285,10 @@ class Device:
             if candidate.public_key == wanted:
                 return candidate
         return None
+
+
+def _public_key_of(peer: Peer) -> str:
+    return peer.public_key
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def plan_device(desired: Device, observed: Device | None) -> DevicePlan:
     updates = []
     for peer in desired.peers:
         old = have.get(peer.public_key)
-        if old is None:
+        if old is None or old is peer:  # `is`: the same memoised value, nothing to compare
             continue
         update = _peer_update(peer, old)
         if update is not None:
@@ -141,6 +141,34 @@ def plan_device(desired: Device, observed: Device | None) -> DevicePlan:
         update_peers=tuple(updates),
         remove_peers=remove,
     )
+
+
+def compute_device_after(desired: Device, observed: Device | None) -> Device:
+    """The device as it is once `plan_device(desired, observed)` has been carried out in
+    full: `desired`, except where desired says "leave as it is" (no private key, port 0,
+    a peer without endpoint), which keep what `observed` had. Purely computational.
+
+    For callers that remember what they wrote instead of reading it back (the node
+    agent's tracked dataplane): `plan_device(desired, compute_device_after(desired, o))`
+    is always empty."""
+    if observed is None:
+        observed = _blank(desired.name)
+    private_key = desired.private_key if desired.private_key is not None \
+        else observed.private_key
+    listen_port = desired.listen_port or observed.listen_port
+    if any(p.endpoint is None for p in desired.peers):
+        had = {p.public_key: p for p in observed.peers}
+        peers = []
+        for want in desired.peers:
+            old = had.get(want.public_key)
+            roamed = want.endpoint is None and old is not None and old.endpoint is not None
+            peers.append(Peer(want.public_key, endpoint=old.endpoint,
+                              allowed_ips=want.allowed_ips,
+                              persistent_keepalive=want.persistent_keepalive)
+                         if roamed and old is not None else want)
+        return Device(desired.name, private_key=private_key, listen_port=listen_port,
+                      fwmark=desired.fwmark, mtu=desired.mtu, peers=peers, up=desired.up)
+    return desired.with_settings(private_key=private_key, listen_port=listen_port)
 
 
 def _blank(name: str) -> Device:

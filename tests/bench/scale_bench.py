@@ -1,18 +1,19 @@
 """Control-plane scale: the agent's mesh reconcile against 1,000 and 5,000 simulated nodes.
 
 Run as root:  .venv/bin/python tests/bench/scale_bench.py [--sizes 1000,5000]
-                  [--variants proposed,as-is] [--timeout 240] [--resync] [--profile DIR]
-                  [--json FILE]
+                  [--timeout 240] [--profile DIR] [--json FILE]
 
 What is measured is the node agent's own mesh path, with the real code at every step:
 a FileDatastore holding N Node objects (spec.podCIDRs: one /28 each out of 198.18.0.0/15,
 which has 8,192 of them; a valid WireGuard public key and an endpoint in 203.0.113.0/24 in
 the annotations — nothing is ever sent there: no keepalive, no traffic) is read by the
-real `Informer` (list, then watch), each object goes through `parse_node`, `compute_mesh`
-computes the device and routes, and `wireguard.backend.apply_device` (the userspace
-backend `detect_backend("userspace")` returns: wireguard-go over its UAPI socket) and
-`nodeagent.routes.apply_routes` (`NetlinkRoutes`, pyroute2) program them — the same
-calls, in the same order, as `Agent._reconcile`'s mesh part (the nftables, egress and
+real `Informer` (list, then watch), the objects go through the agent's `NodeParseCache`
+(`parse_node` for the ones that changed), `compute_mesh` computes the device and routes,
+and `nodeagent.tracker.apply_device_tracked` (the userspace backend
+`detect_backend("userspace")` returns: wireguard-go over its UAPI socket) and
+`nodeagent.routes.apply_routes` (`NetlinkRoutes`, rtnetlink), each with its
+`TrackedDataplane`, program them — the same calls, in the same order, with the same
+resync interval (10 s), as `Agent._reconcile`'s mesh part (the nftables, egress and
 publish steps are left out).
 
 Every size runs in a process of its own (so its peak RSS is its own) inside a throwaway
@@ -23,15 +24,16 @@ gets an empty /var/run/wireguard as the mount point, as `meshgress lab` does). P
 
 - full sync: from starting the informer (datastore list) to all N-1 peers and N-1 routes
   (+ the unreachable fallback) in the kernel, checked afterwards with `wg` and `ip`;
-- idle resync (with --resync): one more reconcile with nothing changed (the agent does
-  this every resync interval; both plans are empty). Off by default: the endpoint
-  change's reconcile costs the same plus one peer;
 - endpoint change: one node's endpoint annotation is patched in the datastore; timed from
   the patch to the reconcile that follows it done (the plan must update exactly that
   peer's endpoint and change no route). "reconcile" is the part after the watch event
   reached the cache; the rest is the file datastore's watch poll (50 ms);
 - node added: a new Node object is created; the same timing (one peer and one route
-  added, nothing else);
+  added, nothing else). Both changes are event-triggered passes: they plan against the
+  tracked dataplane, as the agent's do between resyncs ("read" says whether a pass read
+  the kernel);
+- resync: the periodic full read (the trackers' resync is made due), which must find
+  the kernel exactly as tracked: both plans empty, or the run fails;
 - peak RSS of the process (ru_maxrss) and of its wireguard-go (VmHWM).
 
 A run (one size, one variant) that exceeds --timeout (default 240 s; all four runs take
@@ -40,18 +42,14 @@ under a minute together on a quiet machine, several minutes when it is busy) is 
 such, so `make bench` stays bounded.
 
 Each reconcile is broken down by stage — list (informer), write (the datastore change),
-parse (parse_node), compute (compute_mesh), wg link (link get), uapi get (the socket
+parse (NodeParseCache), compute (compute_mesh), wg link (link get), uapi get (the socket
 exchange), parse+plan (parse_uapi_get + plan_device + building the set request),
-uapi set, wg mtu/up, rt dump (NetlinkRoutes.read), rt ifindex (link lookups), rt replace —
-so a slow stage is named.
+uapi set, wg mtu/up, rt dump (NetlinkRoutes.read), rt ifindex (link lookups), rt replace,
+rt delete — so a slow stage is named.
 
-Variants: `as-is` runs the code unchanged; `proposed` swaps in the fix this benchmark
-proposes, defined below and nowhere else: `nodeagent.routes.NetlinkRoutes` /
-`apply_routes` (one pyroute2 request per route: pyroute2 0.9's synchronous API runs an
-asyncio loop per call) → the same adapter with a `struct`-parsed route dump and a batched
-`replace_many` on a plain rtnetlink socket, as `cni/netlink.py` already does for pods (its
-read is checked to equal the original's after the full sync). The kernel end state is
-checked the same way in both.
+There is one variant, `as-is` (the code unchanged); `--variants` stays for the report's
+column. The earlier `proposed` variant (a struct-parsed route dump and batched writes) is
+now the product's `NetlinkRoutes`.
 
 Everything is removed afterwards, also on failure: the inner process deletes meshgress0
 (wireguard-go then exits by itself); the outer one stops whatever is still in the
@@ -73,14 +71,12 @@ import re
 import resource
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,176 +164,6 @@ def populate(root: Path, nodes: int) -> float:
     return time.perf_counter() - started
 
 
-# --- the proposed fix for the routes adapter ---------------------------------------------
-
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x100, 0x400, 0x300
-RTA_DST, RTA_OIF = 1, 4
-SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
-_NLMSGHDR = struct.Struct("=IHHII")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_RTATTR = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-WRITE_BATCH = 64
-
-
-def _rta(kind: int, payload: bytes) -> bytes:
-    size = _RTATTR.size + len(payload)
-    return _RTATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def make_proposed_routes() -> Any:
-    """Proposed NetlinkRoutes (nodeagent/routes.py): the same class, with `read` doing
-    one rtnetlink dump parsed with `struct` (kernel-side filtered to the main table and
-    ROUTE_PROTOCOL where the kernel has NETLINK_GET_STRICT_CHK) and a new
-    `replace_many` that sends RTM_NEWROUTE (NLM_F_CREATE|NLM_F_REPLACE|NLM_F_ACK)
-    messages packed with `struct`, WRITE_BATCH to a send(), on a plain NETLINK_ROUTE
-    socket, then reads every ack before raising the first error. The mesh interface's
-    index is looked up once per call, not once per route. `delete` stays as it is."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    from meshgress.kernel_ids import ROUTE_PROTOCOL
-    from nodeagent.mesh import RouteSpec
-    from nodeagent.routes import (
-        MAIN_TABLE,
-        RT_SCOPE_LINK,
-        RT_SCOPE_UNIVERSE,
-        RTN_UNICAST,
-        RTN_UNREACHABLE,
-        NetlinkRoutes,
-    )
-
-    class ProposedNetlinkRoutes(NetlinkRoutes):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._sock = socket.socket(socket.AF_NETLINK,
-                                       socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                       socket.NETLINK_ROUTE)
-            self._sock.bind((0, 0))
-            with contextlib.suppress(OSError):  # kernels before 4.20 filter nothing
-                self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-            self._seq = 0
-
-        def close(self) -> None:
-            self._sock.close()
-            super().close()
-
-        def _next_seq(self) -> int:
-            self._seq = self._seq % 0x7FFFFFFF + 1
-            return self._seq
-
-        def _messages(self, data: bytes) -> Iterator[tuple[int, int, bytes]]:
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size:
-                    break
-                yield kind, seq, data[offset + _NLMSGHDR.size:offset + length]
-                offset += (length + 3) & ~3
-
-        def read(self) -> frozenset[RouteSpec]:
-            mesh_index = self._ifindex(self._mesh_interface)
-            seq = self._next_seq()
-            request = _RTMSG.pack(socket.AF_INET, 0, 0, 0, MAIN_TABLE, ROUTE_PROTOCOL, 0, 0, 0)
-            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), RTM_GETROUTE,
-                                           NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
-            owned: set[RouteSpec] = set()
-            while True:
-                for kind, got_seq, body in self._messages(self._sock.recv(1 << 20)):
-                    if got_seq != seq:
-                        continue
-                    if kind == NLMSG_DONE:
-                        return frozenset(owned)
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", body)
-                        raise NetlinkError(-code, "route dump failed")
-                    if kind != RTM_NEWROUTE:
-                        continue
-                    (_family, dst_len, _src_len, _tos, table, proto, _scope, rtype,
-                     _flags) = _RTMSG.unpack_from(body)
-                    if proto != ROUTE_PROTOCOL:
-                        continue
-                    dst, oif, table_attr = b"\0\0\0\0", None, table
-                    offset = _RTMSG.size
-                    while offset + _RTATTR.size <= len(body):
-                        size, attr = _RTATTR.unpack_from(body, offset)
-                        if size < _RTATTR.size:
-                            break
-                        value = body[offset + _RTATTR.size:offset + size]
-                        if attr == RTA_DST:
-                            dst = value
-                        elif attr == RTA_OIF:
-                            (oif,) = _U32.unpack(value)
-                        elif attr == 15:  # RTA_TABLE: the full table id
-                            (table_attr,) = _U32.unpack(value)
-                        offset += (size + 3) & ~3
-                    if table_attr != MAIN_TABLE:
-                        continue
-                    net = ipaddress.IPv4Network((int.from_bytes(dst, "big"), dst_len))
-                    if rtype == RTN_UNREACHABLE:
-                        owned.add(RouteSpec(dst=net, type="unreachable"))
-                    elif rtype == RTN_UNICAST and mesh_index is not None and oif == mesh_index:
-                        owned.add(RouteSpec(dst=net, oif=self._mesh_interface))
-
-        def replace(self, route: RouteSpec) -> None:
-            self.replace_many((route,))
-
-        def replace_many(self, routes: Iterable[RouteSpec]) -> None:
-            indexes: dict[str, int] = {}
-            encoded: list[tuple[int, RouteSpec, bytes]] = []
-            for route in routes:
-                attrs = _rta(RTA_DST, route.dst.network_address.packed)
-                if route.type == "unreachable":
-                    head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
-                                       route.protocol, RT_SCOPE_UNIVERSE, RTN_UNREACHABLE, 0)
-                else:
-                    assert route.oif is not None
-                    if route.oif not in indexes:
-                        index = self._ifindex(route.oif)
-                        if index is None:
-                            raise NetlinkError(19, f"route {route.dst}: interface "
-                                                   f"{route.oif} does not exist")
-                        indexes[route.oif] = index
-                    head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
-                                       route.protocol, RT_SCOPE_LINK, RTN_UNICAST, 0)
-                    attrs += _rta(RTA_OIF, _U32.pack(indexes[route.oif]))
-                seq = self._next_seq()
-                body = head + attrs
-                encoded.append((seq, route, _NLMSGHDR.pack(
-                    _NLMSGHDR.size + len(body), RTM_NEWROUTE,
-                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, 0) + body))
-            failed: list[tuple[int, RouteSpec]] = []
-            for start in range(0, len(encoded), WRITE_BATCH):
-                batch = encoded[start:start + WRITE_BATCH]
-                pending = {seq: route for seq, route, _ in batch}
-                self._sock.send(b"".join(message for _, _, message in batch))
-                while pending:
-                    for kind, seq, body in self._messages(self._sock.recv(1 << 16)):
-                        if kind == NLMSG_ERROR and seq in pending:
-                            (code,) = struct.unpack_from("=i", body)
-                            route = pending.pop(seq)
-                            if code:
-                                failed.append((-code, route))
-            if failed:
-                code, route = failed[0]
-                raise NetlinkError(code, f"route {route.dst}: {os.strerror(code)} "
-                                         f"({len(failed)} routes failed)")
-
-    return ProposedNetlinkRoutes
-
-
-def proposed_apply_routes(adapter: Any, desired: tuple[Any, ...]) -> Any:
-    """Proposed apply_routes: the same plan, the adds in one batched call."""
-    from nodeagent.routes import plan_routes
-
-    plan = plan_routes(desired, adapter.read())
-    adapter.replace_many(plan.add)
-    for route in plan.remove:
-        adapter.delete(route)
-    return plan
-
-
 # --- timing -----------------------------------------------------------------------------
 
 
@@ -376,11 +202,10 @@ def instrument(clock: Clock, backend: Any, routes: Any) -> None:
                                  backend.request)
     backend.links.get = clock.wrap("wg.link_get", backend.links.get)
     backend.links.configure = clock.wrap("wg.link_set", backend.links.configure)
+    routes.ifindex = clock.wrap("routes.link_lookup", routes.ifindex)
     routes.read = clock.wrap("routes.dump", routes.read)
-    routes._ipr.route = clock.wrap(lambda op, **_kw: f"routes.{op}", routes._ipr.route)
-    routes._ipr.link_lookup = clock.wrap("routes.link_lookup", routes._ipr.link_lookup)
-    if hasattr(routes, "replace_many"):
-        routes.replace_many = clock.wrap("routes.replace", routes.replace_many)
+    routes.replace = clock.wrap("routes.replace", routes.replace)
+    routes.delete = clock.wrap("routes.delete", routes.delete)
 
 
 # --- inside the namespaces: the measurement -----------------------------------------------
@@ -392,7 +217,10 @@ class Body:
         from meshgress.datastore import Kind
         from meshgress.datastore.file import FileDatastore
         from meshgress.datastore.informer import Informer
+        from nodeagent.agent import AgentConfig
+        from nodeagent.mesh import NodeParseCache
         from nodeagent.routes import NetlinkRoutes
+        from nodeagent.tracker import TrackedDataplane
         from wireguard.backend import detect_backend
         from wireguard.keys import generate_private_key
 
@@ -402,30 +230,43 @@ class Body:
         self.poke = threading.Event()
         self.informer = Informer(self.store, Kind.NODE, on_change=self.poke.set)
         self.backend = detect_backend("userspace")
-        self.routes = make_proposed_routes()() if args.variant == "proposed" else NetlinkRoutes()
+        self.routes = NetlinkRoutes()
         instrument(self.clock, self.backend, self.routes)
+        # As the agent has them (AgentConfig's resync interval).
+        self.node_cache = NodeParseCache()
+        resync = AgentConfig.resync_interval
+        self.skew = 0.0  # added to the trackers' clock, to make a resync due on purpose
+        self.wg_tracked: Any = TrackedDataplane("wireguard", resync_interval=resync,
+                                                clock=self.tracker_clock)
+        self.routes_tracked: Any = TrackedDataplane("routes", resync_interval=resync,
+                                                    clock=self.tracker_clock)
         self.private_key = generate_private_key()
         self.cluster = ClusterConfig(pod_cidrs=(POD_RANGE,), service_cidrs=(SERVICE_RANGE,))
         self.profile = cProfile.Profile() if args.profile else None
 
+    def tracker_clock(self) -> float:
+        return time.monotonic() + self.skew
+
     def reconcile(self) -> dict[str, Any]:
         """The mesh part of Agent._reconcile, stage by stage."""
-        from nodeagent.mesh import MeshInputs, compute_mesh, parse_node
+        from nodeagent.mesh import MeshInputs, compute_mesh
         from nodeagent.routes import apply_routes
-        from wireguard.backend import apply_device
+        from nodeagent.tracker import apply_device_tracked
 
         clock = self.clock
         with clock.stage("parse"):
-            nodes = tuple(parse_node(o) for o in self.informer.snapshot().values())
+            nodes = tuple(self.node_cache.parse_all(self.informer.snapshot().values()))
         with clock.stage("compute"):
             mesh = compute_mesh(MeshInputs(self_name=SELF, nodes=nodes,
                                            private_key=self.private_key, mtu=MTU,
                                            cluster=self.cluster))
         with clock.stage("wireguard"):
-            wg_plan = apply_device(self.backend, mesh.device)
+            wg_plan = apply_device_tracked(self.backend, mesh.device, self.wg_tracked)
         with clock.stage("routes"):
-            route_plan = apply_routes(self.routes, mesh.routes)
+            route_plan = apply_routes(self.routes, mesh.routes, self.routes_tracked)
         return {"peers": len(mesh.device.peers), "routes": len(mesh.routes),
+                "read": {"wireguard": self.wg_tracked.last_pass_read,
+                         "routes": self.routes_tracked.last_pass_read},
                 "skipped": len(mesh.skipped),
                 "wg_plan": {"add": len(wg_plan.add_peers), "update": len(wg_plan.update_peers),
                             "remove": len(wg_plan.remove_peers), "create": wg_plan.create,
@@ -495,29 +336,28 @@ class Body:
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         full = self.full_sync()
         peers, routes = self.kernel_counts()
-        if self.args.variant == "proposed":
-            # The proposed read must see exactly what the original one sees.
-            from nodeagent.routes import NetlinkRoutes
-
-            original = NetlinkRoutes()
-            try:
-                if original.read() != self.routes.read():
-                    raise RuntimeError("the proposed routes read differs from the original")
-            finally:
-                original.close()
         expected = self.args.nodes - 1
         if (peers, routes) != (expected, expected + 1):
             raise RuntimeError(f"after the full sync the kernel has {peers} peers and "
                                f"{routes} routes, not {expected} and {expected + 1}")
         self.emit(full)
-        if self.args.resync:
-            self.emit(self.timed("idle resync", None))
-        self.emit(self.timed("endpoint change", lambda: self.store.patch_annotations(
+        change = self.timed("endpoint change", lambda: self.store.patch_annotations(
             Kind.NODE, CHANGED,
-            {ENDPOINT_ANNOTATION: f"{endpoint_ip(42)}:{endpoint_port(42) + 10000}"})))
+            {ENDPOINT_ANNOTATION: f"{endpoint_ip(42)}:{endpoint_port(42) + 10000}"}))
+        self.emit(change)
+        expect(change, wg=(0, 1, 0), routes=(0, 0), read=False)
+        if change["wg_plan"]["updated_fields"] != ["endpoint"]:
+            raise RuntimeError(f"endpoint change: updated {change['wg_plan']}")
         cidr = list(POD_RANGE.subnets(new_prefix=POD_PREFIX))[self.args.nodes]
-        self.emit(self.timed("node added", lambda: self.store.create(node_object(
-            self.args.nodes, cidr, public_key(generate_private_key())))))
+        added = self.timed("node added", lambda: self.store.create(node_object(
+            self.args.nodes, cidr, public_key(generate_private_key()))))
+        self.emit(added)
+        expect(added, wg=(1, 0, 0), routes=(1, 0), read=False)
+        # The periodic resync: a full read, which must find the kernel as tracked.
+        self.skew += self.wg_tracked.resync_interval
+        resync = self.timed("resync", None)
+        self.emit(resync)
+        expect(resync, wg=(0, 0, 0), routes=(0, 0), read=True)
         peers_after, routes_after = self.kernel_counts()
         wg_pid = getattr(self.backend, "pid", lambda _name: None)("meshgress0")
         wg_hwm = 0
@@ -546,11 +386,21 @@ class Body:
         self.store.close()
 
 
-def inner(args: argparse.Namespace) -> int:
-    if args.variant == "proposed":
-        from nodeagent import routes
+def expect(phase: dict[str, Any], *, wg: tuple[int, int, int], routes: tuple[int, int],
+           read: bool) -> None:
+    """The plans a phase must have made (peers added/updated/removed, routes added/removed)
+    and whether it must have read the kernel; anything else fails the run."""
+    got_wg = (phase["wg_plan"]["add"], phase["wg_plan"]["update"], phase["wg_plan"]["remove"])
+    got_routes = (phase["route_plan"]["add"], phase["route_plan"]["remove"])
+    got_read = phase["read"]["wireguard"] and phase["read"]["routes"]
+    got_none = not (phase["read"]["wireguard"] or phase["read"]["routes"])
+    if got_wg != wg or got_routes != routes or not (got_read if read else got_none):
+        raise RuntimeError(f"{phase['phase']}: planned peers +/~/- {got_wg}, routes +/- "
+                           f"{got_routes}, read {phase['read']}; expected {wg}, {routes}, "
+                           f"read {read}")
 
-        routes.apply_routes = proposed_apply_routes
+
+def inner(args: argparse.Namespace) -> int:
     # Stopped at its time limit: SIGTERM, so the finally below still removes meshgress0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     body = Body(args)
@@ -612,8 +462,6 @@ def measure_size(nodes: int, variant: str, datastore: Path,
                 "--nodes", str(nodes), "--variant", variant, "--datastore", str(datastore)]
         if args.profile:
             argv += ["--profile", str(Path(args.profile).resolve())]
-        if args.resync:
-            argv.append("--resync")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=REPO)
         stopped = None
@@ -697,7 +545,8 @@ STAGES = (("datastore_list", "list"), ("datastore_write", "write"), ("parse", "p
           ("compute", "compute"), ("wg.link_get", "wg link"), ("wg.uapi_get", "uapi get"),
           ("wg.read_parse", "parse+plan"), ("wg.uapi_set", "uapi set"),
           ("wg.link_set", "wg mtu/up"), ("routes.dump", "rt dump"),
-          ("routes.link_lookup", "rt ifindex"), ("routes.replace", "rt replace"))
+          ("routes.link_lookup", "rt ifindex"), ("routes.replace", "rt replace"),
+          ("routes.delete", "rt delete"))
 
 
 def stage_values(phase: dict[str, Any]) -> dict[str, float]:
@@ -713,7 +562,7 @@ def fmt_s(value: float) -> str:
     return f"{value * 1e3:.0f}ms" if value < 10 else f"{value:.1f}s"
 
 
-PHASES = ("full sync", "idle resync", "endpoint change", "node added")
+PHASES = ("full sync", "endpoint change", "node added", "resync")
 
 
 def loadavg() -> str:
@@ -723,18 +572,19 @@ def loadavg() -> str:
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
            load_before: str) -> None:
     print("Mesh control-plane scale: FileDatastore → Informer → parse_node → compute_mesh → "
-          "apply_device (wireguard-go UAPI) → apply_routes (pyroute2)")
+          "apply_device_tracked (wireguard-go UAPI) → apply_routes (rtnetlink), both "
+          "against the tracked dataplane between full reads")
     print(f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python "
           f"{platform.python_version()}; load average {load_before} → {loadavg()}; "
           f"{wall:.0f}s in all")
     print(f"command: .venv/bin/python tests/bench/scale_bench.py --sizes {args.sizes} "
-          f"--variants {args.variants} --timeout {args.timeout:g}"
-          + (" --resync" if args.resync else ""))
+          f"--variants {args.variants} --timeout {args.timeout:g}")
     print("total = from the datastore list (full sync) or write (changes) to the kernel "
-          "programmed; reconcile = compute + plan + apply after the cache has it")
+          "programmed; reconcile = compute + plan + apply after the cache has it; read = the "
+          "pass read the kernel in full (start, resync) rather than the tracked state")
     print()
     header = (f"{'nodes':>6} {'variant':<9}{'phase':<16}{'total':>9}{'reconcile':>10}"
-              f"{'wg plan +/~/-':>16}{'routes +/-':>12}")
+              f"{'wg plan +/~/-':>16}{'routes +/-':>12}{'read':>6}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -744,10 +594,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
             print(f"{row['nodes']:>6} {row['variant']:<9}{p['phase']:<16}"
                   f"{fmt_s(p['total_s']):>9}{fmt_s(p['reconcile_s']):>10}"
                   f"{wg['add']:>10}/{wg['update']}/{wg['remove']:<3}"
-                  f"{rp['add']:>8}/{rp['remove']:<3}")
+                  f"{rp['add']:>8}/{rp['remove']:<3}"
+                  f"{'yes' if any(p.get('read', {}).values()) else 'no':>6}")
         if row["stopped"]:
-            missing = [ph for ph in PHASES if ph not in done
-                       and (ph != "idle resync" or args.resync)]
+            missing = [ph for ph in PHASES if ph not in done]
             print(f"{row['nodes']:>6} {row['variant']:<9}{', '.join(missing)}: not reached "
                   f"({row['stopped']})")
     print()
@@ -809,12 +659,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000")
-    parser.add_argument("--variants", default="proposed,as-is",
-                        help="as-is: the code unchanged; proposed: with the proposed "
-                             "_colliding_cidrs (see the module docstring)")
+    parser.add_argument("--variants", default="as-is", choices=("as-is",),
+                        help="as-is: the code unchanged (the only variant left; see the "
+                             "module docstring)")
     parser.add_argument("--profile", help="write a cProfile of each run's reconciles here")
-    parser.add_argument("--resync", action="store_true",
-                        help="also time an idle resync (a reconcile with nothing changed)")
     parser.add_argument("--timeout", type=float, default=240,
                         help="per run (one size, one variant), seconds; the phases not "
                              "reached by then are reported as such")

@@ -129,9 +129,10 @@ def cleanup_leftovers(prefix: str) -> None:
         delete_netns(name)
 
 
-def socket_in_netns(netns: str, family: int = socket.AF_INET,
-                    kind: int = socket.SOCK_DGRAM) -> socket.socket:
-    """A socket created inside a named network namespace (by a thread that entered it)."""
+def call_in_netns(netns: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` called by a short-lived thread that entered a named network namespace: what
+    it creates (a socket) stays bound to that namespace (the test process never leaves
+    the host's)."""
     box: dict[str, Any] = {}
 
     def enter() -> None:
@@ -142,7 +143,7 @@ def socket_in_netns(netns: str, family: int = socket.AF_INET,
                     raise OSError(ctypes.get_errno(), "setns")
             finally:
                 os.close(fd)
-            box["sock"] = socket.socket(family, kind)
+            box["value"] = fn()
         except BaseException as exc:
             box["error"] = exc
 
@@ -151,7 +152,14 @@ def socket_in_netns(netns: str, family: int = socket.AF_INET,
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["sock"]
+    return box["value"]
+
+
+def socket_in_netns(netns: str, family: int = socket.AF_INET,
+                    kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket created inside a named network namespace (by a thread that entered it)."""
+    sock: socket.socket = call_in_netns(netns, lambda: socket.socket(family, kind))
+    return sock
 
 
 @pytest.fixture(scope="session")
