@@ -183,6 +183,8 @@ class Rtnl:
     ) -> tuple[list[list[tuple[int, bytes]]], dict[int, NetlinkError]]:
         """As `batch`, but nothing is raised for a failed request: the failures come back
         by position, for callers to whom some errnos are success (ESRCH on a delete)."""
+        if not messages:
+            return [], {}  # an empty datagram is an error (ENODATA), not a no-op
         with self._lock:
             seqs, chunks = [], []
             for msg_type, flags, payload in messages:

@@ -260,6 +260,7 @@ class Agent:
             # Kernel and datastore errors are transient from here: count, log, retry.
             self.metrics.errors[op] = self.metrics.errors.get(op, 0) + 1
             log.warning("reconcile %s failed: %s", op, exc)
+            log.debug("reconcile %s failed", op, exc_info=True)
             return False
         lines = plan.describe() if hasattr(plan, "describe") else []
         for line in lines:

@@ -2,25 +2,49 @@
 
 Plans against the kernel as it is now. meshgress owns: interfaces named `mge` + 8 hex
 digits (the gateway's own `mgeg…` interfaces are never touched), `ip rule`s at
-RULE_PRIORITY_EGRESS with the meshgress fwmark mask, and routes tagged with its route
-protocol in tables ROUTING_TABLE_BASE..+255. Work is split in two phases so that a
+RULE_PRIORITY_EGRESS with the meshgress fwmark mask, and default routes tagged with its
+route protocol in tables ROUTING_TABLE_BASE..+255 (a blackhole in the drop table, one
+through each slot interface in its table). Work is split in two phases so that a
 reconcile adds everything new (interfaces, tables, rules) before the nftables marks
 point at it, and removes what is obsolete only after the marks stopped pointing at it.
+
+Every pass reads what it plans against, so the reads must be cheap even on a node with
+thousands of mesh routes in its main table: routes are read by small dumps the kernel
+filters (NETLINK_GET_STRICT_CHK) — one per slot interface (routes through it) and one for
+blackholes, both of meshgress's protocol — rather than one dump of every table; rules by
+one rule dump. Plain rtnetlink (`cni.netlink.Rtnl`), no pyroute2: its synchronous calls
+cost about a millisecond each, which made this step most of a pass's time. The message
+codec is pure and tested without root.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import re
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from cni.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    RT_SCOPE_LINK,
+    RTM_DELROUTE,
+    RTM_GETROUTE,
+    RTM_NEWROUTE,
+    Message,
+    Rtnl,
+    add_address_message,
+    add_route_message,
+)
 from meshgress.kernel_ids import (
     FWMARK_MASK,
     ROUTE_PROTOCOL,
@@ -35,55 +59,169 @@ log = logging.getLogger("meshgress.egress")
 
 NODE_SLOT_INTERFACE = re.compile(r"^mge[0-9a-f]{8}$")
 TABLE_RANGE = range(ROUTING_TABLE_BASE, ROUTING_TABLE_BASE + 256)
-ESRCH, ENOENT, EEXIST = 3, 2, 17
+
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
+FR_ACT_TO_TBL = 1
+RTN_UNICAST, RTN_BLACKHOLE = 1, 6
+RTA_OIF, RTA_TABLE = 4, 15
+RT_TABLE_UNSPEC = 0
+RT_SCOPE_NOWHERE = 255
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
+_RTATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+
+Observed = tuple[int, str | None]
+"""(table, interface) of an owned default route; interface None: a blackhole."""
+
+
+# --- the rtnetlink codec (pure) ----------------------------------------------------------
+
+
+def _rta(kind: int, payload: bytes) -> bytes:
+    size = _RTATTR.size + len(payload)
+    return _RTATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _attrs(body: bytes, offset: int) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    while offset + 4 <= len(body):
+        size, kind = _RTATTR.unpack_from(body, offset)
+        if size < 4:
+            break
+        found[kind & 0x3FFF] = body[offset + 4:offset + size]
+        offset += (size + 3) & ~3
+    return found
+
+
+def _u32(attrs: dict[int, bytes], kind: int) -> int | None:
+    raw = attrs.get(kind)
+    return _U32.unpack(raw)[0] if raw is not None and len(raw) == 4 else None
+
+
+def route_dump_message(route_type: int, oif: int | None = None) -> Message:
+    """A dump of IPv4 routes of meshgress's protocol and `route_type` in every table
+    (through `oif` when given): filtered by the kernel when strict checking is on."""
+    body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL, 0,
+                       route_type, 0)
+    if oif is not None:
+        body += _rta(RTA_OIF, _U32.pack(oif))
+    return (RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body)
+
+
+def decode_table_route(body: bytes, names: dict[int, str]) -> Observed | None:
+    """(table, interface) when `body` is an owned default route in a steering table."""
+    if len(body) < _RTMSG.size:
+        return None
+    family, dst_len, _src, _tos, table, proto, _scope, kind, _ = _RTMSG.unpack_from(body)
+    if family != socket.AF_INET or proto != ROUTE_PROTOCOL or dst_len != 0:
+        return None
+    attrs = _attrs(body, _RTMSG.size)
+    table = _u32(attrs, RTA_TABLE) or table
+    if table not in TABLE_RANGE:
+        return None
+    if kind == RTN_BLACKHOLE:
+        return (table, None)
+    oif = _u32(attrs, RTA_OIF)
+    if kind == RTN_UNICAST and oif is not None and oif in names:
+        return (table, names[oif])
+    return None
+
+
+def blackhole_route_message(table: int) -> Message:
+    body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL, 0,
+                        RTN_BLACKHOLE, 0) + _rta(RTA_TABLE, _U32.pack(table)))
+    return (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+def delete_default_route_message(table: int) -> Message:
+    """Delete the owned default route of `table`, whatever its type and scope (scope
+    "nowhere" matches every scope)."""
+    body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL,
+                        RT_SCOPE_NOWHERE, 0, 0)
+            + _rta(RTA_TABLE, _U32.pack(table)))
+    return (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, body)
+
+
+def rule_dump_message() -> Message:
+    return (RTM_GETRULE, NLM_F_REQUEST | NLM_F_DUMP,
+            _FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
+def decode_rule(body: bytes) -> tuple[int, int] | None:
+    """(fwmark, table) when `body` is one of meshgress's egress rules."""
+    if len(body) < _FIB_RULE_HDR.size:
+        return None
+    family, _dst, _src, _tos, table, _r1, _r2, _action, _flags = _FIB_RULE_HDR.unpack_from(body)
+    attrs = _attrs(body, _FIB_RULE_HDR.size)
+    mark, mask = _u32(attrs, FRA_FWMARK), _u32(attrs, FRA_FWMASK)
+    if family != socket.AF_INET or _u32(attrs, FRA_PRIORITY) != RULE_PRIORITY_EGRESS \
+            or mask != FWMARK_MASK or mark is None:
+        return None
+    return (mark, _u32(attrs, FRA_TABLE) or table)
+
+
+def rule_message(mark: int, table: int, *, delete: bool = False) -> Message:
+    """`ip rule add|del priority RULE_PRIORITY_EGRESS fwmark MARK/MASK lookup TABLE`."""
+    body = (_FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0,
+                               table if table < 256 else RT_TABLE_UNSPEC, 0, 0,
+                               FR_ACT_TO_TBL, 0)
+            + _rta(FRA_PRIORITY, _U32.pack(RULE_PRIORITY_EGRESS))
+            + _rta(FRA_FWMARK, _U32.pack(mark)) + _rta(FRA_FWMASK, _U32.pack(FWMARK_MASK))
+            + _rta(FRA_TABLE, _U32.pack(table)))
+    if delete:
+        return (RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, body)
+    return (RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+# --- apply -------------------------------------------------------------------------------
 
 
 @dataclass
 class EgressKernel:
-    """Side effects for steering, in the current network namespace."""
+    """Side effects for steering, in the network namespace of the creating thread."""
 
     wireguard: WireGuardBackend
     probe_source: ipaddress.IPv4Address
 
     def __post_init__(self) -> None:
-        self._ipr = IPRoute()
+        self._rtnl = Rtnl(strict_dumps=True)
         # Tenure each slot interface was last configured for. Not a memory of the kernel
         # (that is always re-read) but of the cluster: it only decides when a session
         # must be reset. After a restart it starts empty and adopts what it finds.
         self._tenures: dict[str, str] = {}
 
     def close(self) -> None:
-        self._ipr.close()
+        self._rtnl.close()
 
     # -- observed ----------------------------------------------------------------------
 
+    def _slot_links(self) -> dict[str, int]:
+        return {link.name: link.index for link in self._rtnl.links()
+                if NODE_SLOT_INTERFACE.match(link.name)}
+
     def slot_interfaces(self) -> set[str]:
-        names = {link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        return {n for n in names if n and NODE_SLOT_INTERFACE.match(n)}
+        return set(self._slot_links())
 
     def rules(self) -> set[tuple[int, int]]:
-        found = set()
-        for rule in self._ipr.get_rules(family=socket.AF_INET):
-            if rule.get_attr("FRA_PRIORITY") != RULE_PRIORITY_EGRESS:
-                continue
-            mark, mask = rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK")
-            table = rule.get_attr("FRA_TABLE") or rule["table"]
-            if mask == FWMARK_MASK and mark is not None:
-                found.add((int(mark), int(table)))
-        return found
+        replies = self._rtnl.batch([rule_dump_message()])[0]
+        return {rule for kind, body in replies if kind == RTM_NEWRULE
+                and (rule := decode_rule(body)) is not None}
 
-    def routes(self) -> set[tuple[int, str | None]]:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        found: set[tuple[int, str | None]] = set()
-        for route in self._ipr.get_routes(family=socket.AF_INET):  # every table
-            table = route.get_attr("RTA_TABLE") or route["table"]
-            if table not in TABLE_RANGE or route["proto"] != ROUTE_PROTOCOL \
-                    or route["dst_len"] != 0:
-                continue
-            if route["type"] == 6:  # RTN_BLACKHOLE
-                found.add((table, None))
-            else:
-                found.add((table, names.get(route.get_attr("RTA_OIF"))))
+    def routes(self, links: dict[str, int] | None = None) -> set[Observed]:
+        links = self._slot_links() if links is None else links
+        names = {index: name for name, index in links.items()}
+        dumps = [route_dump_message(RTN_BLACKHOLE)]
+        if self._rtnl.strict_dumps_on:
+            dumps += [route_dump_message(RTN_UNICAST, index) for index in sorted(names)]
+        else:  # the kernel ignores the filters: one dump of everything
+            dumps = [route_dump_message(0)]
+        found: set[Observed] = set()
+        for dump in dumps:  # one at a time: the kernel runs one dump per socket
+            for kind, body in self._rtnl.batch([dump])[0]:
+                if kind == RTM_NEWROUTE and (route := decode_table_route(body, names)):
+                    found.add(route)
         return found
 
     def slot_numbers(self) -> dict[str, int]:
@@ -92,7 +230,7 @@ class EgressKernel:
         numbers: dict[str, int] = {}
         for table, ifname in self.routes():
             number = slot_number_of_table(table)
-            if ifname is not None and number is not None and NODE_SLOT_INTERFACE.match(ifname):
+            if ifname is not None and number is not None:
                 numbers[ifname] = number
         return numbers
 
@@ -110,67 +248,53 @@ class EgressKernel:
             self._tenures[device.name] = tenure
             plan = apply_device(self.wireguard, device)
             done += [f"{device.name}: {line}" for line in plan.describe()]
-            self._ensure_probe_address(device.name)
+        links = self._slot_links()
+        messages: list[Message] = []
+        for device in desired.devices:
+            messages.append(add_address_message(links[device.name], self.probe_source, 32))
             _loose_rp_filter(device.name)
-        have_routes = self.routes()
+        have_routes = self.routes(links)
         for table, ifname in desired.routes:
             if (table, ifname) in have_routes:
                 continue
-            if ifname is None:
-                self._ipr.route("replace", dst="0.0.0.0/0", table=table, type="blackhole",
-                                proto=ROUTE_PROTOCOL)
-            else:
-                index = self._ipr.link_lookup(ifname=ifname)[0]
-                self._ipr.route("replace", dst="0.0.0.0/0", table=table, oif=index,
-                                proto=ROUTE_PROTOCOL, scope=253)
+            messages.append(blackhole_route_message(table) if ifname is None else
+                            add_route_message(ipaddress.IPv4Address(0), 0, oif=links[ifname],
+                                              scope=RT_SCOPE_LINK, protocol=ROUTE_PROTOCOL,
+                                              table=table))
             done.append(f"+route default table {table} {ifname or 'blackhole'}")
         have_rules = self.rules()
         for mark, table in desired.rules:
             if (mark, table) not in have_rules:
-                self._ipr.rule("add", fwmark=mark, fwmask=FWMARK_MASK, table=table,
-                               priority=RULE_PRIORITY_EGRESS, family=socket.AF_INET)
+                messages.append(rule_message(mark, table))
                 done.append(f"+rule fwmark {mark:#x} table {table}")
+        # Addresses, then routes, then the rules that point at them: the kernel applies
+        # one batch in order.
+        self._rtnl.batch(messages)
         return done
 
     def apply_removes(self, desired: SteeringState) -> list[str]:
         done: list[str] = []
-        wanted_rules = set(desired.rules)
-        for mark, table in sorted(self.rules() - wanted_rules):
-            self._ignore_missing(lambda m=mark, t=table: self._ipr.rule(
-                "del", fwmark=m, fwmask=FWMARK_MASK, table=t, priority=RULE_PRIORITY_EGRESS,
-                family=socket.AF_INET))
+        messages: list[Message] = []
+        for mark, table in sorted(self.rules() - set(desired.rules)):
+            messages.append(rule_message(mark, table, delete=True))
             done.append(f"-rule fwmark {mark:#x} table {table}")
-        wanted_routes = set(desired.routes)
         wanted_tables = {table for table, _ in desired.routes}
         # A table whose route changed was replaced in place by apply_adds: deleting by
         # table would remove the new route.
-        stale = {r for r in self.routes() - wanted_routes if r[0] not in wanted_tables}
+        stale = {r for r in self.routes() - set(desired.routes) if r[0] not in wanted_tables}
         for table, ifname in sorted(stale, key=lambda r: r[0]):
-            self._ignore_missing(lambda t=table: self._ipr.route(
-                "del", dst="0.0.0.0/0", table=t, proto=ROUTE_PROTOCOL))
+            messages.append(delete_default_route_message(table))
             done.append(f"-route default table {table} {ifname or 'blackhole'}")
+        _, errors = self._rtnl.batch_results(messages)
+        for error in errors.values():
+            if error.errno not in (errno.ESRCH, errno.ENOENT):  # already gone: fine
+                raise error
         wanted_devices = {d.name for d in desired.devices}
         for name in sorted(self.slot_interfaces() - wanted_devices):
             self.wireguard.delete(name)
             self._tenures.pop(name, None)
             done.append(f"-interface {name}")
         return done
-
-    def _ensure_probe_address(self, ifname: str) -> None:
-        index = self._ipr.link_lookup(ifname=ifname)[0]
-        try:
-            self._ipr.addr("add", index=index, address=str(self.probe_source), prefixlen=32)
-        except NetlinkError as exc:
-            if exc.code != EEXIST:
-                raise
-
-    @staticmethod
-    def _ignore_missing(action: object) -> None:
-        try:
-            action()  # type: ignore[operator]
-        except NetlinkError as exc:
-            if exc.code not in (ESRCH, ENOENT):
-                raise
 
 
 def _loose_rp_filter(ifname: str) -> None:

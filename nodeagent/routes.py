@@ -53,6 +53,7 @@ RTN_UNICAST = 1
 RTN_UNREACHABLE = 7
 RT_SCOPE_LINK = 253
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_NOWHERE = 255
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 NLM_F_DUMP = 0x300
 WRITE_BATCH = 64
@@ -135,8 +136,11 @@ def encode_route_request(route: RouteSpec, *, delete: bool = False,
     if delete:
         # A delete matches on what it names: a unicast one by destination, protocol and
         # table (the interface would only narrow it), an unreachable one also by type.
+        # Scope "nowhere" matches any scope; any other value must equal the route's
+        # (a link-scope route is not found by a delete that says universe: ESRCH).
         head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
-                           route.protocol, 0, kind if kind == RTN_UNREACHABLE else 0, 0)
+                           route.protocol, RT_SCOPE_NOWHERE,
+                           kind if kind == RTN_UNREACHABLE else 0, 0)
         return (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, head + attrs)
     if kind == RTN_UNICAST:
         if oif_index is None:

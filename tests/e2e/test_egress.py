@@ -348,7 +348,7 @@ def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
             assert after and after <= EGRESS_IPS, (pod, changes)
             if before == {victim_ip}:
                 gaps.append(largest_gap(udp))
-                assert after_largest_gap(udp) == survivor_ip, (pod, changes)
+                assert after_largest_gap(udp) == survivor_ip, (pod, str(changes))
         for flow in result["tcp"]:
             if dict(flow).get("source") == survivor_ip:
                 healthy_flows += 1

@@ -158,3 +158,25 @@ def test_a_wireguard_error_makes_the_next_pass_read_the_device(mesh: Mesh) -> No
         sorted([KEYS[0], KEYS[2]])
     assert mesh.kernel_peers() == sorted(KEYS[:3])
 
+
+
+def test_a_node_that_leaves_loses_its_peer_and_its_route(mesh: Mesh) -> None:
+    """Deletes really delete: the route through the mesh (scope link) and the peer go,
+    the others and the fail-closed fallback stay; a resync then finds nothing to do."""
+    mesh.reconcile(3)
+    _, route_plan = mesh.reconcile(2)
+    assert [str(r.dst) for r in route_plan.remove] == ["198.18.3.0/24"]
+    assert mesh.kernel_peers() == sorted(KEYS[:2])
+    assert mesh.kernel_routes() == ALL_ROUTES[:3]
+    mesh.now += RESYNC
+    wg_plan, route_plan = mesh.reconcile(2)
+    assert mesh.rt.last_pass_read and wg_plan.empty and route_plan.empty
+
+
+def test_the_plain_netlink_link_lookup_agrees_with_pyroute2(mesh: Mesh) -> None:
+    from wireguard.links import Links, get_link_here
+
+    mesh.reconcile(1)
+    for name in (IFACE, "lo", "nonexistent0"):
+        assert call_in_netns(mesh.ns, lambda n=name: get_link_here(n)) == \
+            Links(mesh.ns).get(name)

@@ -103,9 +103,10 @@ def test_encode_then_decode_gives_the_route_back(route):
 def test_a_delete_names_destination_protocol_and_table(route):
     kind, flags, payload = encode_route_request(route, delete=True)
     assert kind == RTM_DELROUTE and not flags & NLM_F_CREATE
-    family, dst_len, _s, _t, table, proto, _scope, rtype, _f = RTMSG.unpack_from(payload)
+    family, dst_len, _s, _t, table, proto, scope, rtype, _f = RTMSG.unpack_from(payload)
     assert (family, dst_len, table, proto) == (socket.AF_INET, route.dst.prefixlen,
                                                 MAIN_TABLE, ROUTE_PROTOCOL)
+    assert scope == 255  # RT_SCOPE_NOWHERE: any scope (a link-scope route is found too)
     assert rtype == (RTN_UNREACHABLE if route.type == "unreachable" else 0)
 
 
