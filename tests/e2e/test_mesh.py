@@ -5,6 +5,7 @@ whole scenario (agents starting while pods already send, a node joining, a node 
 an agent restart) and must hold no packet with a pod address in plaintext.
 """
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -131,6 +132,12 @@ def test_pods_on_different_nodes_talk_icmp_tcp_udp_and_the_underlay_sees_only_wi
             time.sleep(0.5)
         assert [p["node"] for p in status["peers"]] == ["node3"]
         assert status["healthy"], status
+        # ...and its route through the mesh is deleted (only node3's is left).
+        mesh_routes = in_lab(name, "node1", "ip", "-4", "route", "show", "proto", "109",
+                             "dev", "meshgress0").stdout.split("\n")
+        via_mesh = [ipaddress.ip_network(line.split()[0]) for line in mesh_routes if line]
+        assert [net for net in via_mesh if ipaddress.ip_address(b) in net] == []
+        assert [net for net in via_mesh if ipaddress.ip_address(c) in net] != []
         unreachable = in_lab(name, "payments/app-node1", "ping", "-c", "1", "-W", "1", b,
                              check=False)
         assert unreachable.returncode != 0
