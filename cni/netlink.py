@@ -48,7 +48,9 @@ IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
-SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
+SOL_NETLINK, NETLINK_EXT_ACK, NETLINK_ADD_MEMBERSHIP = 270, 11, 1
+RTM_NEWNETCONF, RTNLGRP_IPV4_NETCONF = 80, 24
+NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -366,6 +368,52 @@ class Rtnl:
             gateway = IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
             found.append(Route(dst, dst_len, oif, gateway, protocol, scope, table))
         return found
+
+
+class NetconfWatch:
+    """Tells whether the node's `net.ipv4.conf.all.*` settings may have changed.
+
+    A netlink socket subscribed to the kernel's IPv4 netconf notifications, which it sends
+    when a sysctl such as rp_filter or forwarding changes value. `all_changed()` drains what
+    arrived since the last call (non-blocking) and reports whether any of it was about
+    `all` (or was lost to a full buffer); messages about single interfaces are skipped.
+    Bound to the namespace of the creating thread.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+            socket.NETLINK_ROUTE,
+        )
+        self._sock.bind((0, 0))
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_IPV4_NETCONF)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def all_changed(self) -> bool:
+        changed = False
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: notifications were dropped
+                changed = True
+                continue
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+                if length < _NLMSGHDR.size:
+                    break
+                if kind == RTM_NEWNETCONF:
+                    # struct netconfmsg is one byte, padded to 4, then attributes.
+                    attrs = _parse_attrs(data[: offset + length], offset + _NLMSGHDR.size + 4)
+                    index = attrs.get(NETCONFA_IFINDEX)
+                    if index is None or _I32.unpack(index[:4])[0] == NETCONFA_IFINDEX_ALL:
+                        changed = True
+                offset += (length + 3) & ~3
 
 
 _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO))

@@ -55,6 +55,7 @@ from cni.netlink import (
     RT_SCOPE_HOST,
     RT_SCOPE_LINK,
     Link,
+    NetconfWatch,
     NetlinkError,
     Rtnl,
     add_address_message,
@@ -198,6 +199,9 @@ class NetlinkWiring:
         self._open = False
         self._opener = NetnsSocketOpener()
         self._gateway = IPv4Address(POD_GATEWAY_IPV4)
+        self._netconf: NetconfWatch | None = None
+        self._antispoof_lock = threading.Lock()
+        self._antispoof_ok = False
 
     @property
     def host(self) -> Rtnl:
@@ -215,6 +219,10 @@ class NetlinkWiring:
     def open(self) -> None:
         self._open = True
         _ = self.host
+        try:
+            self._netconf = NetconfWatch()
+        except OSError:
+            self._netconf = None  # then antispoof_problem reads the sysctl every time
 
     def close(self) -> None:
         self._open = False
@@ -224,6 +232,11 @@ class NetlinkWiring:
             self._sockets.clear()
         self._local = threading.local()
         self._opener.close()
+        with self._antispoof_lock:
+            if self._netconf is not None:
+                self._netconf.close()
+                self._netconf = None
+            self._antispoof_ok = False
 
     # --- node -------------------------------------------------------------------------
 
@@ -245,6 +258,22 @@ class NetlinkWiring:
         self.host.add_address(lo.index, self._gateway, 32, scope=RT_SCOPE_HOST, label=GATEWAY_LABEL)
 
     def antispoof_problem(self) -> str | None:
+        """Why pods cannot be protected on this node now, or None.
+
+        Every ADD asks, so a good answer is remembered until the kernel reports a change
+        of `net.ipv4.conf.all.*` (netconf notification, read before the answer is reused):
+        no sysctl read on the ADD path (~0.13 ms), and no window in which a change to
+        loose mode goes unnoticed. A bad answer is never reused.
+        """
+        with self._antispoof_lock:
+            changed = self._netconf is None or self._netconf.all_changed()
+            if self._antispoof_ok and not changed:
+                return None
+            problem = self._read_antispoof_problem()
+            self._antispoof_ok = problem is None
+            return problem
+
+    def _read_antispoof_problem(self) -> str | None:
         path = self._proc / "ipv4/conf/all/rp_filter"
         try:
             value = path.read_text().strip()
