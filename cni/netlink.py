@@ -50,6 +50,10 @@ RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
 SOL_NETLINK, NETLINK_EXT_ACK, NETLINK_ADD_MEMBERSHIP = 270, 11, 1
 RTM_NEWNETCONF, RTNLGRP_IPV4_NETCONF = 80, 24
+RTM_SETNEIGHTBL = 67
+IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
+IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP, IPV4_DEVCONF_RP_FILTER = 1, 3, 8
+NDTA_NAME, NDTA_PARMS, NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 6, 1, 13
 NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -57,7 +61,9 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBi")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
+_NDTMSG = struct.Struct("=Bxxx")
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
 _RECV_SIZE = 1 << 16
 
@@ -425,6 +431,24 @@ Message = tuple[int, int, bytes]
 
 def set_up_message(index: int) -> Message:
     return (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
+
+
+def set_ipv4_conf_message(index: int, values: dict[int, int]) -> Message:
+    """Set per-interface IPv4 sysctls (`IPV4_DEVCONF_*` -> value), as writing
+    /proc/sys/net/ipv4/conf/<ifname>/... would, but in the same batch as other requests."""
+    conf = b"".join(_attr(key, _U32.pack(value)) for key, value in sorted(values.items()))
+    payload = _IFINFOMSG.pack(0, 0, index, 0, 0) + _attr(
+        IFLA_AF_SPEC, _attr(socket.AF_INET, _attr(IFLA_INET_CONF, conf))
+    )
+    return (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, payload)
+
+
+def set_arp_proxy_delay_message(index: int, msecs: int) -> Message:
+    """/proc/sys/net/ipv4/neigh/<ifname>/proxy_delay, as a request."""
+    parms = _attr(NDTPA_IFINDEX, _U32.pack(index)) + _attr(NDTPA_PROXY_DELAY, _U64.pack(msecs))
+    payload = (_NDTMSG.pack(socket.AF_INET) + _attr(NDTA_NAME, _cstr("arp_cache"))
+               + _attr(NDTA_PARMS, parms))
+    return (RTM_SETNEIGHTBL, NLM_F_REQUEST | NLM_F_ACK, payload)
 
 
 def add_address_message(

@@ -19,7 +19,7 @@ veth, i.e. only the pod's own /32 passes; another pod's address, an unallocated 
 an outside address is dropped before routing (counted in IPReversePathFilter). Chosen over
 a per-veth nftables rule because it is per-interface kernel state that is born and dies
 with the veth (nothing to garbage-collect, no second owner of the agent's nftables table)
-and costs one sysctl write in the ADD hot path. Its catch: the effective value is
+and costs one attribute in the ADD's netlink batch. Its catch: the effective value is
 max(conf/all/rp_filter, conf/<veth>/rp_filter), so a node with all=2 (loose) silently
 weakens it to loose, which lets any routable source through. `antispoof_problem` detects
 that and the service refuses ADD (and reports STATUS not ready) rather than wire pods
@@ -52,6 +52,9 @@ from typing import Protocol
 from cni import protocol as p
 from cni.model import WiringPlan
 from cni.netlink import (
+    IPV4_DEVCONF_FORWARDING,
+    IPV4_DEVCONF_PROXY_ARP,
+    IPV4_DEVCONF_RP_FILTER,
     RT_SCOPE_HOST,
     RT_SCOPE_LINK,
     Link,
@@ -60,6 +63,8 @@ from cni.netlink import (
     Rtnl,
     add_address_message,
     add_route_message,
+    set_arp_proxy_delay_message,
+    set_ipv4_conf_message,
     set_up_message,
 )
 from meshgress.kernel_ids import POD_GATEWAY_IPV4, POD_HOST_VETH_PREFIX, ROUTE_PROTOCOL
@@ -74,8 +79,17 @@ HOST_VETH_SYSCTLS = (
     ("ipv4/conf", "forwarding", "1"),
     ("ipv4/neigh", "proxy_delay", "0"),
 )
-"""Written on every host veth before it is brought up. proxy_delay=0: the kernel otherwise
-delays proxy-ARP replies by up to 0.8 s, which a pod's first packet would pay."""
+"""Set on every host veth before it is brought up. proxy_delay=0: the kernel otherwise
+delays proxy-ARP replies by up to 0.8 s, which a pod's first packet would pay. Set over
+netlink in the host side's batch (`HOST_VETH_IPV4_CONF`, `HOST_VETH_PROXY_DELAY_MS`: the
+same kernel state, without four open/write/close of /proc files on the ADD path); CHECK
+reads them back from /proc."""
+HOST_VETH_IPV4_CONF = {
+    IPV4_DEVCONF_RP_FILTER: 1,
+    IPV4_DEVCONF_PROXY_ARP: 1,
+    IPV4_DEVCONF_FORWARDING: 1,
+}
+HOST_VETH_PROXY_DELAY_MS = 0
 
 
 class Wiring(Protocol):
@@ -287,13 +301,6 @@ class NetlinkWiring:
             )
         return None
 
-    def _write_sysctl(self, section: str, ifname: str, key: str, value: str) -> None:
-        fd = os.open(f"{self._proc_text}/{section}/{ifname}/{key}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-
     def _read_sysctl(self, section: str, ifname: str, key: str) -> str | None:
         try:
             return (self._proc / section / ifname / key).read_text().strip()
@@ -333,14 +340,14 @@ class NetlinkWiring:
                         "network namespace",
                     ) from None
                 raise
-        for section, key, value in HOST_VETH_SYSCTLS:
-            self._write_sysctl(section, plan.host_ifname, key, value)
         if link is None:  # a kernel that does not echo new links
             link = host.get_link(plan.host_ifname)
             if link is None:
                 raise NetlinkError(errno.ENODEV, f"{plan.host_ifname} vanished after creation")
         # Each side's steps go to the kernel in one write; it applies them in order.
         host.batch([
+            set_ipv4_conf_message(link.index, HOST_VETH_IPV4_CONF),
+            set_arp_proxy_delay_message(link.index, HOST_VETH_PROXY_DELAY_MS),
             set_up_message(link.index),
             add_route_message(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK,
                               protocol=ROUTE_PROTOCOL),
