@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -315,14 +316,21 @@ def compute_next_free(
     Starting after the last allocation, as host-local does, delays the reuse of a freed
     address, so a stale conntrack entry or a peer's cache rarely meets a new pod.
     """
+    return compute_next_free_in(cidr, {int(a) for a in taken}, after)
+
+
+def compute_next_free_in(
+    cidr: IPv4Network, taken: AbstractSet[int], after: IPv4Address | None = None
+) -> IPv4Address | None:
+    """`compute_next_free` for a set of ints used as it is (the IPAM's, on every ADD:
+    copying it would cost more than the search)."""
     first, last = compute_pod_cidr_usable(cidr)
-    taken_ints = {int(a) for a in taken}
     size = last - first + 1
     start = first
     if after is not None and first <= int(after) <= last:
         start = int(after) + 1 if int(after) < last else first
     for offset in range(size):
         candidate = first + (start - first + offset) % size
-        if candidate not in taken_ints:
+        if candidate not in taken:
             return IPv4Address(candidate)
     return None
