@@ -52,16 +52,15 @@ with open(target, "wb") as f:
 """Run by the target interpreter: its magic number, then the marshalled module code."""
 
 _LAUNCHER = """#!{python} -IS
-import gc; gc.disable()
-import marshal, _frozen_importlib_external as b
-f = {base!r}
-d = open(f + ".code", "rb").read()
-exec(marshal.loads(d[4:]) if d[:4] == b.MAGIC_NUMBER
-     else compile(open(f + ".py").read(), f + ".py", "exec"))
+import gc, marshal, _frozen_importlib_external as b
+gc.disable()
+d = open({code!r}, "rb").read()
+exec(marshal.loads(d[4:]) if d[:4] == b.MAGIC_NUMBER else open({source!r}).read())
 """
 """The shim runs as __main__, so its `if __name__ == "__main__"` block starts it. The
-garbage collector is off: a process this short has nothing to collect, and one collection
-triggered by the allocations of unmarshalling costs ~0.1 ms."""
+launcher itself is compiled on every run, so it is kept to a few tokens (each line costs
+~15 us). The garbage collector is off: a process this short has nothing to collect, and
+one collection triggered by the allocations of unmarshalling costs ~0.1 ms."""
 
 
 def _default_python() -> str:
@@ -94,7 +93,7 @@ def install_plugin(bin_dir: Path | str, python: str | None = None) -> Path:
     subprocess.run([python, "-I", "-X", "no_debug_ranges", "-c", _COMPILE, str(source),
                     str(_tmp(code))], check=True, stdout=subprocess.DEVNULL)
     _tmp(code).replace(code)
-    _tmp(launcher).write_text(_LAUNCHER.format(python=python, base=str(base)))
+    _tmp(launcher).write_text(_LAUNCHER.format(python=python, code=str(code), source=str(source)))
     _tmp(launcher).chmod(0o755)
     _tmp(launcher).replace(launcher)
     shutil.rmtree(private / "cni", ignore_errors=True)  # the layout of earlier versions

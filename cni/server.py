@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -47,7 +48,8 @@ from cni.service import CniService, PodHook
 __all__ = ["CniService", "PodAttachment", "PodHook", "main", "serve"]
 
 log = logging.getLogger("meshgress.cni")
-_CLIENT_TIMEOUT = 60.0
+_CLIENT_TIMEOUT = 60
+_CLIENT_TIMEVAL = struct.pack("@ll", _CLIENT_TIMEOUT, 0)
 _MAX_FDS = 4
 _WORKERS = 32
 """Requests served at once, each by a thread blocked in accept() (the kernel wakes exactly
@@ -108,7 +110,10 @@ def _parse_request(frame: bytes) -> dict[str, object]:
 
 def _serve_connection(sock: socket.socket, service: CniService) -> None:
     """Answer the one request of a connection, in the protocol it was asked in."""
-    sock.settimeout(_CLIENT_TIMEOUT)
+    # Kernel timeouts on the blocking socket rather than settimeout(), which would poll()
+    # before every call; an expired one raises BlockingIOError (EAGAIN), an OSError.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _CLIENT_TIMEVAL)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _CLIENT_TIMEVAL)
     fds: list[int] = []
     request: dict[str, object] = {}
     legacy = True  # what an unreadable request gets: all an older shim understands
