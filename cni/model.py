@@ -157,9 +157,12 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
         field_name = next(k for k, v in env_names.items() if v == env_name)
         if not fields[field_name]:
             raise p.CniError(p.ERR_INVALID_ENV, f"{env_name} must be set for {command}")
-    if command in ("ADD", "CHECK", "DEL"):
+    # The shim forwards invocations unchecked, so this mirrors its `validate`, in its order.
+    if fields["containerID"] or command in ("ADD", "CHECK", "DEL"):
         p.check_container_id(fields["containerID"])
+    if fields["ifname"] or command in ("ADD", "CHECK", "DEL"):
         p.check_ifname(fields["ifname"])
+    args = p.parse_cni_args(fields["args"])
     mtu = config.get("mtu")
     if mtu is not None and (
         isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
@@ -172,7 +175,7 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
         container_id=fields["containerID"],
         ifname=fields["ifname"],
         netns=fields["netns"],
-        args=p.parse_cni_args(fields["args"]),
+        args=args,
         config=config,
         cni_version=version,
         cni_path=fields["path"],

@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +299,75 @@ def test_the_quick_scan_agrees_with_a_decoder_or_gives_up(config, indent, compac
 )
 def test_the_quick_scan(text, expected):
     assert plugin_module.compute_quick_address(text.encode()) == expected
+
+
+# --- the agent validates what the shim forwards unchecked ---------------------------------
+
+
+@pytest.fixture
+def real_agent(tmp_path) -> Iterator[Path]:
+    """The real server and service (kernel faked) on a unix socket: no root needed."""
+    from cni.server import serve
+    from cni.service import CniService
+    from tests.unit.test_cni_service import FakeWiring
+
+    path = tmp_path / "agent.sock"
+    service = CniService(IPv4Network("198.18.0.0/24"), tmp_path / "state", wiring=FakeWiring())
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(path, service, stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield path
+    stop.set()
+    thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("environment", "config", "code"),
+    [
+        (env("FLY"), {}, p.ERR_INVALID_ENV),
+        (env(CNI_IFNAME="way-too-long-ifname"), {}, p.ERR_INVALID_ENV),
+        (env(CNI_CONTAINERID="-bad"), {}, p.ERR_INVALID_ENV),
+        (env(CNI_ARGS="K8S_POD_NAME"), {"mtu": 1}, p.ERR_INVALID_ENV),
+        (env("DEL", CNI_CONTAINERID=""), {}, p.ERR_INVALID_ENV),
+        (env(), {"cniVersion": "0.3.1"}, p.ERR_INCOMPATIBLE_VERSION),
+        (env("GC"), {}, p.ERR_INCOMPATIBLE_VERSION),
+        (env(), {"cniVersion": None}, p.ERR_INVALID_CONFIG),
+        (env(), {"mtu": 1}, p.ERR_INVALID_CONFIG),
+    ],
+    ids=["unknown command", "ifname too long", "bad container id", "bad CNI_ARGS before mtu",
+         "DEL without container id", "version too old", "GC needs 1.1", "no cniVersion",
+         "bad mtu"],
+)
+def test_a_reachable_agent_reports_what_the_shim_would(plugin, real_agent, environment,
+                                                       config, code):
+    settings = {"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
+                "socket": str(real_agent), **config}
+    stdin = json.dumps({k: v for k, v in settings.items() if v is not None})
+    exit_code, out, raw = call(plugin, environment, stdin)
+    assert exit_code == 1, raw
+    assert out["code"] == code, out
+    # The same invocation with the agent down: the shim's own validation agrees (it does
+    # not know the agent's own keys, such as mtu: "try again later" then, as always).
+    _, local, _ = call(plugin, environment, stdin.replace(str(real_agent), "/run/mgt-none"))
+    agent_only = "mtu" in config and environment.get("CNI_ARGS") == env()["CNI_ARGS"]
+    assert local["code"] == (p.ERR_TRY_AGAIN_LATER if agent_only else code), local
+
+
+def test_invalid_json_the_quick_scan_lets_through_is_rejected_by_the_agent(plugin, real_agent):
+    stdin = '{"cniVersion": "1.0.0", "socket": "' + str(real_agent) + '", "mtu": }'
+    assert plugin_module.compute_quick_address(stdin.encode()) is not None
+    exit_code, out, _ = call(plugin, env(), stdin)
+    assert (exit_code, out["code"]) == (1, p.ERR_DECODE)
+
+
+def test_an_add_through_the_real_server(plugin, real_agent, tmp_path):
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
+                        "socket": str(real_agent)})
+    exit_code, out, _ = call(plugin, env(), stdin)
+    assert exit_code == 0
+    assert out["ips"][0]["address"] == "198.18.0.1/32"
+    exit_code, out, raw = call(plugin, env("DEL"), stdin)
+    assert (exit_code, raw) == (0, "")
