@@ -9,7 +9,8 @@ interpreter (no docstrings, no column tables: a smaller file to unmarshal). The 
 unmarshals and runs that code object itself instead of importing a module: the import
 system's path search, stat and cache checks cost ~0.3 ms per invocation. If the node's
 interpreter changes version, the compiled file's magic number no longer matches and the
-launcher compiles the source instead (slower, still correct) until the next install. The
+launcher runs the source instead (compiled on every run: slower, still correct) until the
+next install. The
 copy makes the binary independent of this checkout or virtualenv (the chart's init
 container can install it onto the node the same way).
 
