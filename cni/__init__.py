@@ -4,6 +4,7 @@ Owns pod wiring (routed veth, /32 address, link-local gateway answered by proxy 
 per-node IPAM with persistent allocations and garbage collection, and the CNI 1.1
 commands ADD, DEL, CHECK, VERSION, GC and STATUS.
 
-Keep this file free of imports: the plugin binary imports `cni.plugin`, and everything it
-pulls in must be the standard library so it starts in milliseconds.
+The plugin binary is `cni/plugin.py` alone, installed as one flat file by `cni.install`:
+it must not import anything from this package (or outside the interpreter's built-ins),
+so that it starts in milliseconds.
 """

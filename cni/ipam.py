@@ -47,7 +47,7 @@ from cni import protocol as p
 from cni.model import (
     AttachmentKey,
     compute_host_ifname,
-    compute_next_free,
+    compute_next_free_in,
     compute_pod_cidr_usable,
 )
 
@@ -236,7 +236,7 @@ class Ipam:
             taken = self._taken_cache
             rescanned = False
             while True:
-                ip = compute_next_free(self.cidr, taken, self._cursor)
+                ip = compute_next_free_in(self.cidr, taken, self._cursor)
                 if ip is None and not rescanned:
                     taken = self._taken_cache = self._taken()  # others may have freed some
                     rescanned = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -156,9 +157,12 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
         field_name = next(k for k, v in env_names.items() if v == env_name)
         if not fields[field_name]:
             raise p.CniError(p.ERR_INVALID_ENV, f"{env_name} must be set for {command}")
-    if command in ("ADD", "CHECK", "DEL"):
+    # The shim forwards invocations unchecked, so this mirrors its `validate`, in its order.
+    if fields["containerID"] or command in ("ADD", "CHECK", "DEL"):
         p.check_container_id(fields["containerID"])
+    if fields["ifname"] or command in ("ADD", "CHECK", "DEL"):
         p.check_ifname(fields["ifname"])
+    args = p.parse_cni_args(fields["args"])
     mtu = config.get("mtu")
     if mtu is not None and (
         isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
@@ -171,7 +175,7 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
         container_id=fields["containerID"],
         ifname=fields["ifname"],
         netns=fields["netns"],
-        args=p.parse_cni_args(fields["args"]),
+        args=args,
         config=config,
         cni_version=version,
         cni_path=fields["path"],
@@ -315,14 +319,21 @@ def compute_next_free(
     Starting after the last allocation, as host-local does, delays the reuse of a freed
     address, so a stale conntrack entry or a peer's cache rarely meets a new pod.
     """
+    return compute_next_free_in(cidr, {int(a) for a in taken}, after)
+
+
+def compute_next_free_in(
+    cidr: IPv4Network, taken: AbstractSet[int], after: IPv4Address | None = None
+) -> IPv4Address | None:
+    """`compute_next_free` for a set of ints used as it is (the IPAM's, on every ADD:
+    copying it would cost more than the search)."""
     first, last = compute_pod_cidr_usable(cidr)
-    taken_ints = {int(a) for a in taken}
     size = last - first + 1
     start = first
     if after is not None and first <= int(after) <= last:
         start = int(after) + 1 if int(after) < last else first
     for offset in range(size):
         candidate = first + (start - first + offset) % size
-        if candidate not in taken_ints:
+        if candidate not in taken:
             return IPv4Address(candidate)
     return None

@@ -49,13 +49,22 @@ RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
 SOL_NETLINK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 270, 11, 12
+NETLINK_ADD_MEMBERSHIP = 1
+RTM_NEWNETCONF, RTNLGRP_IPV4_NETCONF = 80, 24
+RTM_SETNEIGHTBL = 67
+IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
+IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP, IPV4_DEVCONF_RP_FILTER = 1, 3, 8
+NDTA_NAME, NDTA_PARMS, NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 6, 1, 13
+NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL = 1, -1
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBi")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
+_NDTMSG = struct.Struct("=Bxxx")
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
 _RECV_SIZE = 1 << 16
 
@@ -388,6 +397,52 @@ class Rtnl:
         return found
 
 
+class NetconfWatch:
+    """Tells whether the node's `net.ipv4.conf.all.*` settings may have changed.
+
+    A netlink socket subscribed to the kernel's IPv4 netconf notifications, which it sends
+    when a sysctl such as rp_filter or forwarding changes value. `all_changed()` drains what
+    arrived since the last call (non-blocking) and reports whether any of it was about
+    `all` (or was lost to a full buffer); messages about single interfaces are skipped.
+    Bound to the namespace of the creating thread.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+            socket.NETLINK_ROUTE,
+        )
+        self._sock.bind((0, 0))
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_IPV4_NETCONF)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def all_changed(self) -> bool:
+        changed = False
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: notifications were dropped
+                changed = True
+                continue
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+                if length < _NLMSGHDR.size:
+                    break
+                if kind == RTM_NEWNETCONF:
+                    # struct netconfmsg is one byte, padded to 4, then attributes.
+                    attrs = _parse_attrs(data[: offset + length], offset + _NLMSGHDR.size + 4)
+                    index = attrs.get(NETCONFA_IFINDEX)
+                    if index is None or _I32.unpack(index[:4])[0] == NETCONFA_IFINDEX_ALL:
+                        changed = True
+                offset += (length + 3) & ~3
+
+
 _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO))
 
 
@@ -397,6 +452,24 @@ Message = tuple[int, int, bytes]
 
 def set_up_message(index: int) -> Message:
     return (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
+
+
+def set_ipv4_conf_message(index: int, values: dict[int, int]) -> Message:
+    """Set per-interface IPv4 sysctls (`IPV4_DEVCONF_*` -> value), as writing
+    /proc/sys/net/ipv4/conf/<ifname>/... would, but in the same batch as other requests."""
+    conf = b"".join(_attr(key, _U32.pack(value)) for key, value in sorted(values.items()))
+    payload = _IFINFOMSG.pack(0, 0, index, 0, 0) + _attr(
+        IFLA_AF_SPEC, _attr(socket.AF_INET, _attr(IFLA_INET_CONF, conf))
+    )
+    return (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, payload)
+
+
+def set_arp_proxy_delay_message(index: int, msecs: int) -> Message:
+    """/proc/sys/net/ipv4/neigh/<ifname>/proxy_delay, as a request."""
+    parms = _attr(NDTPA_IFINDEX, _U32.pack(index)) + _attr(NDTPA_PROXY_DELAY, _U64.pack(msecs))
+    payload = (_NDTMSG.pack(socket.AF_INET) + _attr(NDTA_NAME, _cstr("arp_cache"))
+               + _attr(NDTA_PARMS, parms))
+    return (RTM_SETNEIGHTBL, NLM_F_REQUEST | NLM_F_ACK, payload)
 
 
 def add_address_message(

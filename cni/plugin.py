@@ -1,20 +1,41 @@
 """The `meshgress-cni` plugin binary: a shim between the container runtime and the agent.
 
 The runtime executes a CNI plugin once per pod operation, so this process must start in
-milliseconds and must not need anything the node may lack. It therefore imports only the
-standard library's C-level modules (`posix`, `_socket`, via `cni.protocol` `_json`) and does
-the least work that cannot be delegated:
+milliseconds and must not need anything the node may lack. Starting the interpreter is
+most of its cost (~10 ms on a small VM); everything here is arranged to add as little as
+possible to that:
 
-- answers VERSION itself;
-- validates the environment (code 4), decodes the network configuration (6, 7) and checks
-  the spec version (1), so a broken invocation gets the right code even when the agent is
-  down;
-- opens the container's network namespace (3 if it is gone) and passes the open file
-  descriptor to the agent over the unix socket (SCM_RIGHTS), so the agent never resolves
-  the runtime's path in its own mount namespace;
-- forwards the request, waits (with a timeout), prints the agent's answer verbatim and
-  exits with the agent's status. An unreachable agent is "try again later" (11), or
-  "plugin not available" (50) for STATUS.
+- it is one flat module that imports nothing but the interpreter's built-in `posix`,
+  `_socket` and `sys` on the happy path (no `cni` package, no `json`, not even `_json`,
+  whose shared object costs ~0.4 ms to load), so `cni.install` can install it as a single
+  pre-compiled file. It is therefore also the one definition of what the shim and the
+  agent agree on (error codes, versions, the spec's syntax rules, the wire format);
+  `cni.protocol` re-exports it for the agent;
+- it answers VERSION itself;
+- for the other commands it does not decode the network configuration: it finds the two
+  keys it needs (`socket`, `timeout`) with a scan that gives up on anything unusual
+  (`compute_quick_address`), opens the container's network namespace, passes the open
+  file descriptor to the agent over the unix socket (SCM_RIGHTS: the agent never resolves
+  the runtime's path in its own mount namespace), sends the raw environment and stdin
+  bytes in a trivial binary frame, waits (blocking socket with SO_RCVTIMEO/SO_SNDTIMEO),
+  writes the agent's answer verbatim and exits with the agent's status. The agent
+  validates the request, with the same codes;
+- when anything goes wrong locally (no quick answer, the namespace cannot be opened, the
+  agent cannot be reached or answers nonsense), it validates the invocation fully, as the
+  agent would, before reporting: a broken invocation gets its own code (4 environment,
+  6 decode, 7 configuration, 1 version) even when the agent is down; only a valid one gets
+  "try again later" (11), "plugin not available" (50) for STATUS, 3 for a namespace that
+  is gone or 106 for an answer it cannot understand.
+
+Wire format, one request and one response per connection (integers big-endian):
+
+  request:  REQUEST_MAGIC, u32 body length, body = the values of CNI_COMMAND,
+            CNI_CONTAINERID, CNI_IFNAME, CNI_NETNS, CNI_ARGS and CNI_PATH, each followed by
+            a NUL byte (environment values cannot contain one), then stdin as given
+  response: RESPONSE_MAGIC, u32 exit status, u32 length, that many bytes for stdout
+
+The agent still answers the previous JSON framing (`cni.protocol`), so a shim installed
+before an upgrade keeps working; this shim reports an agent that predates it as 106.
 
 Network configuration keys read here: `socket` (agent socket path, default
 /run/meshgress/cni.sock) and `timeout` (seconds, default 30).
@@ -24,116 +45,436 @@ import _socket
 import posix
 import sys
 
-from cni import protocol as p
+# --- CNI spec 1.1 well-known error codes -------------------------------------------------
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_UNKNOWN_CONTAINER = 3
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN_LATER = 11
+ERR_NOT_AVAILABLE = 50
+ERR_NOT_AVAILABLE_LIMITED = 51
 
-_NETNS_COMMANDS = ("ADD", "CHECK")
-_RECV_CHUNK = 65536
+# --- meshgress's own codes (the spec leaves 100+ to plugins) -----------------------------
+ERR_IPAM_EXHAUSTED = 100
+"""Every usable address of the node's pod CIDR is allocated."""
+ERR_WIRING = 101
+"""The kernel refused a step of the pod's wiring (veth, address, route, sysctl)."""
+ERR_CHECK_FAILED = 102
+"""CHECK found the attachment differs from what ADD built."""
+ERR_HOOK_FAILED = 103
+"""The agent's pod-ready hook (egress steering) failed; ADD was undone."""
+ERR_ANTISPOOF_UNAVAILABLE = 104
+"""Strict reverse-path filtering cannot be guaranteed on this node."""
+ERR_IFNAME_IN_USE = 105
+"""CNI_IFNAME already exists in the container's network namespace."""
+ERR_AGENT_PROTOCOL = 106
+"""The agent answered something the shim cannot understand."""
+ERR_INTERNAL = 107
+"""An unexpected failure inside the agent; the message says what."""
+
+# --- versions and commands ---------------------------------------------------------------
+SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = "1.1.0"
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+COMMANDS_SINCE_1_1 = ("GC", "STATUS")
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "GC": (),
+    "STATUS": (),
+    "VERSION": (),
+}
+VERSION_JSON = (
+    f'{{"cniVersion": "{LATEST_VERSION}", "supportedVersions": ["'
+    + '", "'.join(SUPPORTED_VERSIONS)
+    + '"]}'
+)
+"""The VERSION answer, as `json.dumps` would write it."""
+
+DEFAULT_SOCKET = "/run/meshgress/cni.sock"
+DEFAULT_TIMEOUT = 30.0
+"""Seconds the shim waits for the agent (ADD includes the pod-ready hook)."""
+MAX_FRAME = 16 * 1024 * 1024
+IFNAMSIZ = 16
+
+# --- wire format -------------------------------------------------------------------------
+REQUEST_MAGIC = b"MGC\x02"
+"""Starts every request; its first byte is never 0, which starts every frame of the
+previous JSON protocol (a length below 16 MiB), so the agent tells them apart."""
+RESPONSE_MAGIC = b"MGC\x82"
+REQUEST_FIELDS = ("command", "containerID", "ifname", "netns", "args", "path")
+REQUEST_ENV = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_IFNAME", b"CNI_NETNS", b"CNI_ARGS",
+               b"CNI_PATH")
+"""The environment variable each of REQUEST_FIELDS carries, in frame order."""
+
+_NETNS_COMMANDS = (b"ADD", b"CHECK")
+_AGENT_COMMANDS = (b"ADD", b"DEL", b"CHECK", b"GC", b"STATUS")
+_READ_SIZE = 8192
+"""Small reads: a 64 KiB buffer costs more in page faults (~0.1 ms) than a second read."""
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
 
 
-def _environ() -> dict[str, str]:
-    """The CNI variables of the process environment, decoded like os.environ does."""
-    return {
-        key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
-        for key, value in posix.environ.items()
-        if key.startswith(b"CNI_")
+class CniError(Exception):
+    """A failure reported to the runtime as the spec's error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self, cni_version: str) -> str:
+        return compute_error_json(cni_version, self.code, self.msg, self.details)
+
+
+def compute_error_json(cni_version: str, code: int, msg: str, details: str = "") -> str:
+    """The spec's error object as text (as `json.dumps` would write it)."""
+    from _json import encode_basestring_ascii as quote  # noqa: PLC0415 (error paths only)
+
+    return (f'{{"cniVersion": {quote(cni_version)}, "code": {int(code)}, '
+            f'"msg": {quote(msg)}, "details": {quote(details)}}}')
+
+
+def parse_version(text: object) -> tuple[int, int, int] | None:
+    """'1.0.0' -> (1, 0, 0); anything that is not three dot-separated numbers -> None."""
+    if not isinstance(text, str):
+        return None
+    parts = text.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return (int(parts[0]), int(parts[1]), int(parts[2]))
+
+
+def check_version(command: str, cni_version: object) -> str:
+    """Return the configuration's cniVersion if this plugin speaks it for `command`."""
+    if not isinstance(cni_version, str) or not cni_version:
+        raise CniError(ERR_INVALID_CONFIG, "network configuration has no cniVersion")
+    if cni_version not in SUPPORTED_VERSIONS:
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"incompatible CNI version {cni_version}",
+            "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
+        )
+    version = parse_version(cni_version)
+    if command in COMMANDS_SINCE_1_1 and version is not None and version < (1, 1, 0):
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"{command} needs cniVersion 1.1.0 or later, configuration says {cni_version}",
+        )
+    return cni_version
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """Parse CNI_ARGS ('K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p') into a dict.
+
+    Empty segments are ignored; a segment without '=' or with an empty key is an invalid
+    environment variable (code 4). Values may contain '='.
+    """
+    result: dict[str, str] = {}
+    for segment in text.split(";"):
+        if not segment:
+            continue
+        key, sep, value = segment.partition("=")
+        if not sep or not key:
+            raise CniError(ERR_INVALID_ENV, f"CNI_ARGS: invalid pair {segment!r}")
+        result[key] = value
+    return result
+
+
+def check_container_id(value: str) -> str:
+    """The spec's rule: alphanumeric first, then alphanumerics, '_', '.' or '-'."""
+    if not value:
+        raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID is empty")
+    if not (value[0].isascii() and value[0].isalnum()) or not all(
+        c.isascii() and (c.isalnum() or c in "_.-") for c in value
+    ):
+        raise CniError(ERR_INVALID_ENV, f"CNI_CONTAINERID {value!r} has invalid characters")
+    return value
+
+
+def check_ifname(value: str) -> str:
+    """A Linux interface name: 1..15 bytes, no '/', ':' or whitespace, not '.' or '..'."""
+    if not value:
+        raise CniError(ERR_INVALID_ENV, "CNI_IFNAME is empty")
+    if len(value.encode()) >= IFNAMSIZ:
+        raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {value!r} is longer than 15 bytes")
+    if value in (".", "..") or any(c in "/:" or c.isspace() for c in value):
+        raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {value!r} is not a valid interface name")
+    return value
+
+
+# --- JSON without importing `json` (off the happy path) ----------------------------------
+
+
+class _DecodeContext:
+    """The attributes `_json.make_scanner` reads; mirrors json.JSONDecoder's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return float(name)
+
+
+_WHITESPACE = " \t\n\r"
+
+
+def loads(text: str) -> object:
+    """Decode one JSON document; raise ValueError with the position on bad input."""
+    from _json import make_scanner  # noqa: PLC0415 (off the happy path)
+
+    # typeshed types the context as a make_scanner; any object with these attributes works.
+    scan = make_scanner(_DecodeContext())  # type: ignore[arg-type]
+    try:
+        obj, end = scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
+    except Exception:  # the C scanner raises odd types on bad input; re-parse below
+        obj, end = None, -1
+    if end < 0 or text[end:].strip(_WHITESPACE):
+        # Bad input only: the full decoder gives a precise message.
+        import json  # noqa: PLC0415
+
+        return json.loads(text)
+    return obj
+
+
+# --- wire format -------------------------------------------------------------------------
+
+
+def encode_request(values: list[bytes], stdin: bytes) -> bytes:
+    """The request frame: `values` in REQUEST_FIELDS order (no NUL bytes), then stdin."""
+    body = b"\0".join(values) + b"\0" + stdin
+    return REQUEST_MAGIC + len(body).to_bytes(4, "big") + body
+
+
+def decode_request(body: bytes) -> tuple[dict[str, str], bytes]:
+    """A request frame's body (after magic and length) -> (fields by name, stdin bytes)."""
+    *values, stdin = body.split(b"\0", len(REQUEST_FIELDS))
+    if len(values) != len(REQUEST_FIELDS):
+        raise ValueError(f"request has {len(values)} of {len(REQUEST_FIELDS)} fields")
+    fields = {
+        name: value.decode("utf-8", "surrogateescape")
+        for name, value in zip(REQUEST_FIELDS, values, strict=True)
     }
+    return fields, stdin
+
+
+def encode_response(exit_code: int, stdout: str) -> bytes:
+    data = stdout.encode()
+    return RESPONSE_MAGIC + exit_code.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+
+
+def decode_response_header(header: bytes) -> tuple[int, int]:
+    """The first 12 bytes of a response -> (exit status, stdout length)."""
+    if header[:4] != RESPONSE_MAGIC:
+        raise ValueError(f"not a meshgress-cni answer (an agent of another version?): "
+                         f"{header[:12]!r}")
+    exit_code = int.from_bytes(header[4:8], "big")
+    length = int.from_bytes(header[8:12], "big")
+    if exit_code > 255:
+        raise ValueError(f"exit status {exit_code} out of range")
+    if length > MAX_FRAME:
+        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return exit_code, length
+
+
+# --- the shim ------------------------------------------------------------------------------
+
+
+def compute_quick_address(stdin: bytes) -> tuple[str, float] | None:
+    """The top-level `socket` and `timeout` of a plain configuration, without a decoder.
+
+    Splitting on '"' alternates text outside and inside strings, as long as there is no
+    backslash (no escaped quote); brace and bracket counts outside strings give each
+    string's depth. A key is a depth-1 string preceded by '{' or ',' and followed by ':'.
+    Anything unusual (a backslash, not UTF-8, not an object, a value that is not a plain
+    absolute path or positive number) -> None, and the caller decodes the text properly.
+    Invalid JSON this accepts is rejected by the agent, with the code the shim would give.
+    """
+    try:
+        text = stdin.decode()
+    except UnicodeDecodeError:
+        return None
+    if "\\" in text or not text.lstrip(_WHITESPACE).startswith("{"):
+        return None
+    parts = text.split('"')
+    if len(parts) % 2 == 0:
+        return None
+    path, timeout = DEFAULT_SOCKET, DEFAULT_TIMEOUT
+    depth = 0
+    for i in range(1, len(parts) - 1, 2):
+        before = parts[i - 1]
+        depth += (before.count("{") + before.count("[")
+                  - before.count("}") - before.count("]"))
+        key = parts[i]
+        if depth != 1 or key not in ("socket", "timeout"):
+            continue
+        after = parts[i + 1].strip(_WHITESPACE)
+        if not after.startswith(":") or before.rstrip(_WHITESPACE)[-1:] not in ("{", ","):
+            continue  # a value, not a key
+        if key == "socket":
+            if after != ":" or i + 2 >= len(parts):
+                return None  # not a string
+            path = parts[i + 2]
+            if not path.startswith("/"):
+                return None
+        else:
+            number = after[1:].split(",", 1)[0].split("}", 1)[0].strip(_WHITESPACE)
+            if not number or not _NUMBER_CHARS.issuperset(number):
+                return None
+            try:
+                timeout = float(number)
+            except ValueError:
+                return None
+            if not timeout > 0:
+                return None
+    return path, timeout
 
 
 def _decode_config(stdin: bytes) -> dict[str, object]:
     try:
         text = stdin.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise p.CniError(p.ERR_DECODE, "network configuration is not UTF-8", str(exc)) from None
+        raise CniError(ERR_DECODE, "network configuration is not UTF-8", str(exc)) from None
     try:
-        config = p.loads(text)
+        config = loads(text)
     except ValueError as exc:
-        raise p.CniError(
-            p.ERR_DECODE, "failed to decode the network configuration", str(exc)
-        ) from None
+        raise CniError(ERR_DECODE, "failed to decode the network configuration", str(exc)) from None
     if not isinstance(config, dict):
-        raise p.CniError(p.ERR_INVALID_CONFIG, "network configuration is not a JSON object")
+        raise CniError(ERR_INVALID_CONFIG, "network configuration is not a JSON object")
     return config
-
-
-def compute_request(command: str, env: dict[str, str], stdin: str) -> dict[str, str]:
-    """Validate the environment for `command` and build the request for the agent."""
-    for name in p.REQUIRED_ENV[command]:
-        if not env.get(name):
-            raise p.CniError(p.ERR_INVALID_ENV, f"{name} must be set for {command}")
-    container_id = env.get("CNI_CONTAINERID", "")
-    ifname = env.get("CNI_IFNAME", "")
-    if container_id or command in ("ADD", "CHECK", "DEL"):
-        p.check_container_id(container_id)
-    if ifname or command in ("ADD", "CHECK", "DEL"):
-        p.check_ifname(ifname)
-    args = env.get("CNI_ARGS", "")
-    p.parse_cni_args(args)
-    return {
-        "command": command,
-        "containerID": container_id,
-        "ifname": ifname,
-        "netns": env.get("CNI_NETNS", ""),
-        "args": args,
-        "path": env.get("CNI_PATH", ""),
-        "stdin": stdin,
-    }
 
 
 def compute_agent_address(config: dict[str, object]) -> tuple[str, float]:
     """The agent's socket path and the shim's timeout from the network configuration."""
-    path = config.get("socket", p.DEFAULT_SOCKET)
+    path = config.get("socket", DEFAULT_SOCKET)
     if not isinstance(path, str) or not path.startswith("/"):
-        raise p.CniError(p.ERR_INVALID_CONFIG, f"'socket' must be an absolute path, not {path!r}")
-    timeout = config.get("timeout", p.DEFAULT_TIMEOUT)
+        raise CniError(ERR_INVALID_CONFIG, f"'socket' must be an absolute path, not {path!r}")
+    timeout = config.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise p.CniError(
-            p.ERR_INVALID_CONFIG, f"'timeout' must be a positive number of seconds, not {timeout!r}"
+        raise CniError(
+            ERR_INVALID_CONFIG, f"'timeout' must be a positive number of seconds, not {timeout!r}"
         )
     return path, float(timeout)
 
 
-def _open_netns(path: str) -> int:
+def validate(env: dict[str, str], stdin: bytes) -> tuple[str, float]:
+    """Check the invocation as the agent would; return the agent's address and timeout.
+
+    The order decides which code a doubly broken invocation gets: command (4), decode (6,
+    7), version (1, 7), environment (4), then the shim's own keys (7).
+    """
+    command = env.get("CNI_COMMAND", "")
+    config: dict[str, object] | None = None
+    decode_error: CniError | None = None
+    try:
+        config = _decode_config(stdin)
+    except CniError as exc:
+        decode_error = exc
+    if command not in COMMANDS:
+        raise CniError(
+            ERR_INVALID_ENV, f"CNI_COMMAND {command!r} is not one of " + ", ".join(COMMANDS)
+        )
+    if decode_error is not None or config is None:
+        raise decode_error or CniError(ERR_DECODE, "no network configuration")
+    check_version(command, config.get("cniVersion"))
+    for name in REQUIRED_ENV[command]:
+        if not env.get(name):
+            raise CniError(ERR_INVALID_ENV, f"{name} must be set for {command}")
+    container_id = env.get("CNI_CONTAINERID", "")
+    ifname = env.get("CNI_IFNAME", "")
+    if container_id or command in ("ADD", "CHECK", "DEL"):
+        check_container_id(container_id)
+    if ifname or command in ("ADD", "CHECK", "DEL"):
+        check_ifname(ifname)
+    parse_cni_args(env.get("CNI_ARGS", ""))
+    return compute_agent_address(config)
+
+
+def requested_version(stdin: bytes) -> str:
+    """The configuration's cniVersion, for error objects, even if the request is bad."""
+    try:
+        config = loads(stdin.decode())
+    except ValueError:  # includes UnicodeDecodeError
+        return LATEST_VERSION
+    version = config.get("cniVersion") if isinstance(config, dict) else None
+    return version if isinstance(version, str) else LATEST_VERSION
+
+
+def _text_environ(environ: dict[bytes, bytes]) -> dict[str, str]:
+    """The CNI variables of the environment, decoded like os.environ does."""
+    return {
+        key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+        for key, value in environ.items()
+        if key.startswith(b"CNI_")
+    }
+
+
+def _open_netns(path: bytes) -> int:
     try:
         return posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except FileNotFoundError:
-        raise p.CniError(
-            p.ERR_UNKNOWN_CONTAINER, f"network namespace {path} does not exist"
+        raise CniError(
+            ERR_UNKNOWN_CONTAINER, f"network namespace {path.decode(errors='replace')} does "
+            "not exist"
         ) from None
     except OSError as exc:
-        raise p.CniError(p.ERR_IO, f"cannot open network namespace {path}", str(exc)) from None
+        raise CniError(
+            ERR_IO, f"cannot open network namespace {path.decode(errors='replace')}", str(exc)
+        ) from None
 
 
-def _unreachable(command: str, path: str, reason: str) -> p.CniError:
-    if command == "STATUS":
-        return p.CniError(p.ERR_NOT_AVAILABLE, f"meshgress agent not reachable at {path}", reason)
-    return p.CniError(p.ERR_TRY_AGAIN_LATER, f"meshgress agent not reachable at {path}", reason)
+def _unreachable(command: bytes, path: str, reason: str) -> CniError:
+    code = ERR_NOT_AVAILABLE if command == b"STATUS" else ERR_TRY_AGAIN_LATER
+    return CniError(code, f"meshgress agent not reachable at {path}", reason)
 
 
-def _recv_exactly(sock: _socket.socket, length: int) -> bytes:
-    chunks = []
-    while length > 0:
-        chunk = sock.recv(min(length, _RECV_CHUNK))
-        if not chunk:
-            raise ConnectionError("agent closed the connection before answering")
-        chunks.append(chunk)
-        length -= len(chunk)
-    return b"".join(chunks)
+def _recv_response(sock: _socket.socket) -> tuple[int, bytes]:
+    data = sock.recv(_READ_SIZE)  # almost always the whole answer
+    if not data:
+        raise ConnectionError("agent closed the connection without answering")
+    while len(data) < 12:
+        more = sock.recv(_READ_SIZE)
+        if not more:
+            raise ValueError(f"agent closed the connection mid-answer: {data!r}")
+        data += more
+    exit_code, length = decode_response_header(data)
+    while len(data) < 12 + length:
+        more = sock.recv(12 + length - len(data))
+        if not more:
+            raise ValueError("agent closed the connection mid-answer")
+        data += more
+    if len(data) > 12 + length:
+        raise ValueError("agent sent more than one answer")
+    return exit_code, data[12:]
 
 
 def call_agent(
-    path: str, timeout: float, request: dict[str, str], netns_fd: int | None
-) -> tuple[int, str]:
-    """Send one request (with the namespace fd, if any) and return (exit code, stdout)."""
-    command = request["command"]
+    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None
+) -> tuple[int, bytes]:
+    """Send one request frame (with the namespace fd, if any); return (exit, stdout)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
-        sock.settimeout(timeout)
+        # Kernel timeouts on a blocking socket: no poll() before every call. A zero
+        # timeval would mean "forever", hence at least 1 us; at most ~31 years.
+        timeout = timeout if timeout < 1e9 else 1e9
+        seconds = int(timeout)
+        micros = max(int((timeout - seconds) * 1e6), 0 if seconds else 1)
+        timeval = seconds.to_bytes(8, sys.byteorder) + micros.to_bytes(8, sys.byteorder)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, timeval)
         try:
             sock.connect(path)
         except OSError as exc:
             raise _unreachable(command, path, str(exc)) from None
         try:
-            frame = p.encode_frame(request)
             if netns_fd is None:
                 sock.sendall(frame)
             else:
@@ -141,72 +482,65 @@ def call_agent(
                 sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
                 if sent < len(frame):  # sendall(b"") would still send, and may hit EPIPE
                     sock.sendall(frame[sent:])
-            body = _recv_exactly(sock, p.frame_length(_recv_exactly(sock, 4)))
-        except TimeoutError:
-            raise p.CniError(
-                p.ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
+            return _recv_response(sock)
+        except (BlockingIOError, TimeoutError):  # EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO expired
+            raise CniError(
+                ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
             ) from None
         except ValueError as exc:
-            raise p.CniError(p.ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
+            raise CniError(ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
         except OSError as exc:
             raise _unreachable(command, path, str(exc)) from None
     finally:
         sock.close()
-    try:
-        response = p.loads(body.decode())
-    except ValueError as exc:
-        raise p.CniError(p.ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
-    if (
-        not isinstance(response, dict)
-        or not isinstance(response.get("exit"), int)
-        or not isinstance(response.get("stdout"), str)
-    ):
-        raise p.CniError(p.ERR_AGENT_PROTOCOL, "bad answer from the agent", repr(response)[:200])
-    return response["exit"], response["stdout"]
 
 
-def run(env: dict[str, str], stdin: bytes) -> tuple[int, str]:
-    """One plugin invocation: (exit code, text for stdout)."""
-    command = env.get("CNI_COMMAND", "")
-    if command == "VERSION":
-        return 0, p.compute_version_json()
-    version = p.LATEST_VERSION
+def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
+    """One plugin invocation: (exit code, bytes for stdout)."""
+    command = environ.get(b"CNI_COMMAND", b"")
+    if command == b"VERSION":
+        return 0, VERSION_JSON.encode()
+    netns_fd = None
     try:
-        config: dict[str, object] | None = None
-        decode_error: p.CniError | None = None
         try:
-            config = _decode_config(stdin)
-        except p.CniError as exc:
-            decode_error = exc
-        if config is not None and isinstance(config.get("cniVersion"), str):
-            version = str(config["cniVersion"])
-        if command not in p.COMMANDS:
-            raise p.CniError(
-                p.ERR_INVALID_ENV,
-                f"CNI_COMMAND {command!r} is not one of " + ", ".join(p.COMMANDS),
-            )
-        if decode_error is not None or config is None:
-            raise decode_error or p.CniError(p.ERR_DECODE, "no network configuration")
-        p.check_version(command, config.get("cniVersion"))
-        request = compute_request(command, env, stdin.decode())
-        path, timeout = compute_agent_address(config)
-        netns_fd = _open_netns(request["netns"]) if command in _NETNS_COMMANDS else None
-        try:
-            return call_agent(path, timeout, request, netns_fd)
+            address = compute_quick_address(stdin) if command in _AGENT_COMMANDS else None
+            if address is None:
+                address = validate(_text_environ(environ), stdin)
+            if command in _NETNS_COMMANDS:
+                netns_fd = _open_netns(environ.get(b"CNI_NETNS", b""))
+            frame = encode_request([environ.get(name, b"") for name in REQUEST_ENV], stdin)
+            return call_agent(*address, command, frame, netns_fd)
+        except CniError:
+            validate(_text_environ(environ), stdin)  # the invocation's own fault comes first
+            raise
         finally:
             if netns_fd is not None:
                 posix.close(netns_fd)
-    except p.CniError as exc:
-        return 1, exc.to_json(version)
+    except CniError as exc:
+        return 1, exc.to_json(requested_version(stdin)).encode()
+
+
+def _read_stdin() -> bytes:
+    chunks = []
+    try:
+        while chunk := posix.read(0, _READ_SIZE):
+            chunks.append(chunk)
+    except OSError:  # no stdin at all: the same as an empty one
+        pass
+    return b"".join(chunks)
+
+
+def _write_stdout(data: bytes) -> None:
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    view = memoryview(data)
+    while view:
+        view = view[posix.write(1, view):]
 
 
 def main() -> int:
-    code, output = run(_environ(), sys.stdin.buffer.read())
-    if output:
-        sys.stdout.write(output)
-        if not output.endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+    code, output = run(posix.environ, _read_stdin())
+    _write_stdout(output)
     return code
 
 
@@ -214,12 +548,10 @@ def run_and_exit() -> None:
     """The installed launcher's entry: `main`, then exit without finalising the interpreter.
 
     Finalisation costs ~2 ms per invocation and has nothing to do here: the socket and the
-    namespace fd are closed by then and stdout is flushed explicitly.
+    namespace fd are closed by then and stdout is written with write(2), unbuffered.
     """
-    code = main()
-    sys.stdout.flush()
-    posix._exit(code)
+    posix._exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -1,6 +1,7 @@
 """CNI ADD/DEL latency and throughput: meshgress-cni against Debian's bridge + host-local.
 
 Run as root:  .venv/bin/python tests/bench/cni_bench.py [--pods 200] [--concurrency 20]
+              [--rounds 1]
 
 Both plugins are invoked exactly the same way, the way a container runtime does it: a
 new plugin process per operation, CNI_* environment variables, the network configuration
@@ -17,8 +18,10 @@ are interleaved so both see the same machine (this one is shared and noisy): aft
 warm-up, pod i of each plugin is ADDed in turn, one at a time, then DELeted the same way;
 then batches of C pods are ADDed (and DELeted) at once, alternating plugins batch by
 batch. Reported: p50/p99 latency per operation and pods per second (N / summed wall time
-of the plugin's ADDs). Everything is removed afterwards, also on failure; leftover `mgb-`
-namespaces of a crashed run are removed first.
+of the plugin's ADDs); with `--rounds N`, all of it N times (each round in a fresh node
+namespace with a fresh server), then each round's ADD p50 ratio and their median.
+Everything is removed afterwards, also on failure; leftover `mgb-` namespaces of a crashed
+run are removed first.
 """
 
 from __future__ import annotations
@@ -256,6 +259,21 @@ def outer(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         sys.exit("the benchmark creates network namespaces: run it as root")
     delete_netns(list_netns(PREFIX))  # leftovers of a crashed run
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        rows = measure(args)
+        report(rows, args, f"round {number} of {args.rounds}" if args.rounds > 1 else "")
+        rounds.append(rows)
+    if args.rounds > 1:
+        summarise(rounds, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rounds if args.rounds > 1 else rounds[0],
+                                              indent=2) + "\n")
+    return 0
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """One round: a fresh node namespace, both plugins measured by the inner process."""
     run_id = secrets.token_hex(2)
     node = f"{PREFIX}{run_id}-node"
     try:
@@ -268,20 +286,26 @@ def outer(args: argparse.Namespace) -> int:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark failed:\n{proc.stderr}")
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         delete_netns(list_netns(f"{PREFIX}{run_id}-"))
-    report(rows, args)
-    return 0
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
+def compute_ratios(rows: list[dict], phase: str) -> dict[str, float]:
+    by = {(r["plugin"], r["phase"]): r for r in rows}
+    ours, ref = by[("meshgress", phase)], by[("bridge+host-local", phase)]
+    return {k: ours[k] / ref[k] for k in ("add_p50_ms", "add_p99_ms", "del_p50_ms",
+                                          "pods_per_s")}
+
+
+def report(rows: list[dict], args: argparse.Namespace, title: str = "") -> None:
     from cni.install import _default_python
 
     shim_python = Path(_default_python()).resolve().name
-    print(f"CNI benchmark: {args.pods} pods, sequential and {args.concurrency}-way concurrent; "
-          f"{os.cpu_count()} CPUs, kernel {platform.release()}; server on Python "
-          f"{platform.python_version()}, shim on {shim_python}")
+    print(f"CNI benchmark{' (' + title + ')' if title else ''}: {args.pods} pods, sequential "
+          f"and {args.concurrency}-way concurrent; {os.cpu_count()} CPUs, kernel "
+          f"{platform.release()}; server on Python {platform.python_version()}, shim on "
+          f"{shim_python}")
     header = (f"{'plugin':<19}{'phase':<12}{'ADD p50':>9}{'ADD p99':>9}{'DEL p50':>9}"
               f"{'DEL p99':>9}{'pods/s':>8}")
     print(header)
@@ -291,23 +315,31 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
               f"{row['add_p99_ms']:>7.2f}ms{row['del_p50_ms']:>7.2f}ms{row['del_p99_ms']:>7.2f}ms"
               f"{row['pods_per_s']:>8.1f}")
     print()
-    by = {(r["plugin"], r["phase"]): r for r in rows}
     for phase in ("sequential", f"{args.concurrency}-way"):
-        ours, ref = by[("meshgress", phase)], by[("bridge+host-local", phase)]
-        ratio = {k: ours[k] / ref[k] for k in ("add_p50_ms", "add_p99_ms", "del_p50_ms",
-                                               "pods_per_s")}
+        ratio = compute_ratios(rows, phase)
         print(f"meshgress/reference {phase:<11}: ADD p50 {ratio['add_p50_ms']:.2f}"
               f"  ADD p99 {ratio['add_p99_ms']:.2f}  DEL p50 {ratio['del_p50_ms']:.2f}"
               f"  pods/s {ratio['pods_per_s']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    print()
+
+
+def summarise(rounds: list[list[dict]], args: argparse.Namespace) -> None:
+    """Each round's ADD p50 ratios, then their median: one round on a shared machine can
+    be off by 10% either way."""
+    for phase in ("sequential", f"{args.concurrency}-way"):
+        ratios = [compute_ratios(rows, phase)["add_p50_ms"] for rows in rounds]
+        print(f"ADD p50 meshgress/reference {phase:<11}: rounds "
+              + " ".join(f"{r:.2f}" for r in ratios)
+              + f"; median {statistics.median(ratios):.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole measurement; report each round and the median")
+    parser.add_argument("--json", help="also write the rows (a list per round) to this file")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -300,6 +300,16 @@ def test_loose_rp_filter_makes_the_plugin_refuse(cni_node, netns_factory):
     assert allocation_files(cni_node) == []
 
 
+def test_loose_rp_filter_set_after_pods_were_wired_is_noticed(cni_node, netns_factory):
+    """The good answer is cached between ADDs; a change of `all` must still be seen."""
+    assert cni_node.call("ADD", "ctr-before", netns_factory("pod")).exit == 0
+    nsexec(cni_node.netns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2")
+    added = cni_node.call("ADD", "ctr-after", netns_factory("pod"))
+    assert added.code == p.ERR_ANTISPOOF_UNAVAILABLE
+    nsexec(cni_node.netns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+    assert cni_node.call("ADD", "ctr-fixed", netns_factory("pod")).exit == 0
+
+
 def test_agent_unreachable(cni_node, netns_factory):
     pod = netns_factory("pod")
     cni_node.stop()

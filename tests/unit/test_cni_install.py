@@ -6,7 +6,13 @@ import json
 import os
 import subprocess
 
-from cni.install import PLUGIN_NAME, compute_conflist, install_plugin
+from cni.install import PLUGIN_NAME, SHIM_MODULE, compute_conflist, install_plugin
+
+
+def _version(launcher):
+    proc = subprocess.run([str(launcher)], env={"CNI_COMMAND": "VERSION"}, input=b"{}",
+                          capture_output=True, check=True)
+    return json.loads(proc.stdout)["supportedVersions"]
 
 
 def test_install_makes_a_self_contained_precompiled_binary(tmp_path):
@@ -15,13 +21,26 @@ def test_install_makes_a_self_contained_precompiled_binary(tmp_path):
     assert os.access(launcher, os.X_OK)
     first_line = launcher.read_text().splitlines()[0]
     assert first_line.startswith("#!/") and first_line.endswith(" -IS")
-    package = tmp_path / f".{PLUGIN_NAME}" / "cni"
-    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py", "plugin.py",
-                                                            "protocol.py"]
-    assert len(list((package / "__pycache__").glob("*.pyc"))) == 3
-    proc = subprocess.run([str(launcher)], env={"CNI_COMMAND": "VERSION"}, input=b"{}",
-                          capture_output=True, check=True)
-    assert json.loads(proc.stdout)["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
+    private = tmp_path / f".{PLUGIN_NAME}"
+    assert sorted(p.name for p in private.iterdir()) == [f"{SHIM_MODULE}.code",
+                                                         f"{SHIM_MODULE}.py"]
+    assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
+
+
+def test_a_stale_compiled_shim_falls_back_to_the_source(tmp_path):
+    """Another interpreter version (another magic number) must not run foreign bytecode."""
+    launcher = install_plugin(tmp_path)
+    code = tmp_path / f".{PLUGIN_NAME}" / f"{SHIM_MODULE}.code"
+    code.write_bytes(b"\0\0\r\n" + code.read_bytes()[4:])
+    assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
+
+
+def test_install_replaces_the_layout_of_earlier_versions(tmp_path):
+    old = tmp_path / f".{PLUGIN_NAME}" / "cni"
+    old.mkdir(parents=True)
+    (old / "plugin.py").write_text("")
+    install_plugin(tmp_path)
+    assert not old.exists()
 
 
 def test_install_twice_replaces_in_place(tmp_path):

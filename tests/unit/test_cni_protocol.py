@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from hypothesis import given
@@ -79,3 +80,67 @@ def test_own_error_codes_are_outside_the_reserved_range():
     assert own
     assert len(set(own)) == len(own)
     assert all(code in p.ERROR_NAMES for code in own)
+
+
+# --- the binary wire format, and the server answering both protocols ----------------------
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="\0"), max_size=8),
+                min_size=len(p.REQUEST_FIELDS), max_size=len(p.REQUEST_FIELDS)),
+       st.binary(max_size=64))
+def test_requests_round_trip(values, stdin):
+    frame = p.encode_request([v.encode("utf-8", "surrogateescape") for v in values], stdin)
+    assert frame[:4] == p.REQUEST_MAGIC
+    assert int.from_bytes(frame[4:8], "big") == len(frame) - 8
+    fields, raw = p.decode_request(frame[8:])
+    assert (list(fields.values()), raw) == (values, stdin)
+    assert list(fields) == list(p.REQUEST_FIELDS)
+
+
+def test_responses_round_trip():
+    frame = p.encode_response(1, '{"code": 7}')
+    assert p.decode_response_header(frame[:12]) == (1, len(frame) - 12)
+    assert frame[12:] == b'{"code": 7}'
+
+
+class _EchoService:
+    def handle(self, request, netns_fd=None):
+        return 0, json.dumps(request, sort_keys=True)
+
+
+def _serve(frame: bytes) -> bytes:
+    from cni.server import _serve_connection
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(frame)
+        _serve_connection(theirs, _EchoService())  # type: ignore[arg-type]
+        theirs.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := ours.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+REQUEST = {"command": "ADD", "containerID": "c", "ifname": "eth0", "netns": "/n", "args": "",
+           "path": "/p", "stdin": '{"cniVersion": "1.0.0"}'}
+
+
+def test_the_server_answers_the_binary_protocol_in_kind():
+    values = [REQUEST[name].encode() for name in p.REQUEST_FIELDS]
+    reply = _serve(p.encode_request(values, REQUEST["stdin"].encode()))
+    exit_code, length = p.decode_response_header(reply[:12])
+    assert (exit_code, json.loads(reply[12:12 + length])) == (0, REQUEST)
+
+
+def test_the_server_still_answers_shims_of_the_json_protocol():
+    reply = _serve(p.encode_frame(REQUEST))
+    answer = json.loads(reply[4:4 + p.frame_length(reply[:4])])
+    assert (answer["exit"], json.loads(answer["stdout"])) == (0, REQUEST)
+
+
+def test_the_server_rejects_a_configuration_that_is_not_utf8():
+    values = [REQUEST[name].encode() for name in p.REQUEST_FIELDS]
+    reply = _serve(p.encode_request(values, b"\xff{}"))
+    exit_code, length = p.decode_response_header(reply[:12])
+    assert (exit_code, json.loads(reply[12:12 + length])["code"]) == (1, p.ERR_DECODE)
