@@ -41,10 +41,14 @@ IPv4Range = tuple[int, int]
 
 
 def _ranges(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[IPv4Range]:
-    out = sorted((int(n.network_address), int(n.broadcast_address))
-                 for n in nets if n.version == 4)
+    return _merge((int(n.network_address), int(n.broadcast_address))
+                  for n in nets if n.version == 4)
+
+
+def _merge(ranges: Iterable[IPv4Range]) -> list[IPv4Range]:
+    """Sorted, with overlapping and adjacent ranges joined."""
     merged: list[IPv4Range] = []
-    for lo, hi in out:
+    for lo, hi in sorted(ranges):
         if merged and lo <= merged[-1][1] + 1:
             merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
         else:
@@ -118,6 +122,10 @@ class PolicyView:
     """Effective destinations (destinationCIDRs minus everything excluded)."""
     excluded: tuple[IPv4Range, ...] = ()
     """excludedCIDRs plus the always-excluded ranges, for explanations."""
+    requested: tuple[IPv4Range, ...] = ()
+    """destinationCIDRs minus the policy's own excludedCIDRs: what a node's per-policy set
+    holds (the always-excluded ranges are one set shared by every policy, so a node never
+    programs "everything except 5,000 node addresses" once per policy)."""
     selected: tuple[tuple[str, str], ...] = ()
     """(namespace, name) of every pod it selects among the pods given (accepted or not)."""
     namespaces: frozenset[str] = frozenset()
@@ -129,6 +137,8 @@ class PolicyView:
 class EgressModel:
     gateways: Mapping[str, GatewayView]
     policies: Mapping[str, PolicyView]
+    always_excluded: tuple[IPv4Range, ...] = ()
+    """The cluster pod range, the service range and every node address, merged."""
 
     def policies_for(self, pod: PodView) -> tuple[PolicyView, ...]:
         """Accepted policies selecting `pod`, in the order packets try them."""
@@ -150,8 +160,10 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
                    cluster: ClusterConfig) -> EgressModel:
     """The cluster's egress decisions. `namespaces` maps a namespace to its labels."""
     gateway_views = _compute_gateways(gateways, cluster)
-    always_excluded = _ranges([*cluster.pod_cidrs, *cluster.service_cidrs,
-                               *(ipaddress.ip_network(a) for a in node_addresses)])
+    # Node addresses as integer ranges directly: there may be thousands of them, and this
+    # runs on every pass of every agent.
+    always_excluded = _merge([*_ranges([*cluster.pod_cidrs, *cluster.service_cidrs]),
+                              *((int(a), int(a)) for a in node_addresses if a.version == 4)])
     pod_list = list(pods)
     staged: list[PolicyView] = []
     for obj in policies:
@@ -168,9 +180,10 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
         selected = tuple(sorted(
             (p.namespace, p.name) for p in pod_list
             if p.namespace in in_namespaces and matches(policy.pod_selector, p.labels)))
-        excluded = _ranges([*policy.excluded_cidrs]) + always_excluded
-        destinations = tuple(_subtract(_ranges(policy.destination_cidrs),
-                                       _ranges(ranges_to_cidrs(excluded))))
+        own_excluded = _ranges(policy.excluded_cidrs)
+        excluded = _merge([*own_excluded, *always_excluded])
+        destinations = tuple(_subtract(_ranges(policy.destination_cidrs), excluded))
+        requested = tuple(_subtract(_ranges(policy.destination_cidrs), own_excluded))
         gw = gateway_views.get(policy.gateway)
         if gw is None:
             reason, message, accepted = ("GatewayNotFound",
@@ -183,7 +196,7 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
             reason, message, accepted = "Accepted", f"{len(selected)} pods selected", True
         staged.append(PolicyView(name, policy, accepted, reason, message,
                                  destinations=destinations,
-                                 excluded=tuple(_ranges(ranges_to_cidrs(excluded))),
+                                 excluded=tuple(excluded), requested=requested,
                                  selected=selected, namespaces=in_namespaces,
                                  generation=policy.generation))
     conflicts: dict[str, set[str]] = {}
@@ -209,7 +222,8 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
                          "destinations; neither is applied until the priorities differ"))
         else:
             views[view.name] = view
-    return EgressModel(gateways=gateway_views, policies=views)
+    return EgressModel(gateways=gateway_views, policies=views,
+                       always_excluded=tuple(always_excluded))
 
 
 def _generation(obj: Mapping[str, Any]) -> int:

@@ -68,6 +68,8 @@ HASH_SEED = 0x6D657368  # "mesh": fixed, so every node hashes a flow the same wa
 PRIORITY_STEER = -150  # mangle: before routing, after conntrack and the raw-priority guard
 CHAIN_STEER = "egress_steer"
 SET_HEALTHY = "egress_healthy"
+SET_NEVER = "egress_never"
+"""The always-excluded destinations (pod and service ranges, node addresses), shared."""
 ALL_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
 
 
@@ -233,8 +235,11 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)
 
     pods_by_key = {(p.namespace, p.name): p for p in inputs.local_pods}
-    sets: list[NftSet] = [NftSet(SET_HEALTHY, "mark", (), tuple(sorted(
-        marks[s] for s in usable_healthy if s in marks)))]
+    sets: list[NftSet] = [
+        NftSet(SET_HEALTHY, "mark", (), tuple(sorted(
+            marks[s] for s in usable_healthy if s in marks))),
+        NftSet(SET_NEVER, "ipv4_addr", ("interval",), ranges_to_cidrs(model.always_excluded)),
+    ]
     steer_rules: list[Rule] = [
         Rule.of(match(meta("iifname"), POD_HOST_VETH_PREFIX + "*", "!="), {"return": None}),
         Rule.of(match({"&": [{"ct": {"key": "mark"}}, FWMARK_MASK]}, 0, "!="),
@@ -265,10 +270,11 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
         prefix = f"ep{number}"
         sets.append(NftSet(f"{prefix}_pods", "ipv4_addr", (), tuple(local)))
         sets.append(NftSet(f"{prefix}_dst", "ipv4_addr", ("interval",),
-                           ranges_to_cidrs(view.destinations)))
+                           ranges_to_cidrs(view.requested)))
         steer_rules.append(Rule.of(
             match(payload("ip", "saddr"), set_ref(f"{prefix}_pods")),
             match(payload("ip", "daddr"), set_ref(f"{prefix}_dst")),
+            match(payload("ip", "daddr"), set_ref(SET_NEVER), "!="),
             goto(f"{prefix}_pick")))
         flow = {"concat": [payload("ip", "saddr"), payload("ip", "daddr"),
                            payload("th", "sport"), payload("th", "dport")]}

@@ -123,18 +123,28 @@ def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_
     assert samples['meshgress_egress_policy_selected_pods{policy="payments"}'] == 1
 
 
+def capture(netns, interface, path, *expression):
+    """tcpdump into `path`, returned once it captures (it writes the file's header when the
+    capture is active: until then, packets would be missed and the test would prove
+    nothing)."""
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", "tcpdump", "-i", interface,
+                             "-n", "-U", "-w", str(path), *expression],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not (path.exists() and path.stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline, "tcpdump did not start"
+        time.sleep(0.05)
+    return proc
+
+
 def test_a_new_selected_pod_never_leaves_with_another_source_and_the_hop_is_encrypted(
         egress_lab, tmp_path):
     name = egress_lab
     outside_pcap, underlay_pcap = tmp_path / "outside.pcap", tmp_path / "underlay.pcap"
     captures = [
-        subprocess.Popen(["nsenter", f"--net=/run/netns/mg-{name}-outside", "tcpdump", "-i",
-                          "eth0", "-n", "-U", "-w", str(outside_pcap), "net", "198.18.0.0/15",
-                          "or", "net", "192.0.2.0/24"], stderr=subprocess.DEVNULL),
-        subprocess.Popen(["nsenter", f"--net=/run/netns/mg-{name}-underlay", "tcpdump", "-i",
-                          "br0", "-n", "-U", "-w", str(underlay_pcap)],
-                         stderr=subprocess.DEVNULL)]
-    time.sleep(1)
+        capture(f"mg-{name}-outside", "eth0", outside_pcap, "net", "198.18.0.0/15", "or",
+                "net", "192.0.2.0/24"),
+        capture(f"mg-{name}-underlay", "br0", underlay_pcap)]
     try:
         # The pod sends from its very first moment: a sender started right after ADD.
         ip = lab(name, "add-pod", "payments/fresh", "--node", "node2").stdout.strip()

@@ -165,6 +165,31 @@ def test_each_slot_counts_the_flows_steered_into_it_and_policies_count_local_pod
     assert state.selected_pods == {"payments": 1}
 
 
+def test_node_addresses_are_one_shared_set_not_carved_out_of_every_policy():
+    """5,000 nodes: the always-excluded set holds one element per node address (plus the
+    cluster ranges) and a policy's own set stays 0.0.0.0/0 — never "everything except
+    5,000 addresses", which would be tens of thousands of prefixes per policy."""
+    nodes = [ipaddress.ip_address(0x0A000000 + 3 * i + 1) for i in range(5000)]  # 10.0.x.x
+    m = compute_egress(gateways=[gateway()], policies=[policy("payments")],
+                       namespaces=NAMESPACES, pods=PODS, node_addresses=nodes,
+                       cluster=CLUSTER)
+    view = m.policies["payments"]
+    assert view.requested == ((0, 2**32 - 1),)
+    assert not any(lo <= int(nodes[7]) <= hi for lo, hi in view.destinations)
+    key = generate_private_key()
+    state = compute_steering(SteeringInputs(
+        model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),),
+        holders={}, healthy=frozenset(), private_key=key, mtu=1440,
+        probe_source=ipaddress.ip_address("198.18.1.0")))
+    sets = {s.name: s.elements for s in state.sets}
+    assert [str(n) for n in sets["ep0_dst"]] == ["0.0.0.0/0"]
+    # the nodes, and the lab's pod and service ranges (adjacent: one /15)
+    assert len(sets["egress_never"]) == 5000 + 1
+    steer = {c.name: c for c in state.chains}["egress_steer"]
+    assert {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                      "right": "@egress_never"}} in steer.rules[-1].statements
+
+
 @pytest.mark.parametrize(("slots", "kept", "expected"), [
     ([], {}, {}),
     ([SlotId("b", 0), SlotId("a", 0)], {}, {SlotId("a", 0): 0, SlotId("b", 0): 1}),
