@@ -18,7 +18,7 @@ APT_PACKAGES := nftables libnftables1 wireguard-tools wireguard-go iproute2 iput
 	tcpdump iperf3 conntrack util-linux procps podman runc containernetworking-plugins \
 	busybox-static uidmap qemu-system-x86 kmod
 
-.PHONY: help setup apt venv demo test test-egress check bench lab-down clean
+.PHONY: help setup apt venv demo test check bench lab-down clean
 
 help:
 	@echo "make demo   - build the lab (a cluster in network namespaces) and show what it proves"
@@ -54,15 +54,9 @@ demo: setup
 
 # The kernel WireGuard suite needs a kernel with WireGuard: run-vm runs it natively where
 # the host has the module, else in a throwaway QEMU guest with a stock Debian kernel.
-#
-# The egress end-to-end suite (tests/e2e/test_egress.py) is its own target while the
-# egress issue is open: it still fails intermittently (see the README, "Egress gateways").
 test: setup check
-	@$(PY) -m pytest -q tests --ignore=tests/kernel --ignore=tests/e2e/test_egress.py
+	@$(PY) -m pytest -q tests --ignore=tests/kernel
 	@tests/kernel/run-vm -q
-
-test-egress: setup
-	@$(PY) -m pytest -q tests/e2e/test_egress.py
 
 check: venv
 	@$(VENV)/bin/ruff check meshgress wireguard nodeagent cni gateway tests
