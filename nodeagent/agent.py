@@ -63,11 +63,13 @@ from nodeagent.options import DEFAULT_CNI_SOCKET, DEFAULT_METRICS_ADDRESS, DEFAU
 from nodeagent.prober import SlotProber
 from nodeagent.routes import NetlinkRoutes, apply_routes
 from nodeagent.steering import (
+    POLICY_COUNTER_PREFIX,
     LocalPod,
     SteeringInputs,
     SteeringState,
     compute_steering,
     parse_slot_lease,
+    policy_flows_counter,
     slot_flows_counter,
 )
 from nodeagent.tracker import TrackedDataplane, apply_device_tracked
@@ -465,7 +467,11 @@ class Agent:
         return self.metrics.render(counters=counters, peer_stats=stats, peer_names=names,
                                    now=time.time(), slots=self._slot_samples(counters),
                                    selected_pods=dict(self.state.steering.selected_pods)
-                                   if self.state.steering else {})
+                                   if self.state.steering else {},
+                                   policy_flows={
+                                       name: counters.get(policy_flows_counter(name), (0, 0))[0]
+                                       for name in (self.state.steering.selected_pods
+                                                    if self.state.steering else {})})
 
     def _slot_samples(self, counters: dict[str, tuple[int, int]]) -> list[SlotSample]:
         steering = self.state.steering
@@ -536,7 +542,8 @@ class Agent:
 def _with_steering(base: Ruleset, steering: SteeringState) -> Ruleset:
     """The node's whole table: the guard and masquerade, plus the egress steering."""
     return Ruleset(sets=base.sets + steering.sets, counters=base.counters + steering.counters,
-                   chains=base.chains + steering.chains)
+                   chains=base.chains + steering.chains,
+                   pruned_counters=(POLICY_COUNTER_PREFIX,))
 
 
 def main(args: argparse.Namespace) -> int:

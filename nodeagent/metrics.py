@@ -74,7 +74,8 @@ class AgentMetrics:
     def render(self, *, counters: Mapping[str, tuple[int, int]], peer_stats: tuple[PeerStats, ...],
                peer_names: Mapping[str, str], now: float,
                slots: Sequence[SlotSample] = (),
-               selected_pods: Mapping[str, int] | None = None) -> str:
+               selected_pods: Mapping[str, int] | None = None,
+               policy_flows: Mapping[str, int] | None = None) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str,
@@ -166,6 +167,10 @@ class AgentMetrics:
         metric("meshgress_egress_policy_selected_pods", "gauge",
                "Pods on this node the policy selects.",
                [(_labels(policy=name), n) for name, n in sorted((selected_pods or {}).items())])
+        metric("meshgress_egress_policy_flows_total", "counter",
+               "Flows of this node's pods the policy steered (new, or re-picked after their "
+               "slot failed).",
+               [(_labels(policy=name), n) for name, n in sorted((policy_flows or {}).items())])
         return "\n".join(out) + "\n"
 
 

@@ -318,7 +318,11 @@ class FakeNftablesAdapter:
                 raise ValueError(f"Device or resource busy: {kind} {name} in use")
             del state.sets[name]
         elif verb == "delete" and kind == "counter":
-            raise ValueError("the agent never deletes a counter")
+            if name not in state.counters:
+                raise KeyError(f"no counter {name}")
+            if any(name in _refs(r["expr"], "counter") for r in state.rules):
+                raise ValueError(f"Device or resource busy: counter {name} in use")
+            del state.counters[name]
         elif kind == "element":
             self._elements(state, verb, name, obj["elem"])
         elif verb == "add" and kind in ("set", "map"):

@@ -11,7 +11,8 @@ masquerades unselected pod traffic leaving the cluster. This module is the pure 
   `nft -j list table inet meshgress` (None: no table) and returns the smallest `NftPlan`
   that makes the kernel match: set and map *elements* are added and deleted one by one,
   a chain whose rules differ is flushed and refilled, named counters are created when
-  missing and never deleted or reset, and the table is never flushed or deleted.
+  missing and never reset (deleted only when they belong to something gone, see
+  `Ruleset.pruned_counters`), and the table is never flushed or deleted.
 - `NftPlan.commands()` renders the plan as libnftables JSON commands; the apply layer
   (`nodeagent.nft`) sends them as one atomic transaction.
 
@@ -237,7 +238,8 @@ NamedSet = NftSet | NftMap
 
 @dataclass(frozen=True)
 class NftCounter:
-    """A named counter object. Created when missing; never deleted, never reset."""
+    """A named counter object. Created when missing, never reset; deleted only when its
+    name has one of the ruleset's `pruned_counters` prefixes and it is no longer wanted."""
 
     name: str
     comment: str = ""
@@ -329,6 +331,10 @@ class Ruleset:
     family: str = NFT_FAMILY
     table: str = NFT_TABLE
     comment: str = TABLE_COMMENT
+    pruned_counters: tuple[str, ...] = ()
+    """Name prefixes of counters that come and go with what they count (one per egress
+    policy, say): an observed counter with such a prefix that is not desired is deleted.
+    Every other counter is kept forever, as the class says."""
 
     def __post_init__(self) -> None:
         for kind, names in (("set/map", [s.name for s in self.sets]),
@@ -596,6 +602,7 @@ class NftPlan:
     delete_elements: tuple[ElementChange, ...] = ()
     delete_sets: tuple[tuple[str, str], ...] = ()  # (kind, name)
     delete_chains: tuple[str, ...] = ()
+    delete_counters: tuple[str, ...] = ()
     add_sets: tuple[NamedSet, ...] = ()
     add_counters: tuple[NftCounter, ...] = ()
     add_chains: tuple[NftChain, ...] = ()
@@ -605,7 +612,8 @@ class NftPlan:
     @property
     def empty(self) -> bool:
         return not (self.create_table or self.flush_chains or self.delete_elements
-                    or self.delete_sets or self.delete_chains or self.add_sets
+                    or self.delete_sets or self.delete_chains or self.delete_counters
+                    or self.add_sets
                     or self.add_counters or self.add_chains or self.add_elements
                     or self.add_rules)
 
@@ -624,6 +632,8 @@ class NftPlan:
             for c in self.delete_elements]
         cmds += [{"delete": {kind: self._ref(name=name)}} for kind, name in self.delete_sets]
         cmds += [{"delete": {"chain": self._ref(name=name)}} for name in self.delete_chains]
+        # After the flushes: the kernel refuses to delete a counter a rule still uses.
+        cmds += [{"delete": {"counter": self._ref(name=name)}} for name in self.delete_counters]
         cmds += [{"add": {s.kind: self._ref(name=s.name, **s.definition())}}
                  for s in self.add_sets]
         for counter in self.add_counters:
@@ -652,6 +662,7 @@ class NftPlan:
             parts.append(f"create table {self.family} {self.table}")
         for label, names in (
                 ("delete chains", self.delete_chains),
+                ("delete counters", self.delete_counters),
                 ("delete sets", tuple(name for _, name in self.delete_sets)),
                 ("add sets", tuple(s.name for s in self.add_sets)),
                 ("add counters", tuple(c.name for c in self.add_counters)),
@@ -687,11 +698,12 @@ def plan_ruleset(desired: Ruleset,
 
     Guarantees: an equal table gives an empty plan; element changes are element adds and
     deletes only; a chain with different rules is flushed and refilled (never a chain
-    that matches); named counters are added when missing and never deleted or recreated,
-    so their values survive every plan; the table itself is never deleted or flushed.
-    Objects the agent does not know in its own table (other chains, sets) are removed:
-    it owns the table whole. Foreign counters are left alone (deleting one would lose
-    its values, and they are harmless).
+    that matches); named counters are added when missing and never recreated, so their
+    values survive every plan; the table itself is never deleted or flushed. Objects the
+    agent does not know in its own table (other chains, sets) are removed: it owns the
+    table whole. Counters it does not want are left alone (deleting one would lose its
+    values, and they are harmless) unless their name has one of the ruleset's
+    `pruned_counters` prefixes: those belong to something that is gone.
     """
     table = observed if isinstance(observed, ObservedTable) else parse_observed(
         observed, desired.family, desired.table)
@@ -757,6 +769,11 @@ def plan_ruleset(desired: Ruleset,
         if name not in desired_chain_names:
             flush.append(name)
             delete_chains.append(name)
+    desired_counter_names = {c.name for c in desired.counters}
+    delete_counters = tuple(
+        name for name in sorted(table.counters)
+        if name not in desired_counter_names
+        and any(name.startswith(prefix) for prefix in desired.pruned_counters))
 
     return NftPlan(
         family=desired.family, table=desired.table, table_comment=desired.comment,
@@ -764,6 +781,7 @@ def plan_ruleset(desired: Ruleset,
         delete_elements=tuple(delete_elements),
         delete_sets=tuple(delete_sets),
         delete_chains=tuple(delete_chains),
+        delete_counters=delete_counters,
         add_sets=tuple(add_sets),
         add_counters=tuple(c for c in desired.counters if c.name not in table.counters),
         add_chains=tuple(add_chains),

@@ -170,7 +170,8 @@ class SteeringState:
     numbers: Mapping[SlotId, int] = field(default_factory=dict)
     """slot → its number on this node (see meshgress.slots.assign_slot_numbers)."""
     counters: tuple[NftCounter, ...] = ()
-    """One per slot number: flows this node sent into the slot (metrics)."""
+    """One per slot number (flows this node sent into the slot) and one per policy with
+    local pods (flows it steered), for metrics."""
     selected_pods: Mapping[str, int] = field(default_factory=dict)
     """policy → how many of this node's pods it selects (accepted policies only)."""
 
@@ -192,6 +193,16 @@ def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
             return hashlib.sha256(f"{b}/{slot.gateway}/{slot.index}".encode()).digest()
         out.append(marks[max(alive, key=weight)])
     return tuple(out)
+
+
+POLICY_COUNTER_PREFIX = "egress_policy_"
+
+
+def policy_flows_counter(policy: str) -> str:
+    """The named counter of the flows a policy steered on this node (new flows, and flows
+    re-picked after their slot failed). Policy names may hold '-' and '.', which counter
+    names may not: a hash keeps them apart."""
+    return POLICY_COUNTER_PREFIX + hashlib.sha256(policy.encode()).hexdigest()[:16]
 
 
 def slot_flows_counter(number: int) -> str:
@@ -251,6 +262,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     pick_chains: list[NftChain] = []
     buckets_by_gateway: dict[str, tuple[int, ...]] = {}
     selected_pods: dict[str, int] = {}
+    policy_counters: list[NftCounter] = []
     accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
                       key=_policy_key)
     for number, view in enumerate(accepted):
@@ -275,7 +287,10 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
             match(payload("ip", "saddr"), set_ref(f"{prefix}_pods")),
             match(payload("ip", "daddr"), set_ref(f"{prefix}_dst")),
             match(payload("ip", "daddr"), set_ref(SET_NEVER), "!="),
+            counter_ref(policy_flows_counter(view.name)),
             goto(f"{prefix}_pick")))
+        policy_counters.append(NftCounter(policy_flows_counter(view.name),
+                                          comment=f"flows of EgressPolicy {view.name}"))
         flow = {"concat": [payload("ip", "saddr"), payload("ip", "daddr"),
                            payload("th", "sport"), payload("th", "dport")]}
         count = tuple(Rule.of(match(meta("mark"), marks[slot]),
@@ -295,6 +310,6 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                              set(routes), key=lambda r: (r[0], r[1] or ""))),
                          sets=tuple(sets), chains=(steer, *pick_chains),
                          buckets=buckets_by_gateway, tenures=tenures, numbers=numbers,
-                         counters=tuple(NftCounter(slot_flows_counter(n)) for n in
-                                        sorted(set(numbers.values()))),
+                         counters=(*(NftCounter(slot_flows_counter(n)) for n in
+                                     sorted(set(numbers.values()))), *policy_counters),
                          selected_pods=selected_pods)

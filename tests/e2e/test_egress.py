@@ -121,6 +121,7 @@ def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_
     assert sum(v for k, v in samples.items() if k.startswith("meshgress_egress_slot_flows")) \
         >= 2  # one TCP and one UDP flow at least
     assert samples['meshgress_egress_policy_selected_pods{policy="payments"}'] == 1
+    assert samples['meshgress_egress_policy_flows_total{policy="payments"}'] >= 2
 
 
 def capture(netns, interface, path, *expression):

@@ -47,6 +47,7 @@ from nodeagent.nft_model import (
     FirewallSpec,
     Hook,
     NftChain,
+    NftCounter,
     NftMap,
     NftPlan,
     NftSet,
@@ -54,6 +55,7 @@ from nodeagent.nft_model import (
     Ruleset,
     Verdict,
     compute_ruleset,
+    counter_ref,
     match,
     meta,
     payload,
@@ -465,6 +467,26 @@ def test_egress_shaped_sets_maps_and_chains_converge(node: Node) -> None:
     plan = node.nft.reconcile(base)  # the verdict map goes before the chain it jumps to
     assert set(plan.delete_chains) == {"policy_p1", "egress_mark"}
     assert plan_ruleset(base, node.nft.read()).empty
+
+
+def test_a_pruned_counter_goes_with_its_rule_in_one_transaction(node: Node) -> None:
+    """The kernel refuses to delete a counter a rule uses; the plan flushes the chain and
+    deletes the counter in one transaction, and the counters that stay keep counting."""
+    base = compute_ruleset(SPEC)
+
+    def with_counters(*names: str) -> Ruleset:
+        counters = tuple(NftCounter(f"egress_policy_{n}") for n in names)
+        steer = NftChain("steer", hook=Hook("filter", "prerouting", -150), rules=tuple(
+            Rule.of(match(meta("mark"), i + 1), counter_ref(c.name))
+            for i, c in enumerate(counters)))
+        return Ruleset(sets=base.sets, counters=base.counters + counters,
+                       chains=(*base.chains, steer), pruned_counters=("egress_policy_",))
+
+    node.nft.reconcile(with_counters("a", "b"))
+    plan = node.nft.reconcile(with_counters("b"))
+    assert plan.delete_counters == ("egress_policy_a",) and "steer" in plan.flush_chains
+    assert set(node.nft.counters()) == {"leak_out", "spoof_in", "egress_policy_b"}
+    assert plan_ruleset(with_counters("b"), node.nft.read()).empty
 
 
 def test_apply_is_fast(node: Node) -> None:

@@ -15,6 +15,7 @@ from nodeagent.steering import (
     SteeringInputs,
     compute_buckets,
     compute_steering,
+    policy_flows_counter,
 )
 from wireguard.keys import generate_private_key, public_key
 
@@ -156,7 +157,11 @@ def test_slot_numbers_are_kept_so_marks_and_tables_never_move_under_flows():
 
 def test_each_slot_counts_the_flows_steered_into_it_and_policies_count_local_pods():
     state = steering(SLOTS, kept={SLOTS[1]: 7, SLOTS[0]: 0})
-    assert [c.name for c in state.counters] == ["egress_flows_0", "egress_flows_7"]
+    policy_counter = policy_flows_counter("payments")
+    assert [c.name for c in state.counters] == ["egress_flows_0", "egress_flows_7",
+                                                policy_counter]
+    steer = {c.name: c for c in state.chains}["egress_steer"]
+    assert {"counter": policy_counter} in steer.rules[-1].statements
     pick = {c.name: c for c in state.chains}["ep0_pick"]
     counted = [r.statements for r in pick.rules[1:]]
     assert counted == [[{"match": {"op": "==", "left": {"meta": {"key": "mark"}},

@@ -496,3 +496,31 @@ def test_summary_is_one_readable_line() -> None:
     assert plan_ruleset(DESIRED, listing()).summary() == "no change"
     text = plan_ruleset(DESIRED, None).summary()
     assert text.startswith("create table inet meshgress; add sets cluster_v4,nonmasq_v4")
+
+
+def _with_policy_counters(*names: str) -> Ruleset:
+    """DESIRED plus one counted rule per name, counters pruned by their prefix."""
+    counters = tuple(NftCounter(f"egress_policy_{n}") for n in names)
+    chain = NftChain("steer", hook=Hook("filter", "prerouting", -150), rules=tuple(
+        Rule.of(match(meta("mark"), i + 1), counter_ref(c.name), ACCEPT)
+        for i, c in enumerate(counters)))
+    return Ruleset(sets=DESIRED.sets, counters=DESIRED.counters + counters,
+                   chains=(*DESIRED.chains, chain), pruned_counters=("egress_policy_",))
+
+
+def test_pruned_counters_go_with_what_they_count_and_no_other_counter_does() -> None:
+    fake = FakeNftablesAdapter()
+    apply_ruleset(fake, _with_policy_counters("a", "b"))
+    fake.run([{"add": {"counter": {"family": "inet", "table": "meshgress",
+                                   "name": "someone_elses"}}}])
+    fake.hit("egress_policy_b", 4)
+    plan = apply_ruleset(fake, _with_policy_counters("b"))
+    assert plan.delete_counters == ("egress_policy_a",)
+    commands = [next(iter(c)) + " " + next(iter(next(iter(c.values())))) for c in
+                plan.commands()]
+    # the rules that use it are flushed first, in the same transaction
+    assert commands.index("flush chain") < commands.index("delete counter")
+    assert set(fake.counters()) == {"leak_out", "spoof_in", "someone_elses",
+                                    "egress_policy_b"}
+    assert fake.counters()["egress_policy_b"][0] == 4
+    assert apply_ruleset(fake, _with_policy_counters("b")).empty
