@@ -105,7 +105,8 @@ class Route:
     table: int
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute (type-length-value, padded to 4 bytes)."""
     length = _RTATTR.size + len(payload)
     return _RTATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
 
@@ -118,7 +119,7 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
 
 
-def _parse_attrs(
+def parse_attrs(
     data: bytes, offset: int = 0, wanted: frozenset[int] | None = None
 ) -> dict[int, bytes]:
     """Attributes from `offset` on, by type; only the `wanted` types if given."""
@@ -260,24 +261,24 @@ class Rtnl:
         ENOTCONN); bring it up with `set_up` from a socket in its namespace. Returns the
         new link as the kernel echoes it (kernels >= 6.3), None where it does not echo.
         """
-        mtu_attr = _attr(IFLA_MTU, _U32.pack(mtu)) if mtu else b""
+        mtu_attr = attr(IFLA_MTU, _U32.pack(mtu)) if mtu else b""
         peer = (
             _IFINFOMSG.pack(0, 0, 0, 0, 0)
-            + _attr(IFLA_IFNAME, _cstr(peer_name))
-            + _attr(IFLA_ADDRESS, _mac_bytes(peer_mac))
-            + _attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd))
+            + attr(IFLA_IFNAME, _cstr(peer_name))
+            + attr(IFLA_ADDRESS, _mac_bytes(peer_mac))
+            + attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd))
             + mtu_attr
         )
-        linkinfo = _attr(IFLA_INFO_KIND, _cstr("veth")) + _attr(
-            IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer)
+        linkinfo = attr(IFLA_INFO_KIND, _cstr("veth")) + attr(
+            IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer)
         )
         flags = IFF_UP if up else 0
         payload = (
             _IFINFOMSG.pack(0, 0, 0, flags, IFF_UP)
-            + _attr(IFLA_IFNAME, _cstr(name))
-            + _attr(IFLA_ADDRESS, _mac_bytes(mac))
+            + attr(IFLA_IFNAME, _cstr(name))
+            + attr(IFLA_ADDRESS, _mac_bytes(mac))
             + mtu_attr
-            + _attr(IFLA_LINKINFO, linkinfo)
+            + attr(IFLA_LINKINFO, linkinfo)
         )
         replies = self._do(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, payload)
         links = [_parse_link(body) for kind, body in replies if kind == RTM_NEWLINK]
@@ -288,7 +289,7 @@ class Rtnl:
 
     def delete_link(self, name: str) -> bool:
         """Delete a link by name; False if there is none (idempotent)."""
-        payload = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(name))
+        payload = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, _cstr(name))
         try:
             self._do(RTM_DELLINK, 0, payload)
         except NetlinkError as exc:
@@ -298,7 +299,7 @@ class Rtnl:
         return True
 
     def get_link(self, name: str) -> Link | None:
-        payload = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(name))
+        payload = _IFINFOMSG.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, _cstr(name))
         try:
             replies = self._do(RTM_GETLINK, 0, payload)
         except NetlinkError as exc:
@@ -330,8 +331,8 @@ class Rtnl:
         raw = address.packed
         payload = (
             _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, 0, index)
-            + _attr(IFA_LOCAL, raw)
-            + _attr(IFA_ADDRESS, raw)
+            + attr(IFA_LOCAL, raw)
+            + attr(IFA_ADDRESS, raw)
         )
         try:
             self._do(RTM_DELADDR, 0, payload)
@@ -350,7 +351,7 @@ class Rtnl:
             family, prefixlen, _flags, scope, index = _IFADDRMSG.unpack_from(body)
             if family != socket.AF_INET:
                 continue
-            attrs = _parse_attrs(body, _IFADDRMSG.size)
+            attrs = parse_attrs(body, _IFADDRMSG.size)
             raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
             if raw is None or len(raw) != 4:
                 continue
@@ -387,7 +388,7 @@ class Rtnl:
             )
             if family != socket.AF_INET:
                 continue
-            attrs = _parse_attrs(body, _RTMSG.size)
+            attrs = parse_attrs(body, _RTMSG.size)
             if RTA_TABLE in attrs:
                 table = _U32.unpack(attrs[RTA_TABLE])[0]
             dst = IPv4Address(attrs[RTA_DST]) if RTA_DST in attrs else IPv4Address(0)
@@ -436,7 +437,7 @@ class NetconfWatch:
                     break
                 if kind == RTM_NEWNETCONF:
                     # struct netconfmsg is one byte, padded to 4, then attributes.
-                    attrs = _parse_attrs(data[: offset + length], offset + _NLMSGHDR.size + 4)
+                    attrs = parse_attrs(data[: offset + length], offset + _NLMSGHDR.size + 4)
                     index = attrs.get(NETCONFA_IFINDEX)
                     if index is None or _I32.unpack(index[:4])[0] == NETCONFA_IFINDEX_ALL:
                         changed = True
@@ -457,18 +458,18 @@ def set_up_message(index: int) -> Message:
 def set_ipv4_conf_message(index: int, values: dict[int, int]) -> Message:
     """Set per-interface IPv4 sysctls (`IPV4_DEVCONF_*` -> value), as writing
     /proc/sys/net/ipv4/conf/<ifname>/... would, but in the same batch as other requests."""
-    conf = b"".join(_attr(key, _U32.pack(value)) for key, value in sorted(values.items()))
-    payload = _IFINFOMSG.pack(0, 0, index, 0, 0) + _attr(
-        IFLA_AF_SPEC, _attr(socket.AF_INET, _attr(IFLA_INET_CONF, conf))
+    conf = b"".join(attr(key, _U32.pack(value)) for key, value in sorted(values.items()))
+    payload = _IFINFOMSG.pack(0, 0, index, 0, 0) + attr(
+        IFLA_AF_SPEC, attr(socket.AF_INET, attr(IFLA_INET_CONF, conf))
     )
     return (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, payload)
 
 
 def set_arp_proxy_delay_message(index: int, msecs: int) -> Message:
     """/proc/sys/net/ipv4/neigh/<ifname>/proxy_delay, as a request."""
-    parms = _attr(NDTPA_IFINDEX, _U32.pack(index)) + _attr(NDTPA_PROXY_DELAY, _U64.pack(msecs))
-    payload = (_NDTMSG.pack(socket.AF_INET) + _attr(NDTA_NAME, _cstr("arp_cache"))
-               + _attr(NDTA_PARMS, parms))
+    parms = attr(NDTPA_IFINDEX, _U32.pack(index)) + attr(NDTPA_PROXY_DELAY, _U64.pack(msecs))
+    payload = (_NDTMSG.pack(socket.AF_INET) + attr(NDTA_NAME, _cstr("arp_cache"))
+               + attr(NDTA_PARMS, parms))
     return (RTM_SETNEIGHTBL, NLM_F_REQUEST | NLM_F_ACK, payload)
 
 
@@ -479,9 +480,9 @@ def add_address_message(
     raw = address.packed
     payload = (
         _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, scope, index)
-        + _attr(IFA_LOCAL, raw)
-        + _attr(IFA_ADDRESS, raw)
-        + (_attr(IFA_LABEL, _cstr(label)) if label else b"")
+        + attr(IFA_LOCAL, raw)
+        + attr(IFA_ADDRESS, raw)
+        + (attr(IFA_LABEL, _cstr(label)) if label else b"")
     )
     return (RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, payload)
 
@@ -495,20 +496,20 @@ def add_route_message(
             socket.AF_INET, dst_len, 0, 0, table if table < 256 else 0, protocol, scope,
             RTN_UNICAST, 0,
         )
-        + _attr(RTA_TABLE, _U32.pack(table))
-        + (_attr(RTA_DST, dst.packed) if dst_len else b"")
-        + _attr(RTA_OIF, _U32.pack(oif))
-        + (_attr(RTA_GATEWAY, gateway.packed) if gateway is not None else b"")
+        + attr(RTA_TABLE, _U32.pack(table))
+        + (attr(RTA_DST, dst.packed) if dst_len else b"")
+        + attr(RTA_OIF, _U32.pack(oif))
+        + (attr(RTA_GATEWAY, gateway.packed) if gateway is not None else b"")
     )
     return (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, payload)
 
 
 def _parse_link(body: bytes) -> Link:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body)
-    attrs = _parse_attrs(body, _IFINFOMSG.size, _LINK_ATTRS)
+    attrs = parse_attrs(body, _IFINFOMSG.size, _LINK_ATTRS)
     kind = None
     if IFLA_LINKINFO in attrs:
-        kind = _text(_parse_attrs(attrs[IFLA_LINKINFO]).get(IFLA_INFO_KIND)) or None
+        kind = _text(parse_attrs(attrs[IFLA_LINKINFO]).get(IFLA_INFO_KIND)) or None
     mac = ":".join(f"{b:02x}" for b in attrs.get(IFLA_ADDRESS, b""))
     mtu = _U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
     peer = _U32.unpack(attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else None
@@ -520,7 +521,7 @@ def _error_text(code: int, flags: int, body: bytes) -> str:
     if flags & NLM_F_ACK_TLVS and len(body) >= 4 + _NLMSGHDR.size:
         original_length = _NLMSGHDR.unpack_from(body, 4)[0]
         offset = 4 + (_NLMSGHDR.size if flags & NLM_F_CAPPED else original_length)
-        message = _text(_parse_attrs(body, (offset + 3) & ~3).get(NLMSGERR_ATTR_MSG))
+        message = _text(parse_attrs(body, (offset + 3) & ~3).get(NLMSGERR_ATTR_MSG))
         if message:
             text = f"{text}: {message}"
     return text

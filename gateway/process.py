@@ -96,7 +96,7 @@ from meshgress.slots import (
     LEASE_RENEW_SECONDS,
     SlotId,
 )
-from nodeagent.mesh import NodeInfo, parse_node
+from nodeagent.mesh import NodeInfo, NodeParseCache
 from nodeagent.metrics import serve_metrics
 from nodeagent.nft import NftablesAdapter, NftablesPort, apply_ruleset
 from wireguard.backend import WireGuardBackend, apply_device, detect_backend
@@ -220,6 +220,9 @@ class Gateway:
         # The number (port, mark, table) of every slot, kept for as long as the slot
         # exists: renumbering would move a held slot's endpoint under its flows.
         self._numbers: dict[SlotId, int] = {}
+        # A pass parses only the Nodes that changed since the last one (5,000 of them
+        # would cost most of a second every pass).
+        self._node_cache = NodeParseCache()
         self._waiting_for_node = False
         self._last_pass: _Pass | None = None
         kinds = (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY,
@@ -284,7 +287,7 @@ class Gateway:
         """One pass: claims, dataplane, publish, status. True when every step succeeded."""
         now = self.clock()
         snap = self._snapshot()
-        nodes = [parse_node(obj) for obj in snap.nodes.values()]
+        nodes = self._node_cache.parse_all(snap.nodes.values())
         pods = [pod_view(obj) for obj in snap.pods]
         model = compute_egress(
             gateways=snap.gateways.values(), policies=snap.policies.values(),
@@ -292,7 +295,7 @@ class Gateway:
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
         own_obj = snap.nodes.get(self.config.node_name)
-        own = parse_node(own_obj) if own_obj else None
+        own = self._node_cache.parse(own_obj) if own_obj else None
         state = _Pass(model=model, own=own)
         ok = True
         try:

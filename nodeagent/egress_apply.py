@@ -44,6 +44,8 @@ from cni.netlink import (
     Rtnl,
     add_address_message,
     add_route_message,
+    attr,
+    parse_attrs,
 )
 from meshgress.kernel_ids import (
     FWMARK_MASK,
@@ -69,7 +71,6 @@ RT_TABLE_UNSPEC = 0
 RT_SCOPE_NOWHERE = 255
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
-_RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 
 Observed = tuple[int, str | None]
@@ -77,22 +78,6 @@ Observed = tuple[int, str | None]
 
 
 # --- the rtnetlink codec (pure) ----------------------------------------------------------
-
-
-def _rta(kind: int, payload: bytes) -> bytes:
-    size = _RTATTR.size + len(payload)
-    return _RTATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def _attrs(body: bytes, offset: int) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    while offset + 4 <= len(body):
-        size, kind = _RTATTR.unpack_from(body, offset)
-        if size < 4:
-            break
-        found[kind & 0x3FFF] = body[offset + 4:offset + size]
-        offset += (size + 3) & ~3
-    return found
 
 
 def _u32(attrs: dict[int, bytes], kind: int) -> int | None:
@@ -106,7 +91,7 @@ def route_dump_message(route_type: int, oif: int | None = None) -> Message:
     body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL, 0,
                        route_type, 0)
     if oif is not None:
-        body += _rta(RTA_OIF, _U32.pack(oif))
+        body += attr(RTA_OIF, _U32.pack(oif))
     return (RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body)
 
 
@@ -117,7 +102,7 @@ def decode_table_route(body: bytes, names: dict[int, str]) -> Observed | None:
     family, dst_len, _src, _tos, table, proto, _scope, kind, _ = _RTMSG.unpack_from(body)
     if family != socket.AF_INET or proto != ROUTE_PROTOCOL or dst_len != 0:
         return None
-    attrs = _attrs(body, _RTMSG.size)
+    attrs = parse_attrs(body, _RTMSG.size)
     table = _u32(attrs, RTA_TABLE) or table
     if table not in TABLE_RANGE:
         return None
@@ -131,7 +116,7 @@ def decode_table_route(body: bytes, names: dict[int, str]) -> Observed | None:
 
 def blackhole_route_message(table: int) -> Message:
     body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL, 0,
-                        RTN_BLACKHOLE, 0) + _rta(RTA_TABLE, _U32.pack(table)))
+                        RTN_BLACKHOLE, 0) + attr(RTA_TABLE, _U32.pack(table)))
     return (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
@@ -140,7 +125,7 @@ def delete_default_route_message(table: int) -> Message:
     "nowhere" matches every scope)."""
     body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_UNSPEC, ROUTE_PROTOCOL,
                         RT_SCOPE_NOWHERE, 0, 0)
-            + _rta(RTA_TABLE, _U32.pack(table)))
+            + attr(RTA_TABLE, _U32.pack(table)))
     return (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
@@ -154,7 +139,7 @@ def decode_rule(body: bytes) -> tuple[int, int] | None:
     if len(body) < _FIB_RULE_HDR.size:
         return None
     family, _dst, _src, _tos, table, _r1, _r2, _action, _flags = _FIB_RULE_HDR.unpack_from(body)
-    attrs = _attrs(body, _FIB_RULE_HDR.size)
+    attrs = parse_attrs(body, _FIB_RULE_HDR.size)
     mark, mask = _u32(attrs, FRA_FWMARK), _u32(attrs, FRA_FWMASK)
     if family != socket.AF_INET or _u32(attrs, FRA_PRIORITY) != RULE_PRIORITY_EGRESS \
             or mask != FWMARK_MASK or mark is None:
@@ -167,9 +152,9 @@ def rule_message(mark: int, table: int, *, delete: bool = False) -> Message:
     body = (_FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0,
                                table if table < 256 else RT_TABLE_UNSPEC, 0, 0,
                                FR_ACT_TO_TBL, 0)
-            + _rta(FRA_PRIORITY, _U32.pack(RULE_PRIORITY_EGRESS))
-            + _rta(FRA_FWMARK, _U32.pack(mark)) + _rta(FRA_FWMASK, _U32.pack(FWMARK_MASK))
-            + _rta(FRA_TABLE, _U32.pack(table)))
+            + attr(FRA_PRIORITY, _U32.pack(RULE_PRIORITY_EGRESS))
+            + attr(FRA_FWMARK, _U32.pack(mark)) + attr(FRA_FWMASK, _U32.pack(FWMARK_MASK))
+            + attr(FRA_TABLE, _U32.pack(table)))
     if delete:
         return (RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, body)
     return (RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)

@@ -43,6 +43,7 @@ from cni.netlink import (
     Message,
     NetlinkError,
     Rtnl,
+    attr,
 )
 from meshgress.kernel_ids import ROUTE_PROTOCOL, WIREGUARD_INTERFACE
 from nodeagent.mesh import RouteSpec, route_order
@@ -108,11 +109,6 @@ def compute_routes_after(observed: frozenset[RouteSpec], plan: RoutePlan) -> fro
 # --- the rtnetlink codec (pure) ----------------------------------------------------------
 
 
-def _rta(kind: int, payload: bytes) -> bytes:
-    size = _RTATTR.size + len(payload)
-    return _RTATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
 def route_dump_request(protocol: int = ROUTE_PROTOCOL, table: int = MAIN_TABLE) -> Message:
     """An IPv4 route dump whose header asks for one table and one protocol (honoured by
     kernels with NETLINK_GET_STRICT_CHK on the socket; the reply is filtered anyway)."""
@@ -130,9 +126,9 @@ def encode_route_request(route: RouteSpec, *, delete: bool = False,
         scope, kind = RT_SCOPE_LINK, RTN_UNICAST
     else:
         raise ValueError(f"route {route.dst}: unknown type {route.type!r}")
-    attrs = _rta(RTA_TABLE, _U32.pack(MAIN_TABLE))
+    attrs = attr(RTA_TABLE, _U32.pack(MAIN_TABLE))
     if route.dst.prefixlen:
-        attrs += _rta(RTA_DST, route.dst.network_address.packed)
+        attrs += attr(RTA_DST, route.dst.network_address.packed)
     if delete:
         # A delete matches on what it names: a unicast one by destination, protocol and
         # table (the interface would only narrow it), an unreachable one also by type.
@@ -145,7 +141,7 @@ def encode_route_request(route: RouteSpec, *, delete: bool = False,
     if kind == RTN_UNICAST:
         if oif_index is None:
             raise ValueError(f"route {route.dst}: a unicast route needs an interface index")
-        attrs += _rta(RTA_OIF, _U32.pack(oif_index))
+        attrs += attr(RTA_OIF, _U32.pack(oif_index))
     head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE, route.protocol,
                        scope, kind, 0)
     return (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -167,14 +163,14 @@ def decode_route(body: bytes, *, mesh_index: int | None,
     dst, oif = _ANY, None
     offset, end = _RTMSG.size, len(body)
     while offset + 4 <= end:
-        size, attr = _RTATTR.unpack_from(body, offset)
+        size, attr_type = _RTATTR.unpack_from(body, offset)
         if size < 4:
             break
-        if attr == RTA_DST and size == 8:
+        if attr_type == RTA_DST and size == 8:
             dst = body[offset + 4:offset + 8]
-        elif attr == RTA_OIF and size == 8:
+        elif attr_type == RTA_OIF and size == 8:
             oif = _U32.unpack_from(body, offset + 4)[0]
-        elif attr == RTA_TABLE and size == 8:
+        elif attr_type == RTA_TABLE and size == 8:
             table = _U32.unpack_from(body, offset + 4)[0]
         offset += (size + 3) & ~3
     if table != MAIN_TABLE:
