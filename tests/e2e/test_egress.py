@@ -6,6 +6,7 @@ check what crossed the wire.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,13 +75,32 @@ def condition(obj, kind):
     return None
 
 
+def processes_in(inodes):
+    """PIDs of the processes whose network namespace is one of `inodes`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                    found.append(int(entry))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
 def _egress_lab():
     name = "e" + __import__("secrets").token_hex(3)
     lab(name, "up", "--nodes", "2", "--gateway-nodes", "2", timeout=180)
+    inodes = set()
     try:
         yield name
     finally:
+        # Every namespace the lab has now (tests add pods and restart gateways): after
+        # `lab down` no process may be left in any of them, named or not.
+        inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in os.listdir("/run/netns")
+                  if ns.startswith(f"mg-{name}-")}
         lab(name, "down", check=False)
+    assert processes_in(inodes) == [], "processes outlived `lab down`"
 
 
 egress_lab = pytest.fixture(scope="module")(_egress_lab)
