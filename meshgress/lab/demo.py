@@ -81,7 +81,7 @@ def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout)
     pcap = Path(tempfile.mkdtemp(prefix="meshgress-demo-")) / "underlay.pcap"
     capture = subprocess.Popen(
         ["nsenter", f"--net={netns.netns_path(topology.underlay_netns)}", "tcpdump", "-i",
-         topology.bridge, "-n", "-U", "-w", str(pcap)],
+         topology.bridge, "-n", "--immediate-mode", "-U", "-w", str(pcap)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 5

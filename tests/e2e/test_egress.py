@@ -147,9 +147,11 @@ def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_
 def capture(netns, interface, path, *expression):
     """tcpdump into `path`, returned once it captures (it writes the file's header when the
     capture is active: until then, packets would be missed and the test would prove
-    nothing)."""
+    nothing). Immediate mode: otherwise libpcap hands packets over a ring-buffer block at
+    a time, and the packets of a block not yet handed over when tcpdump is stopped are
+    never written — a quiet capture would then look clean because it is empty."""
     proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", "tcpdump", "-i", interface,
-                             "-n", "-U", "-w", str(path), *expression],
+                             "-n", "--immediate-mode", "-U", "-w", str(path), *expression],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not (path.exists() and path.stat().st_size > 0):
@@ -176,10 +178,12 @@ def test_a_new_selected_pod_never_leaves_with_another_source_and_the_hop_is_encr
         for cap in captures:
             cap.terminate()
             cap.wait(timeout=10)
-    sources = subprocess.run(["tcpdump", "-r", str(outside_pcap), "-n", "dst", OUTSIDE],
-                             capture_output=True, text=True).stdout
+    read = subprocess.run(["tcpdump", "-r", str(outside_pcap), "-n", "dst", OUTSIDE],
+                          capture_output=True, text=True)
+    sources = read.stdout
     seen = set(re.findall(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > " + re.escape(OUTSIDE), sources))
-    assert seen and seen <= EGRESS_IPS | {"192.0.2.11", "192.0.2.12"}
+    assert seen and seen <= EGRESS_IPS | {"192.0.2.11", "192.0.2.12"}, \
+        (seen, outside_pcap.stat().st_size, read.stderr, sources[:500])
     assert "198.18." not in sources
     hop = subprocess.run(["tcpdump", "-r", str(underlay_pcap), "-n", "net", "198.18.0.0/16"],
                          capture_output=True, text=True).stdout

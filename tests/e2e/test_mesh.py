@@ -48,7 +48,8 @@ class Capture:
         self.path = path
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/mg-{name}-underlay", "tcpdump", "-i", "br0", "-n",
-             "-U", "-w", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--immediate-mode", "-U", "-w", str(path)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (not path.exists() or path.stat().st_size == 0):
             time.sleep(0.05)
