@@ -5,8 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
-from cni.install import PLUGIN_NAME, SHIM_MODULE, compute_conflist, install_plugin
+from cni.install import (
+    PLUGIN_NAME,
+    PRIVATE_PYTHON,
+    SHIM_MODULE,
+    _default_python,
+    compute_conflist,
+    install_plugin,
+)
 
 
 def _version(launcher):
@@ -19,20 +27,66 @@ def test_install_makes_a_self_contained_precompiled_binary(tmp_path):
     launcher = install_plugin(tmp_path)
     assert launcher == tmp_path / PLUGIN_NAME
     assert os.access(launcher, os.X_OK)
-    first_line = launcher.read_text().splitlines()[0]
-    assert first_line.startswith("#!/") and first_line.endswith(" -IS")
     private = tmp_path / f".{PLUGIN_NAME}"
-    assert sorted(p.name for p in private.iterdir()) == [f"{SHIM_MODULE}.code",
-                                                         f"{SHIM_MODULE}.py"]
+    assert launcher.read_text().splitlines()[0] == f"#!{private / PRIVATE_PYTHON} -ISXutf8"
+    assert sorted(p.name for p in private.iterdir()) == sorted([
+        f"{SHIM_MODULE}.code", f"{SHIM_MODULE}.py", "lib", PRIVATE_PYTHON,
+        f"{PRIVATE_PYTHON}._pth"])
+    assert (private / PRIVATE_PYTHON).readlink() == Path(_default_python())
     assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
+
+
+def _private_python(tmp_path, code):
+    """Run `code` in the launcher's interpreter, started the way the launcher starts it."""
+    python = tmp_path / f".{PLUGIN_NAME}" / PRIVATE_PYTHON
+    proc = subprocess.run([str(python), "-ISXutf8", "-c", code], env={}, capture_output=True,
+                          text=True, check=True)
+    return proc.stdout.strip()
+
+
+def test_the_private_home_starts_with_only_the_utf8_codec(tmp_path):
+    install_plugin(tmp_path)
+    private = tmp_path / f".{PLUGIN_NAME}"
+    found = json.loads(_private_python(tmp_path, (
+        "import sys, encodings, json; print(json.dumps([sys.path, encodings.__file__, "
+        "sorted(m for m in sys.modules if m.startswith('encodings')), sys.flags.isolated, "
+        "sys.flags.no_site, sys.flags.utf8_mode]))")))
+    path, encodings_file, loaded, isolated, no_site, utf8_mode = found
+    assert path[0] == str(private / "lib")
+    assert not [entry for entry in path if "-packages" in entry]  # no site directories
+    assert encodings_file == str(private / "lib" / "encodings" / "__init__.py")
+    # What the interpreter loaded before `json` was imported by the check itself.
+    assert loaded == ["encodings"]
+    assert (isolated, no_site, utf8_mode) == (1, 1, 1)
+    cached = list((private / "lib" / "encodings" / "__pycache__").iterdir())
+    assert len(cached) == 1  # compiled at install time, by the interpreter that runs it
+
+
+def test_the_private_home_still_has_every_other_codec(tmp_path):
+    install_plugin(tmp_path)
+    out = _private_python(tmp_path, (
+        "import codecs, encodings.aliases, locale; print(repr(["
+        "'\u00e9'.encode('latin-1'), '\u20ac'.encode('cp1252'), b'a'.decode('ascii'), "
+        "'\u00fc'.encode('UTF8'), '\u00fc'.encode('u8'), 'b\u00fccher.de'.encode('idna'), "
+        "codecs.lookup('utf-16').name, encodings.normalize_encoding('Latin 1')]))"))
+    assert out == repr([b"\xe9", b"\x80", "a", b"\xc3\xbc", b"\xc3\xbc",
+                        b"xn--bcher-kva.de", "utf-16", "Latin_1"])
 
 
 def test_a_stale_compiled_shim_falls_back_to_the_source(tmp_path):
-    """Another interpreter version (another magic number) must not run foreign bytecode."""
+    """Another interpreter version (another magic number) must not run foreign bytecode,
+    nor rely on a private home that lists another version's library: the launcher runs
+    the interpreter plainly on the source."""
     launcher = install_plugin(tmp_path)
-    code = tmp_path / f".{PLUGIN_NAME}" / f"{SHIM_MODULE}.code"
+    private = tmp_path / f".{PLUGIN_NAME}"
+    code = private / f"{SHIM_MODULE}.code"
     code.write_bytes(b"\0\0\r\n" + code.read_bytes()[4:])
+    (private / f"{PRIVATE_PYTHON}._pth").write_text(f"{private / 'lib'}\n/nonexistent\n")
     assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
+    # An error path of the shim imports json, which the plain interpreter finds.
+    proc = subprocess.run([str(launcher)], env={"CNI_COMMAND": "ADD"}, input=b"{",
+                          capture_output=True, check=False)
+    assert proc.returncode != 0 and json.loads(proc.stdout)["code"] == 6  # decode
 
 
 def test_install_replaces_the_layout_of_earlier_versions(tmp_path):
