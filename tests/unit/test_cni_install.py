@@ -36,11 +36,11 @@ def test_install_makes_a_self_contained_precompiled_binary(tmp_path):
     assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
 
 
-def _private_python(tmp_path, code):
+def _private_python(tmp_path, code, stdin=""):
     """Run `code` in the launcher's interpreter, started the way the launcher starts it."""
     python = tmp_path / f".{PLUGIN_NAME}" / PRIVATE_PYTHON
-    proc = subprocess.run([str(python), "-ISXutf8", "-c", code], env={}, capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run([str(python), "-ISXutf8", "-c", code], env={}, input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", check=True)
     return proc.stdout.strip()
 
 
@@ -60,6 +60,14 @@ def test_the_private_home_starts_with_only_the_utf8_codec(tmp_path):
     assert (isolated, no_site, utf8_mode) == (1, 1, 1)
     cached = list((private / "lib" / "encodings" / "__pycache__").iterdir())
     assert len(cached) == 1  # compiled at install time, by the interpreter that runs it
+
+
+def test_the_private_utf8_codec_serves_the_standard_streams(tmp_path):
+    install_plugin(tmp_path)
+    text = "gr\u00fc\u00dfe \u20ac \U0001f600 " * 2000  # multi-byte sequences split by buffers
+    read_in_pieces = "import sys; d = ''.join(iter(lambda: sys.stdin.read(7), ''))"
+    out = _private_python(tmp_path, f"{read_in_pieces}; print(len(d)); print(d)", stdin=text)
+    assert out.split("\n", 1) == [str(len(text)), text.strip()]
 
 
 def test_the_private_home_still_has_every_other_codec(tmp_path):
