@@ -14,9 +14,8 @@ directory (further down `sys.path`: the `._pth` file lists the interpreter's own
 after the private one) is part of this package's `__path__`, so its submodules import as
 usual, and on the first lookup of another name this module runs the standard package's
 `__init__.py` in its own namespace and from then on hands every other name to the
-standard search function. Nothing registers here
-unless this file runs as `encodings`, so importing it elsewhere (tests, linters) has no
-effect on the importing interpreter's codec registry.
+standard search function. Nothing registers here unless this file runs as `encodings`,
+so importing it elsewhere (tests, linters) leaves the importing interpreter's codecs alone.
 """
 
 # No `from __future__ import annotations`, no `typing`: each would be imported on every
