@@ -18,7 +18,9 @@ the node the same way):
                         alias table, which CPython would otherwise import on every start
 
 The launcher runs that symlink with `-ISXutf8` (isolated, no site, UTF-8 mode: whatever
-the runtime's locale, starting needs only the UTF-8 codec). The private home and the
+the runtime's locale, starting needs only the UTF-8 codec); under a bin directory whose
+path cannot be part of a `#!` line it names the node's interpreter itself instead
+(`compute_interpreter_line`). The private home and the
 private `encodings` save ~0.7 ms of the interpreter's ~9.5 ms start, the largest part of a
 pod's ADD that is ours to change. The launcher unmarshals and runs the shim's code object
 itself instead of importing a module (the import system's path search, stat and cache
@@ -72,7 +74,7 @@ number; the private `encodings` compiled into its `__pycache__` (the bin directo
 read-only when the plugin runs); then its own search path (the standard library and its
 extension modules, no site-packages), which the private home lists after `encodings`."""
 
-_LAUNCHER = """#!{home_python} -ISXutf8
+_LAUNCHER = """#!{interpreter}
 import gc, marshal, _frozen_importlib_external as b
 gc.disable()
 d = open({code!r}, "rb").read()
@@ -83,6 +85,20 @@ else: import posix; posix.execv({python!r}, [{python!r}, "-IS", {source!r}])
 launcher itself is compiled on every run, so it is kept to a few tokens (each line costs
 ~15 us). The garbage collector is off: a process this short has nothing to collect, and
 one collection triggered by the allocations of unmarshalling costs ~0.1 ms."""
+
+SHEBANG_LIMIT = 127
+"""The longest `#!` line every kernel a node may run reads whole (Linux before 5.1 reads
+128 bytes, newline included, and silently cuts the rest)."""
+
+
+def compute_interpreter_line(home_python: Path, python: str) -> str:
+    """What follows `#!` in the launcher: the private interpreter, unless its path cannot
+    be a `#!` line (too long for the kernel, or with blanks, where the kernel would split
+    it); then the node's interpreter itself, without the private home (~0.7 ms slower)."""
+    line = f"{home_python} -ISXutf8"
+    if len(f"#!{line}") <= SHEBANG_LIMIT and not any(c.isspace() for c in str(home_python)):
+        return line
+    return f"{python} -IS"
 
 
 def _default_python() -> str:
@@ -123,8 +139,9 @@ def install_plugin(bin_dir: Path | str, python: str | None = None) -> Path:
     library = [line for line in compiled.stdout.splitlines() if Path(line).is_dir()]
     home_python = _install_private_home(private, python, library)
     launcher = bin_dir / PLUGIN_NAME
-    _tmp(launcher).write_text(_LAUNCHER.format(home_python=home_python, python=python,
-                                               code=str(code), source=str(source)))
+    _tmp(launcher).write_text(_LAUNCHER.format(
+        interpreter=compute_interpreter_line(home_python, python), python=python,
+        code=str(code), source=str(source)))
     _tmp(launcher).chmod(0o755)
     _tmp(launcher).replace(launcher)
     shutil.rmtree(private / "cni", ignore_errors=True)  # the layout of earlier versions

@@ -10,9 +10,11 @@ from pathlib import Path
 from cni.install import (
     PLUGIN_NAME,
     PRIVATE_PYTHON,
+    SHEBANG_LIMIT,
     SHIM_MODULE,
     _default_python,
     compute_conflist,
+    compute_interpreter_line,
     install_plugin,
 )
 
@@ -127,3 +129,22 @@ def test_conflist_shape():
 def test_conflist_without_chain():
     assert compute_conflist(chain=())["plugins"] == [
         {"type": "meshgress-cni", "socket": "/run/meshgress/cni.sock"}]
+
+
+def test_a_bin_directory_too_deep_for_a_shebang_runs_the_plain_interpreter(tmp_path):
+    """The kernel would cut a long `#!` line (or split one with a blank): the launcher then
+    names the node's interpreter itself and still works."""
+    deep = tmp_path / ("d" * 60) / "with blank" / ("e" * 60)
+    launcher = install_plugin(deep)
+    assert launcher.read_text().splitlines()[0] == f"#!{_default_python()} -IS"
+    assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
+
+
+def test_the_interpreter_line():
+    python = "/usr/bin/python3"
+    short = Path("/opt/cni/bin/.meshgress-cni/python3")
+    assert compute_interpreter_line(short, python) == f"{short} -ISXutf8"
+    assert compute_interpreter_line(Path("/a b/python3"), python) == f"{python} -IS"
+    longest = Path("/" + "x" * (SHEBANG_LIMIT - len("#!/ -ISXutf8")))
+    assert compute_interpreter_line(longest, python) == f"{longest} -ISXutf8"
+    assert compute_interpreter_line(Path(f"{longest}y"), python) == f"{python} -IS"
