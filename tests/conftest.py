@@ -3,6 +3,7 @@
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,43 @@ def run_meshgress(*args, check=True, timeout=120):
     return proc
 
 
+LAB_STATE_ROOT = Path("/run/meshgress-lab")
+KEPT_LOGS_ROOT = Path("/tmp/meshgress-test-labs")
+"""Where a failed test's lab logs are kept: `lab down` removes the lab's own copy."""
+
+
+def _copy_regular_file(source: str, target: str) -> None:
+    """Files only: a lab's state directory also holds unix sockets (UAPI, CNI)."""
+    if stat.S_ISREG(os.lstat(source).st_mode):
+        shutil.copy2(source, target)
+
+
+def keep_lab_logs(name: str, test_id: str) -> Path | None:
+    """Copy the lab's logs (agents, gateways, anchors) and its record out of its state
+    directory before `lab down` removes it; print where they are and each log's tail."""
+    state = LAB_STATE_ROOT / name
+    if not state.exists():
+        return None
+    target = KEPT_LOGS_ROOT / f"{name}-{test_id.replace('/', '_').replace('::', '.')[-80:]}"
+    shutil.copytree(state, target, dirs_exist_ok=True, symlinks=True,
+                    copy_function=_copy_regular_file)
+    print(f"\nlab {name} failed a test: its logs are kept in {target}")
+    for log in sorted((target / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"--- {log.name} (last {len(lines)} lines)")
+        print("\n".join(lines))
+    return target
+
+
 @pytest.fixture
-def lab_name():
-    """A fresh lab name (its namespaces are mg-<name>-*); the lab is removed afterwards."""
+def lab_name(request):
+    """A fresh lab name (its namespaces are mg-<name>-*); the lab is removed afterwards,
+    and its logs are kept (and their tails printed) if the test failed."""
     name = "t" + secrets.token_hex(3)
+    failed_before = request.session.testsfailed
     yield name
+    if request.session.testsfailed > failed_before:
+        keep_lab_logs(name, request.node.nodeid)
     run_meshgress("lab", "--name", name, "down", check=False)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     leftover = [ns for ns in listed.split() if ns.startswith(f"mg-{name}-")]

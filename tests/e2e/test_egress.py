@@ -16,7 +16,7 @@ import pytest
 
 from meshgress.datastore import Conflict, Kind
 from meshgress.datastore.file import FileDatastore
-from tests.conftest import run_meshgress
+from tests.conftest import keep_lab_logs, run_meshgress
 
 pytestmark = pytest.mark.e2e
 
@@ -88,13 +88,16 @@ def processes_in(inodes):
     return found
 
 
-def _egress_lab():
+def _egress_lab(request):
     name = "e" + __import__("secrets").token_hex(3)
+    failed_before = request.session.testsfailed
     lab(name, "up", "--nodes", "2", "--gateway-nodes", "2", timeout=180)
     inodes = set()
     try:
         yield name
     finally:
+        if request.session.testsfailed > failed_before:
+            keep_lab_logs(name, request.node.nodeid)
         # Every namespace the lab has now (tests add pods and restart gateways): after
         # `lab down` no process may be left in any of them, named or not.
         inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in os.listdir("/run/netns")
