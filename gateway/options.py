@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is taken over beyond this (default 1)")
     parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
                         default="auto")
+    parser.add_argument("--wireguard-log", type=Path,
+                        help="append wireguard-go's own log to this file (userspace backend; "
+                             "default: kept only to explain a failed start)")
+    parser.add_argument("--wireguard-log-level", choices=("silent", "error", "verbose"),
+                        default="error", help="wireguard-go's LOG_LEVEL (default error)")
     parser.add_argument("--identity",
                         help="lease holder identity; must be unique among gateway processes "
                              "(e.g. the pod name; default NODE/PID)")

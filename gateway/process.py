@@ -126,6 +126,8 @@ class GatewayConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     max_slots: int = 1
     wireguard_backend: str | None = None
+    wireguard_log: Path | None = None
+    wireguard_log_level: str | None = None
     identity: str | None = None
     metrics_address: str | None = None
     flow_log: Path | None = None
@@ -241,7 +243,9 @@ class Gateway:
     @property
     def wireguard(self) -> WireGuardBackend:
         if self._wireguard is None:
-            self._wireguard = detect_backend(self.config.wireguard_backend)
+            self._wireguard = detect_backend(self.config.wireguard_backend,
+                                             log_path=self.config.wireguard_log,
+                                             log_level=self.config.wireguard_log_level)
             log.info("wireguard backend=%s", self._wireguard.kind)
         return self._wireguard
 
@@ -897,6 +901,7 @@ def main(args: argparse.Namespace) -> int:
     config = GatewayConfig(
         node_name=args.node, cluster=cluster, state_dir=args.state_dir,
         max_slots=args.max_slots, wireguard_backend=args.wireguard_backend,
+        wireguard_log=args.wireguard_log, wireguard_log_level=args.wireguard_log_level,
         identity=args.identity, metrics_address=args.metrics_address or None,
         flow_log=args.flow_log, resync_interval=args.resync_interval)
     try:

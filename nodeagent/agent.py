@@ -88,6 +88,8 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     cni_socket: Path = DEFAULT_CNI_SOCKET
     wireguard_backend: str | None = None
+    wireguard_log: Path | None = None
+    wireguard_log_level: str | None = None
     mtu: int | None = None
     metrics_address: str | None = DEFAULT_METRICS_ADDRESS
     resync_interval: float = 10.0
@@ -414,7 +416,9 @@ class Agent:
     @property
     def wireguard(self) -> WireGuardBackend:
         if self._wireguard is None:
-            self._wireguard = detect_backend(self.config.wireguard_backend)
+            self._wireguard = detect_backend(self.config.wireguard_backend,
+                                             log_path=self.config.wireguard_log,
+                                             log_level=self.config.wireguard_log_level)
             log.info("WireGuard backend: %s", self._wireguard.kind)
         return self._wireguard
 
@@ -552,7 +556,8 @@ def main(args: argparse.Namespace) -> int:
     config = AgentConfig(
         node_name=args.node, datastore_dir=args.datastore, cluster=cluster,
         state_dir=args.state_dir, cni_socket=args.cni_socket,
-        wireguard_backend=args.wireguard_backend, mtu=args.mtu,
+        wireguard_backend=args.wireguard_backend, wireguard_log=args.wireguard_log,
+        wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
         metrics_address=args.metrics_address or None, resync_interval=args.resync_interval,
         node_grace=args.node_grace)
     try:

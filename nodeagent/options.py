@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cni-socket", type=Path, default=DEFAULT_CNI_SOCKET)
     parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
                         default="auto")
+    parser.add_argument("--wireguard-log", type=Path,
+                        help="append wireguard-go's own log to this file (userspace backend; "
+                             "default: kept only to explain a failed start)")
+    parser.add_argument("--wireguard-log-level", choices=("silent", "error", "verbose"),
+                        default="error", help="wireguard-go's LOG_LEVEL (default error)")
     parser.add_argument("--mtu", type=int, help="mesh MTU (default: underlay MTU - 60/80)")
     parser.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS,
                         help="host:port for /metrics, /healthz and /readyz ('' = off)")

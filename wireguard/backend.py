@@ -111,12 +111,15 @@ def select_backend_kind(override: str | None, *, kernel: bool, userspace: bool) 
 
 def detect_backend(override: str | None = None, *, netns: str | None = None,
                    socket_dir: str | os.PathLike[str] | None = None,
-                   wireguard_go: str = "wireguard-go") -> WireGuardBackend:
+                   wireguard_go: str = "wireguard-go",
+                   log_path: str | os.PathLike[str] | None = None,
+                   log_level: str | None = None) -> WireGuardBackend:
     """The backend to use on this node (see `select_backend_kind`).
 
     `netns` makes the backend work on interfaces in that network namespace; `socket_dir`
     (userspace only) is where wireguard-go's UAPI sockets are (default
-    /var/run/wireguard)."""
+    /var/run/wireguard); `log_path` and `log_level` (userspace only) where wireguard-go's
+    own log goes and its LOG_LEVEL (see `UserspaceBackend`)."""
     choice = (override or "auto").strip().lower()
     kind = select_backend_kind(
         override,
@@ -126,4 +129,4 @@ def detect_backend(override: str | None = None, *, netns: str | None = None,
     if kind == KERNEL:
         return KernelBackend(netns=netns)
     return UserspaceBackend(socket_dir=socket_dir or DEFAULT_SOCKET_DIR, netns=netns,
-                            command=(wireguard_go,))
+                            command=(wireguard_go,), log_path=log_path, log_level=log_level)

@@ -20,6 +20,10 @@ of the same name unless each wireguard-go has a private socket folder:
 mount namespace where `folder` is bind-mounted on /var/run/wireguard, so the socket
 appears in `folder` and `UserspaceBackend(socket_dir=folder, ...)` finds it.
 
+wireguard-go's own log (LOG_LEVEL `error` unless `log_level` says otherwise) goes to
+`log_path` when one is given, appended, and otherwise to an unnamed file that is read
+only to explain a failed start.
+
 MTU and up/down are set through rtnetlink (`wireguard.links`).
 """
 
@@ -80,8 +84,11 @@ class UserspaceBackend:
     def __init__(self, socket_dir: str | os.PathLike[str] = DEFAULT_SOCKET_DIR, *,
                  netns: str | None = None, command: Sequence[str] = ("wireguard-go",),
                  start_timeout: float = 10.0, stop_timeout: float = 5.0,
-                 io_timeout: float = 10.0) -> None:
+                 io_timeout: float = 10.0, log_path: str | os.PathLike[str] | None = None,
+                 log_level: str | None = None) -> None:
         self.socket_dir = Path(socket_dir)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.log_level = log_level
         self.netns = netns
         self.command = tuple(command)
         self.start_timeout = start_timeout
@@ -194,8 +201,13 @@ class UserspaceBackend:
             _stop(old, self.stop_timeout, wait_first=False)
         env = dict(os.environ)
         env["WG_PROCESS_FOREGROUND"] = "1"
-        env.setdefault("LOG_LEVEL", "error")
-        log = tempfile.TemporaryFile()  # noqa: SIM115 - the child keeps writing to it
+        if self.log_level is not None:
+            env["LOG_LEVEL"] = self.log_level
+        else:
+            env.setdefault("LOG_LEVEL", "error")
+        # The child keeps writing to it after this returns.
+        log = (open(self.log_path, "a+b") if self.log_path is not None  # noqa: SIM115
+               else tempfile.TemporaryFile())  # noqa: SIM115
         try:
             proc = subprocess.Popen(self._argv(name), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -266,7 +278,8 @@ def _peer_pid(sock: socket.socket) -> int:
 
 def _tail(log: IO[bytes], limit: int = 2000) -> str:
     try:
-        log.seek(0)
+        log.seek(0, os.SEEK_END)
+        log.seek(max(0, log.tell() - limit))
         text = log.read().decode("utf-8", errors="replace").strip()
     except (OSError, ValueError):
         return "(no output)"

@@ -361,12 +361,18 @@ class Lab:
             raise LabError(f"node {node}: its mount namespace is gone; run lab down/up")
         return ["nsenter", f"--target={anchor}", "--net", "--mount", "--", *command]
 
+    def _wireguard_log_args(self, process: str) -> list[str]:
+        """wireguard-go's own log, verbose (handshakes, keepalives), next to its process's."""
+        return ["--wireguard-log", str(self.log_path(f"{process}-wireguard-go")),
+                "--wireguard-log-level", "verbose"]
+
     def _start_agent(self, record: LabRecord, node: str) -> int:
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "agent", "--node", node,
             "--datastore", str(self.datastore_dir),
             "--cluster-config", str(self.cluster_config_path),
-            "--node-grace", "5", "--resync-interval", "5"])
+            "--node-grace", "5", "--resync-interval", "5",
+            *self._wireguard_log_args(f"{node}-agent")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-agent"))
         record.agents[node] = pid
         self._save_record(record)
@@ -434,7 +440,8 @@ class Lab:
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "gateway", "--node", node,
             "--datastore", str(self.datastore_dir),
-            "--cluster-config", str(self.cluster_config_path)])
+            "--cluster-config", str(self.cluster_config_path),
+            *self._wireguard_log_args(f"{node}-gateway")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))
         record.gateways[node] = pid
         self._save_record(record)

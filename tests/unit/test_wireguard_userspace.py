@@ -135,6 +135,25 @@ def test_start_failure_reports_the_output(short_tmp: Path) -> None:
     assert backend.pid("wg0") is None
 
 
+def test_wireguard_go_log_is_appended_to_the_log_path_with_its_level(short_tmp: Path) -> None:
+    log = short_tmp / "wg.log"
+    log.write_text("an earlier run\n")
+    backend = UserspaceBackend(short_tmp, command=("sh", "-c", 'echo "level=$LOG_LEVEL"; exit 3'),
+                               log_path=log, log_level="verbose")
+    with pytest.raises(DeviceStartError, match=r"level=verbose") as failed:
+        backend._start("wg0")
+    assert log.read_text() == "an earlier run\nlevel=verbose\n"
+    # The default level, when none is given and the environment sets none, is `error`.
+    quiet = UserspaceBackend(short_tmp, command=("sh", "-c", 'echo "level=$LOG_LEVEL"; exit 3'),
+                             log_path=log)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("LOG_LEVEL", raising=False)
+        with pytest.raises(DeviceStartError, match=r"level=error"):
+            quiet._start("wg0")
+    assert log.read_text().splitlines() == ["an earlier run", "level=verbose", "level=error"]
+    assert "exited with status 3" in str(failed.value)
+
+
 def test_start_timeout_stops_the_process(short_tmp: Path) -> None:
     script = 'echo $$ > "$0.pid"; exec sleep 30'
     backend = UserspaceBackend(short_tmp, command=("sh", "-c", script,
