@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -106,13 +106,6 @@ class GcPlan:
 
     release: tuple[AttachmentKey, ...] = ()
     delete_links: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """Differences CHECK found between the kernel and what ADD built."""
-
-    problems: tuple[str, ...] = field(default=())
 
 
 def compute_host_ifname(container_id: str, ifname: str) -> str:

@@ -8,12 +8,7 @@ tests and adds what only the agent needs:
 
 - `ERROR_NAMES`, for logs and metrics;
 - `dumps`, compact JSON without importing `json`;
-- the previous wire protocol, still answered by the server so that a shim installed
-  before an upgrade keeps working: one request and one response per connection, each a
-  4-byte big-endian length followed by that many bytes of UTF-8 JSON.
-  Request:  {"command", "containerID", "ifname", "netns", "args", "path", "stdin"}
-            (`args` is the raw CNI_ARGS string, `stdin` the raw network configuration).
-  Response: {"exit": int, "stdout": str}.
+- `frame_length`, the bounded length of a frame.
 
 Purely computational: no I/O happens here.
 """
@@ -76,7 +71,7 @@ __all__ = [
     "LATEST_VERSION", "MAX_FRAME", "REQUEST_FIELDS", "REQUEST_MAGIC", "REQUIRED_ENV",
     "RESPONSE_MAGIC", "SUPPORTED_VERSIONS", "VERSION_JSON", "CniError", "check_container_id",
     "check_ifname", "check_version", "compute_error_json", "compute_version_json",
-    "decode_request", "decode_response_header", "dumps", "encode_frame", "encode_request",
+    "decode_request", "decode_response_header", "dumps", "encode_request",
     "encode_response", "frame_length", "loads", "parse_cni_args", "parse_version",
 ]
 
@@ -121,14 +116,6 @@ def dumps(obj: object) -> str:
 def compute_version_json() -> str:
     """The VERSION answer: the supported spec versions."""
     return VERSION_JSON
-
-
-# --- the previous wire protocol (JSON frames) --------------------------------------------
-
-
-def encode_frame(obj: object) -> bytes:
-    data = dumps(obj).encode()
-    return len(data).to_bytes(4, "big") + data
 
 
 def frame_length(header: bytes) -> int:

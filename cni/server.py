@@ -4,8 +4,7 @@ Connections are served by a fixed set of worker threads that each block in accep
 listening socket (pod operations of different pods run concurrently; the kernel and the
 IPAM lock serialise what must be serialised). No thread is started and no hand-off is
 made per request: each costs ~0.1 ms of wake-ups on a pod's ADD path. One request and one
-response per connection, in the binary framing of `cni.plugin` (or, for a shim installed
-before it, the JSON framing of `cni.protocol`). The container's network
+response per connection, in the binary framing of `cni.plugin`. The container's network
 namespace arrives as a file descriptor with the request (SCM_RIGHTS) and is closed when
 the answer is sent.
 
@@ -27,7 +26,6 @@ import argparse
 import array
 import contextlib
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -62,7 +60,7 @@ class _NoRequest(Exception):
 
 
 def _recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Read one request frame (either protocol) and any file descriptors sent with it."""
+    """Read one request frame and any file descriptors sent with it."""
     fds: list[int] = []
     buffer = bytearray()
     needed: int | None = None
@@ -80,26 +78,14 @@ def _recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
                 raise _NoRequest
             raise ConnectionError("client closed the connection mid-request")
         buffer += data
-        if needed is None and _is_legacy(buffer) and len(buffer) >= 4:
-            needed = 4 + p.frame_length(bytes(buffer[:4]))
-        elif needed is None and len(buffer) >= 8:
+        if needed is None and len(buffer) >= 8:
             if buffer[:4] != p.REQUEST_MAGIC:
                 raise ValueError(f"not a meshgress-cni request: {bytes(buffer[:8])!r}")
             needed = 8 + p.frame_length(bytes(buffer[4:8]))
     return bytes(buffer[:needed]), fds
 
 
-def _is_legacy(frame: bytes | bytearray) -> bool:
-    """A frame of the previous JSON protocol starts with its length, below 16 MiB."""
-    return frame[:1] == b"\0"
-
-
 def _parse_request(frame: bytes) -> dict[str, object]:
-    if _is_legacy(frame):
-        request = json.loads(frame[4:])
-        if not isinstance(request, dict):
-            raise ValueError("request is not a JSON object")
-        return request
     fields, stdin = p.decode_request(frame[8:])
     try:
         text = stdin.decode()
@@ -109,19 +95,17 @@ def _parse_request(frame: bytes) -> dict[str, object]:
 
 
 def _serve_connection(sock: socket.socket, service: CniService) -> None:
-    """Answer the one request of a connection, in the protocol it was asked in."""
+    """Answer the one request of a connection."""
     # Kernel timeouts on the blocking socket rather than settimeout(), which would poll()
     # before every call; an expired one raises BlockingIOError (EAGAIN), an OSError.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _CLIENT_TIMEVAL)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _CLIENT_TIMEVAL)
     fds: list[int] = []
     request: dict[str, object] = {}
-    legacy = True  # what an unreadable request gets: all an older shim understands
     began = time.perf_counter()
     try:
         try:
             frame, fds = _recv_frame(sock)
-            legacy = _is_legacy(frame)
             request = _parse_request(frame)
         except _NoRequest:
             return
@@ -133,10 +117,8 @@ def _serve_connection(sock: socket.socket, service: CniService) -> None:
                 p.LATEST_VERSION))
         else:
             answer = service.handle(request, fds[0] if fds else None)
-        reply = (p.encode_frame({"exit": answer[0], "stdout": answer[1]}) if legacy
-                 else p.encode_response(*answer))
         with contextlib.suppress(OSError):
-            sock.sendall(reply)
+            sock.sendall(p.encode_response(*answer))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("CNI %s %s answered (exit %d) in %.2f ms", request.get("command"),
                       request.get("containerID"), answer[0], (time.perf_counter() - began) * 1e3)

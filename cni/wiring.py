@@ -39,39 +39,39 @@ Behind the `Wiring` protocol so the service's logic is tested with a fake.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import threading
 import weakref
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Protocol
 
 from cni import protocol as p
 from cni.model import WiringPlan
-from cni.netlink import (
+from meshgress.kernel import sysctl
+from meshgress.kernel.netns import CLONE_NEWNET, setns
+from meshgress.kernel.rtnetlink import (
     IPV4_DEVCONF_FORWARDING,
     IPV4_DEVCONF_PROXY_ARP,
     IPV4_DEVCONF_RP_FILTER,
     RT_SCOPE_HOST,
     RT_SCOPE_LINK,
+    RT_TABLE_MAIN,
     Link,
-    NetconfWatch,
-    NetlinkError,
-    Rtnl,
-    add_address_message,
-    add_route_message,
+    Route,
+    address_message,
+    route_message,
     set_arp_proxy_delay_message,
     set_ipv4_conf_message,
     set_up_message,
 )
+from meshgress.kernel.rtnl import NetconfWatch, NetlinkError, Rtnl
 from meshgress.kernel_ids import POD_GATEWAY_IPV4, POD_HOST_VETH_PREFIX, ROUTE_PROTOCOL
 
 log = logging.getLogger("meshgress.cni")
 
-CLONE_NEWNET = 0x40000000
 GATEWAY_LABEL = "lo:meshgress"
 """Label of the node-owned gateway address on the loopback, so it is recognisably ours."""
 
@@ -109,20 +109,6 @@ class Wiring(Protocol):
     def host_links(self) -> list[str]: ...
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int, nstype: int) -> None:
-    """Move the calling thread into the namespace `fd` refers to."""
-    native = getattr(os, "setns", None)
-    if native is not None:  # Python >= 3.12
-        native(fd, nstype)
-        return
-    if _libc.setns(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 class StrandedInPod(SystemExit):
     """This thread entered a pod's network namespace and could not return to the node's.
 
@@ -143,9 +129,8 @@ class NetlinkWiring:
     that uses this object must be in the node's namespace, as the server's are.
     """
 
-    def __init__(self, proc_sys_net: Path | str = "/proc/sys/net") -> None:
-        self._proc = Path(proc_sys_net)
-        self._proc_text = str(proc_sys_net)
+    def __init__(self, proc_sys: Path | str = sysctl.PROC_SYS) -> None:
+        self._proc_sys = Path(proc_sys)
         self._local = threading.local()
         # Weak: a thread's socket is closed (garbage) when the thread ends.
         self._sockets: weakref.WeakSet[Rtnl] = weakref.WeakSet()
@@ -233,11 +218,10 @@ class NetlinkWiring:
             return problem
 
     def _read_antispoof_problem(self) -> str | None:
-        path = self._proc / "ipv4/conf/all/rp_filter"
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            return f"cannot read {path}: {exc}"
+        key = "net/ipv4/conf/all/rp_filter"
+        value = sysctl.read(key, self._proc_sys)
+        if value is None:
+            return f"cannot read {self._proc_sys / key}"
         if value == "2":
             return (
                 "net.ipv4.conf.all.rp_filter=2 (loose) overrides the strict reverse-path "
@@ -247,10 +231,7 @@ class NetlinkWiring:
         return None
 
     def _read_sysctl(self, section: str, ifname: str, key: str) -> str | None:
-        try:
-            return (self._proc / section / ifname / key).read_text().strip()
-        except OSError:
-            return None
+        return sysctl.read(sysctl.interface_key(section, ifname, key), self._proc_sys)
 
     # --- pods -------------------------------------------------------------------------
 
@@ -310,8 +291,7 @@ class NetlinkWiring:
             set_ipv4_conf_message(link.index, HOST_VETH_IPV4_CONF),
             set_arp_proxy_delay_message(link.index, HOST_VETH_PROXY_DELAY_MS),
             set_up_message(link.index),
-            add_route_message(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK,
-                              protocol=ROUTE_PROTOCOL),
+            route_message(_route(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK)),
         ])
         with self._pod_rtnl(netns_fd) as pod:
             # The host side's IFLA_LINK is the peer's index in the pod's namespace.
@@ -323,11 +303,9 @@ class NetlinkWiring:
                 pod_index = pod_link.index
             pod.batch([
                 set_up_message(pod_index),
-                add_address_message(pod_index, plan.ip, 32),
-                add_route_message(plan.gateway, 32, oif=pod_index, scope=RT_SCOPE_LINK,
-                                  protocol=ROUTE_PROTOCOL),
-                add_route_message(IPv4Address(0), 0, oif=pod_index, gateway=plan.gateway,
-                                  protocol=ROUTE_PROTOCOL),
+                address_message(pod_index, plan.ip, 32),
+                route_message(_route(plan.gateway, 32, oif=pod_index, scope=RT_SCOPE_LINK)),
+                route_message(_route(IPv4Address(0), 0, oif=pod_index, gateway=plan.gateway)),
             ])
 
     def remove_pod(self, host_ifname: str) -> bool:
@@ -352,9 +330,8 @@ class NetlinkWiring:
             if not link.up:
                 problems.append(f"host interface {host_ifname} is down")
             if not any(
-                r.dst == ip and r.dst_len == 32 and r.oif == link.index
-                and r.protocol == ROUTE_PROTOCOL and r.table == 254
-                for r in host.routes()
+                r.dst == IPv4Network(ip) and r.oif == link.index
+                for r in host.routes(table=RT_TABLE_MAIN, protocol=ROUTE_PROTOCOL)
             ):
                 problems.append(f"host route {ip}/32 dev {host_ifname} is missing")
             for section, key, value in HOST_VETH_SYSCTLS:
@@ -373,11 +350,17 @@ class NetlinkWiring:
                 for a in pod.addresses()
             ):
                 problems.append(f"address {ip}/32 is missing on {pod_ifname} in the container")
-            routes = [r for r in pod.routes() if r.table == 254 and r.oif == pod_link.index]
-            if not any(r.dst == self._gateway and r.dst_len == 32 for r in routes):
+            routes = pod.routes(table=RT_TABLE_MAIN, oif=pod_link.index)
+            if not any(r.dst == IPv4Network(self._gateway) for r in routes):
                 problems.append(
                     f"route {self._gateway} dev {pod_ifname} is missing in the container"
                 )
-            if not any(r.dst_len == 0 and r.gateway == self._gateway for r in routes):
+            if not any(r.dst.prefixlen == 0 and r.gateway == self._gateway for r in routes):
                 problems.append(f"default route via {self._gateway} is missing in the container")
         return problems
+
+
+def _route(dst: IPv4Address, prefixlen: int, *, oif: int, scope: int = 0,
+           gateway: IPv4Address | None = None) -> Route:
+    return Route(IPv4Network((dst, prefixlen)), RT_TABLE_MAIN, ROUTE_PROTOCOL, scope=scope,
+                 oif=oif, gateway=gateway)

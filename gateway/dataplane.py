@@ -18,8 +18,9 @@ How the gateway finds its own objects after a restart, without memory (kernel_id
   hangs or is partitioned from the datastore: fencing does not depend on this process
   being alive. An egress IP a person added by hand (permanent) is left alone.
 
-`plan_dataplane` is pure; `NetlinkKernel` is the adapter (pyroute2, the caller's network
-namespace); `FakeKernel` keeps the same state in memory for tests.
+`plan_dataplane` is pure; `NetlinkKernel` is the adapter (the kernel library's rtnetlink
+socket, in the creating thread's network namespace); `FakeKernel` keeps the same state in
+memory for tests.
 """
 
 from __future__ import annotations
@@ -27,29 +28,30 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-import socket
-import threading
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import Protocol, TypeVar
 
 from gateway.compute import SlotDataplane
-from meshgress.kernel_ids import FWMARK_MASK, ROUTE_PROTOCOL, RULE_PRIORITY_GATEWAY
+from meshgress.kernel import rtnetlink as rt
+from meshgress.kernel.rtnetlink import Link, Message, Route, Rule
+from meshgress.kernel.rtnl import NetlinkError, Rtnl
+from meshgress.kernel_ids import (
+    FWMARK_MASK,
+    GATEWAY_INTERFACE_PREFIX,
+    ROUTE_PROTOCOL,
+    RULE_PRIORITY_GATEWAY,
+)
 from meshgress.slots import GATEWAY_TABLE_BASE, MAX_SLOTS, PROBE_ADDRESS
+
+T = TypeVar("T")
+DEFAULT = ipaddress.IPv4Network("0.0.0.0/0")
 
 GATEWAY_RULE_PRIORITY = RULE_PRIORITY_GATEWAY
 """ip rule priority of the gateways' reply rules: next to the agent's steering rules (which
 use other marks), before the main table."""
 RP_FILTER_LOOSE = 2
-SLOT_INTERFACE_RE = re.compile(r"^mgeg[0-9a-f]{8}$")
-IFA_F_PERMANENT = 0x80
-MAIN_TABLE = 254
-RT_SCOPE_LINK = 253
-SYSCTL_CONF = Path("/proc/sys/net/ipv4/conf")
+SLOT_INTERFACE_RE = re.compile(rf"^{GATEWAY_INTERFACE_PREFIX}[0-9a-f]{{8}}$")
 
 
 @dataclass(frozen=True, order=True)
@@ -190,118 +192,104 @@ class KernelPort(Protocol):
 
 
 class KernelError(Exception):
-    """A kernel operation failed; temporary for the loop (logged, counted, retried)."""
-
-    temporary = True
+    """A kernel operation failed; transient for the loop (logged, counted, retried)."""
 
 
 def _gateway_table(table: int) -> bool:
     return GATEWAY_TABLE_BASE <= table < GATEWAY_TABLE_BASE + MAX_SLOTS
 
 
+def _gateway_rule(rule: Rule) -> Rule:
+    return Rule(priority=GATEWAY_RULE_PRIORITY, fwmark=rule.fwmark, fwmask=FWMARK_MASK,
+                table=rule.table, protocol=ROUTE_PROTOCOL)
+
+
 class NetlinkKernel:
-    """KernelPort over pyroute2 in the caller's network namespace. Thread-safe."""
+    """KernelPort over rtnetlink (`meshgress.kernel.rtnl`) in the network namespace of the
+    creating thread. Thread-safe (the socket serialises requests)."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
-        self._lock = threading.Lock()
+        self._rtnl = Rtnl(strict_dumps=True)
 
     def close(self) -> None:
-        with self._lock:
-            self._ipr.close()
+        self._rtnl.close()
 
-    def _call(self, what: str, fn: Any, *args: Any, ok: Collection[int] = (),
-              **kwargs: Any) -> Any:
-        with self._lock:
-            try:
-                return fn(*args, **kwargs)
-            except NetlinkError as exc:
-                if exc.code in ok:
-                    return None
-                raise KernelError(f"{what}: {exc}") from exc
+    def _call(self, what: str, message: Message, *, ok: Collection[int] = ()) -> None:
+        try:
+            self._rtnl.request(message)
+        except NetlinkError as exc:
+            if exc.errno in ok:
+                return
+            raise KernelError(f"{what}: {exc.strerror}") from exc
 
-    def _names(self) -> dict[int, str]:
-        return {link["index"]: link.get_attr("IFLA_IFNAME")
-                for link in self._call("list links", self._ipr.get_links)}
+    def _read(self, what: str, read: Callable[[], list[T]]) -> list[T]:
+        try:
+            return read()
+        except NetlinkError as exc:
+            raise KernelError(f"{what}: {exc.strerror}") from exc
 
     def read(self, known_egress_ips: Collection[ipaddress.IPv4Address]) -> ObservedDataplane:
-        names = self._names()
+        names = {link.index: link.name for link in self._read("list links", self._rtnl.links)}
         slot_interfaces = frozenset(n for n in names.values() if SLOT_INTERFACE_RE.match(n))
-        known = {str(ip) for ip in known_egress_ips}
+        known = set(known_egress_ips)
         egress: set[EgressAddress] = set()
         probe: set[str] = set()
-        for msg in self._call("list addresses", self._ipr.get_addr, family=socket.AF_INET):
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            name = names.get(msg["index"])
-            if name is None or msg["prefixlen"] != 32:
+        for address in self._read("list addresses", self._rtnl.addresses):
+            name = names.get(address.index)
+            if name is None or address.prefixlen != 32:
                 continue
-            flags = msg.get_attr("IFA_FLAGS")
-            flags = msg["flags"] if flags is None else flags
-            if address == str(PROBE_ADDRESS) and name in slot_interfaces:
+            if address.address == PROBE_ADDRESS and name in slot_interfaces:
                 probe.add(name)
-            elif address in known and not flags & IFA_F_PERMANENT:
-                egress.add(EgressAddress(name, ipaddress.IPv4Address(address)))
+            elif address.address in known and not address.permanent:
+                egress.add(EgressAddress(name, ipaddress.IPv4Address(address.address)))
         routes: set[RouteEntry] = set()
-        for msg in self._call("list routes", self._ipr.route, "dump", family=socket.AF_INET):
-            table = msg.get_attr("RTA_TABLE") or msg["table"]
-            if not _gateway_table(table) or msg["dst_len"] != 0:
-                continue
-            name = names.get(msg.get_attr("RTA_OIF"))
-            if name is not None:
-                routes.add(RouteEntry(table, name))
-        rules: set[RuleEntry] = set()
-        for msg in self._call("list rules", self._ipr.get_rules, family=socket.AF_INET):
-            if msg.get_attr("FRA_PRIORITY") != GATEWAY_RULE_PRIORITY \
-                    or msg.get_attr("FRA_FWMASK") != FWMARK_MASK:
-                continue
-            table = msg.get_attr("FRA_TABLE") or msg["table"]
-            mark = msg.get_attr("FRA_FWMARK")
-            if mark is not None:
-                rules.add(RuleEntry(int(mark), int(table)))
+        for route in self._read("list routes", lambda: self._rtnl.routes(
+                protocol=ROUTE_PROTOCOL, type=rt.RTN_UNICAST)):
+            name = names.get(route.oif) if route.oif is not None else None
+            if _gateway_table(route.table) and route.dst.prefixlen == 0 and name is not None:
+                routes.add(RouteEntry(route.table, name))
+        rules = {RuleEntry(rule.fwmark, rule.table)
+                 for rule in self._read("list rules", self._rtnl.rules)
+                 if rule.priority == GATEWAY_RULE_PRIORITY and rule.fwmask == FWMARK_MASK}
         rp_filter: dict[str, int] = {}
-        for name in slot_interfaces:
-            try:
-                rp_filter[name] = int((SYSCTL_CONF / name / "rp_filter").read_text())
-            except (OSError, ValueError):
-                continue
+        for index, name in names.items():
+            if name in slot_interfaces:
+                conf = self._rtnl.ipv4_conf(index)
+                if conf is not None and conf.rp_filter is not None:
+                    rp_filter[name] = conf.rp_filter
         return ObservedDataplane(frozenset(egress), slot_interfaces, frozenset(probe),
                                  frozenset(routes), frozenset(rules), rp_filter)
 
     def default_route_interface(self) -> str | None:
-        names = self._names()
+        names = {link.index: link.name for link in self._read("list links", self._rtnl.links)}
         best: tuple[int, str] | None = None
-        for msg in self._call("list routes", self._ipr.get_routes, family=socket.AF_INET,
-                              table=MAIN_TABLE):
-            if msg["dst_len"] != 0 or msg["type"] != 1:
+        for route in self._read("list routes", lambda: self._rtnl.routes(
+                table=rt.RT_TABLE_MAIN, type=rt.RTN_UNICAST)):
+            if route.dst.prefixlen != 0 or route.oif not in names:
                 continue
-            oif = msg.get_attr("RTA_OIF")
-            if oif is None:
-                multipath = msg.get_attr("RTA_MULTIPATH") or []
-                oif = multipath[0]["oif"] if multipath else None
-            metric = msg.get_attr("RTA_PRIORITY") or 0
-            if oif in names and (best is None or metric < best[0]):
-                best = (metric, names[oif])
+            metric = route.metric or 0
+            if best is None or metric < best[0]:
+                best = (metric, names[route.oif])
         return best[1] if best else None
 
-    def _link(self, name: str) -> Any:
-        index = self.link_index(name)
-        if index is None:
-            return None
-        found = self._call(f"get link {name}", self._ipr.get_links, index, ok=(errno.ENODEV,))
-        return found[0] if found else None
+    def _link(self, name: str) -> Link | None:
+        try:
+            return self._rtnl.get_link(name)
+        except NetlinkError as exc:
+            raise KernelError(f"look up {name}: {exc.strerror}") from exc
 
     def link_index(self, name: str) -> int | None:
-        found = self._call(f"look up {name}", self._ipr.link_lookup, ifname=name)
-        return int(found[0]) if found else None
+        link = self._link(name)
+        return link.index if link is not None else None
 
     def link_mtu(self, name: str) -> int | None:
         link = self._link(name)
-        return int(link.get_attr("IFLA_MTU")) if link is not None else None
+        return link.mtu if link is not None else None
 
     def link_mac(self, name: str) -> bytes | None:
         link = self._link(name)
-        text = link.get_attr("IFLA_ADDRESS") if link is not None else None
-        return bytes.fromhex(text.replace(":", "")) if text else None
+        return bytes.fromhex(link.mac.replace(":", "")) if link is not None and link.mac \
+            else None
 
     def _index(self, name: str) -> int:
         index = self.link_index(name)
@@ -310,54 +298,51 @@ class NetlinkKernel:
         return index
 
     def add_probe_address(self, interface: str) -> None:
-        self._call(f"add {PROBE_ADDRESS}/32 to {interface}", self._ipr.addr, "replace",
-                   index=self._index(interface), address=str(PROBE_ADDRESS), prefixlen=32)
+        self._call(f"add {PROBE_ADDRESS}/32 to {interface}",
+                   rt.address_message(self._index(interface), PROBE_ADDRESS, 32))
 
     def set_rp_filter(self, interface: str, value: int) -> None:
-        try:
-            (SYSCTL_CONF / interface / "rp_filter").write_text(f"{value}\n")
-        except OSError as exc:
-            raise KernelError(f"rp_filter on {interface}: {exc}") from exc
+        self._call(f"rp_filter on {interface}", rt.set_ipv4_conf_message(
+            self._index(interface), {rt.IPV4_DEVCONF_RP_FILTER: value}))
 
     def replace_route(self, route: RouteEntry) -> None:
-        self._call(f"route default dev {route.interface} table {route.table}", self._ipr.route,
-                   "replace", dst="0.0.0.0/0", oif=self._index(route.interface),
-                   table=route.table, proto=ROUTE_PROTOCOL, scope=RT_SCOPE_LINK)
+        self._call(f"route default dev {route.interface} table {route.table}",
+                   rt.route_message(Route(DEFAULT, route.table, ROUTE_PROTOCOL, rt.RTN_UNICAST,
+                                          rt.RT_SCOPE_LINK, self._index(route.interface))))
 
     def delete_route(self, route: RouteEntry) -> None:
-        self._call(f"delete route table {route.table}", self._ipr.route, "del",
-                   dst="0.0.0.0/0", table=route.table, ok=(errno.ESRCH, errno.ENOENT))
+        self._call(f"delete route table {route.table}",
+                   rt.route_delete_message(DEFAULT, table=route.table, protocol=ROUTE_PROTOCOL),
+                   ok=(errno.ESRCH, errno.ENOENT))
 
     def add_rule(self, rule: RuleEntry) -> None:
-        self._call(f"rule fwmark {rule.mark:#x} lookup {rule.table}", self._ipr.rule, "add",
-                   priority=GATEWAY_RULE_PRIORITY, fwmark=rule.mark, fwmask=FWMARK_MASK,
-                   table=rule.table, protocol=ROUTE_PROTOCOL, ok=(errno.EEXIST,))
+        self._call(f"rule fwmark {rule.mark:#x} lookup {rule.table}",
+                   rt.rule_message(_gateway_rule(Rule(0, rule.mark, 0, rule.table))),
+                   ok=(errno.EEXIST,))
 
     def delete_rule(self, rule: RuleEntry) -> None:
-        self._call(f"delete rule fwmark {rule.mark:#x}", self._ipr.rule, "del",
-                   priority=GATEWAY_RULE_PRIORITY, fwmark=rule.mark, fwmask=FWMARK_MASK,
-                   table=rule.table, ok=(errno.ENOENT, errno.ESRCH))
+        self._call(f"delete rule fwmark {rule.mark:#x}",
+                   rt.rule_message(_gateway_rule(Rule(0, rule.mark, 0, rule.table)), delete=True),
+                   ok=(errno.ENOENT, errno.ESRCH))
 
     def replace_egress_address(self, address: EgressAddress, lifetime: int) -> None:
-        self._call(f"add {address.ip}/32 to {address.interface}", self._ipr.addr, "replace",
-                   index=self._index(address.interface), address=str(address.ip),
-                   prefixlen=32, IFA_CACHEINFO={"ifa_preferred": lifetime,
-                                                "ifa_valid": lifetime, "cstamp": 0,
-                                                "tstamp": 0})
+        self._call(f"add {address.ip}/32 to {address.interface}",
+                   rt.address_message(self._index(address.interface), address.ip, 32,
+                                      lifetime=lifetime))
 
     def delete_egress_address(self, address: EgressAddress) -> None:
         index = self.link_index(address.interface)
         if index is None:
             return
-        self._call(f"remove {address.ip}/32 from {address.interface}", self._ipr.addr, "del",
-                   index=index, address=str(address.ip), prefixlen=32,
+        self._call(f"remove {address.ip}/32 from {address.interface}",
+                   rt.address_delete_message(index, address.ip, 32),
                    ok=(errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV))
 
     def delete_link(self, name: str) -> None:
-        index = self.link_index(name)
-        if index is not None:
-            self._call(f"delete link {name}", self._ipr.link, "del", index=index,
-                       ok=(errno.ENODEV,))
+        try:
+            self._rtnl.delete_link(name)
+        except NetlinkError as exc:
+            raise KernelError(f"delete link {name}: {exc.strerror}") from exc
 
 
 class FakeKernel:
@@ -438,8 +423,3 @@ class FakeKernel:
         self.probe.discard(name)
         self.routes = {r for r in self.routes if r.interface != name}
         self.log.append(f"-link {name}")
-
-    def remove_link(self, name: str) -> None:
-        self.links.pop(name, None)
-        self.probe.discard(name)
-        self.routes = {r for r in self.routes if r.interface != name}

@@ -1,9 +1,9 @@
-"""The gateway's Prometheus metrics: per slot held/ready, traffic, flows and drops.
+"""The gateway's own Prometheus metrics: per slot held/ready, traffic, flows and drops.
 
-Loop counters live in memory; per-slot traffic comes from the named counters of the
-gateway's nftables table, read when Prometheus scrapes (so a scrape shows the kernel as it
-is). The HTTP side (/metrics, /healthz, /readyz) is the node agent's small server,
-`nodeagent.metrics.serve_metrics`.
+Loop figures (passes, their duration, failed steps) are the runtime's
+(`meshgress.runtime.LoopMetrics`); lease figures are the lease keeper's; per-slot traffic
+comes from the named counters of the gateway's nftables table, read when Prometheus
+scrapes (so a scrape shows the kernel as it is).
 
 `GatewayMetrics.render` is purely computational.
 """
@@ -11,17 +11,12 @@ is). The HTTP side (/metrics, /healthz, /readyz) is the node agent's small serve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from gateway.leases import LeaseMetrics
 from gateway.rules import COUNTER_STALE, counter_names
-
-
-def _labels(**labels: str) -> str:
-    def quote(value: str) -> str:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    inner = ",".join(f'{k}="{quote(v)}"' for k, v in sorted(labels.items()))
-    return "{" + inner + "}" if inner else ""
+from meshgress.prometheus import Exposition, Sample
+from meshgress.prometheus import labels as _labels
 
 
 @dataclass(frozen=True)
@@ -36,46 +31,22 @@ class SlotSample:
 
 @dataclass
 class GatewayMetrics:
-    reconciles: int = 0
-    reconcile_failures: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    acquisitions: int = 0
-    releases: int = 0
-    fenced: int = 0
-    renew_failures: int = 0
+    leases: LeaseMetrics
 
-    def count_error(self, op: str) -> None:
-        self.errors[op] = self.errors.get(op, 0) + 1
-
-    def render(self, *, slots: Sequence[SlotSample],
-               counters: Mapping[str, tuple[int, int]]) -> str:
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str,
-                   samples: Sequence[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {value:g}" for labels, value in samples)
-
-        metric("meshgress_gateway_reconcile_total", "counter", "Reconcile passes.",
-               [("", self.reconciles)])
-        metric("meshgress_gateway_reconcile_failures_total", "counter",
-               "Reconcile passes where some step failed (retried).",
-               [("", self.reconcile_failures)])
-        metric("meshgress_gateway_errors_total", "counter",
-               "Failed operations by kind (transient; retried).",
-               [(_labels(op=op), n) for op, n in sorted(self.errors.items())])
+    def render(self, page: Exposition, *, slots: Sequence[SlotSample],
+               counters: Mapping[str, tuple[int, int]]) -> None:
+        metric = page.metric
         metric("meshgress_gateway_lease_acquisitions_total", "counter",
-               "Slot leases taken (not renewals).", [("", self.acquisitions)])
+               "Slot leases taken (not renewals).", [("", self.leases.acquisitions)])
         metric("meshgress_gateway_lease_releases_total", "counter",
-               "Slot leases given up.", [("", self.releases)])
+               "Slot leases given up.", [("", self.leases.releases)])
         metric("meshgress_gateway_lease_renew_failures_total", "counter",
-               "Lease renewals that failed.", [("", self.renew_failures)])
+               "Lease renewals that failed.", [("", self.leases.renew_failures)])
         metric("meshgress_gateway_fenced_total", "counter",
-               "Slots torn down because their lease was lost.", [("", self.fenced)])
-        held: list[tuple[str, float]] = []
-        ready: list[tuple[str, float]] = []
-        rows: dict[str, list[tuple[str, float]]] = {
+               "Slots torn down because their lease was lost.", [("", self.leases.fenced)])
+        held: list[Sample] = []
+        ready: list[Sample] = []
+        rows: dict[str, list[Sample]] = {
             key: [] for key in ("out_p", "out_b", "in_p", "in_b", "flows", "drop")}
         for s in sorted(slots, key=lambda s: (s.gateway, s.index)):
             lbl = _labels(gateway=s.gateway, slot=str(s.index), egress_ip=s.ip)
@@ -113,4 +84,3 @@ class GatewayMetrics:
         metric("meshgress_gateway_stale_interface_drops_total", "counter",
                "Packets dropped on slot interfaces of slots not held.",
                [("", counters.get(COUNTER_STALE, (0, 0))[0])])
-        return "\n".join(out) + "\n"

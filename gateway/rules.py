@@ -4,8 +4,8 @@ Why it exists: the gateway owns one table whole, apart from the node agent's
 `inet meshgress` (which it never touches). Per held slot it must SNAT allowed pod
 traffic from the slot's tunnel to the slot's egress IP, drop everything else that
 arrives on the tunnel, and steer replies back into the same tunnel. The model, plan and
-apply machinery is the node agent's (`nodeagent.nft_model`, `nodeagent.nft`): this
-module only computes the desired value.
+apply machinery is the kernel library's (`meshgress.kernel.nft_model`,
+`meshgress.kernel.nftables`): this module only computes the desired value.
 
 Per slot (interface I, external interface X, egress IP E, mark M = gateway_mark(number),
 set src_<h> of allowed pod IPs, h = the slot's 8-hex hash):
@@ -45,9 +45,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshgress.kernel_ids import EGRESS_INTERFACE_PREFIX, FWMARK_MASK, NFT_FAMILY
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
-from nodeagent.nft_model import (
+from meshgress.kernel.nft_model import (
     ACCEPT,
     DROP,
     Hook,
@@ -63,8 +61,14 @@ from nodeagent.nft_model import (
     payload,
     set_ref,
 )
+from meshgress.kernel_ids import (
+    FWMARK_MASK,
+    GATEWAY_INTERFACE_PREFIX,
+    GATEWAY_NFT_TABLE,
+    NFT_FAMILY,
+)
+from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
 
-NFT_TABLE = "meshgress-gw"
 TABLE_COMMENT = "managed by the meshgress gateway; do not edit"
 
 PRIORITY_TUNNEL_IN = -150
@@ -77,7 +81,7 @@ CHAIN_INPUT = "input"
 CHAIN_SNAT = "snat"
 COUNTER_STALE = "drop_stale"
 
-SLOT_INTERFACE_WILDCARD = EGRESS_INTERFACE_PREFIX + "g*"
+SLOT_INTERFACE_WILDCARD = GATEWAY_INTERFACE_PREFIX + "*"
 _KEEP_OTHER_BITS = 0xFFFFFFFF & ~FWMARK_MASK
 
 
@@ -203,4 +207,4 @@ def compute_gateway_ruleset(slots: Iterable[SlotRules]) -> Ruleset:
             NftChain(CHAIN_INPUT, tuple(input_), Hook("filter", "input", PRIORITY_FILTER)),
             NftChain(CHAIN_SNAT, tuple(snat), Hook("nat", "postrouting", PRIORITY_SNAT)),
         ),
-        family=NFT_FAMILY, table=NFT_TABLE, comment=TABLE_COMMENT)
+        family=NFT_FAMILY, table=GATEWAY_NFT_TABLE, comment=TABLE_COMMENT)

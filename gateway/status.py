@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from meshgress.datastore import Lease
-from meshgress.egress import EgressModel, GatewayView, PolicyView
-from meshgress.slots import (
+from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
-    SlotId,
 )
+from meshgress.datastore import Lease
+from meshgress.egress import EgressModel, GatewayView, PolicyView
+from meshgress.slots import SlotId
 
 READY = "Ready"
 DEGRADED = "Degraded"

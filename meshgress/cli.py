@@ -171,7 +171,7 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from nodeagent.host import underlay_mtu
+    from nodeagent.host import NodeHost
     from nodeagent.status import collect_status, format_status
     from wireguard.backend import detect_backend
 
@@ -181,7 +181,7 @@ def _run_status(args: argparse.Namespace) -> int:
     store = FileDatastore(Path(args.datastore))
     try:
         report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
-                                underlay_mtu)
+                                NodeHost().underlay_mtu)
     finally:
         store.close()
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))
@@ -237,13 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "agent":
             logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from nodeagent.agent import main as run_agent
+            from meshgress.assembly import run_agent
 
             return run_agent(args)
         if args.command == "gateway":
             logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from gateway.process import main as run_gateway
+            from meshgress.assembly import run_gateway
 
             return run_gateway(args)
         if args.command == "status":

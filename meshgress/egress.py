@@ -140,12 +140,6 @@ class EgressModel:
     always_excluded: tuple[IPv4Range, ...] = ()
     """The cluster pod range, the service range and every node address, merged."""
 
-    def policies_for(self, pod: PodView) -> tuple[PolicyView, ...]:
-        """Accepted policies selecting `pod`, in the order packets try them."""
-        key = (pod.namespace, pod.name)
-        found = [p for p in self.policies.values() if p.accepted and key in p.selected]
-        return tuple(sorted(found, key=lambda p: (p.policy.priority if p.policy else 0, p.name)))
-
 
 def _name(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from meshgress.cluster import SlotHolder, parse_node, parse_slot_holder
 from meshgress.config import ClusterConfig
 from meshgress.datastore import Datastore, Kind
 from meshgress.egress import (
@@ -29,8 +30,6 @@ from meshgress.egress import (
     ranges_to_cidrs,
 )
 from meshgress.selectors import LabelSelector, matches
-from nodeagent.mesh import parse_node
-from nodeagent.steering import SlotHolder, parse_slot_lease
 
 
 class ExplainError(ValueError):
@@ -167,7 +166,7 @@ def collect_and_explain(store: Datastore, cluster: ClusterConfig, target: str,
                            namespaces=namespaces, pods=[pod_view(p) for p in pods],
                            node_addresses=addresses, cluster=cluster)
     now = time.time()
-    holders = {h.slot: h for h in (parse_slot_lease(o, now)
+    holders = {h.slot: h for h in (parse_slot_holder(o, now)
                                    for o in store.list(Kind.LEASE).items) if h}
     return explain_pod(model=model, pod=pod, namespace_labels_=namespaces.get(namespace, {}),
                        holders=holders, cluster=cluster,

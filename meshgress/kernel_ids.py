@@ -10,7 +10,8 @@ migration. Values chosen:
   runs, Cilium 0x0f00/0xf000-ish bits; egress slot marks live only inside this mask;
 - routing tables 51820..: far from main/local/default (254/255/253);
 - interface prefixes: `meshgress0` for the mesh, `mgc` + hash for pod host veths,
-  `mge` + slot for the per-slot egress tunnels.
+  `mge` + slot for a node's per-slot egress tunnels, `mgeg` + slot for a gateway's;
+- nftables tables: `inet meshgress` (the node agent's), `inet meshgress-gw` (a gateway's).
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ POD_HOST_VETH_PREFIX = "mgc"
 """Host side of a pod's veth: prefix + 11 hex chars of a hash of the container id."""
 
 EGRESS_INTERFACE_PREFIX = "mge"
+"""A node's tunnel to one egress slot: prefix + 8 hex chars (meshgress.slots)."""
+GATEWAY_INTERFACE_PREFIX = EGRESS_INTERFACE_PREFIX + "g"
+"""A gateway's tunnel for one slot it holds: prefix + the same 8 hex chars. "g" is not a
+hex digit, so the two never collide, and both match the `mge*` the leak guard trusts."""
 
 POD_GATEWAY_IPV4 = "169.254.1.1"
 """The link-local next hop every pod routes through; the host side answers its ARP."""
 
 NFT_FAMILY = "inet"
 NFT_TABLE = "meshgress"
+"""The node agent's table."""
+GATEWAY_NFT_TABLE = "meshgress-gw"
+"""A gateway's table (a gateway node's agent keeps its own, `meshgress`, beside it)."""
 
 FWMARK_MASK = 0x00FF0000
 ROUTING_TABLE_BASE = 51820

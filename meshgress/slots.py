@@ -2,16 +2,16 @@
 
 A slot is one egress IP of one EgressGateway. Exactly one gateway process holds a slot at a
 time — the holder of the slot's Lease — and only the holder brings the IP up. The holder
-publishes how to reach it on that Lease (annotations below): its WireGuard public key for
-the slot and the endpoint (IP:port) it listens on. Node agents read leases, never the
+publishes how to reach it on that Lease (`meshgress.cluster` reads and writes those
+annotations): its WireGuard public key for the slot and the endpoint (IP:port) it listens
+on. Node agents read leases, never the
 gateway's status, to decide where to send a slot's traffic; status is for people.
 
 Naming is derived, never stored, so both sides compute the same names independently:
 - lease `egress-<gateway>-<index>` in LEASE_NAMESPACE;
 - on nodes, the slot's tunnel interface `mge` + 8 hex chars of a hash of (gateway, index);
-- on the gateway, the slot's tunnel interface `mgeg` + the same 8 hex chars ("g" is not a
-  hex digit, so the two never collide, and both match the `mge*` interfaces the node's
-  leak guard trusts);
+- on the gateway, the slot's tunnel interface `mgeg` + the same 8 hex chars
+  (`kernel_ids.GATEWAY_INTERFACE_PREFIX`);
 - every process numbers the slots itself (`assign_slot_numbers`): a slot keeps the number
   it has for as long as it exists — read back from the kernel or the lease after a restart
   — and a new slot takes the lowest free number. Numbers are local: a node's marks and
@@ -42,17 +42,16 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from meshgress.datastore import LEASE_NAMESPACE
-from meshgress.kernel_ids import EGRESS_INTERFACE_PREFIX, FWMARK_MASK, ROUTING_TABLE_BASE
+from meshgress.kernel_ids import (
+    EGRESS_INTERFACE_PREFIX,
+    FWMARK_MASK,
+    GATEWAY_INTERFACE_PREFIX,
+    ROUTING_TABLE_BASE,
+)
 
 GATEWAY_BASE_PORT = 51900
 PROBE_ADDRESS = ipaddress.IPv4Address("169.254.123.1")
 PROBE_PORT = 51899
-
-PUBLIC_KEY_ANNOTATION = "meshgress.io/wireguard-public-key"
-ENDPOINT_ANNOTATION = "meshgress.io/wireguard-endpoint"
-EGRESS_IP_ANNOTATION = "meshgress.io/egress-ip"
-HOLDER_NODE_ANNOTATION = "meshgress.io/holder-node"
 
 MARK_SHIFT = 16
 MAX_SLOTS = 126
@@ -78,20 +77,17 @@ class SlotId:
         return f"egress-{self.gateway}-{self.index}"
 
     @property
-    def lease_namespace(self) -> str:
-        return LEASE_NAMESPACE
-
-    @property
-    def _hash(self) -> str:
+    def suffix(self) -> str:
+        """8 hex chars of a hash of (gateway, index): names the slot's kernel objects."""
         return hashlib.sha256(f"{self.gateway}/{self.index}".encode()).hexdigest()[:8]
 
     @property
     def node_interface(self) -> str:
-        return f"{EGRESS_INTERFACE_PREFIX}{self._hash}"
+        return f"{EGRESS_INTERFACE_PREFIX}{self.suffix}"
 
     @property
     def gateway_interface(self) -> str:
-        return f"{EGRESS_INTERFACE_PREFIX}g{self._hash}"
+        return f"{GATEWAY_INTERFACE_PREFIX}{self.suffix}"
 
 
 

@@ -1,13 +1,15 @@
 """`meshgress agent`: the node agent process, one per node.
 
-Level-triggered, in the shape the design fixes:
+Level-triggered, on the shared reconcile runtime (`meshgress.runtime`):
 1. informers fill caches (no kernel I/O there) and poke the loop;
-2. `compute_mesh` and `compute_ruleset` turn the caches into this node's desired state;
-3. each subsystem plans the difference against the kernel: read in full at start, on
-   every resync (`resync_interval`) and after any error, and in between as last read plus
-   the writes made since (`nodeagent.tracker`: what lets one node's change reach the
-   kernel in tens of milliseconds in a 5,000-node cluster);
-4. apply adds before it removes, retries on a timer, and the periodic resync repairs drift.
+2. `compute_mesh`, `compute_ruleset` and `compute_steering` turn the caches into this
+   node's desired state, purely;
+3. the managers (`nodeagent.managers`) plan it against the kernel and apply it — the mesh
+   against the kernel as last read plus the writes made since (read in full at start, on
+   every resync and after any error: `nodeagent.tracker`), the firewall and steering
+   against a fresh read;
+4. adds come before removals, failed steps are retried with backoff, and the periodic
+   resync repairs drift.
 
 Start-up order is what makes the node fail closed: the `inet meshgress` table (leak guard
 and masquerade) and the unreachable fallback for the cluster pod range are programmed
@@ -21,72 +23,75 @@ dataplane in place, so traffic flows while the agent is away.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import logging
-import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
-from cni.ipam import Ipam
-from cni.model import PodAttachment
-from cni.server import serve as serve_cni
-from cni.service import CniService
-from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
-from meshgress.datastore import Datastore, DatastoreError, Kind, NotFound
-from meshgress.datastore.file import FileDatastore
-from meshgress.datastore.informer import Informer
-from meshgress.egress import compute_egress, namespace_labels, pod_view
-from meshgress.kernel_ids import WIREGUARD_INTERFACE, WIREGUARD_PORT
-from meshgress.slots import probe_source
-from nodeagent import host
-from nodeagent.egress_apply import EgressKernel
-from nodeagent.mesh import (
-    MeshInputs,
-    MeshState,
-    NodeInfo,
-    NodeParseCache,
-    RouteSpec,
-    compute_mesh,
-    compute_mtu,
-    compute_node_annotations,
-)
-from nodeagent.metrics import AgentMetrics, SlotSample, serve_metrics
-from nodeagent.nft import NftablesAdapter, apply_ruleset
-from nodeagent.nft_model import FirewallSpec, Ruleset, compute_ruleset
-from nodeagent.options import DEFAULT_CNI_SOCKET, DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
+from meshgress import prometheus
+from meshgress.cluster import NodeInfo, NodeParseCache, node_annotations, parse_slot_holder
+from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig
+from meshgress.datastore import Datastore, Kind, NotFound
+from meshgress.egress import PodView, compute_egress, namespace_labels, pod_view
+from meshgress.kernel.nft_model import Ruleset
+from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
+from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
+from meshgress.slots import SlotId, probe_source
+from nodeagent.firewall import FirewallSpec, compute_ruleset, with_steering
+from nodeagent.host import HostPort, NodeHost
+from nodeagent.managers import FirewallManager, MeshManager, SteeringManager
+from nodeagent.mesh import MeshInputs, MeshState, compute_mesh
+from nodeagent.metrics import AgentMetrics, SlotSample
+from nodeagent.options import DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
 from nodeagent.prober import SlotProber
-from nodeagent.routes import NetlinkRoutes, apply_routes
+from nodeagent.routes import NetlinkRoutes, RouteAdapter
 from nodeagent.steering import (
-    POLICY_COUNTER_PREFIX,
     LocalPod,
     SteeringInputs,
     SteeringState,
     compute_steering,
-    parse_slot_lease,
     policy_flows_counter,
     slot_flows_counter,
 )
-from nodeagent.tracker import TrackedDataplane, apply_device_tracked
+from nodeagent.steering_kernel import NetlinkSteering, SteeringPort
 from wireguard.backend import WireGuardBackend, detect_backend
 from wireguard.keys import load_or_create_private_key, public_key
-from wireguard.model import Device
+from wireguard.model import tunnel_mtu
 
 log = logging.getLogger("meshgress.agent")
+
+PodHook = Callable[[LocalPod], None]
+ProberFactory = Callable[[str, Callable[[], None]], SlotProber]
+"""Starts probing egress slots from a source address, calling back on health changes."""
+
+
+class PodNetwork(Protocol):
+    """The CNI plugin's server half, which the agent hosts: it wires pods into this node's
+    pod CIDR and tells the agent about each one before the pod's ADD answers (so a pod's
+    steering is in place before its first packet). Joined to the agent by the process
+    that assembles it (`meshgress.assembly`): the agent never imports the CNI code."""
+
+    def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
+        """The pods wired on this node before this process started."""
+        ...
+
+    def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: PodHook,
+              on_removed: PodHook, stop: threading.Event) -> None:
+        """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD."""
+        ...
 
 
 @dataclass(frozen=True)
 class AgentConfig:
     node_name: str
-    datastore_dir: Path
     cluster: ClusterConfig = DEFAULT_CLUSTER_CONFIG
     state_dir: Path = DEFAULT_STATE_DIR
-    cni_socket: Path = DEFAULT_CNI_SOCKET
     wireguard_backend: str | None = None
     wireguard_log: Path | None = None
     wireguard_log_level: str | None = None
@@ -99,18 +104,27 @@ class AgentConfig:
     re-list or a brief datastore hiccup must not tear the mesh down)."""
 
 
-class _Lines:
-    """Adapts a list of change descriptions to what `_step` logs."""
+@dataclass
+class AgentPorts:
+    """Everything the agent touches outside itself. `real` builds the kernel's, in the
+    calling thread's network namespace; tests pass fakes."""
 
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
+    wireguard: WireGuardBackend
+    routes: RouteAdapter
+    nft: NftablesPort
+    steering: SteeringPort
+    host: HostPort
+    pods: PodNetwork
+    prober: ProberFactory = SlotProber
 
-    def describe(self) -> list[str]:
-        return self.lines
-
-
-class AgentError(RuntimeError):
-    """The agent cannot start; the message says what to fix."""
+    @classmethod
+    def real(cls, config: AgentConfig, pods: PodNetwork) -> AgentPorts:
+        wireguard = detect_backend(config.wireguard_backend, log_path=config.wireguard_log,
+                                   log_level=config.wireguard_log_level)
+        log.info("WireGuard backend: %s", wireguard.kind)
+        return cls(wireguard=wireguard, routes=NetlinkRoutes(),
+                   nft=NftablesAdapter(NFT_FAMILY, NFT_TABLE), steering=NetlinkSteering(),
+                   host=NodeHost(), pods=pods)
 
 
 @dataclass
@@ -121,7 +135,7 @@ class _Seen:
 
 @dataclass
 class AgentState:
-    """What the loop remembers about the cluster (never about the kernel)."""
+    """What the agent remembers about the cluster (never about the kernel)."""
 
     last_seen: dict[str, _Seen] = field(default_factory=dict)
     mesh: MeshState | None = None
@@ -129,59 +143,49 @@ class AgentState:
     mtu: int | None = None
     published: bool = False
     first_apply_ok: bool = False
-    last_loop: float = 0.0
+    waiting_for_node: bool = False
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, store: Datastore,
-                 wireguard: WireGuardBackend | None = None) -> None:
+    def __init__(self, config: AgentConfig, store: Datastore, ports: AgentPorts) -> None:
         self.config = config
         self.store = store
-        self.stop = threading.Event()
-        self._poke = threading.Event()
-        self._health_changed = threading.Event()
-        poke = self._poke.set
-        self.nodes = Informer(store, Kind.NODE, on_change=poke)
-        self.pods = Informer(store, Kind.POD, on_change=poke,
-                             field_node_name=config.node_name)
-        self.namespaces = Informer(store, Kind.NAMESPACE, on_change=poke)
-        self.gateways = Informer(store, Kind.EGRESS_GATEWAY, on_change=poke)
-        self.policies = Informer(store, Kind.EGRESS_POLICY, on_change=poke)
-        self.leases = Informer(store, Kind.LEASE, on_change=poke)
-        self.informers = (self.nodes, self.pods, self.namespaces, self.gateways,
-                          self.policies, self.leases)
-        # Serialises reconciles: the loop's and the CNI hook's (a pod's steering must be
-        # in place before its ADD returns).
+        self.ports = ports
+        self.loop = ReconcileLoop(
+            store, {Kind.NODE: None, Kind.POD: config.node_name, Kind.NAMESPACE: None,
+                    Kind.EGRESS_GATEWAY: None, Kind.EGRESS_POLICY: None, Kind.LEASE: None},
+            log=log, metrics=LoopMetrics("meshgress_", "meshgress_reconcile_errors_total"),
+            resync_interval=config.resync_interval, retry_interval=config.retry_interval)
+        self.stop = self.loop.stop
+        self.mesh = MeshManager(ports.wireguard, ports.routes,
+                                resync_interval=config.resync_interval)
+        self.firewall = FirewallManager(ports.nft)
+        self.steering = SteeringManager(ports.steering, ports.wireguard)
+        # Serialises passes: the loop's and the CNI hook's (a pod's steering must be in
+        # place before its ADD returns). Guards the pod maps below too.
         self._reconcile_lock = threading.Lock()
         self._local_pods: dict[tuple[str, str], LocalPod] = {}
         self._hook_labels: dict[tuple[str, str], dict[str, Any]] = {}
+        self._health_changed = threading.Event()
         self.prober: SlotProber | None = None
-        self._egress: EgressKernel | None = None
-        self._slot_numbers_seen: dict[str, int] = {}
         self.state = AgentState()
         self.metrics = AgentMetrics(started_at=time.time())
-        self._wireguard = wireguard
         key_path = config.state_dir / "wireguard" / "private.key"
         self.private_key = load_or_create_private_key(key_path)
         self.public_key = public_key(self.private_key)
-        self._routes: NetlinkRoutes | None = None
         self._node_cache = NodeParseCache()
-        self._wg_tracked: TrackedDataplane[Device | None] = TrackedDataplane(
-            "wireguard", resync_interval=config.resync_interval)
-        self._routes_tracked: TrackedDataplane[frozenset[RouteSpec]] = TrackedDataplane(
-            "routes", resync_interval=config.resync_interval)
-        self._nft: NftablesAdapter | None = None
         self.cni_ready = threading.Event()
+        self._cni_thread: threading.Thread | None = None
 
     # -- caches ---------------------------------------------------------------------
 
     def _own_node(self) -> NodeInfo | None:
-        obj = self.nodes.snapshot().get(("", self.config.node_name))
+        obj = self.loop.snapshot(Kind.NODE).get(("", self.config.node_name))
         return self._node_cache.parse(obj) if obj else None
 
     def _all_nodes(self) -> list[NodeInfo]:
         """Every cached Node, parsed (only those that changed since the last pass are)."""
-        return self._node_cache.parse_all(self.nodes.snapshot().values())
+        return self._node_cache.parse_all(self.loop.snapshot(Kind.NODE).values())
 
     def _nodes_with_grace(self, now: float) -> tuple[NodeInfo, ...]:
         current = {info.name: info for info in self._all_nodes()}
@@ -196,80 +200,66 @@ class Agent:
                 del self.state.last_seen[name]
         return tuple(seen.info for seen in self.state.last_seen.values())
 
-    # -- reconcile ------------------------------------------------------------------
+    def _usable_own_node(self) -> NodeInfo | None:
+        own = self._own_node()
+        if own is None or not own.pod_cidrs or own.internal_ip is None:
+            if not self.state.waiting_for_node:
+                log.warning("node %s: waiting for its Node object with spec.podCIDRs and "
+                            "an InternalIP", self.config.node_name)
+            self.state.waiting_for_node = True
+            return None
+        self.state.waiting_for_node = False
+        return own
 
-    def reconcile(self) -> bool:
-        """One pass: compute, plan against the kernel, apply. True when all succeeded."""
+    # -- one pass ---------------------------------------------------------------------
+
+    def reconcile(self) -> Pass:
+        """One pass: compute, plan against the kernel, apply."""
         with self._reconcile_lock:
             return self._reconcile()
 
-    def _reconcile(self) -> bool:
-        started = time.monotonic()
-        ok = True
-        own = self._own_node()
-        if own is None or not own.pod_cidrs or own.internal_ip is None:
-            log.warning("node %s: waiting for its Node object with spec.podCIDRs and an "
-                        "InternalIP", self.config.node_name)
-            return False
+    def _reconcile(self) -> Pass:
+        own = self._usable_own_node()
+        if own is None:
+            return Pass(ran=False)
+        step = self.loop.step
         if self.state.mtu is None:
-            self.state.mtu = self.config.mtu or compute_mtu(
-                host.underlay_mtu(str(own.internal_ip)), own.internal_ip.version == 6)
+            assert own.internal_ip is not None
+            self.state.mtu = self.config.mtu or tunnel_mtu(
+                self.ports.host.underlay_mtu(str(own.internal_ip)), own.internal_ip.version == 6)
         mesh = compute_mesh(MeshInputs(
             self_name=self.config.node_name, nodes=self._nodes_with_grace(time.time()),
             private_key=self.private_key, mtu=self.state.mtu, cluster=self.config.cluster))
         self.state.mesh = mesh
+        source = probe_source(own.pod_cidrs[0])
         base = self._base_ruleset()
-        egress = self.egress_kernel(own)
-        try:
-            self._slot_numbers_seen = egress.slot_numbers()
-        except Exception as exc:
-            log.warning("reading the egress slot tables: %s", exc)
+        ok = step("egress-read", lambda: self.steering.read(source))
         steering = self._compute_steering(own)
         self.state.steering = steering
-        ruleset = _with_steering(base, steering)
-        # Order matters: the guard and egress tunnels first, then the marks that point
-        # into them; peers, then routes into the mesh; what is obsolete last.
+        plan = self.steering.plan(steering)
+        # Order matters: the guard and fallback first of all; then the egress tunnels,
+        # then the marks that point into them; peers, then routes into the mesh; what is
+        # obsolete last.
         if not self.state.first_apply_ok:
-            ok &= self._step("nftables", lambda: apply_ruleset(self.nft, base))
-        ok &= self._step("forwarding", host.ensure_ip_forwarding)
-        ok &= self._step("egress", lambda: _Lines(egress.apply_adds(steering)))
-        ok &= self._step("nftables", lambda: apply_ruleset(self.nft, ruleset))
-        ok &= self._step("egress", lambda: _Lines(egress.apply_removes(steering)))
-        ok &= self._step("wireguard", lambda: apply_device_tracked(
-            self.wireguard, mesh.device, self._wg_tracked))
-        ok &= self._step("routes", lambda: apply_routes(self.routes, mesh.routes,
-                                                        self._routes_tracked))
+            ok &= step("nftables", lambda: self.firewall.apply(base))
+        ok &= step("forwarding", self.ports.host.ensure_ip_forwarding)
+        ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
+        ok &= step("nftables", lambda: self.firewall.apply(
+            with_steering(base, steering)))
+        ok &= step("egress", lambda: self.steering.apply_removes(plan))
+        ok &= step("wireguard", lambda: self.mesh.apply_device(mesh.device))
+        ok &= step("routes", lambda: self.mesh.apply_routes(mesh.routes))
         if self.prober is not None:
             self.prober.set_targets(steering.probe_targets)
         if ok and not self.state.first_apply_ok:
             self.state.first_apply_ok = True
+            self._start_cni(own)
         if self.state.first_apply_ok:
-            ok &= self._step("publish", lambda: self._publish(own))
-        self.metrics.observe_reconcile(time.monotonic() - started, ok)
+            ok &= step("publish", lambda: self._publish(own))
         self.metrics.peers_expected = len(mesh.device.peers)
         self.metrics.skipped_nodes = dict(mesh.skipped)
-        for tracked in (self._wg_tracked, self._routes_tracked):
-            self.metrics.dataplane_reads[tracked.name] = tracked.full_reads
-        return ok
-
-    def next_resync_in(self) -> float:
-        """Seconds until a tracked dataplane is due for its full read (the loop wakes by
-        then even without events, so drift is repaired within one resync interval)."""
-        return min(t.resync_in() for t in (self._wg_tracked, self._routes_tracked))
-
-    def _step(self, op: str, action: Any) -> bool:
-        try:
-            plan = action()
-        except Exception as exc:
-            # Kernel and datastore errors are transient from here: count, log, retry.
-            self.metrics.errors[op] = self.metrics.errors.get(op, 0) + 1
-            log.warning("reconcile %s failed: %s", op, exc)
-            log.debug("reconcile %s failed", op, exc_info=True)
-            return False
-        lines = plan.describe() if hasattr(plan, "describe") else []
-        for line in lines:
-            log.info("%s: %s", op, line)
-        return True
+        self.metrics.dataplane_reads = self.mesh.full_reads()
+        return Pass(wake_in=self.mesh.resync_in())
 
     def _base_ruleset(self) -> Ruleset:
         return compute_ruleset(FirewallSpec(
@@ -278,11 +268,11 @@ class Agent:
             service_cidrs=tuple(c for c in self.config.cluster.service_cidrs
                                 if isinstance(c, ipaddress.IPv4Network))))
 
-    def _local_pod_views(self) -> list[Any]:
+    def _local_pod_views(self) -> list[PodView]:
         """This node's pods with their labels (from the cache, or as the CNI hook read
         them) and their addresses (from the CNI's own allocations: authoritative)."""
         cached = {(p["metadata"].get("namespace", ""), p["metadata"]["name"]): p
-                  for p in self.pods.snapshot().values()}
+                  for p in self.loop.snapshot(Kind.POD).values()}
         views = []
         for key, pod in self._local_pods.items():
             obj = cached.get(key) or self._hook_labels.get(key)
@@ -295,22 +285,24 @@ class Agent:
         now = time.time()
         nodes = self._all_nodes()
         model = compute_egress(
-            gateways=self.gateways.snapshot().values(),
-            policies=self.policies.snapshot().values(),
-            namespaces=namespace_labels(self.namespaces.snapshot().values()),
+            gateways=self.loop.snapshot(Kind.EGRESS_GATEWAY).values(),
+            policies=self.loop.snapshot(Kind.EGRESS_POLICY).values(),
+            namespaces=namespace_labels(self.loop.snapshot(Kind.NAMESPACE).values()),
             pods=self._local_pod_views(),
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
         holders = {}
-        for obj in self.leases.snapshot().values():
-            holder = parse_slot_lease(obj, now)
+        for obj in self.loop.snapshot(Kind.LEASE).values():
+            holder = parse_slot_holder(obj, now)
             if holder is not None:
                 holders[holder.slot] = holder
         # Numbers in use: the kernel's (last read) over those this agent last assigned.
-        kept = dict(self.state.steering.numbers) if self.state.steering else {}
+        kept: dict[SlotId, int] = dict(self.state.steering.numbers) if self.state.steering \
+            else {}
+        in_kernel = self.steering.observed.slot_numbers()
         for gw in model.gateways.values():
             for slot, _ in gw.slots:
-                number = self._slot_numbers_seen.get(slot.node_interface)
+                number = in_kernel.get(slot.node_interface)
                 if number is not None:
                     kept[slot] = number
         assert self.state.mtu is not None
@@ -320,16 +312,23 @@ class Agent:
             private_key=self.private_key, mtu=self.state.mtu,
             probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept))
 
-    def egress_kernel(self, own: NodeInfo) -> EgressKernel:
-        if self._egress is None:
-            self._egress = EgressKernel(self.wireguard, probe_source(own.pod_cidrs[0]))
-        return self._egress
+    def _publish(self, own: NodeInfo) -> None:
+        """Publish this node's key and endpoint on its Node (only when they differ)."""
+        assert own.internal_ip is not None
+        wanted = node_annotations(self.public_key, own.internal_ip, WIREGUARD_PORT)
+        obj = self.loop.snapshot(Kind.NODE).get(("", self.config.node_name)) or {}
+        current = (obj.get("metadata") or {}).get("annotations") or {}
+        if any(current.get(k) != v for k, v in wanted.items()):
+            self.store.patch_annotations(Kind.NODE, self.config.node_name, wanted)
+            log.info("published public key %s and endpoint %s", self.public_key,
+                     wanted["meshgress.io/wireguard-endpoint"])
+        self.state.published = True
 
-    # -- failover fast path --------------------------------------------------------------
+    # -- failover fast path ------------------------------------------------------------
 
     def _on_health_change(self) -> None:
         self._health_changed.set()
-        self._poke.set()
+        self.loop.poke()
 
     def reconcile_health(self) -> bool:
         """A slot's health changed: move its buckets now, by the nftables step alone.
@@ -343,139 +342,117 @@ class Agent:
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 return False
             steering = self._compute_steering(own)
-            base = self._base_ruleset()
-            ok = self._step("nftables", lambda: apply_ruleset(
-                self.nft, _with_steering(base, steering)))
+            ok = self.loop.step("nftables", lambda: self.firewall.apply(
+                with_steering(self._base_ruleset(), steering)))
             if ok:
                 self.state.steering = steering
         log.info("slot health changed: buckets moved in %.0f ms",
                  (time.monotonic() - started) * 1000)
         return ok
 
+    def _before_pass(self) -> None:
+        own = self._own_node()
+        if self.prober is None and own is not None and own.pod_cidrs:
+            self._load_local_pods(own.pod_cidrs[0])
+            self.prober = self.ports.prober(str(probe_source(own.pod_cidrs[0])),
+                                            self._on_health_change).start()
+        if self._health_changed.is_set() and self.state.first_apply_ok:
+            self._health_changed.clear()
+            self.reconcile_health()
+
     # -- CNI hooks: run before the pod's ADD answers ------------------------------------
 
-    def on_pod_ready(self, attachment: PodAttachment) -> None:
+    def on_pod_ready(self, pod: LocalPod) -> None:
         """Program the pod's egress steering before the runtime hears back, so its first
         packet already takes the right path. Raising fails the ADD (the runtime retries)."""
-        if not attachment.namespace or not attachment.name:
+        if not pod.namespace or not pod.name:
             return
-        key = (attachment.namespace, attachment.name)
+        key = (pod.namespace, pod.name)
         try:
             # Fresh from the store: the cache may not have seen the Pod yet.
-            self._hook_labels[key] = self.store.get(Kind.POD, attachment.name,
-                                                    attachment.namespace)
+            labels: dict[str, Any] | None = self.store.get(Kind.POD, pod.name, pod.namespace)
         except NotFound:
-            self._hook_labels.pop(key, None)
-        self._local_pods[key] = LocalPod(attachment.namespace, attachment.name, attachment.ip)
+            labels = None
         with self._reconcile_lock:
+            if labels is None:
+                self._hook_labels.pop(key, None)
+            else:
+                self._hook_labels[key] = labels
+            self._local_pods[key] = pod
             own = self._own_node()
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 raise RuntimeError("the agent does not know this node's pod CIDR yet")
             steering = self._compute_steering(own)
-            if not any(attachment.ip in s.elements for s in steering.sets
-                       if s.name.endswith("_pods")):
-                self._poke.set()  # not selected by any policy: nothing to wait for
-                return
-            # Selected: program its marks now (the tunnels and tables already exist).
-            base = self._base_ruleset()
-            apply_ruleset(self.nft, _with_steering(base, steering))
-            self.state.steering = steering
-        self._poke.set()
+            if pod.ip in steering.steered_ips:
+                # Selected: program its marks now (the tunnels and tables already exist).
+                self.firewall.apply(with_steering(self._base_ruleset(), steering))
+                self.state.steering = steering
+        self.loop.poke()
 
-    def on_pod_removed(self, attachment: PodAttachment) -> None:
-        if attachment.namespace and attachment.name:
-            key = (attachment.namespace, attachment.name)
-            self._local_pods.pop(key, None)
-            self._hook_labels.pop(key, None)
-            self._poke.set()
+    def on_pod_removed(self, pod: LocalPod) -> None:
+        if pod.namespace and pod.name:
+            key = (pod.namespace, pod.name)
+            with self._reconcile_lock:
+                self._local_pods.pop(key, None)
+                self._hook_labels.pop(key, None)
+            self.loop.poke()
 
     def _load_local_pods(self, pod_cidr: ipaddress.IPv4Network) -> None:
-        ipam = Ipam(pod_cidr, self.config.state_dir / "cni" / "ipam")
-        try:
-            for allocation in ipam.allocations():
-                if allocation.namespace and allocation.name:
-                    key = (allocation.namespace, allocation.name)
-                    self._local_pods[key] = LocalPod(key[0], key[1], allocation.ip)
-        finally:
-            ipam.close()
+        pods = self.ports.pods.local_pods(pod_cidr)
+        with self._reconcile_lock:
+            for pod in pods:
+                if pod.namespace and pod.name:
+                    self._local_pods[(pod.namespace, pod.name)] = pod
 
-    def _publish(self, own: NodeInfo) -> None:
-        """Publish this node's key and endpoint on its Node (only when they differ)."""
-        assert own.internal_ip is not None
-        wanted = compute_node_annotations(self.public_key, str(own.internal_ip), WIREGUARD_PORT)
-        obj = self.nodes.snapshot().get(("", self.config.node_name)) or {}
-        current = (obj.get("metadata") or {}).get("annotations") or {}
-        if any(current.get(k) != v for k, v in wanted.items()):
-            self.store.patch_annotations(Kind.NODE, self.config.node_name, wanted)
-            log.info("published public key %s and endpoint %s", self.public_key,
-                     wanted["meshgress.io/wireguard-endpoint"])
-        self.state.published = True
+    def _start_cni(self, own: NodeInfo) -> None:
+        """The guard, the fallback and the mesh are in place: pods may come."""
+        assert self.state.mtu is not None
+        pod_cidr, mtu = own.pod_cidrs[0], self.state.mtu
 
-    # -- adapters (created lazily, in the agent's own network namespace) -------------
+        def serve() -> None:
+            self.cni_ready.set()
+            try:
+                self.ports.pods.serve(pod_cidr, mtu, on_ready=self.on_pod_ready,
+                                      on_removed=self.on_pod_removed, stop=self.stop)
+            except Exception:
+                log.exception("CNI server stopped")
+                self.cni_ready.clear()
+                self.stop.set()
+                self.loop.poke()
 
-    @property
-    def wireguard(self) -> WireGuardBackend:
-        if self._wireguard is None:
-            self._wireguard = detect_backend(self.config.wireguard_backend,
-                                             log_path=self.config.wireguard_log,
-                                             log_level=self.config.wireguard_log_level)
-            log.info("WireGuard backend: %s", self._wireguard.kind)
-        return self._wireguard
+        self._cni_thread = threading.Thread(target=serve, name="cni", daemon=True)
+        self._cni_thread.start()
 
-    @property
-    def routes(self) -> NetlinkRoutes:
-        if self._routes is None:
-            self._routes = NetlinkRoutes()
-        return self._routes
+    # -- health and metrics --------------------------------------------------------------
 
-    @property
-    def nft(self) -> NftablesAdapter:
-        if self._nft is None:
-            self._nft = NftablesAdapter()
-        return self._nft
-
-    # -- threads --------------------------------------------------------------------
-
-    def _serve_cni(self) -> None:
-        own = self._own_node()
-        assert own is not None and own.pod_cidrs
-        service = CniService(own.pod_cidrs[0], self.config.state_dir / "cni",
-                             pod_ready_hook=self.on_pod_ready,
-                             pod_removed_hook=self.on_pod_removed, mtu=self.state.mtu)
-        self.cni_ready.set()
-        try:
-            serve_cni(self.config.cni_socket, service, self.stop)
-        except Exception:
-            log.exception("CNI server stopped")
-            self.cni_ready.clear()
-            self.stop.set()
+    def ready(self) -> bool:
+        return (self.loop.synced() and self.state.first_apply_ok and self.state.published
+                and self.cni_ready.is_set())
 
     def health(self) -> dict[str, bool]:
-        alive = time.monotonic() - self.state.last_loop < 3 * self.config.resync_interval + 5
-        ready = (self.synced() and self.state.first_apply_ok
-                 and self.state.published and self.cni_ready.is_set())
-        return {"live": alive, "ready": ready}
+        return {"live": self.loop.live(), "ready": self.ready()}
 
-    def collect_metrics(self) -> str:
+    def render_metrics(self, page: prometheus.Exposition) -> None:
         try:
-            counters = self.nft.counters()
-        except Exception as exc:
+            counters = self.firewall.counters()
+        except Exception as exc:  # a scrape must never fail on the kernel
             log.debug("reading nftables counters: %s", exc)
             counters = {}
         try:
-            stats = self.wireguard.stats(WIREGUARD_INTERFACE)
+            stats = self.ports.wireguard.stats(WIREGUARD_INTERFACE)
         except Exception as exc:
             log.debug("reading WireGuard stats: %s", exc)
             stats = ()
-        names = dict(self.state.mesh.peer_names) if self.state.mesh else {}
-        return self.metrics.render(counters=counters, peer_stats=stats, peer_names=names,
-                                   now=time.time(), slots=self._slot_samples(counters),
-                                   selected_pods=dict(self.state.steering.selected_pods)
-                                   if self.state.steering else {},
-                                   policy_flows={
-                                       name: counters.get(policy_flows_counter(name), (0, 0))[0]
-                                       for name in (self.state.steering.selected_pods
-                                                    if self.state.steering else {})})
+        steering = self.state.steering
+        selected = dict(steering.selected_pods) if steering else {}
+        self.metrics.render(page, counters=counters, peer_stats=stats,
+                            peer_names=dict(self.state.mesh.peer_names) if self.state.mesh
+                            else {},
+                            now=time.time(), slots=self._slot_samples(counters),
+                            selected_pods=selected,
+                            policy_flows={name: counters.get(policy_flows_counter(name),
+                                                             (0, 0))[0]
+                                          for name in selected})
 
     def _slot_samples(self, counters: dict[str, tuple[int, int]]) -> list[SlotSample]:
         steering = self.state.steering
@@ -488,7 +465,7 @@ class Agent:
             if probe is None:
                 continue  # no holder: no tunnel here
             try:
-                tunnel = self.wireguard.stats(slot.node_interface)
+                tunnel = self.ports.wireguard.stats(slot.node_interface)
             except Exception as exc:
                 log.debug("reading WireGuard stats of %s: %s", slot.node_interface, exc)
                 tunnel = ()
@@ -501,78 +478,17 @@ class Agent:
                 rx_bytes=sum(p.rx_bytes for p in tunnel)))
         return samples
 
-    def synced(self) -> bool:
-        return all(i.synced.is_set() for i in self.informers)
+    # -- run ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        for informer in self.informers:
-            informer.start()
         if self.config.metrics_address:
-            serve_metrics(self.config.metrics_address, self.collect_metrics, self.health,
-                          self.stop)
-        cni_thread: threading.Thread | None = None
+            self.loop.serve_metrics(self.config.metrics_address, self.render_metrics,
+                                    self.ready)
         try:
-            while not self.stop.is_set():
-                self.state.last_loop = time.monotonic()
-                self._poke.clear()
-                own = self._own_node()
-                if self.prober is None and own is not None and own.pod_cidrs:
-                    self._load_local_pods(own.pod_cidrs[0])
-                    self.prober = SlotProber(str(probe_source(own.pod_cidrs[0])),
-                                             self._on_health_change).start()
-                if self._health_changed.is_set() and self.state.first_apply_ok:
-                    self._health_changed.clear()
-                    self.reconcile_health()
-                ok = self.synced() and self.reconcile()
-                if ok and cni_thread is None:
-                    # The guard, the fallback and the mesh are in place: pods may come.
-                    cni_thread = threading.Thread(target=self._serve_cni, name="cni",
-                                                  daemon=True)
-                    cni_thread.start()
-                wait = (min(self.config.resync_interval, max(self.next_resync_in(), 0.0))
-                        if ok else self.config.retry_interval)
-                self._poke.wait(wait)
+            self.loop.run(self.reconcile, before_pass=self._before_pass)
         finally:
-            self.stop.set()
-            if cni_thread is not None:
-                cni_thread.join(timeout=10)
+            if self._cni_thread is not None:
+                self._cni_thread.join(timeout=10)
             if self.prober is not None:
                 self.prober.stop()
-            for informer in self.informers:
-                informer.stop()
         return 0
-
-
-def _with_steering(base: Ruleset, steering: SteeringState) -> Ruleset:
-    """The node's whole table: the guard and masquerade, plus the egress steering."""
-    return Ruleset(sets=base.sets + steering.sets, counters=base.counters + steering.counters,
-                   chains=base.chains + steering.chains,
-                   pruned_counters=(POLICY_COUNTER_PREFIX,))
-
-
-def main(args: argparse.Namespace) -> int:
-    cluster = load_cluster_config(args.cluster_config) if args.cluster_config \
-        else DEFAULT_CLUSTER_CONFIG
-    config = AgentConfig(
-        node_name=args.node, datastore_dir=args.datastore, cluster=cluster,
-        state_dir=args.state_dir, cni_socket=args.cni_socket,
-        wireguard_backend=args.wireguard_backend, wireguard_log=args.wireguard_log,
-        wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
-        metrics_address=args.metrics_address or None, resync_interval=args.resync_interval,
-        node_grace=args.node_grace)
-    try:
-        store = FileDatastore(config.datastore_dir)
-    except (OSError, DatastoreError) as exc:
-        raise AgentError(f"cannot open the datastore at {config.datastore_dir}: {exc}") from exc
-    agent = Agent(config, store)
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        agent.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("meshgress agent on node %s, public key %s", config.node_name, agent.public_key)
-    try:
-        return agent.run()
-    finally:
-        store.close()

@@ -2,34 +2,46 @@
 
 Kept apart so the rest of the agent never opens /proc or netlink for one-off questions:
 which interface carries the underlay address and its MTU, and IP forwarding (pods are
-routed, so the node must forward).
+routed, so the node must forward). `HostPort` is what the agent needs; `NodeHost` is the
+real one, in the network namespace of the calling thread.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
+import socket
+from typing import Protocol
 
-from pyroute2 import IPRoute
+from meshgress.kernel import sysctl
+from meshgress.kernel.rtnl import Rtnl
 
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP_FORWARD = "net/ipv4/ip_forward"
 
 
 class HostError(RuntimeError):
     pass
 
 
-def underlay_mtu(address: str) -> int:
-    """The MTU of the interface that holds `address` (the node's InternalIP)."""
-    family = 10 if ipaddress.ip_address(address).version == 6 else 2
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=family):
-            if msg.get_attr("IFA_ADDRESS") == address or msg.get_attr("IFA_LOCAL") == address:
-                link = ipr.get_links(msg["index"])[0]
-                return int(link.get_attr("IFLA_MTU"))
-    raise HostError(f"no interface on this node holds the underlay address {address}")
+class HostPort(Protocol):
+    def underlay_mtu(self, address: str) -> int:
+        """The MTU of the interface that holds `address` (the node's InternalIP)."""
+        ...
+
+    def ensure_ip_forwarding(self) -> None: ...
 
 
-def ensure_ip_forwarding() -> None:
-    if IP_FORWARD.read_text().strip() != "1":
-        IP_FORWARD.write_text("1\n")
+class NodeHost:
+    """HostPort on the real kernel."""
+
+    def underlay_mtu(self, address: str) -> int:
+        wanted = ipaddress.ip_address(address)
+        family = socket.AF_INET6 if wanted.version == 6 else socket.AF_INET
+        with Rtnl() as rtnl:
+            indexes = {a.index for a in rtnl.addresses(family) if a.address == wanted}
+            for link in rtnl.links():
+                if link.index in indexes:
+                    return link.mtu
+        raise HostError(f"no interface on this node holds the underlay address {address}")
+
+    def ensure_ip_forwarding(self) -> None:
+        sysctl.ensure(IP_FORWARD, "1")

@@ -1,36 +1,21 @@
-"""The agent's Prometheus endpoint and its liveness and readiness probes.
+"""The agent's own Prometheus metrics: the mesh, the leak guard and egress steering.
 
-Counters are kept in memory by the loop; kernel-side figures (WireGuard peer stats, the
-leak-guard counters of the nftables table) are read only when Prometheus scrapes, so a
-scrape always shows the kernel as it is. Served by the standard library's HTTP server on
-its own thread: /metrics, /healthz (the loop is turning), /readyz (synced, applied,
-published and serving CNI).
+Loop figures (passes, their duration and failed steps) are the runtime's
+(`meshgress.runtime.LoopMetrics`); these are the agent's. Kernel-side figures (WireGuard
+peer stats, the leak-guard counters of the nftables table) are read only when Prometheus
+scrapes, so a scrape always shows the kernel as it is.
+
+`AgentMetrics.render` is purely computational.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from meshgress.prometheus import Exposition, Sample
+from meshgress.prometheus import labels as _labels
 from wireguard.model import PeerStats
-
-log = logging.getLogger("meshgress.metrics")
-
-RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
-
-
-def _number(value: float) -> str:
-    """Full precision (timestamps need it); integers without a decimal point."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _labels(**labels: str) -> str:
-    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in sorted(labels.items()))
-    return "{" + inner + "}" if inner else ""
 
 
 @dataclass(frozen=True)
@@ -50,11 +35,6 @@ class SlotSample:
 
 @dataclass
 class AgentMetrics:
-    reconciles: int = 0
-    reconcile_failures: int = 0
-    reconcile_seconds_sum: float = 0.0
-    reconcile_buckets: list[int] = field(default_factory=lambda: [0] * len(RECONCILE_BUCKETS))
-    errors: dict[str, int] = field(default_factory=dict)
     peers_expected: int = 0
     started_at: float = 0.0
     """Wall-clock time the agent began running (its modules loaded)."""
@@ -63,48 +43,15 @@ class AgentMetrics:
     """Full kernel reads per subsystem (the rest of the passes planned against the
     tracked state; see nodeagent.tracker)."""
 
-    def observe_reconcile(self, seconds: float, ok: bool) -> None:
-        self.reconciles += 1
-        self.reconcile_failures += not ok
-        self.reconcile_seconds_sum += seconds
-        for i, bound in enumerate(RECONCILE_BUCKETS):
-            if seconds <= bound:
-                self.reconcile_buckets[i] += 1
-
-    def render(self, *, counters: Mapping[str, tuple[int, int]], peer_stats: tuple[PeerStats, ...],
-               peer_names: Mapping[str, str], now: float,
+    def render(self, page: Exposition, *, counters: Mapping[str, tuple[int, int]],
+               peer_stats: tuple[PeerStats, ...], peer_names: Mapping[str, str], now: float,
                slots: Sequence[SlotSample] = (),
                selected_pods: Mapping[str, int] | None = None,
-               policy_flows: Mapping[str, int] | None = None) -> str:
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str,
-                   samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-
+               policy_flows: Mapping[str, int] | None = None) -> None:
+        metric = page.metric
         metric("meshgress_agent_started_timestamp_seconds", "gauge",
                "When the agent began running, after loading its modules.",
                [("", self.started_at)])
-        metric("meshgress_reconcile_total", "counter", "Reconcile passes.",
-               [("", self.reconciles)])
-        metric("meshgress_reconcile_failures_total", "counter",
-               "Reconcile passes where some step failed (retried).",
-               [("", self.reconcile_failures)])
-        cumulative = [(_labels(le=f"{b:g}"), float(c))
-                      for b, c in zip(RECONCILE_BUCKETS, self.reconcile_buckets, strict=True)]
-        out.append("# HELP meshgress_reconcile_duration_seconds Time of one reconcile pass.")
-        out.append("# TYPE meshgress_reconcile_duration_seconds histogram")
-        out.extend(f"meshgress_reconcile_duration_seconds_bucket{lbl} {_number(v)}"
-                   for lbl, v in cumulative)
-        out.append(f'meshgress_reconcile_duration_seconds_bucket{{le="+Inf"}} {self.reconciles}')
-        out.append("meshgress_reconcile_duration_seconds_sum "
-                   f"{_number(self.reconcile_seconds_sum)}")
-        out.append(f"meshgress_reconcile_duration_seconds_count {self.reconciles}")
-        metric("meshgress_reconcile_errors_total", "counter",
-               "Failed apply steps by operation.",
-               [(_labels(op=op), n) for op, n in sorted(self.errors.items())])
         metric("meshgress_dataplane_full_reads_total", "counter",
                "Passes that read the whole dataplane from the kernel (at start, every "
                "resync, after an error); the others planned against the tracked state.",
@@ -127,9 +74,9 @@ class AgentMetrics:
         metric("meshgress_spoof_drops_packets_total", "counter",
                "Packets with a cluster pod source that arrived outside the mesh.",
                [("", spoof[0])])
-        hs: list[tuple[str, float]] = []
-        rx: list[tuple[str, float]] = []
-        tx: list[tuple[str, float]] = []
+        hs: list[Sample] = []
+        rx: list[Sample] = []
+        tx: list[Sample] = []
         for stat in sorted(peer_stats, key=lambda s: s.public_key):
             lbl = _labels(peer=peer_names.get(stat.public_key, "unknown"),
                           public_key=stat.public_key)
@@ -142,7 +89,7 @@ class AgentMetrics:
         metric("meshgress_wireguard_peer_rx_bytes_total", "counter", "Bytes from the peer.", rx)
         metric("meshgress_wireguard_peer_tx_bytes_total", "counter", "Bytes to the peer.", tx)
 
-        def per_slot(value: Callable[[SlotSample], float]) -> list[tuple[str, float]]:
+        def per_slot(value: Callable[[SlotSample], float]) -> list[Sample]:
             return [(_labels(gateway=s.gateway, slot=str(s.index)), value(s)) for s in slots]
 
         metric("meshgress_egress_slot_healthy", "gauge",
@@ -171,40 +118,3 @@ class AgentMetrics:
                "Flows of this node's pods the policy steered (new, or re-picked after their "
                "slot failed).",
                [(_labels(policy=name), n) for name, n in sorted((policy_flows or {}).items())])
-        return "\n".join(out) + "\n"
-
-
-def serve_metrics(address: str, collect: Callable[[], str],
-                  health: Callable[[], dict[str, bool]], stop: threading.Event) -> None:
-    host, _, port = address.rpartition(":")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                body, code = collect().encode(), 200
-                ctype = "text/plain; version=0.0.4"
-            elif self.path in ("/healthz", "/readyz"):
-                state = health()
-                good = state["live"] if self.path == "/healthz" else state["ready"]
-                body, code, ctype = (b"ok\n" if good else b"not ok\n"), (200 if good else 503), \
-                    "text/plain"
-            else:
-                body, code, ctype = b"not found\n", 404, "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            log.debug(format, *args)
-
-    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)  # noqa: S104
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-
-    def shutdown_on_stop() -> None:
-        stop.wait()
-        server.shutdown()
-
-    threading.Thread(target=shutdown_on_stop, daemon=True).start()

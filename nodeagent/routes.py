@@ -8,15 +8,14 @@ so a route that changes (say, a pod CIDR moving between peers) is never absent.
 
 Three layers, as everywhere in meshgress:
 - pure: `plan_routes` (the diff), `compute_routes_after` (the table once a plan is
-  applied), and the rtnetlink message codec (`encode_route_request`, `decode_route`,
-  `route_dump_request`), tested without root;
-- apply: `NetlinkRoutes`, the `RouteAdapter` over a plain NETLINK_ROUTE socket
-  (`cni.netlink.Rtnl`). At 5,000 routes pyroute2's per-request asyncio loop and its
-  decoded message objects cost 1-3 s per dump and a millisecond per route written;
-  here one dump, filtered in the kernel to the main table and meshgress's protocol
-  (NETLINK_GET_STRICT_CHK, kernels 4.20+; older ones dump everything and the filter
-  below still applies), is read and parsed in about 80 ms, and writes go WRITE_BATCH
-  messages to a send (5,000 routes: 0.1 s, was 4.9 s);
+  applied), and the translation between `RouteSpec` and the kernel library's rtnetlink
+  codec (`encode_route_request`, `decode_route`, `route_dump_request`), tested without
+  root;
+- apply: `NetlinkRoutes`, the `RouteAdapter` over one `meshgress.kernel.rtnl.Rtnl` socket
+  (and `FakeRoutes`, in memory, for tests). One dump, filtered in the kernel to the main
+  table and meshgress's protocol (NETLINK_GET_STRICT_CHK, kernels 4.20+; older ones dump
+  everything and the filter below still applies), is read and parsed in about 80 ms at
+  5,000 routes, and writes go WRITE_BATCH messages to a send (5,000 routes: 0.1 s);
 - `apply_routes`, which reads through a `TrackedDataplane` (see `nodeagent.tracker`):
   the kernel is read at start, on every periodic resync and after any error; passes in
   between plan against the table as last read plus the writes made since.
@@ -25,46 +24,21 @@ Three layers, as everywhere in meshgress:
 from __future__ import annotations
 
 import errno
-import ipaddress
-import socket
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from cni.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_REPLACE,
-    NLM_F_REQUEST,
-    RTM_DELROUTE,
-    RTM_GETROUTE,
-    RTM_NEWROUTE,
-    Message,
-    NetlinkError,
-    Rtnl,
-    attr,
-)
+from meshgress.kernel import rtnetlink as rt
+from meshgress.kernel.rtnetlink import Message, Route
+from meshgress.kernel.rtnl import NetlinkError, Rtnl
 from meshgress.kernel_ids import ROUTE_PROTOCOL, WIREGUARD_INTERFACE
 from nodeagent.mesh import RouteSpec, route_order
 from nodeagent.tracker import TrackedDataplane
 
-MAIN_TABLE = 254
-RTN_UNICAST = 1
-RTN_UNREACHABLE = 7
-RT_SCOPE_LINK = 253
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_NOWHERE = 255
-RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
-NLM_F_DUMP = 0x300
+MAIN_TABLE = rt.RT_TABLE_MAIN
 WRITE_BATCH = 64
 """Route requests per send(): a netlink write must fit the socket's send buffer, and the
 acknowledgements of one batch its receive buffer."""
-
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_RTATTR = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-_ANY = b"\0\0\0\0"
 
 
 @dataclass(frozen=True)
@@ -106,14 +80,13 @@ def compute_routes_after(observed: frozenset[RouteSpec], plan: RoutePlan) -> fro
     return observed.difference(gone, plan.remove).union(plan.add)
 
 
-# --- the rtnetlink codec (pure) ----------------------------------------------------------
+# --- between RouteSpec and the kernel's routes (pure) ---------------------------------------
 
 
 def route_dump_request(protocol: int = ROUTE_PROTOCOL, table: int = MAIN_TABLE) -> Message:
-    """An IPv4 route dump whose header asks for one table and one protocol (honoured by
-    kernels with NETLINK_GET_STRICT_CHK on the socket; the reply is filtered anyway)."""
-    body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, table, protocol, 0, 0, 0)
-    return (RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body)
+    """An IPv4 route dump asking for one table and one protocol (honoured by kernels with
+    NETLINK_GET_STRICT_CHK on the socket; the reply is filtered anyway)."""
+    return rt.route_dump_message(table=table, protocol=protocol)
 
 
 def encode_route_request(route: RouteSpec, *, delete: bool = False,
@@ -121,31 +94,21 @@ def encode_route_request(route: RouteSpec, *, delete: bool = False,
     """RTM_NEWROUTE (create or replace) or RTM_DELROUTE for one owned route. A unicast
     route needs its interface's index. Purely computational."""
     if route.type == "unreachable":
-        scope, kind = RT_SCOPE_UNIVERSE, RTN_UNREACHABLE
+        scope, kind = rt.RT_SCOPE_UNIVERSE, rt.RTN_UNREACHABLE
     elif route.type == "unicast":
-        scope, kind = RT_SCOPE_LINK, RTN_UNICAST
+        scope, kind = rt.RT_SCOPE_LINK, rt.RTN_UNICAST
     else:
         raise ValueError(f"route {route.dst}: unknown type {route.type!r}")
-    attrs = attr(RTA_TABLE, _U32.pack(MAIN_TABLE))
-    if route.dst.prefixlen:
-        attrs += attr(RTA_DST, route.dst.network_address.packed)
     if delete:
-        # A delete matches on what it names: a unicast one by destination, protocol and
-        # table (the interface would only narrow it), an unreachable one also by type.
-        # Scope "nowhere" matches any scope; any other value must equal the route's
-        # (a link-scope route is not found by a delete that says universe: ESRCH).
-        head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE,
-                           route.protocol, RT_SCOPE_NOWHERE,
-                           kind if kind == RTN_UNREACHABLE else 0, 0)
-        return (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, head + attrs)
-    if kind == RTN_UNICAST:
-        if oif_index is None:
-            raise ValueError(f"route {route.dst}: a unicast route needs an interface index")
-        attrs += attr(RTA_OIF, _U32.pack(oif_index))
-    head = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, MAIN_TABLE, route.protocol,
-                       scope, kind, 0)
-    return (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-            head + attrs)
+        # A unicast route is found by destination, protocol and table (the interface would
+        # only narrow it), an unreachable one also by type; of any scope.
+        return rt.route_delete_message(
+            route.dst, table=MAIN_TABLE, protocol=route.protocol,
+            type=kind if kind == rt.RTN_UNREACHABLE else rt.RTN_UNSPEC)
+    if kind == rt.RTN_UNICAST and oif_index is None:
+        raise ValueError(f"route {route.dst}: a unicast route needs an interface index")
+    return rt.route_message(Route(route.dst, MAIN_TABLE, route.protocol, kind, scope,
+                                  oif_index if kind == rt.RTN_UNICAST else None))
 
 
 def decode_route(body: bytes, *, mesh_index: int | None,
@@ -154,32 +117,13 @@ def decode_route(body: bytes, *, mesh_index: int | None,
     """The owned route an RTM_NEWROUTE body describes, or None when it is not one of
     meshgress's (another family, table, protocol, type or interface). Purely
     computational."""
-    if len(body) < _RTMSG.size:
+    route = rt.decode_route(body)
+    if route is None or route.protocol != protocol or route.table != MAIN_TABLE:
         return None
-    family, dst_len, _src, _tos, table, proto, _scope, kind, _flags = _RTMSG.unpack_from(body)
-    if family != socket.AF_INET or proto != protocol or kind not in (RTN_UNICAST,
-                                                                      RTN_UNREACHABLE):
-        return None
-    dst, oif = _ANY, None
-    offset, end = _RTMSG.size, len(body)
-    while offset + 4 <= end:
-        size, attr_type = _RTATTR.unpack_from(body, offset)
-        if size < 4:
-            break
-        if attr_type == RTA_DST and size == 8:
-            dst = body[offset + 4:offset + 8]
-        elif attr_type == RTA_OIF and size == 8:
-            oif = _U32.unpack_from(body, offset + 4)[0]
-        elif attr_type == RTA_TABLE and size == 8:
-            table = _U32.unpack_from(body, offset + 4)[0]
-        offset += (size + 3) & ~3
-    if table != MAIN_TABLE:
-        return None
-    net = ipaddress.IPv4Network((int.from_bytes(dst, "big"), dst_len))
-    if kind == RTN_UNREACHABLE:
-        return RouteSpec(dst=net, type="unreachable", protocol=proto)
-    if mesh_index is not None and oif == mesh_index:
-        return RouteSpec(dst=net, oif=mesh_interface, protocol=proto)
+    if route.type == rt.RTN_UNREACHABLE:
+        return RouteSpec(dst=route.dst, type="unreachable", protocol=route.protocol)
+    if route.type == rt.RTN_UNICAST and mesh_index is not None and route.oif == mesh_index:
+        return RouteSpec(dst=route.dst, oif=mesh_interface, protocol=route.protocol)
     return None
 
 
@@ -213,8 +157,8 @@ class NetlinkRoutes:
     def read(self) -> frozenset[RouteSpec]:
         mesh_index = self.ifindex(self._mesh_interface)
         owned = set()
-        for kind, body in self._rtnl.request(*route_dump_request()):
-            if kind == RTM_NEWROUTE:
+        for kind, body in self._rtnl.request(route_dump_request()):
+            if kind == rt.RTM_NEWROUTE:
                 route = decode_route(body, mesh_index=mesh_index,
                                      mesh_interface=self._mesh_interface)
                 if route is not None:
@@ -236,24 +180,40 @@ class NetlinkRoutes:
                     indexes[route.oif] = found
                 index = indexes[route.oif]
             messages.append(encode_route_request(route, oif_index=index))
-        self._send(routes, messages, ignore=frozenset())
+        self._rtnl.send_all(messages, what=[_label(r) for r in routes], chunk=WRITE_BATCH)
 
     def delete(self, routes: Sequence[RouteSpec]) -> None:
         # ESRCH: already gone, which is what was wanted.
-        self._send(routes, [encode_route_request(r, delete=True) for r in routes],
-                   ignore=frozenset({errno.ESRCH}))
+        self._rtnl.send_all([encode_route_request(r, delete=True) for r in routes],
+                            ignore=frozenset({errno.ESRCH}), what=[_label(r) for r in routes],
+                            chunk=WRITE_BATCH)
 
-    def _send(self, routes: Sequence[RouteSpec], messages: list[Message],
-              ignore: frozenset[int]) -> None:
-        failed: list[tuple[RouteSpec, NetlinkError]] = []
-        for start in range(0, len(messages), WRITE_BATCH):
-            _replies, errors = self._rtnl.batch_results(messages[start:start + WRITE_BATCH])
-            failed.extend((routes[start + n], exc) for n, exc in sorted(errors.items())
-                          if exc.errno not in ignore)
-        if failed:
-            route, exc = failed[0]
-            raise NetlinkError(exc.errno, f"route {route.type} {route.dst}: {exc.strerror}"
-                               + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
+
+def _label(route: RouteSpec) -> str:
+    return f"route {route.type} {route.dst}"
+
+
+class FakeRoutes:
+    """RouteAdapter in memory, for tests: `table` is what the kernel holds; a replace of
+    `fail_on` raises as the kernel would."""
+
+    def __init__(self, fail_on: RouteSpec | None = None) -> None:
+        self.table: set[RouteSpec] = set()
+        self.reads = 0
+        self.fail_on = fail_on
+
+    def read(self) -> frozenset[RouteSpec]:
+        self.reads += 1
+        return frozenset(self.table)
+
+    def replace(self, routes: Sequence[RouteSpec]) -> None:
+        for route in routes:
+            if route == self.fail_on:
+                raise NetlinkError(errno.EINVAL, f"route {route.dst}: refused")
+            self.table = {r for r in self.table if r.dst != route.dst} | {route}
+
+    def delete(self, routes: Sequence[RouteSpec]) -> None:
+        self.table -= set(routes)
 
 
 def apply_routes(adapter: RouteAdapter, desired: tuple[RouteSpec, ...],

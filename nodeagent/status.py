@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshgress.cluster import NodeInfo, parse_node
 from meshgress.datastore import Datastore, Kind
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
-from nodeagent.mesh import NodeInfo, compute_mtu, parse_node
 from wireguard.backend import WireGuardBackend
-from wireguard.model import Device, PeerStats
+from wireguard.model import Device, PeerStats, tunnel_mtu
 
 HANDSHAKE_STALE_SECONDS = 180
 """WireGuard re-handshakes every 2 minutes while traffic flows; 3 minutes means stale."""
@@ -86,7 +86,7 @@ def compute_status_report(node_name: str, nodes: list[NodeInfo], device: Device 
         problems.append("this node publishes a different public key than its interface has")
     expected_mtu = None
     if own is not None and own.internal_ip is not None and underlay_mtu is not None:
-        expected_mtu = compute_mtu(underlay_mtu, own.internal_ip.version == 6)
+        expected_mtu = tunnel_mtu(underlay_mtu, own.internal_ip.version == 6)
         if device is not None and device.mtu > expected_mtu:
             problems.append(f"MTU {device.mtu} is above underlay MTU {underlay_mtu} minus "
                             f"the WireGuard overhead ({expected_mtu})")

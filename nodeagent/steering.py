@@ -27,28 +27,12 @@ import hashlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
 
 from meshgress.api import FailurePolicy
-from meshgress.datastore import LEASE_DURATION_ANNOTATION
+from meshgress.cluster import SlotHolder
 from meshgress.egress import EgressModel, PolicyView, ranges_to_cidrs
-from meshgress.kernel_ids import FWMARK_MASK, POD_HOST_VETH_PREFIX
-from meshgress.slots import (
-    DROP_MARK,
-    DROP_TABLE,
-    EGRESS_IP_ANNOTATION,
-    ENDPOINT_ANNOTATION,
-    HOLDER_NODE_ANNOTATION,
-    PUBLIC_KEY_ANNOTATION,
-    SlotId,
-    assign_slot_numbers,
-    parse_slot_lease_name,
-    slot_mark,
-    slot_table,
-)
-from nodeagent.nft_model import Hook as NftHook
-from nodeagent.nft_model import (
+from meshgress.kernel.nft_model import Hook as NftHook
+from meshgress.kernel.nft_model import (
     NftChain,
     NftCounter,
     NftSet,
@@ -60,8 +44,16 @@ from nodeagent.nft_model import (
     payload,
     set_ref,
 )
-from wireguard.keys import is_valid_key
-from wireguard.model import Device, Peer, normalise_endpoint
+from meshgress.kernel_ids import FWMARK_MASK, POD_HOST_VETH_PREFIX
+from meshgress.slots import (
+    DROP_MARK,
+    DROP_TABLE,
+    SlotId,
+    assign_slot_numbers,
+    slot_mark,
+    slot_table,
+)
+from wireguard.model import Device, Peer
 
 BUCKETS = 64
 HASH_SEED = 0x6D657368  # "mesh": fixed, so every node hashes a flow the same way
@@ -71,54 +63,6 @@ SET_HEALTHY = "egress_healthy"
 SET_NEVER = "egress_never"
 """The always-excluded destinations (pod and service ranges, node addresses), shared."""
 ALL_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
-
-
-@dataclass(frozen=True)
-class SlotHolder:
-    """A slot's current holder, as published on its lease (only while the lease is valid)."""
-
-    slot: SlotId
-    holder: str
-    public_key: str
-    endpoint: str
-    egress_ip: str
-    node: str | None
-    acquired: str = ""
-    """The lease's acquireTime: with `holder`, it names one tenure of the slot."""
-
-    @property
-    def tenure(self) -> str:
-        return f"{self.holder}@{self.acquired}"
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def parse_slot_lease(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
-    """The holder of a slot lease, or None when it is not a slot lease, is free, expired,
-    or lacks what nodes need to reach it. Never raises."""
-    meta_ = _mapping(obj.get("metadata"))
-    slot = parse_slot_lease_name(str(meta_.get("name") or ""))
-    spec = _mapping(obj.get("spec"))
-    notes = _mapping(meta_.get("annotations"))
-    holder = spec.get("holderIdentity")
-    if slot is None or not holder:
-        return None
-    try:
-        duration = float(notes.get(LEASE_DURATION_ANNOTATION)
-                         or spec.get("leaseDurationSeconds") or 0)
-        renew = datetime.fromisoformat(str(spec.get("renewTime"))).timestamp()
-        endpoint = normalise_endpoint(str(notes.get(ENDPOINT_ANNOTATION) or ""))
-    except (TypeError, ValueError):
-        return None
-    key = notes.get(PUBLIC_KEY_ANNOTATION)
-    if now >= renew + duration or not isinstance(key, str) or not is_valid_key(key):
-        return None
-    return SlotHolder(slot=slot, holder=str(holder), public_key=key, endpoint=endpoint,
-                      egress_ip=str(notes.get(EGRESS_IP_ANNOTATION) or ""),
-                      node=notes.get(HOLDER_NODE_ANNOTATION),
-                      acquired=str(spec.get("acquireTime") or ""))
 
 
 @dataclass(frozen=True)
@@ -174,6 +118,8 @@ class SteeringState:
     local pods (flows it steered), for metrics."""
     selected_pods: Mapping[str, int] = field(default_factory=dict)
     """policy → how many of this node's pods it selects (accepted policies only)."""
+    steered_ips: frozenset[ipaddress.IPv4Address] = frozenset()
+    """Addresses of this node's pods whose packets some policy steers."""
 
 
 def compute_buckets(slots: list[SlotId], healthy: frozenset[SlotId],
@@ -262,6 +208,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     pick_chains: list[NftChain] = []
     buckets_by_gateway: dict[str, tuple[int, ...]] = {}
     selected_pods: dict[str, int] = {}
+    steered: set[ipaddress.IPv4Address] = set()
     policy_counters: list[NftCounter] = []
     accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
                       key=_policy_key)
@@ -271,6 +218,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
         selected_pods[view.name] = len(local)
         if not local or not view.destinations:
             continue
+        steered.update(local)
         gw = model.gateways[view.policy.gateway]
         assert gw.gateway is not None
         slots = [slot for slot, _ in gw.slots]
@@ -312,4 +260,4 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                          buckets=buckets_by_gateway, tenures=tenures, numbers=numbers,
                          counters=(*(NftCounter(slot_flows_counter(n)) for n in
                                      sorted(set(numbers.values()))), *policy_counters),
-                         selected_pods=selected_pods)
+                         selected_pods=selected_pods, steered_ips=frozenset(steered))

@@ -31,7 +31,6 @@ from wireguard.userspace import DEFAULT_SOCKET_DIR, UserspaceBackend
 
 KERNEL = "kernel"
 USERSPACE = "userspace"
-KINDS = (KERNEL, USERSPACE)
 
 
 @runtime_checkable

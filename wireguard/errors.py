@@ -1,10 +1,11 @@
 """The exceptions of the wireguard library, in one place so callers can branch on type.
 
-They split the way the control loop needs them to (see style.md): a *permanent* error
-(a bad key file, no WireGuard implementation on the node, a malformed value) is reported
-and not retried until something changes; a *temporary* one (a UAPI or netlink call that
-failed, a wireguard-go that did not start in time) is logged, counted and retried by the
-loop. `WireGuardError.temporary` says which.
+They split the way a control loop needs them to: a *permanent* error (a bad key file, no
+WireGuard implementation on the node, a malformed value) is reported and not retried
+until something changes; a *temporary* one (a UAPI or netlink call that failed, a
+wireguard-go that did not start in time) is logged, counted and retried. The attribute
+`WireGuardError.temporary` says which (meshgress's reconcile runtime reads it), so the
+library needs nothing of its callers.
 
 Purely declarative: no I/O.
 """

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import WireGuard
@@ -33,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from wireguard.errors import BackendUnavailableError, NetlinkRequestError, NotWireGuardDeviceError
 from wireguard.keys import normalise_key
 from wireguard.links import Links
-from wireguard.model import Device, Peer, PeerStats, parse_allowed_ips, parse_endpoint
+from wireguard.model import Device, PeerReading, PeerStats, parse_endpoint
 from wireguard.plan import DevicePlan
 
 LINK_KIND = "wireguard"
@@ -99,18 +98,6 @@ def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
 
-@dataclass
-class _PeerAcc:
-    public_key: str
-    endpoint: str | None = None
-    keepalive: int = 0
-    allowed: list[str] = field(default_factory=list)
-    rx: int = 0
-    tx: int = 0
-    hs_sec: int = 0
-    hs_nsec: int = 0
-
-
 def _format_endpoint(value: Any) -> str | None:
     if not value:
         return None
@@ -139,7 +126,7 @@ def parse_netlink_info(messages: Iterable[Any], *, name: str, mtu: int,
     private_key: str | None = None
     listen_port = 0
     fwmark = 0
-    peers: dict[str, _PeerAcc] = {}
+    peers: dict[str, PeerReading] = {}
     for msg in messages:
         value = _attr(msg, "WGDEVICE_A_PRIVATE_KEY")
         if value is not None:
@@ -155,7 +142,7 @@ def parse_netlink_info(messages: Iterable[Any], *, name: str, mtu: int,
             key = _text_key(peer_msg.get_attr("WGPEER_A_PUBLIC_KEY"))
             acc = peers.get(key)
             if acc is None:
-                acc = peers[key] = _PeerAcc(key)
+                acc = peers[key] = PeerReading(key)
             endpoint = _format_endpoint(peer_msg.get_attr("WGPEER_A_ENDPOINT"))
             if endpoint is not None:
                 acc.endpoint = endpoint
@@ -178,13 +165,9 @@ def parse_netlink_info(messages: Iterable[Any], *, name: str, mtu: int,
     device = Device(
         name=name, private_key=private_key, listen_port=listen_port, fwmark=fwmark, mtu=mtu,
         up=up,
-        peers=tuple(Peer(p.public_key, endpoint=p.endpoint,
-                         allowed_ips=parse_allowed_ips(p.allowed),
-                         persistent_keepalive=p.keepalive) for p in ordered),
+        peers=tuple(p.peer() for p in ordered),
     )
-    stats = tuple(PeerStats(p.public_key, rx_bytes=p.rx, tx_bytes=p.tx,
-                            last_handshake_sec=p.hs_sec, last_handshake_nsec=p.hs_nsec)
-                  for p in ordered)
+    stats = tuple(p.stats() for p in ordered)
     return device, stats
 
 

@@ -19,12 +19,9 @@ Purely computational.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
-
 from wireguard.errors import UapiError
 from wireguard.keys import key_from_hex, key_to_hex
-from wireguard.model import Device, Peer, PeerStats, parse_allowed_ips
+from wireguard.model import Device, PeerReading, PeerStats
 from wireguard.plan import DevicePlan
 
 GET_REQUEST = "get=1\n\n"
@@ -85,18 +82,6 @@ def parse_errno(text: str, *, interface: str, op: str) -> None:
         raise UapiError(interface, op, code)
 
 
-@dataclass
-class _PeerBuilder:
-    public_key: str
-    endpoint: str | None = None
-    keepalive: int = 0
-    allowed: list[str] = field(default_factory=list)
-    rx: int = 0
-    tx: int = 0
-    hs_sec: int = 0
-    hs_nsec: int = 0
-
-
 def parse_uapi_get(text: str, *, name: str, mtu: int,
                    up: bool) -> tuple[Device, tuple[PeerStats, ...]]:
     """Parse the answer to `get=1` into the device (its configuration) and the per-peer
@@ -107,8 +92,8 @@ def parse_uapi_get(text: str, *, name: str, mtu: int,
     private_key: str | None = None
     listen_port = 0
     fwmark = 0
-    peers: list[_PeerBuilder] = []
-    current: _PeerBuilder | None = None
+    peers: list[PeerReading] = []
+    current: PeerReading | None = None
     for raw in text.splitlines():
         if not raw:
             continue
@@ -118,7 +103,7 @@ def parse_uapi_get(text: str, *, name: str, mtu: int,
         if key == "errno":
             break
         if key == "public_key":
-            current = _PeerBuilder(key_from_hex(value))
+            current = PeerReading(key_from_hex(value))
             peers.append(current)
             continue
         if current is None:
@@ -150,21 +135,7 @@ def parse_uapi_get(text: str, *, name: str, mtu: int,
         fwmark=fwmark,
         mtu=mtu,
         up=up,
-        peers=tuple(_peer(p.public_key, p.endpoint, tuple(p.allowed), p.keepalive)
-                    for p in peers),
+        peers=tuple(p.peer() for p in peers),
     )
-    stats = tuple(sorted(
-        (PeerStats(p.public_key, rx_bytes=p.rx, tx_bytes=p.tx, last_handshake_sec=p.hs_sec,
-                   last_handshake_nsec=p.hs_nsec) for p in peers),
-        key=lambda s: s.public_key,
-    ))
+    stats = tuple(sorted((p.stats() for p in peers), key=lambda s: s.public_key))
     return device, stats
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _peer(key: str, endpoint: str | None, allowed: tuple[str, ...], keepalive: int) -> Peer:
-    """One peer of a get answer. Memoised (it is pure): a resync reads the same thousands
-    of peers as the last one, and validating each anew cost most of the 1 s a 5,000-peer
-    answer took to parse."""
-    return Peer(key, endpoint=endpoint, allowed_ips=parse_allowed_ips(allowed),
-                persistent_keepalive=keepalive)

@@ -131,9 +131,6 @@ class Lease:
     def expired(self, now: float) -> bool:
         return self.holder is None or now >= self.renew_time + self.duration_seconds
 
-    def held_by(self, holder: str, now: float) -> bool:
-        return self.holder == holder and not self.expired(now)
-
 
 LEASE_DURATION_ANNOTATION = "meshgress.io/lease-duration-seconds"
 """The exact (fractional) lease duration; spec.leaseDurationSeconds is an integer in

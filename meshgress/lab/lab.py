@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from cni.install import PLUGIN_NAME, install_plugin
+from meshgress.cluster import parse_slot_holder
 from meshgress.config import dump_cluster_config
 from meshgress.datastore import Kind
 from meshgress.datastore.file import FileDatastore
@@ -52,7 +53,6 @@ from meshgress.lab.topology import (
     lab_prefix,
 )
 from meshgress.slots import SlotId
-from nodeagent.steering import parse_slot_lease
 
 LAB_STATE_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
 WIREGUARD_SOCKET_DIR = "/var/run/wireguard"
@@ -458,7 +458,7 @@ class Lab:
         finally:
             store.close()
         now = time.time()
-        holders = {h.slot: h for h in (parse_slot_lease(o, now) for o in leases) if h}
+        holders = {h.slot: h for h in (parse_slot_holder(o, now) for o in leases) if h}
         out = []
         for gw in gateways:
             ips = (gw.get("spec") or {}).get("egressIPs") or []

@@ -69,6 +69,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from meshgress.lab.netns import pid_alive  # noqa: E402 - after the path is set
+
 MESHGRESS = [sys.executable, "-m", "meshgress.cli"]
 NETNS_DIR = Path("/run/netns")
 LAB_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
@@ -89,16 +91,6 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 120,
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: "
                            f"{(proc.stderr or proc.stdout).strip()}")
     return proc
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:

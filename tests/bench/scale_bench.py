@@ -82,6 +82,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from meshgress.lab.netns import pid_alive  # noqa: E402 - after the path is set
 
 PREFIX = "mgb-scale-"
 RUN = f"{PREFIX}{os.getpid()}-"
@@ -109,16 +110,6 @@ def run(argv: list[str], check: bool = True, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --- the cluster ------------------------------------------------------------------------
 
 
@@ -133,7 +124,7 @@ def endpoint_port(i: int) -> int:
 
 
 def node_object(i: int, cidr: ipaddress.IPv4Network, key: str) -> dict[str, Any]:
-    from nodeagent.mesh import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION
+    from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION
 
     name = f"node-{i:05d}"
     return {
@@ -213,12 +204,12 @@ def instrument(clock: Clock, backend: Any, routes: Any) -> None:
 
 class Body:
     def __init__(self, args: argparse.Namespace) -> None:
+        from meshgress.cluster import NodeParseCache
         from meshgress.config import ClusterConfig
         from meshgress.datastore import Kind
         from meshgress.datastore.file import FileDatastore
         from meshgress.datastore.informer import Informer
         from nodeagent.agent import AgentConfig
-        from nodeagent.mesh import NodeParseCache
         from nodeagent.routes import NetlinkRoutes
         from nodeagent.tracker import TrackedDataplane
         from wireguard.backend import detect_backend
@@ -329,8 +320,8 @@ class Body:
         print(json.dumps({"type": "phase", **phase}), flush=True)
 
     def measure(self) -> None:
+        from meshgress.cluster import ENDPOINT_ANNOTATION
         from meshgress.datastore import Kind
-        from nodeagent.mesh import ENDPOINT_ANNOTATION
         from wireguard.keys import generate_private_key, public_key
 
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

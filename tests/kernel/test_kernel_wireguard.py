@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from pyroute2 import WireGuard
 
+from meshgress.lab.netns import pid_alive
 from wireguard.backend import apply_device, detect_backend
 from wireguard.errors import NetlinkRequestError, NotWireGuardDeviceError
 from wireguard.kernel import KernelBackend
@@ -52,16 +53,6 @@ def ip(*args: str, check: bool = True) -> str:
 
 def netns_names() -> list[str]:
     return [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -51,20 +51,18 @@ from typing import Any
 import pytest
 import yaml
 
-from meshgress.datastore import LEASE_NAMESPACE, Kind
-from meshgress.datastore.file import FileDatastore
-from meshgress.slots import (
+from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
-    LEASE_DURATION_SECONDS,
-    PROBE_ADDRESS,
-    PROBE_PORT,
     PUBLIC_KEY_ANNOTATION,
-    SlotId,
-    gateway_port,
 )
-from nodeagent.nft_model import FirewallSpec, compute_ruleset, ruleset_commands
+from meshgress.datastore import LEASE_NAMESPACE, Kind
+from meshgress.datastore.file import FileDatastore
+from meshgress.kernel.nft_model import ruleset_commands
+from meshgress.lab.netns import pid_alive
+from meshgress.slots import LEASE_DURATION_SECONDS, PROBE_ADDRESS, PROBE_PORT, SlotId, gateway_port
+from nodeagent.firewall import FirewallSpec, compute_ruleset
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer
 from wireguard.plan import plan_device
@@ -126,16 +124,6 @@ def ip(ns: str, *argv: str, check: bool = True) -> str:
 def ip_json(ns: str, *argv: str) -> Any:
     out = ip(ns, "-j", *argv)
     return json.loads(out) if out.strip() else []
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_links(ns: str) -> None:
@@ -307,7 +295,7 @@ class World:
         flow_log = folder / "flows.jsonl"
         argv = ["nsenter", f"--net={NETNS_DIR / ns}", "unshare", "--mount", "--propagation",
                 "slave", "sh", "-c", GATEWAY_SCRIPT, "mgt-gw", str(sockets),
-                sys.executable, "-m", "gateway.process", "--node", node,
+                sys.executable, "-m", "meshgress.cli", "gateway", "--node", node,
                 "--datastore", str(self.root / "store"),
                 "--cluster-config", str(self.cluster_config),
                 "--state-dir", str(self.root / f"{node}-state"),

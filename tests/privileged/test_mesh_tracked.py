@@ -173,10 +173,12 @@ def test_a_node_that_leaves_loses_its_peer_and_its_route(mesh: Mesh) -> None:
     assert mesh.rt.last_pass_read and wg_plan.empty and route_plan.empty
 
 
-def test_the_plain_netlink_link_lookup_agrees_with_pyroute2(mesh: Mesh) -> None:
-    from wireguard.links import Links, get_link_here
+def test_a_link_looked_up_from_outside_its_namespace_is_the_one_seen_inside(
+        mesh: Mesh) -> None:
+    from wireguard.links import Links
 
     mesh.reconcile(1)
     for name in (IFACE, "lo", "nonexistent0"):
-        assert call_in_netns(mesh.ns, lambda n=name: get_link_here(n)) == \
+        assert call_in_netns(mesh.ns, lambda n=name: Links().get(n)) == \
             Links(mesh.ns).get(name)
+    assert Links(mesh.ns).get(IFACE) is not None

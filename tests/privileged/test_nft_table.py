@@ -42,9 +42,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from nodeagent.nft import NftablesAdapter, NftError, apply_ruleset
-from nodeagent.nft_model import (
-    FirewallSpec,
+from meshgress.kernel.nft_model import (
     Hook,
     NftChain,
     NftCounter,
@@ -54,7 +52,6 @@ from nodeagent.nft_model import (
     Rule,
     Ruleset,
     Verdict,
-    compute_ruleset,
     counter_ref,
     match,
     meta,
@@ -62,6 +59,11 @@ from nodeagent.nft_model import (
     plan_ruleset,
     set_ref,
 )
+from meshgress.kernel.nftables import NftablesAdapter, NftError, apply_ruleset
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
+from nodeagent.firewall import FirewallSpec, compute_ruleset
+
+TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
 
 pytestmark = pytest.mark.privileged
 
@@ -140,7 +142,7 @@ class AdapterInNetns:
 
     def __init__(self, worker: NetnsWorker) -> None:
         self.worker = worker
-        self.adapter = worker.call(NftablesAdapter)
+        self.adapter = worker.call(NftablesAdapter, NFT_FAMILY, NFT_TABLE)
 
     def read(self) -> dict[str, Any] | None:
         return self.worker.call(self.adapter.read)
@@ -408,7 +410,7 @@ def test_a_failed_transaction_changes_nothing_and_reports_nfts_error(node: Node)
     wider = compute_ruleset(WIDE)
     # The kernel refuses a nat chain on the forward hook: the element changes that come
     # before it in the same transaction must not be applied either.
-    broken = Ruleset(sets=wider.sets, counters=wider.counters, chains=(
+    broken = Ruleset(**TABLE, sets=wider.sets, counters=wider.counters, chains=(
         *wider.chains, NftChain("bad", (Rule.of({"masquerade": None}),),
                                 Hook("nat", "forward", 0))))
     with pytest.raises(NftError) as info:
@@ -424,7 +426,7 @@ def test_egress_shaped_sets_maps_and_chains_converge(node: Node) -> None:
     base = compute_ruleset(SPEC)
 
     def extended(pods: tuple[str, ...], slot: int) -> Ruleset:
-        return Ruleset(
+        return Ruleset(family=NFT_FAMILY, table=NFT_TABLE,
             sets=(*base.sets,
                   NftSet("pods_p1", "ipv4_addr",
                          elements=tuple(ipaddress.IPv4Address(p) for p in pods)),
@@ -479,7 +481,7 @@ def test_a_pruned_counter_goes_with_its_rule_in_one_transaction(node: Node) -> N
         steer = NftChain("steer", hook=Hook("filter", "prerouting", -150), rules=tuple(
             Rule.of(match(meta("mark"), i + 1), counter_ref(c.name))
             for i, c in enumerate(counters)))
-        return Ruleset(sets=base.sets, counters=base.counters + counters,
+        return Ruleset(**TABLE, sets=base.sets, counters=base.counters + counters,
                        chains=(*base.chains, steer), pruned_counters=("egress_policy_",))
 
     node.nft.reconcile(with_counters("a", "b"))

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from meshgress.lab.netns import pid_alive
 from wireguard.errors import DeviceStartError, NotWireGuardDeviceError, UapiError
 from wireguard.keys import generate_private_key, key_to_hex, public_key
 from wireguard.model import Device, Peer
@@ -43,16 +44,6 @@ def ip(*args: str, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_netns(ns: str) -> None:

@@ -1,5 +1,8 @@
-"""The agent's Prometheus text: mesh, leak guard and egress slot samples, as rendered."""
+"""The agent's Prometheus text: loop, mesh, leak guard and egress slot samples, as
+rendered."""
 
+from meshgress.prometheus import Exposition
+from meshgress.runtime import LoopMetrics
 from nodeagent.metrics import AgentMetrics, SlotSample
 from wireguard.model import PeerStats
 
@@ -7,13 +10,16 @@ KEY = "HIHa7PoKGz7TGrtCjMK9oL5xyjbg4FiSoDzGSb6WBHs="
 
 
 def render(**extra):
-    metrics = AgentMetrics(started_at=1_700_000_000.5)
-    metrics.observe_reconcile(0.02, True)
-    metrics.observe_reconcile(0.3, False)
-    return metrics.render(counters={"leak_out": (3, 252)},
-                          peer_stats=(PeerStats(KEY, last_handshake_sec=90, rx_bytes=10,
-                                                tx_bytes=20),),
-                          peer_names={KEY: "node2"}, now=100.0, **extra)
+    loop = LoopMetrics("meshgress_", "meshgress_reconcile_errors_total")
+    loop.observe(0.02, True)
+    loop.observe(0.3, False)
+    page = Exposition()
+    loop.render(page)
+    AgentMetrics(started_at=1_700_000_000.5).render(
+        page, counters={"leak_out": (3, 252)},
+        peer_stats=(PeerStats(KEY, last_handshake_sec=90, rx_bytes=10, tx_bytes=20),),
+        peer_names={KEY: "node2"}, now=100.0, **extra)
+    return page.render()
 
 
 def lines(text):

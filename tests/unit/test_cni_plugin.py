@@ -213,14 +213,14 @@ def test_agent_errors_are_printed_verbatim(plugin, fake_agent):
     [
         (lambda request: None, p.ERR_TRY_AGAIN_LATER),
         (lambda request: b"\x00\x00\x00\x05{bad}", p.ERR_AGENT_PROTOCOL),
-        (lambda request: p.encode_frame({"exit": 0, "stdout": ""}), p.ERR_AGENT_PROTOCOL),
+        (lambda request: b"\x00\x00\x00\x0d" + b'{"exit": 0}', p.ERR_AGENT_PROTOCOL),
         (lambda request: p.RESPONSE_MAGIC + (256).to_bytes(4, "big") + bytes(4),
          p.ERR_AGENT_PROTOCOL),
         (lambda request: p.encode_response(0, "{}")[:-1], p.ERR_AGENT_PROTOCOL),
         (lambda request: p.encode_response(0, "{}") * 2, p.ERR_AGENT_PROTOCOL),
         (lambda request: b"", p.ERR_TRY_AGAIN_LATER),
     ],
-    ids=["agent hangs", "garbage frame", "an agent of the JSON protocol", "bad exit status",
+    ids=["agent hangs", "garbage frame", "an answer in JSON", "bad exit status",
          "answer cut short", "two answers", "hangs up"],
 )
 def test_a_misbehaving_agent(plugin, fake_agent, answer, code):

@@ -36,12 +36,6 @@ def test_loads_accepts_surrounding_whitespace():
     assert p.loads('  \n{"cniVersion": "1.0.0"}\n ') == {"cniVersion": "1.0.0"}
 
 
-def test_frames_carry_their_length():
-    frame = p.encode_frame({"exit": 0, "stdout": "x"})
-    assert p.frame_length(frame[:4]) == len(frame) - 4
-    assert json.loads(frame[4:]) == {"exit": 0, "stdout": "x"}
-
-
 def test_oversized_frames_are_refused():
     with pytest.raises(ValueError):
         p.frame_length((p.MAX_FRAME + 1).to_bytes(4, "big"))
@@ -134,12 +128,6 @@ def test_the_server_answers_the_binary_protocol_in_kind():
     reply = _serve(p.encode_request(values, REQUEST["stdin"].encode()))
     exit_code, length = p.decode_response_header(reply[:12])
     assert (exit_code, json.loads(reply[12:12 + length])) == (0, REQUEST)
-
-
-def test_the_server_still_answers_shims_of_the_json_protocol():
-    reply = _serve(p.encode_frame(REQUEST))
-    answer = json.loads(reply[4:4 + p.frame_length(reply[:4])])
-    assert (answer["exit"], json.loads(answer["stdout"])) == (0, REQUEST)
 
 
 def test_the_server_rejects_a_configuration_that_is_not_utf8():

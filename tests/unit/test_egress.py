@@ -4,6 +4,7 @@ import ipaddress
 
 import pytest
 
+from meshgress.cluster import SlotHolder
 from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
 from meshgress.explain import explain_pod
 from meshgress.lab.topology import lab_cluster_config
@@ -11,7 +12,6 @@ from meshgress.slots import DROP_MARK, SlotId, assign_slot_numbers, slot_mark
 from nodeagent.steering import (
     BUCKETS,
     LocalPod,
-    SlotHolder,
     SteeringInputs,
     compute_buckets,
     compute_steering,

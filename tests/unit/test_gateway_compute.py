@@ -9,10 +9,8 @@ import pytest
 
 from gateway.compute import (
     SlotInfo,
-    annotations_to_clear,
     compute_allowed_sources,
     compute_kept_numbers,
-    compute_lease_annotations,
     compute_servable_slots,
     compute_slot_dataplane,
     compute_slot_numbers,
@@ -26,10 +24,12 @@ from gateway.dataplane import (
     RuleEntry,
     plan_dataplane,
 )
+from meshgress.cluster import NodeInfo
+from meshgress.cluster import slot_annotations_to_clear as annotations_to_clear
+from meshgress.cluster import slot_lease_annotations as compute_lease_annotations
 from meshgress.config import ClusterConfig
 from meshgress.egress import PodView, compute_egress
 from meshgress.slots import SlotId
-from nodeagent.mesh import NodeInfo
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Peer
 
@@ -147,7 +147,7 @@ def test_one_peer_per_node_with_a_key_endpoint_learnt():
       "n2": "pod CIDR 198.18.1.128/25 overlaps n1's 198.18.1.0/24"}),
     ([node("n1"), node("n2", ("198.18.2.0/24",), K1)],
      {"n2": "publishes the same public key as n1"}),
-    ([node("n1", key=public_key(GW_PRIVATE))], {"n1": "publishes this gateway's own public key"}),
+    ([node("n1", key=public_key(GW_PRIVATE))], {"n1": "publishes this device's own public key"}),
 ], ids=["no-key", "bad-key", "no-cidr", "overlap", "same-key", "own-key"])
 def test_nodes_that_cannot_be_peers_are_skipped_with_a_reason(nodes, skipped):
     peers = compute_slot_peers(nodes, public_key(GW_PRIVATE))
@@ -173,7 +173,7 @@ def test_slot_dataplane_and_its_derived_names():
 
 def test_lease_annotations_and_what_a_new_holder_clears():
     wanted = compute_lease_annotations(public_key=K1, internal_ip=addr("192.0.2.11"),
-                                       slot=SlotId("egw", 1), egress_ip=addr("192.0.2.51"),
+                                       egress_ip=addr("192.0.2.51"),
                                        node="gw1", number=1)
     assert wanted == {"meshgress.io/wireguard-public-key": K1,
                       "meshgress.io/wireguard-endpoint": "192.0.2.11:51901",

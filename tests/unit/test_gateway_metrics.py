@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from gateway.garp import compute_garp_frames
+from gateway.leases import LeaseMetrics
 from gateway.metrics import GatewayMetrics, SlotSample
 from gateway.options import add_arguments
+from meshgress.prometheus import Exposition
+from meshgress.runtime import LoopMetrics
 
 MAC = bytes.fromhex("02aabbccddee")
 
@@ -32,14 +35,19 @@ def test_garp_frames_are_a_broadcast_announcement_and_a_gratuitous_reply():
 
 
 def test_metrics_per_slot_from_the_table_counters():
-    metrics = GatewayMetrics(reconciles=7, acquisitions=2, fenced=1)
-    metrics.count_error("nftables")
-    text = metrics.render(
-        slots=[SlotSample("egw", 1, "192.0.2.51", "bbbb0000", held=False, ready=False),
+    loop = LoopMetrics("meshgress_gateway_", "meshgress_gateway_errors_total")
+    for _ in range(7):
+        loop.observe(0.01, True)
+    loop.count_error("nftables")
+    page = Exposition()
+    loop.render(page)
+    GatewayMetrics(LeaseMetrics(acquisitions=2, fenced=1)).render(
+        page, slots=[SlotSample("egw", 1, "192.0.2.51", "bbbb0000", held=False, ready=False),
                SlotSample("egw", 0, "192.0.2.50", "aaaa0000", held=True, ready=True)],
         counters={"out_aaaa0000": (10, 1000), "in_aaaa0000": (9, 900),
                   "flows_aaaa0000": (3, 180), "drop_aaaa0000": (2, 120),
                   "drop_stale": (4, 10)})
+    text = page.render()
     lines = set(text.splitlines())
     s0 = '{egress_ip="192.0.2.50",gateway="egw",slot="0"}'
     s1 = '{egress_ip="192.0.2.51",gateway="egw",slot="1"}'

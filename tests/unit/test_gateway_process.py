@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 
 from gateway.dataplane import EgressAddress, FakeKernel
-from gateway.process import Gateway, GatewayConfig
-from gateway.rules import NFT_TABLE
-from meshgress.config import ClusterConfig
-from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind
-from meshgress.datastore.file import FileDatastore
-from meshgress.slots import (
+from gateway.process import Gateway, GatewayConfig, GatewayPorts
+from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
-    SlotId,
 )
-from nodeagent.nft import FakeNftablesAdapter
+from meshgress.config import ClusterConfig
+from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind
+from meshgress.datastore.file import FileDatastore
+from meshgress.kernel.nftables import FakeNftablesAdapter
+from meshgress.kernel_ids import GATEWAY_NFT_TABLE as NFT_TABLE
+from meshgress.slots import SlotId
 from wireguard.fake import FakeBackend
 from wireguard.keys import generate_private_key, public_key
 from wireguard.plan import DevicePlan
@@ -60,7 +60,7 @@ class LinkedBackend(FakeBackend):
 
     def delete(self, name: str) -> None:
         super().delete(name)
-        self.kernel.remove_link(name)
+        self.kernel.delete_link(name)
 
 
 class FakeProbe:
@@ -132,13 +132,16 @@ class Harness:
                                    state_dir=self.root / f"{node}-state",
                                    max_slots=max_slots,
                                    identity=identity or f"{node}/{len(self.gateways)}"),
-                     store or self.store, kernel=kernel, wireguard=LinkedBackend(kernel),
-                     nft=FakeNftablesAdapter("inet", NFT_TABLE), clock=self.clock,
-                     garp=lambda *args: garps.append(args), probe=FakeProbe())  # type: ignore[arg-type]
+                     store or self.store,
+                     GatewayPorts(kernel=kernel, wireguard=LinkedBackend(kernel),
+                                  nft=FakeNftablesAdapter("inet", NFT_TABLE),
+                                  probe=FakeProbe(),  # type: ignore[arg-type]
+                                  garp=lambda *args: garps.append(args)),
+                     clock=self.clock)
         gw.garps = garps  # type: ignore[attr-defined]
-        for informer in gw.informers.values():
+        for informer in gw.loop.informers.values():
             informer.start()
-        assert all(i.synced.wait(5) for i in gw.informers.values())
+        assert all(i.synced.wait(5) for i in gw.loop.informers.values())
         self.gateways.append(gw)
         return gw
 
@@ -159,7 +162,7 @@ class Harness:
 
     def close(self) -> None:
         for gw in self.gateways:
-            for informer in gw.informers.values():
+            for informer in gw.loop.informers.values():
                 informer.stop()
         self.store.close()
 
@@ -184,8 +187,8 @@ def lab(tmp_path: Path, clock: Clock):
 
 
 def kernel(gw: Gateway) -> FakeKernel:
-    assert isinstance(gw._kernel, FakeKernel)
-    return gw._kernel
+    assert isinstance(gw.kernel, FakeKernel)
+    return gw.kernel
 
 
 def test_claims_serves_and_publishes_a_slot(lab):
@@ -200,21 +203,21 @@ def test_claims_serves_and_publishes_a_slot(lab):
     assert iface in k.links and k.probe == {iface} and k.rp == {iface: 2}
     assert {(r.table, r.interface) for r in k.routes} == {(52076, iface)}
     assert {(r.mark, r.table) for r in k.rules} == {(0x800000, 52076)}
-    device = gw.wireguard.read(iface)
+    device = gw.ports.wireguard.read(iface)
     assert device is not None and device.listen_port == 51900
     assert [p.public_key for p in device.peers] == [NODE_KEY]
-    assert gw._probe.serving == {iface: (k.link_index(iface), 0x800000)}  # type: ignore[union-attr]
+    assert gw.ports.probe.serving == {iface: (k.link_index(iface), 0x800000)}  # type: ignore[union-attr]
     assert h.annotations(SLOT0) | {} == {
         **h.annotations(SLOT0),
         PUBLIC_KEY_ANNOTATION: gw.public_key, ENDPOINT_ANNOTATION: "192.0.2.11:51900",
         EGRESS_IP_ANNOTATION: "192.0.2.50", HOLDER_NODE_ANNOTATION: "gw1"}
-    nft = gw._nft
+    nft = gw.ports.nft
     assert isinstance(nft, FakeNftablesAdapter) and nft.state is not None
     assert "src_" + iface[4:] in nft.state.sets
     status = h.store.get(Kind.EGRESS_GATEWAY, "egw")["status"]
     assert status["conditions"][0]["status"] == "True"
     assert status["slots"][0]["holder"] == "gw1/0" and status["slots"][0]["ready"]
-    assert gw.health()["ready"] is False  # never ran the loop; first_pass_ok unset
+    assert gw.health()["ready"] is True  # a pass succeeded and every held slot is ready
     # Nothing changes on further passes: no new GARP, no kernel write at all (the IP's
     # lifetime is refreshed by renewals only, never shortened by a pass).
     log_len = len(k.log)
@@ -230,7 +233,7 @@ def test_renewal_refreshes_the_ip_lifetime(lab, clock):
     k = kernel(gw)
     k.log.clear()
     clock.now += 1.0
-    assert gw._renew(SLOT0)
+    assert gw.leases.renew(SLOT0)
     assert k.log == ["+ip 192.0.2.50 2"]
     assert gw.held()[SLOT0].valid_until == pytest.approx(clock.now + 3.0)
 
@@ -243,16 +246,16 @@ def test_a_renewal_refused_fences_the_slot_at_once(lab, clock):
     h.store.release_lease(SLOT0.lease_name, "gw1/0")
     h.store.acquire_lease(SLOT0.lease_name, "thief", 3.0)
     k = kernel(gw)
-    assert gw._renew(SLOT0)
+    assert gw.leases.renew(SLOT0)
     assert k.egress == {}, "the IP must go the moment the lease is lost"
-    assert SLOT0 not in gw.held() and gw.metrics.fenced == 1
+    assert SLOT0 not in gw.held() and gw.leases.metrics.fenced == 1
     # The next pass tears the rest down; the interface itself stays while the process is
     # young (a restart that regains the slot keeps the nodes' sessions).
     clock.now += 0.5
     h.settle(gw)
     assert k.routes == set() and k.rules == set() and k.egress == {}
     assert SLOT0.gateway_interface in k.links
-    assert gw._probe.serving == {}  # type: ignore[union-attr]
+    assert gw.ports.probe.serving == {}  # type: ignore[union-attr]
     # The thief never renews: once its lease expired the slot is claimed again.
     clock.now += 30
     h.settle(gw)
@@ -267,10 +270,10 @@ def test_renewals_failing_until_the_lease_would_expire_fence_the_slot(lab, clock
     k = kernel(gw)
     flaky.fail = True
     clock.now += 1.0
-    assert not gw._renew(SLOT0)  # transient: retried, the IP stays
-    assert EgressAddress("eth0", E0) in k.egress and gw.metrics.renew_failures == 1
+    assert not gw.leases.renew(SLOT0)  # transient: retried, the IP stays
+    assert EgressAddress("eth0", E0) in k.egress and gw.leases.metrics.renew_failures == 1
     clock.now += 1.6  # 2.6 s after the last renewal: within FENCE_MARGIN of expiry
-    gw._renew(SLOT0)
+    gw.leases.renew(SLOT0)
     assert k.egress == {} and SLOT0 not in gw.held()
 
 
@@ -280,7 +283,7 @@ def test_the_ip_is_not_brought_up_when_the_lease_is_about_to_expire(lab, clock):
     h.settle(gw)
     k = kernel(gw)
     k.egress.clear()  # as if the kernel removed it (lifetime ran out)
-    gw._held[SLOT0].valid_until = clock.now + 1.2  # renewals are overdue
+    gw.leases._held[SLOT0].valid_until = clock.now + 1.2  # renewals are overdue
     gw.reconcile()
     assert k.egress == {}
 
@@ -313,8 +316,8 @@ def test_drain_releases_right_after_removing_the_ip_and_leaves_nothing(lab):
                 HOLDER_NODE_ANNOTATION} & set(h.annotations(SLOT0))
     assert k.egress == {} and k.routes == set() and k.rules == set()
     assert [n for n in k.links if n.startswith("mgeg")] == []
-    assert gw._nft.state is None  # type: ignore[union-attr]
-    assert gw._probe.serving == {}  # type: ignore[union-attr]
+    assert gw.ports.nft.state is None  # type: ignore[union-attr]
+    assert gw.ports.probe.serving == {}  # type: ignore[union-attr]
 
 
 def test_two_gateways_end_with_one_slot_each(lab):

@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 
-from gateway.rules import (
-    COUNTER_STALE,
-    NFT_TABLE,
-    SlotRules,
-    compute_gateway_ruleset,
-)
-from nodeagent.nft import FakeNftablesAdapter, apply_ruleset
-from nodeagent.nft_model import Hook, plan_ruleset
+from gateway.rules import COUNTER_STALE, SlotRules, compute_gateway_ruleset
+from meshgress.kernel.nft_model import Hook, plan_ruleset
+from meshgress.kernel.nftables import FakeNftablesAdapter, apply_ruleset
+from meshgress.kernel_ids import GATEWAY_NFT_TABLE as NFT_TABLE
 
 ip = ipaddress.IPv4Address
 SLOT_A = SlotRules(suffix="aaaa0000", interface="mgegaaaa0000", external_interface="eth0",

@@ -16,16 +16,16 @@ from gateway.status import (
     format_time,
     merge_conditions,
 )
-from meshgress.config import ClusterConfig
-from meshgress.datastore import Lease
-from meshgress.egress import PodView, compute_egress
-from meshgress.slots import (
+from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
-    SlotId,
 )
+from meshgress.config import ClusterConfig
+from meshgress.datastore import Lease
+from meshgress.egress import PodView, compute_egress
+from meshgress.slots import SlotId
 
 NOW = 1_800_000_000.0
 T_NOW = "2027-01-15T08:00:00Z"

@@ -4,21 +4,15 @@ import ipaddress
 
 import pytest
 
+from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION, parse_node
+from meshgress.cluster import node_annotations as compute_node_annotations
 from meshgress.config import ClusterConfig
-from nodeagent.mesh import (
-    ENDPOINT_ANNOTATION,
-    PUBLIC_KEY_ANNOTATION,
-    MeshInputs,
-    RouteSpec,
-    compute_mesh,
-    compute_mtu,
-    compute_node_annotations,
-    parse_node,
-)
+from nodeagent.mesh import MeshInputs, RouteSpec, compute_mesh
 from nodeagent.routes import plan_routes
 from nodeagent.status import compute_status_report
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer, PeerStats
+from wireguard.model import tunnel_mtu as compute_mtu
 
 CLUSTER = ClusterConfig(pod_cidrs=(ipaddress.ip_network("198.18.0.0/16"),),
                         service_cidrs=(ipaddress.ip_network("198.19.0.0/16"),))
@@ -70,7 +64,7 @@ def test_one_peer_per_other_node_with_its_pod_cidrs_and_routes():
      "meshgress.io/wireguard-public-key: not a WireGuard public key"),
     (node("node2", endpoint=None), "no endpoint published yet"),
     (node("node2", cidrs=[]), "no IPv4 pod CIDR"),
-    (node("node2", key=PUB["node1"]), "publishes this node's own public key"),
+    (node("node2", key=PUB["node1"]), "publishes this device's own public key"),
     (node("node2", cidrs=["198.18.1.0/24"]),
      "pod CIDR 198.18.1.0/24 overlaps node1's 198.18.1.0/24"),
 ], ids=["no-key", "bad-key", "no-endpoint", "no-pod-cidr", "own-key", "overlapping-cidr"])

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent.nft import NftablesAdapter, NftError
-from nodeagent.nft_model import FirewallSpec, NftPlan, compute_ruleset, plan_ruleset
+from meshgress.kernel.nft_model import NftPlan, plan_ruleset
+from meshgress.kernel.nftables import NftablesAdapter, NftError
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
+from nodeagent.firewall import FirewallSpec, compute_ruleset
 
 RULESET = compute_ruleset(FirewallSpec((ipaddress.IPv4Network("198.18.0.0/16"),)))
 META = {"metainfo": {"version": "1.0.6", "json_schema_version": 1}}
@@ -52,20 +54,20 @@ class StubNft:
 
 def test_output_flags_are_set_for_json_with_counter_values() -> None:
     stub = StubNft()
-    NftablesAdapter(nft=stub)
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub)
     assert stub.flags == {"json": True, "echo": False, "stateless": False, "handle": False}
 
 
 def test_read_of_a_missing_table_is_none_without_listing_it() -> None:
     stub = StubNft(tables=("filter",))
-    assert NftablesAdapter(nft=stub).read() is None
+    assert NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).read() is None
     assert len(stub.calls) == 1
 
 
 def test_read_returns_the_listing() -> None:
     listing = {"nftables": [META, {"table": {"family": "inet", "name": "meshgress"}}]}
     stub = StubNft(tables=("meshgress",), reply=listing)
-    assert NftablesAdapter(nft=stub).read() == listing
+    assert NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).read() == listing
     assert stub.calls[-1] == ("json", {"nftables": [
         {"list": {"table": {"family": "inet", "name": "meshgress"}}}]})
 
@@ -73,7 +75,7 @@ def test_read_returns_the_listing() -> None:
 def test_a_plan_is_one_transaction_and_the_table_comment_is_set_on_creation() -> None:
     stub = StubNft()
     plan = plan_ruleset(RULESET, None)
-    NftablesAdapter(nft=stub).apply(plan)
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).apply(plan)
     assert stub.calls == [
         ("cmd", 'add table inet meshgress { comment "managed by meshgress; do not edit"; }'),
         ("json", {"nftables": plan.commands()}),
@@ -82,44 +84,43 @@ def test_a_plan_is_one_transaction_and_the_table_comment_is_set_on_creation() ->
 
 def test_an_empty_plan_sends_nothing() -> None:
     stub = StubNft()
-    NftablesAdapter(nft=stub).apply(NftPlan())
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).apply(NftPlan(NFT_FAMILY, NFT_TABLE))
     assert stub.calls == []
 
 
 def test_an_update_does_not_touch_the_table() -> None:
     stub = StubNft()
-    plan = NftPlan(flush_chains=("guard_out",))
-    NftablesAdapter(nft=stub).apply(plan)
+    plan = NftPlan(NFT_FAMILY, NFT_TABLE, flush_chains=("guard_out",))
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).apply(plan)
     assert stub.calls == [("json", {"nftables": plan.commands()})]
 
 
 def test_errors_carry_nfts_text_and_what_was_sent() -> None:
     stub = StubNft(rc=1, error="Error: Could not process rule: Operation not supported\n")
-    plan = NftPlan(flush_chains=("guard_out",))
+    plan = NftPlan(NFT_FAMILY, NFT_TABLE, flush_chains=("guard_out",))
     with pytest.raises(NftError) as info:
-        NftablesAdapter(nft=stub).apply(plan)
+        NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).apply(plan)
     assert info.value.error == "Error: Could not process rule: Operation not supported"
     assert "Operation not supported" in str(info.value)
     assert info.value.commands == plan.commands()
-    assert info.value.temporary
 
 
 def test_counters_of_a_missing_table_are_empty() -> None:
-    assert NftablesAdapter(nft=StubNft()).counters() == {}
+    assert NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=StubNft()).counters() == {}
 
 
 def test_counters_are_read_by_name() -> None:
     stub = StubNft(tables=("meshgress",), reply={"nftables": [META, {"counter": {
         "family": "inet", "table": "meshgress", "name": "leak_out", "handle": 3,
         "packets": 4, "bytes": 336}}]})
-    assert NftablesAdapter(nft=stub).counters() == {"leak_out": (4, 336)}
+    assert NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).counters() == {"leak_out": (4, 336)}
 
 
 def test_delete_table_tolerates_a_missing_table() -> None:
     stub = StubNft()
-    NftablesAdapter(nft=stub).delete_table()
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).delete_table()
     assert len(stub.calls) == 1  # only the look-up
     stub = StubNft(tables=("meshgress",), reply={"nftables": []})
-    NftablesAdapter(nft=stub).delete_table()
+    NftablesAdapter(NFT_FAMILY, NFT_TABLE, nft=stub).delete_table()
     assert stub.calls[-1] == ("json", {"nftables": [
         {"delete": {"table": {"family": "inet", "name": "meshgress"}}}]})

@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from nodeagent.nft import FakeNftablesAdapter, NftError, apply_ruleset
-from nodeagent.nft_model import (
+from meshgress.kernel.nft_model import (
     ACCEPT,
     DROP,
-    FirewallSpec,
     Hook,
     NftChain,
     NftCounter,
@@ -28,7 +26,6 @@ from nodeagent.nft_model import (
     Ruleset,
     Verdict,
     canonical_json,
-    compute_ruleset,
     counter_ref,
     jump,
     match,
@@ -40,6 +37,11 @@ from nodeagent.nft_model import (
     ruleset_commands,
     set_ref,
 )
+from meshgress.kernel.nftables import FakeNftablesAdapter, NftError, apply_ruleset
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
+from nodeagent.firewall import FirewallSpec, compute_ruleset
+
+TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
 
 net = ipaddress.IPv4Network
 SPEC = FirewallSpec((net("198.18.0.0/24"),), (net("198.19.0.0/24"),))
@@ -171,21 +173,21 @@ def test_rule_comment_is_a_stable_hash_of_chain_and_expression() -> None:
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Ruleset(chains=(NftChain("c", (Rule.of(match(payload("ip", "saddr"),
+    (lambda: Ruleset(**TABLE, chains=(NftChain("c", (Rule.of(match(payload("ip", "saddr"),
                                                         set_ref("nope")), DROP),)),)),
      "unknown set 'nope'"),
-    (lambda: Ruleset(chains=(NftChain("c", (Rule.of(counter_ref("nope"), DROP),)),)),
+    (lambda: Ruleset(**TABLE, chains=(NftChain("c", (Rule.of(counter_ref("nope"), DROP),)),)),
      "unknown counter"),
-    (lambda: Ruleset(chains=(NftChain("c", (Rule.of(jump("x"),),)),)), "unknown chain"),
-    (lambda: Ruleset(chains=(NftChain("b", hook=Hook("filter", "input", 0)),
+    (lambda: Ruleset(**TABLE, chains=(NftChain("c", (Rule.of(jump("x"),),)),)), "unknown chain"),
+    (lambda: Ruleset(**TABLE, chains=(NftChain("b", hook=Hook("filter", "input", 0)),
                              NftChain("c", (Rule.of(jump("b"),),)))),
      "regular chains"),
-    (lambda: Ruleset(sets=(NftMap("v", "ipv4_addr", "verdict",
+    (lambda: Ruleset(**TABLE, sets=(NftMap("v", "ipv4_addr", "verdict",
                                   elements=((ipaddress.IPv4Address("1.2.3.4"),
                                              Verdict("jump", "gone")),)),)),
      "map v refers to unknown chain"),
     (lambda: NftChain("c", (Rule.of(ACCEPT), Rule.of(ACCEPT))), "the same rule twice"),
-    (lambda: Ruleset(counters=(NftCounter("a"), NftCounter("a"))), "duplicate counter"),
+    (lambda: Ruleset(**TABLE, counters=(NftCounter("a"), NftCounter("a"))), "duplicate counter"),
     (lambda: NftSet("s", "ipv4_addr", elements=(net("10.0.0.0/8"),)), "needs flags interval"),
     (lambda: NftSet("s", "ipv4_addr", ("interval",),
                     elements=(net("10.0.0.0/8"), net("10.0.0.0/8"))), "duplicate element"),
@@ -207,7 +209,7 @@ DESIRED = compute_ruleset(FirewallSpec((net("198.18.0.0/17"),), (net("198.19.0.0
 
 def listing(ruleset: Ruleset = DESIRED) -> dict[str, Any]:
     """What `nft -j list table` shows after `ruleset` was applied to an empty node."""
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, ruleset)
     doc = fake.read()
     assert doc is not None
@@ -377,7 +379,7 @@ def test_plan(desired: Ruleset, edit: Callable[[dict[str, Any]], None] | None,
         assert not plan.create_table
 
     # Applying the plan to that observed state gives the desired table; nothing left.
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     if observed is not None:
         fake.run(rebuild_commands(observed))
     fake.apply(plan)
@@ -399,7 +401,7 @@ def rebuild_commands(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_counters_keep_their_values_through_every_plan() -> None:
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, DESIRED)
     fake.hit("leak_out", 3)
     fake.hit("spoof_in", 2)
@@ -411,10 +413,10 @@ def test_counters_keep_their_values_through_every_plan() -> None:
 
 
 def test_failed_apply_changes_nothing_and_says_why() -> None:
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, DESIRED)
     before = copy.deepcopy(fake.read())
-    broken = NftPlan(flush_chains=("guard_out",), delete_chains=("nosuch",))
+    broken = NftPlan(NFT_FAMILY, NFT_TABLE, flush_chains=("guard_out",), delete_chains=("nosuch",))
     with pytest.raises(NftError, match="no chain nosuch") as info:
         fake.apply(broken)
     assert info.value.commands == broken.commands()
@@ -424,7 +426,7 @@ def test_failed_apply_changes_nothing_and_says_why() -> None:
 def test_plan_deletes_elements_before_adding_overlapping_ones() -> None:
     # nft refuses an interval overlapping an existing one even when that one is deleted
     # later in the same transaction; the fake does too.
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, DESIRED)
     wider = compute_ruleset(FirewallSpec((net("198.18.0.0/16"),), (net("198.19.0.0/16"),)))
     plan = apply_ruleset(fake, wider)
@@ -456,14 +458,15 @@ def test_egress_shaped_ruleset_needs_no_new_plan_code() -> None:
                       set_ref("pod_ports")), match(payload("ip", "saddr"), set_ref("pods_p1")),
                 ACCEPT),
     ))
-    extended = Ruleset(sets=(*DESIRED.sets, pods, ports, marks, vmap),
+    extended = Ruleset(**TABLE, sets=(*DESIRED.sets, pods, ports, marks, vmap),
                        counters=DESIRED.counters, chains=(*DESIRED.chains, policy, steer))
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, DESIRED)
     apply_ruleset(fake, extended)
     assert plan_ruleset(extended, fake.read()).empty
 
     changed = Ruleset(
+        **TABLE,
         sets=(*DESIRED.sets,
               NftSet("pods_p1", "ipv4_addr", elements=(ipaddress.IPv4Address("198.18.1.10"),)),
               ports, NftMap("slot_marks", "mark", "mark", elements=((0, 0x30000), (1, 0x20000))),
@@ -482,14 +485,14 @@ def test_egress_shaped_ruleset_needs_no_new_plan_code() -> None:
 
 def test_parse_observed_reads_what_the_plan_needs() -> None:
     doc = listing()
-    observed = parse_observed(doc)
+    observed = parse_observed(doc, NFT_FAMILY, NFT_TABLE)
     assert observed is not None
     assert observed.chains["guard_in"].hook == Hook("filter", "prerouting", -300)
     assert observed.chains["guard_out"].rule_comments == DESIRED.chain("guard_out").rule_comments()
     assert observed.counters == {"leak_out": (0, 0), "spoof_in": (0, 0)}
-    assert parse_observed(None) is None
-    assert parse_observed({"nftables": [{"metainfo": {}}]}) is None
-    assert parse_observed(doc, table="other") is None
+    assert parse_observed(None, NFT_FAMILY, NFT_TABLE) is None
+    assert parse_observed({"nftables": [{"metainfo": {}}]}, NFT_FAMILY, NFT_TABLE) is None
+    assert parse_observed(doc, NFT_FAMILY, "other") is None
 
 
 def test_summary_is_one_readable_line() -> None:
@@ -504,12 +507,12 @@ def _with_policy_counters(*names: str) -> Ruleset:
     chain = NftChain("steer", hook=Hook("filter", "prerouting", -150), rules=tuple(
         Rule.of(match(meta("mark"), i + 1), counter_ref(c.name), ACCEPT)
         for i, c in enumerate(counters)))
-    return Ruleset(sets=DESIRED.sets, counters=DESIRED.counters + counters,
+    return Ruleset(**TABLE, sets=DESIRED.sets, counters=DESIRED.counters + counters,
                    chains=(*DESIRED.chains, chain), pruned_counters=("egress_policy_",))
 
 
 def test_pruned_counters_go_with_what_they_count_and_no_other_counter_does() -> None:
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, _with_policy_counters("a", "b"))
     fake.run([{"add": {"counter": {"family": "inet", "table": "meshgress",
                                    "name": "someone_elses"}}}])

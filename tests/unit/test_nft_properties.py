@@ -13,10 +13,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodeagent.nft import FakeNftablesAdapter, apply_ruleset
-from nodeagent.nft_model import (
+from meshgress.kernel.nft_model import (
     ACCEPT,
-    FirewallSpec,
     Hook,
     NftChain,
     NftMap,
@@ -25,7 +23,6 @@ from nodeagent.nft_model import (
     ObservedTable,
     Rule,
     Ruleset,
-    compute_ruleset,
     match,
     meta,
     parse_observed,
@@ -33,6 +30,9 @@ from nodeagent.nft_model import (
     plan_ruleset,
     set_ref,
 )
+from meshgress.kernel.nftables import FakeNftablesAdapter, apply_ruleset
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
+from nodeagent.firewall import FirewallSpec, compute_ruleset
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -54,6 +54,8 @@ specs = st.builds(
     mesh_interface=st.sampled_from(["meshgress0", "wg0"]),
     masquerade=st.booleans(),
 )
+
+TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
 
 addresses = st.builds(ipaddress.IPv4Address, st.integers(0xC6120000, 0xC612FFFF))
 
@@ -77,7 +79,7 @@ def rulesets(draw: st.DrawFn) -> Ruleset:
         rules.append(Rule.of(match(meta("iifname"), "mgc*"), ACCEPT))
     steer = NftChain("egress_mark", tuple(draw(st.permutations(rules))),
                      Hook("filter", "prerouting", draw(st.sampled_from([-150, -140]))))
-    return Ruleset(sets=(*base.sets, pods, marks), counters=base.counters,
+    return Ruleset(**TABLE, sets=(*base.sets, pods, marks), counters=base.counters,
                    chains=(*base.chains, steer))
 
 
@@ -92,7 +94,7 @@ def normalised(observed: ObservedTable | None) -> Any:
 
 
 def fresh(ruleset: Ruleset) -> FakeNftablesAdapter:
-    fake = FakeNftablesAdapter()
+    fake = FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE)
     apply_ruleset(fake, ruleset)
     return fake
 
@@ -117,8 +119,8 @@ def test_any_table_converges_in_one_plan_and_keeps_its_counters(
     plan = apply_ruleset(fake, desired)
 
     assert plan_ruleset(desired, fake.read()).empty
-    assert normalised(parse_observed(fake.read())) == normalised(
-        parse_observed(fresh(desired).read()))
+    assert normalised(parse_observed(fake.read(), NFT_FAMILY, NFT_TABLE)) == normalised(
+        parse_observed(fresh(desired).read(), NFT_FAMILY, NFT_TABLE))
     assert fake.counters() == counters
     assert not any("counter" in c.get("delete", {}) for c in plan.commands())
 
@@ -130,7 +132,9 @@ def test_cidr_changes_are_element_changes_only(spec: FirewallSpec, other: Firewa
                          masquerade=spec.masquerade)
     fake = fresh(compute_ruleset(spec))
     plan = plan_ruleset(compute_ruleset(moved), fake.read())
-    rest = NftPlan(delete_elements=plan.delete_elements, add_elements=plan.add_elements)
+    rest = NftPlan(NFT_FAMILY, NFT_TABLE, plan.table_comment,
+                   delete_elements=plan.delete_elements,
+                   add_elements=plan.add_elements)
     assert plan == rest
     fake.apply(plan)
     assert plan_ruleset(compute_ruleset(moved), fake.read()).empty

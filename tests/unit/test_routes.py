@@ -1,4 +1,5 @@
-"""nodeagent.routes without root: the rtnetlink codec, the plan and the table after it."""
+"""nodeagent.routes without root: RouteSpec to and from the kernel codec, the plan and the
+table after it."""
 
 import ipaddress
 import socket
@@ -6,13 +7,20 @@ import struct
 
 import pytest
 
-from cni.netlink import NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, RTM_DELROUTE, RTM_NEWROUTE
+from meshgress.kernel.rtnetlink import (
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_REPLACE,
+    RTM_DELROUTE,
+    RTM_NEWROUTE,
+    RTN_UNICAST,
+    RTN_UNREACHABLE,
+)
 from meshgress.kernel_ids import ROUTE_PROTOCOL
 from nodeagent.mesh import RouteSpec
 from nodeagent.routes import (
     MAIN_TABLE,
-    RTN_UNICAST,
-    RTN_UNREACHABLE,
+    FakeRoutes,
     RoutePlan,
     apply_routes,
     compute_routes_after,
@@ -143,26 +151,6 @@ def test_the_table_after_the_plan_needs_no_further_plan(desired, observed):
     after = compute_routes_after(observed, plan)
     assert after == frozenset(desired)
     assert plan_routes(desired, after).empty
-
-
-class FakeRoutes:
-    def __init__(self, fail_on=None):
-        self.table: set[RouteSpec] = set()
-        self.reads = 0
-        self.fail_on = fail_on
-
-    def read(self):
-        self.reads += 1
-        return frozenset(self.table)
-
-    def replace(self, routes):
-        for r in routes:
-            if r == self.fail_on:
-                raise OSError(22, "refused")
-            self.table = {o for o in self.table if o.dst != r.dst} | {r}
-
-    def delete(self, routes):
-        self.table -= set(routes)
 
 
 def test_apply_routes_reads_once_then_tracks_and_a_failure_forces_a_read():

@@ -6,15 +6,9 @@ import ipaddress
 
 import pytest
 
+from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION, NodeParseCache, parse_node
 from meshgress.config import ClusterConfig
-from nodeagent.mesh import (
-    ENDPOINT_ANNOTATION,
-    PUBLIC_KEY_ANNOTATION,
-    MeshInputs,
-    NodeParseCache,
-    compute_mesh,
-    parse_node,
-)
+from nodeagent.mesh import MeshInputs, compute_mesh
 from nodeagent.tracker import TrackedDataplane, apply_device_tracked
 from wireguard.errors import UapiError
 from wireguard.fake import FakeBackend

@@ -1,20 +1,23 @@
-"""The `inet meshgress` nftables table as frozen values: compute it, and plan changes to it.
+"""nftables as frozen values: a generic model of one table, and the plan that diffs it.
 
-Why it exists: the node agent owns one nftables table whole (architecture.md, "Kernel
-object ownership"). It guards the fail-closed promise — no pod packet leaves on the
-underlay in plaintext, and no packet from the underlay may claim a pod source — and it
-masquerades unselected pod traffic leaving the cluster. This module is the pure half:
+Why it exists: meshgress owns nftables tables whole — the node agent its `inet meshgress`
+(the fail-closed guard, masquerade, egress steering), each gateway its `inet meshgress-gw`
+(SNAT, tunnel filters) — and both need the same thing: say what the table should hold,
+compare with what `nft -j list table` shows, and change only the difference. This module is
+the pure half:
 
-- `compute_ruleset(spec)` turns a `FirewallSpec` into a `Ruleset`: named sets and maps
-  (with elements), named counters and chains of rules, in a deterministic order.
-- `plan_ruleset(desired, observed)` diffs that against the parsed output of
-  `nft -j list table inet meshgress` (None: no table) and returns the smallest `NftPlan`
-  that makes the kernel match: set and map *elements* are added and deleted one by one,
-  a chain whose rules differ is flushed and refilled, named counters are created when
-  missing and never reset (deleted only when they belong to something gone, see
-  `Ruleset.pruned_counters`), and the table is never flushed or deleted.
-- `NftPlan.commands()` renders the plan as libnftables JSON commands; the apply layer
-  (`nodeagent.nft`) sends them as one atomic transaction.
+- the model: `NftSet`, `NftMap`, `NftCounter`, `NftChain` of `Rule`s, gathered in a
+  `Ruleset` that names its family and table and checks its own references (every `@set`,
+  named counter and jump target exists), so a bad compute fails in a unit test instead of
+  at the kernel; expression helpers build the libnftables JSON of rules;
+- `plan_ruleset(desired, observed)` diffs a ruleset against the parsed listing (None: no
+  table) and returns the smallest `NftPlan` that makes the kernel match: set and map
+  *elements* are added and deleted one by one, a chain whose rules differ is flushed and
+  refilled, named counters are created when missing and never reset (deleted only when
+  they belong to something gone, see `Ruleset.pruned_counters`), and the table is never
+  flushed or deleted;
+- `NftPlan.commands()` renders the plan as libnftables JSON commands; the adapter
+  (`meshgress.kernel.nftables`) sends them as one atomic transaction.
 
 How rules are recognised: every rule carries a comment `mg:<hash>` — a hash of its chain
 name and its canonical JSON expression. The plan compares the sequence of comments of a
@@ -22,10 +25,7 @@ chain with the desired one and never parses rule expressions back (nft prints th
 normalised form that differs from what was sent). A foreign rule (no or another comment),
 a missing rule or a reordered rule makes the plan replace that chain's rules.
 
-The model is generic on purpose: the egress work adds sets of pod IPs, mark maps and a
-mangle chain by adding values to a `Ruleset`; plan and apply need no change. `Ruleset`
-checks its own references (every `@set`, named counter and jump target exists) so a bad
-compute fails here, in a unit test, instead of at the kernel.
+What a table holds is for its owner to compute (`nodeagent.firewall`, `gateway.rules`).
 
 Purely computational: no I/O, no clocks.
 """
@@ -39,37 +39,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshgress.kernel_ids import (
-    EGRESS_INTERFACE_PREFIX,
-    NFT_FAMILY,
-    NFT_TABLE,
-    POD_HOST_VETH_PREFIX,
-    WIREGUARD_INTERFACE,
-)
-
 Json = Any
 """A JSON value as libnftables reads and prints it (dict, list, str, int, None)."""
 
-TABLE_COMMENT = "managed by meshgress; do not edit"
 RULE_COMMENT_PREFIX = "mg:"
-
-# Hook priorities (nft's names in brackets). See the chain docstrings in compute_ruleset.
-PRIORITY_GUARD_IN = -300
-"""[raw] after defragmentation (-400), *before* conntrack (-200)."""
-PRIORITY_MASQ = 100
-"""[srcnat] the standard source-NAT slot."""
-PRIORITY_GUARD_OUT = 110
-"""[srcnat + 10] after source NAT, so masqueraded packets already carry the node address."""
-
-COUNTER_LEAK_OUT = "leak_out"
-COUNTER_SPOOF_IN = "spoof_in"
-SET_CLUSTER = "cluster_v4"
-SET_NONMASQ = "nonmasq_v4"
-CHAIN_GUARD_OUT = "guard_out"
-CHAIN_GUARD_IN = "guard_in"
-CHAIN_MASQ = "masq"
-
-IFNAMSIZ = 16
 
 
 def canonical_json(value: Json) -> str:
@@ -323,14 +296,15 @@ def _references(value: Json) -> Iterator[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Everything the table should hold. Sets, counters and chains keep compute's order."""
+    """Everything the table `family table` should hold. Sets, counters and chains keep
+    compute's order; `comment` is for people reading `nft list ruleset`."""
 
+    family: str
+    table: str
     sets: tuple[NamedSet, ...] = ()
     counters: tuple[NftCounter, ...] = ()
     chains: tuple[NftChain, ...] = ()
-    family: str = NFT_FAMILY
-    table: str = NFT_TABLE
-    comment: str = TABLE_COMMENT
+    comment: str = ""
     pruned_counters: tuple[str, ...] = ()
     """Name prefixes of counters that come and go with what they count (one per egress
     policy, say): an observed counter with such a prefix that is not desired is deleted.
@@ -362,122 +336,6 @@ class Ruleset:
 
     def named_set(self, name: str) -> NamedSet:
         return next(s for s in self.sets if s.name == name)
-
-
-# --- compute ---------------------------------------------------------------------------
-
-
-def _networks(values: Iterable[ipaddress.IPv4Network | str]) -> tuple[ipaddress.IPv4Network, ...]:
-    nets = []
-    for value in values:
-        net = ipaddress.ip_network(value, strict=True)
-        if not isinstance(net, ipaddress.IPv4Network):
-            raise ValueError(f"{value}: only IPv4 networks are supported")
-        nets.append(net)
-    return tuple(nets)
-
-
-@dataclass(frozen=True)
-class FirewallSpec:
-    """What the node's table depends on. CIDRs are normalised (sorted, de-duplicated);
-    overlapping or adjacent ones are merged later, when sets are computed."""
-
-    cluster_pod_cidrs: tuple[ipaddress.IPv4Network, ...]
-    service_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
-    mesh_interface: str = WIREGUARD_INTERFACE
-    pod_interface_prefix: str = POD_HOST_VETH_PREFIX
-    egress_interface_prefix: str = EGRESS_INTERFACE_PREFIX
-    masquerade: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cluster_pod_cidrs",
-                           tuple(sorted(set(_networks(self.cluster_pod_cidrs)))))
-        object.__setattr__(self, "service_cidrs",
-                           tuple(sorted(set(_networks(self.service_cidrs)))))
-        for what, name, limit in (
-                ("mesh_interface", self.mesh_interface, IFNAMSIZ - 1),
-                ("pod_interface_prefix", self.pod_interface_prefix, IFNAMSIZ - 2),
-                ("egress_interface_prefix", self.egress_interface_prefix, IFNAMSIZ - 2)):
-            if not name or len(name) > limit or any(c in name for c in ' \t\n"*/\\'):
-                raise ValueError(f"{what} {name!r}: not a usable interface name or prefix")
-
-
-def _collapse(nets: Iterable[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
-    """Merge overlapping and adjacent networks: nft refuses overlapping interval elements."""
-    return tuple(sorted(ipaddress.collapse_addresses(nets)))
-
-
-def compute_ruleset(spec: FirewallSpec) -> Ruleset:
-    """The node's `inet meshgress` table for `spec`. Purely computational.
-
-    guard_out — filter, postrouting, priority 110 (srcnat + 10): the fail-closed guard.
-      It runs after source NAT, so pod traffic that was masqueraded (leaving the cluster
-      legitimately) already carries the node address and passes; anything still *from*
-      or *to* a cluster pod address that leaves on another interface than loopback, the
-      mesh, a pod veth or an egress tunnel would cross the underlay in plaintext: it is
-      counted in `leak_out` and dropped.
-    guard_in — filter, prerouting, priority -300 (raw): anti-spoofing. A packet that
-      arrives on another interface than loopback, the mesh, a pod veth or an egress
-      tunnel while claiming a cluster pod source is counted in `spoof_in` and dropped.
-      It runs *before* conntrack (-200) on purpose: the check is stateless, and a forged
-      packet dropped this early never creates, refreshes or changes the state of a
-      conntrack entry (a spoofed pod tuple could otherwise keep a pod's flow alive, feed
-      TCP window tracking or poison a NAT mapping), and costs no conntrack lookup in a
-      flood. It still runs after defragmentation (-400) and before the egress mangle
-      chain (-150), so marking never sees a spoofed packet.
-    masq — nat, postrouting, priority 100 (srcnat): pod traffic to anything outside the
-      cluster pod and service ranges, leaving on neither the mesh nor an egress tunnel,
-      is masqueraded to the node address. Egress tunnels keep the pod source on purpose:
-      the gateway selects by it. With `spec.masquerade` False the chain exists but is empty.
-    """
-    cluster = _collapse(spec.cluster_pod_cidrs)
-    nonmasq = _collapse(spec.cluster_pod_cidrs + spec.service_cidrs)
-    pods_wild = spec.pod_interface_prefix + "*"
-    egress_wild = spec.egress_interface_prefix + "*"
-    trusted = ("lo", spec.mesh_interface, pods_wild, egress_wild)
-    saddr, daddr = payload("ip", "saddr"), payload("ip", "daddr")
-
-    guard_out = NftChain(
-        CHAIN_GUARD_OUT,
-        hook=Hook("filter", "postrouting", PRIORITY_GUARD_OUT),
-        rules=(
-            *(Rule.of(match(meta("oifname"), name), ACCEPT) for name in trusted),
-            Rule.of(match(saddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_LEAK_OUT), DROP),
-            Rule.of(match(daddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_LEAK_OUT), DROP),
-        ),
-    )
-    guard_in = NftChain(
-        CHAIN_GUARD_IN,
-        hook=Hook("filter", "prerouting", PRIORITY_GUARD_IN),
-        rules=(
-            *(Rule.of(match(meta("iifname"), name), ACCEPT) for name in trusted),
-            Rule.of(match(saddr, set_ref(SET_CLUSTER)), counter_ref(COUNTER_SPOOF_IN), DROP),
-        ),
-    )
-    masq_rules: tuple[Rule, ...] = ()
-    if spec.masquerade:
-        masq_rules = (Rule.of(
-            match(saddr, set_ref(SET_CLUSTER)),
-            match(daddr, set_ref(SET_NONMASQ), "!="),
-            match(meta("oifname"), spec.mesh_interface, "!="),
-            match(meta("oifname"), egress_wild, "!="),
-            MASQUERADE,
-        ),)
-    masq = NftChain(CHAIN_MASQ, hook=Hook("nat", "postrouting", PRIORITY_MASQ),
-                    rules=masq_rules)
-    return Ruleset(
-        sets=(
-            NftSet(SET_CLUSTER, "ipv4_addr", ("interval",), cluster),
-            NftSet(SET_NONMASQ, "ipv4_addr", ("interval",), nonmasq),
-        ),
-        counters=(
-            NftCounter(COUNTER_LEAK_OUT,
-                       "plaintext pod traffic dropped before leaving on the underlay"),
-            NftCounter(COUNTER_SPOOF_IN,
-                       "packets claiming a pod source dropped on a non-cluster interface"),
-        ),
-        chains=(guard_out, guard_in, masq),
-    )
 
 
 # --- observed state ---------------------------------------------------------------------
@@ -521,8 +379,8 @@ def _desired_definition(named: NamedSet) -> str:
     return canonical_json(fields)
 
 
-def parse_observed(doc: Mapping[str, Json] | None, family: str = NFT_FAMILY,
-                   table: str = NFT_TABLE) -> ObservedTable | None:
+def parse_observed(doc: Mapping[str, Json] | None, family: str,
+                   table: str) -> ObservedTable | None:
     """Parse `nft -j list table <family> <table>` output (None: the table is missing).
 
     Objects of other tables are ignored, so a whole `list ruleset` may be passed too.
@@ -594,9 +452,9 @@ class NftPlan:
     chains; add elements; add rules.
     """
 
-    family: str = NFT_FAMILY
-    table: str = NFT_TABLE
-    table_comment: str = TABLE_COMMENT
+    family: str
+    table: str
+    table_comment: str = ""
     create_table: bool = False
     flush_chains: tuple[str, ...] = ()
     delete_elements: tuple[ElementChange, ...] = ()
@@ -624,7 +482,7 @@ class NftPlan:
         """The plan as libnftables JSON commands (the list under "nftables")."""
         cmds: list[Json] = []
         if self.create_table:
-            # 1.0.6 ignores "comment" here; the adapter sets it (see nodeagent.nft).
+            # 1.0.6 ignores "comment" here; the adapter sets it (see kernel.nftables).
             cmds.append({"add": {"table": {"family": self.family, "name": self.table}}})
         cmds += [{"flush": {"chain": self._ref(name=name)}} for name in self.flush_chains]
         cmds += [{"delete": {"element": self._ref(
@@ -652,6 +510,10 @@ class NftPlan:
                                             expr=rule.statements)}}
                  for chain, rule in self.add_rules]
         return cmds
+
+    def describe(self) -> list[str]:
+        """For logs: one line saying what the plan touches, or none when it is empty."""
+        return [] if self.empty else [self.summary()]
 
     def summary(self) -> str:
         """One line for logs: what the plan touches."""

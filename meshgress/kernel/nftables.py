@@ -1,12 +1,13 @@
-"""Apply the `inet meshgress` nftables table: the adapter to libnftables, and its fake.
+"""Apply an nftables table: the adapter to libnftables, and its fake.
 
-Why it exists: this is the only code of the agent that talks to nftables. It reads the
-table as it is now (never from memory), sends a plan computed by `nodeagent.nft_model`
-as ONE atomic libnftables JSON transaction, reads the named counters for metrics, and
-deletes the table on an explicit uninstall only. Everything it sends comes from a plan;
-it decides nothing itself.
+Why it exists: this is the only code of meshgress that talks to nftables. An adapter owns
+one table (family and name given by its user). It reads the table as it is now (never
+from memory), sends a plan computed by `meshgress.kernel.nft_model` as ONE atomic
+libnftables JSON transaction, reads the named counters for metrics, and deletes the table
+on an explicit uninstall only. Everything it sends comes from a plan; it decides nothing
+itself.
 
-- `NftablesPort` is the small interface the agent codes against.
+- `NftablesPort` is the small interface callers code against.
 - `NftablesAdapter` is the real one (the `nftables` module of pip-nftables, a ctypes
   wrapper of libnftables).
 - `FakeNftablesAdapter` keeps a table in memory and applies plans with nft's semantics
@@ -17,15 +18,13 @@ it decides nothing itself.
 Network namespaces: libnftables opens its netlink socket when the `Nftables()` context is
 created (checked on nft 1.0.6: a context created in namespace A keeps changing A after
 its thread moved to B). An adapter therefore acts on the network namespace of the thread
-that *constructed* it. The agent constructs it in the node's namespace; tests construct
-and use it in a thread that entered a throwaway namespace.
+that *constructed* it.
 
 The table comment: libnftables 1.0.6 ignores "comment" on a table in JSON (input and
 output), so when a plan creates the table the adapter first creates the empty table with
 its comment in nft syntax — inert, it holds no chain — and then sends the transaction,
-which is complete by itself (its own "add table" is a no-op then). The agent recognises
-its table by family and name (`meshgress.kernel_ids`); the comment is for people reading
-`nft list ruleset`.
+which is complete by itself (its own "add table" is a no-op then). Owners recognise their
+table by family and name; the comment is for people reading `nft list ruleset`.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ from typing import Any, Protocol
 
 import nftables
 
-from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
-from nodeagent.nft_model import (
+from meshgress.kernel.nft_model import (
     Json,
     NftPlan,
     Ruleset,
@@ -50,11 +48,9 @@ from nodeagent.nft_model import (
 class NftError(Exception):
     """nftables refused a command. `error` is nft's own text; `commands` what was sent.
 
-    Temporary for the control loop: logged, counted and retried. The transaction was
+    Transient for a control loop (logged, counted, retried): the transaction was
     atomic, so nothing of it was applied.
     """
-
-    temporary = True
 
     def __init__(self, op: str, rc: int, error: str, commands: list[Json] | None = None):
         self.op = op
@@ -65,7 +61,7 @@ class NftError(Exception):
 
 
 class NftablesPort(Protocol):
-    """What the agent needs of nftables. Every method acts on the agent's own table."""
+    """What an owner needs of nftables. Every method acts on the adapter's own table."""
 
     def read(self) -> dict[str, Json] | None:
         """The table as `nft -j list table` prints it, or None when it does not exist."""
@@ -95,8 +91,7 @@ class NftablesAdapter:
     docstring). Thread-safe: a libnftables context is not, so calls are serialised.
     """
 
-    def __init__(self, family: str = NFT_FAMILY, table: str = NFT_TABLE, *,
-                 nft: Any = None) -> None:
+    def __init__(self, family: str, table: str, *, nft: Any = None) -> None:
         if nft is None:
             nft = nftables.Nftables()  # opens the netlink socket: binds the namespace
         self.family = family
@@ -211,14 +206,14 @@ class _FakeTable:
 
 
 class FakeNftablesAdapter:
-    """An in-memory `inet meshgress` table with nft's transaction semantics.
+    """An in-memory table with nft's transaction semantics.
 
     `run(commands)` applies raw JSON commands (tests use it to cause drift); `hit()`
     makes a counter count, as traffic would; `applied` records every non-empty plan;
     `fail_next` makes the next `apply` raise it. No I/O.
     """
 
-    def __init__(self, family: str = NFT_FAMILY, table: str = NFT_TABLE) -> None:
+    def __init__(self, family: str, table: str) -> None:
         self.family = family
         self.table = table
         self.state: _FakeTable | None = None

@@ -1,0 +1,117 @@
+"""The composition root: each long-running process built from its parts.
+
+Components never import one another (an import contract checks it), yet the node agent
+hosts the CNI plugin's server half: a pod's steering must be in place before its ADD
+answers. This module, above the components, joins them — `CniPodNetwork` gives the agent
+the `nodeagent.agent.PodNetwork` it needs, made of `cni.service` and `cni.server` — and
+turns the command line into each process's configuration, datastore and kernel ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import threading
+from pathlib import Path
+
+from cni.ipam import Ipam
+from cni.model import PodAttachment
+from cni.server import serve as serve_cni
+from cni.service import CniService
+from gateway.process import Gateway, GatewayConfig, GatewayPorts
+from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
+from meshgress.datastore import Datastore, DatastoreError
+from meshgress.datastore.file import FileDatastore
+from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
+from nodeagent.steering import LocalPod
+from wireguard.errors import WireGuardError
+
+log = logging.getLogger("meshgress")
+
+
+class StartError(RuntimeError):
+    """A process cannot start; the message says what to fix."""
+
+
+class CniPodNetwork:
+    """The agent's PodNetwork: CNI requests on a unix socket, allocations under the
+    agent's state folder."""
+
+    def __init__(self, socket_path: Path, state_dir: Path) -> None:
+        self.socket_path = socket_path
+        self.state_dir = state_dir
+
+    def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
+        ipam = Ipam(pod_cidr, self.state_dir / "ipam")
+        try:
+            return [LocalPod(a.namespace or "", a.name or "", a.ip) for a in ipam.allocations()
+                    if a.namespace and a.name]
+        finally:
+            ipam.close()
+
+    def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: PodHook,
+              on_removed: PodHook, stop: threading.Event) -> None:
+        def pod(attachment: PodAttachment) -> LocalPod:
+            return LocalPod(attachment.namespace or "", attachment.name or "", attachment.ip)
+
+        service = CniService(pod_cidr, self.state_dir,
+                             pod_ready_hook=lambda a: on_ready(pod(a)),
+                             pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu)
+        serve_cni(self.socket_path, service, stop)
+
+
+def _cluster(args: argparse.Namespace) -> ClusterConfig:
+    return load_cluster_config(args.cluster_config) if args.cluster_config \
+        else DEFAULT_CLUSTER_CONFIG
+
+
+def _open_datastore(args: argparse.Namespace) -> Datastore:
+    try:
+        return FileDatastore(args.datastore)
+    except (OSError, DatastoreError) as exc:
+        raise StartError(f"cannot open the datastore at {args.datastore}: {exc}") from exc
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """`meshgress agent`."""
+    config = AgentConfig(
+        node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
+        wireguard_backend=args.wireguard_backend, wireguard_log=args.wireguard_log,
+        wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
+        metrics_address=args.metrics_address or None, resync_interval=args.resync_interval,
+        node_grace=args.node_grace)
+    store = _open_datastore(args)
+    try:
+        pods = CniPodNetwork(args.cni_socket, config.state_dir / "cni")
+        agent = Agent(config, store, AgentPorts.real(config, pods))
+    except WireGuardError as exc:
+        store.close()
+        raise StartError(str(exc)) from exc
+    agent.loop.stop_on_signals()
+    log.info("meshgress agent on node %s, public key %s", config.node_name, agent.public_key)
+    try:
+        return agent.run()
+    finally:
+        store.close()
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    """`meshgress gateway`."""
+    config = GatewayConfig(
+        node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
+        max_slots=args.max_slots, wireguard_backend=args.wireguard_backend,
+        wireguard_log=args.wireguard_log, wireguard_log_level=args.wireguard_log_level,
+        identity=args.identity, metrics_address=args.metrics_address or None,
+        flow_log=args.flow_log, resync_interval=args.resync_interval)
+    store = _open_datastore(args)
+    try:
+        gateway = Gateway(config, store, GatewayPorts.real(config))
+    except WireGuardError as exc:
+        store.close()
+        raise StartError(str(exc)) from exc
+    gateway.loop.stop_on_signals()
+    try:
+        return gateway.run()
+    finally:
+        store.close()

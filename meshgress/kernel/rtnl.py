@@ -1,0 +1,309 @@
+"""`Rtnl`: one NETLINK_ROUTE socket that sends `meshgress.kernel.rtnetlink` messages.
+
+A socket is bound for its whole life to the network namespace it was created in: the
+calling thread's, or `netns` (a path or a name under /run/netns), which it enters only
+for the moment of creating the socket. Requests on one socket are serialised by a lock, so
+it may be shared between threads; callers that want concurrency (the CNI server) keep one
+per thread.
+
+Several requests go to the kernel in one write (`batch`), which applies them in order and
+answers each; errors are `NetlinkError`, an OSError carrying the errno and the kernel's
+extended-ack message. Callers branch on errno, never on text.
+
+This is the apply layer's transport; the convenience methods below are the few reads and
+writes every caller would otherwise spell out again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+
+from meshgress.kernel import rtnetlink as rt
+from meshgress.kernel.netns import in_network_namespace
+from meshgress.kernel.rtnetlink import Address, Link, Message, Netconf, Route, Rule
+
+_RECV_SIZE = 1 << 16
+
+
+class NetlinkError(OSError):
+    """The kernel rejected a request: errno plus the extended-ack message, if any."""
+
+
+def _error_text(code: int, flags: int, body: bytes) -> str:
+    text = os.strerror(code)
+    if flags & rt.NLM_F_ACK_TLVS and len(body) >= 4 + rt.NLMSGHDR.size:
+        original_length = rt.NLMSGHDR.unpack_from(body, 4)[0]
+        offset = 4 + (rt.NLMSGHDR.size if flags & rt.NLM_F_CAPPED else original_length)
+        message = rt.text_of(rt.parse_attrs(body, (offset + 3) & ~3).get(rt.NLMSGERR_ATTR_MSG))
+        if message:
+            text = f"{text}: {message}"
+    return text
+
+
+def _open_socket(strict_dumps: bool, flags: int = 0) -> tuple[socket.socket, bool]:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | flags,
+                         socket.NETLINK_ROUTE)
+    with contextlib.suppress(OSError):  # older kernels: errors come without a message
+        sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_EXT_ACK, 1)
+    strict = False
+    if strict_dumps:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_GET_STRICT_CHK, 1)
+            strict = True
+    sock.bind((0, 0))
+    return sock, strict
+
+
+class Rtnl:
+    """One rtnetlink socket in the calling thread's network namespace, or in `netns`.
+
+    `strict_dumps`: ask the kernel (4.20 and later) to check dump requests strictly and
+    to filter by what their header says (a route dump by table and protocol, say); the
+    caller must still filter itself, since older kernels ignore the header and dump all.
+    `strict_dumps_on` tells whether the kernel accepted."""
+
+    def __init__(self, *, strict_dumps: bool = False, netns: str | None = None) -> None:
+        if netns is None:
+            self._sock, self.strict_dumps_on = _open_socket(strict_dumps)
+        else:
+            self._sock, self.strict_dumps_on = in_network_namespace(
+                netns, lambda: _open_socket(strict_dumps))
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transport ---------------------------------------------------------------------
+
+    def batch(self, messages: Sequence[Message]) -> list[list[tuple[int, bytes]]]:
+        """Send requests in one write; return each one's (type, body) replies, in order.
+
+        The kernel handles them one after another, as if sent separately (a later one
+        sees what an earlier one did), and answers each; every request must ask for an
+        ACK or be a dump. If any failed, the first failure is raised once all answers
+        are read, so the socket stays in step.
+        """
+        replies, errors = self.batch_results(messages)
+        if errors:
+            raise errors[min(errors)]
+        return replies
+
+    def batch_results(self, messages: Sequence[Message]
+                      ) -> tuple[list[list[tuple[int, bytes]]], dict[int, NetlinkError]]:
+        """As `batch`, but nothing is raised for a failed request: the failures come back
+        by position, for callers to whom some errnos are success (ESRCH on a delete)."""
+        if not messages:
+            return [], {}  # an empty datagram is an error (ENODATA), not a no-op
+        with self._lock:
+            seqs, chunks = [], []
+            for msg_type, flags, payload in messages:
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                seqs.append(self._seq)
+                chunks.append(rt.NLMSGHDR.pack(rt.NLMSGHDR.size + len(payload), msg_type,
+                                               flags, self._seq, 0) + payload)
+            self._sock.sendto(b"".join(chunks), (0, 0))
+            return self._receive(seqs)
+
+    def _receive(self, seqs: list[int]
+                 ) -> tuple[list[list[tuple[int, bytes]]], dict[int, NetlinkError]]:
+        position = {seq: n for n, seq in enumerate(seqs)}
+        replies: list[list[tuple[int, bytes]]] = [[] for _ in seqs]
+        errors: dict[int, NetlinkError] = {}
+        pending = len(seqs)
+        while pending:
+            data = self._sock.recv(_RECV_SIZE)
+            offset = 0
+            while offset + rt.NLMSGHDR.size <= len(data):
+                length, kind, mflags, mseq, _pid = rt.NLMSGHDR.unpack_from(data, offset)
+                if length < rt.NLMSGHDR.size:
+                    raise NetlinkError(errno.EPROTO, "truncated netlink message")
+                body = data[offset + rt.NLMSGHDR.size: offset + length]
+                offset += (length + 3) & ~3
+                n = position.get(mseq)
+                if n is None:
+                    continue  # a late reply to an earlier, abandoned request
+                if kind in (rt.NLMSG_ERROR, rt.NLMSG_DONE):
+                    code = -rt.I32.unpack_from(body)[0] if len(body) >= 4 else 0
+                    if code > 0:
+                        text = (_error_text(code, mflags, body) if kind == rt.NLMSG_ERROR
+                                else os.strerror(code))
+                        errors[n] = NetlinkError(code, text)
+                    pending -= 1
+                    continue
+                replies[n].append((kind, body))
+        return replies, errors
+
+    def request(self, message: Message) -> list[tuple[int, bytes]]:
+        """Send one request; return its (type, body) replies; raise NetlinkError."""
+        return self.batch([message])[0]
+
+    def try_request(self, message: Message, *, missing: frozenset[int]) -> bool:
+        """Send one request; False when it failed with an errno in `missing` (what was
+        to be removed is already gone, say), True when it succeeded."""
+        try:
+            self.request(message)
+        except NetlinkError as exc:
+            if exc.errno in missing:
+                return False
+            raise
+        return True
+
+    def send_all(self, messages: Sequence[Message], *, ignore: frozenset[int] = frozenset(),
+                 what: Sequence[str] | None = None, chunk: int = 64) -> None:
+        """Send many requests, `chunk` per write (a write must fit the socket's send
+        buffer, and its acknowledgements the receive buffer). All are attempted; then the
+        first failure whose errno is not in `ignore` is raised, naming `what[n]` and how
+        many more failed."""
+        failed: list[tuple[int, NetlinkError]] = []
+        for start in range(0, len(messages), chunk):
+            _, errors = self.batch_results(messages[start:start + chunk])
+            failed += [(start + n, exc) for n, exc in sorted(errors.items())
+                       if exc.errno not in ignore]
+        if failed:
+            n, exc = failed[0]
+            label = f"{what[n]}: " if what is not None else ""
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise NetlinkError(exc.errno, f"{label}{exc.strerror}{more}")
+
+    # --- links -------------------------------------------------------------------------
+
+    def get_link(self, name: str) -> Link | None:
+        try:
+            replies = self.request(rt.link_get_message(name))
+        except NetlinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        links = [rt.decode_link(body) for kind, body in replies if kind == rt.RTM_NEWLINK]
+        return links[0] if links else None
+
+    def links(self) -> list[Link]:
+        return [rt.decode_link(body) for kind, body in self.request(rt.link_dump_message())
+                if kind == rt.RTM_NEWLINK]
+
+    def create_veth(self, name: str, mac: str, peer_name: str, peer_mac: str,
+                    peer_netns_fd: int, *, mtu: int | None = None,
+                    up: bool = False) -> Link | None:
+        """A veth pair whose peer is created directly inside `peer_netns_fd`'s namespace.
+
+        The peer starts down (the kernel cannot open a veth before its pair is linked,
+        ENOTCONN); bring it up with `set_up` from a socket in its namespace. Returns the
+        new link as the kernel echoes it (kernels >= 6.3), None where it does not echo.
+        """
+        replies = self.request(rt.veth_create_message(name, mac, peer_name, peer_mac,
+                                                      peer_netns_fd, mtu=mtu, up=up))
+        links = [rt.decode_link(body) for kind, body in replies if kind == rt.RTM_NEWLINK]
+        return next((link for link in links if link.name == name), None)
+
+    def set_up(self, index: int) -> None:
+        self.request(rt.set_up_message(index))
+
+    def delete_link(self, name: str) -> bool:
+        """Delete a link by name; False if there is none (idempotent)."""
+        return self.try_request(rt.link_delete_message(name),
+                                missing=frozenset({errno.ENODEV}))
+
+    # --- addresses ---------------------------------------------------------------------
+
+    def add_address(self, index: int, address: IPv4Address, prefixlen: int, *,
+                    scope: int = rt.RT_SCOPE_UNIVERSE, label: str | None = None,
+                    lifetime: int | None = None) -> None:
+        """Add (or refresh) an IPv4 address; idempotent."""
+        self.request(rt.address_message(index, address, prefixlen, scope=scope, label=label,
+                                        lifetime=lifetime))
+
+    def addresses(self, family: int = socket.AF_INET) -> list[Address]:
+        return [address for kind, body in self.request(rt.address_dump_message(family))
+                if kind == rt.RTM_NEWADDR and (address := rt.decode_address(body)) is not None]
+
+    # --- routes and rules --------------------------------------------------------------
+
+    def routes(self, *, table: int = rt.RT_TABLE_UNSPEC, protocol: int = 0,
+               type: int = rt.RTN_UNSPEC, oif: int | None = None) -> list[Route]:
+        """IPv4 routes, only of `table`/`protocol`/`type`/`oif` where given: asked of the
+        kernel on a strict socket and filtered here in any case."""
+        found = []
+        message = rt.route_dump_message(table=table, protocol=protocol, type=type, oif=oif)
+        for kind, body in self.request(message):
+            if kind != rt.RTM_NEWROUTE or (route := rt.decode_route(body)) is None:
+                continue
+            if (table and route.table != table) or (protocol and route.protocol != protocol) \
+                    or (type and route.type != type) or (oif is not None and route.oif != oif):
+                continue
+            found.append(route)
+        return found
+
+    def rules(self) -> list[Rule]:
+        return [rule for kind, body in self.request(rt.rule_dump_message())
+                if kind == rt.RTM_NEWRULE and (rule := rt.decode_rule(body)) is not None]
+
+    # --- IPv4 device settings ----------------------------------------------------------
+
+    def set_ipv4_conf(self, index: int, values: dict[int, int]) -> None:
+        self.request(rt.set_ipv4_conf_message(index, values))
+
+    def ipv4_conf(self, index: int) -> Netconf | None:
+        """forwarding, rp_filter and proxy_arp of one interface (None: no such one)."""
+        try:
+            replies = self.request(rt.netconf_get_message(index))
+        except NetlinkError as exc:
+            if exc.errno in (errno.ENODEV, errno.EINVAL):
+                return None
+            raise
+        for kind, body in replies:
+            if kind == rt.RTM_NEWNETCONF and (conf := rt.decode_netconf(body)) is not None:
+                return conf
+        return None
+
+
+class NetconfWatch:
+    """Tells whether the node's `net.ipv4.conf.all.*` settings may have changed.
+
+    A netlink socket subscribed to the kernel's IPv4 netconf notifications, which it sends
+    when a sysctl such as rp_filter or forwarding changes value. `all_changed()` drains what
+    arrived since the last call (non-blocking) and reports whether any of it was about
+    `all` (or was lost to a full buffer); messages about single interfaces are skipped.
+    Bound to the namespace of the creating thread.
+    """
+
+    def __init__(self) -> None:
+        self._sock, _ = _open_socket(False, socket.SOCK_NONBLOCK)
+        self._sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_ADD_MEMBERSHIP,
+                              rt.RTNLGRP_IPV4_NETCONF)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def all_changed(self) -> bool:
+        changed = False
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: notifications were dropped
+                changed = True
+                continue
+            offset = 0
+            while offset + rt.NLMSGHDR.size <= len(data):
+                length, kind = rt.NLMSGHDR.unpack_from(data, offset)[:2]
+                if length < rt.NLMSGHDR.size:
+                    break
+                if kind == rt.RTM_NEWNETCONF:
+                    conf = rt.decode_netconf(data[offset + rt.NLMSGHDR.size:offset + length])
+                    if conf is None or conf.index == rt.NETCONFA_IFINDEX_ALL:
+                        changed = True
+                offset += (length + 3) & ~3

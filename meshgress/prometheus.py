@@ -1,0 +1,115 @@
+"""Prometheus text exposition and the small HTTP server agents and gateways answer on.
+
+Why it exists: both long-running processes export metrics and probes the same way — a
+`/metrics` page rendered on demand (so a scrape shows the kernel as it is), `/healthz`
+(the loop is turning) and `/readyz` (the process does its job) — and must escape label
+values the one way the exposition format defines. `Exposition` builds a page; `serve`
+runs the standard library's threaded HTTP server on its own thread until a stop event.
+
+Rendering is purely computational; `serve` is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger("meshgress.metrics")
+
+Sample = tuple[str, float]
+"""(rendered labels, value) of one series."""
+
+
+def escape(value: str) -> str:
+    """A label value as the text format wants it: backslash, double quote and newline
+    escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**values: str) -> str:
+    """`{a="1",b="2"}` (sorted by name), or "" without labels."""
+    inner = ",".join(f'{k}="{escape(v)}"' for k, v in sorted(values.items()))
+    return "{" + inner + "}" if inner else ""
+
+
+def number(value: float) -> str:
+    """Full precision (timestamps need it); integers without a decimal point."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Exposition:
+    """One /metrics page, metric by metric, in the order added."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        self._lines.append(f"# HELP {name} {help_text}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        self._lines.extend(f"{name}{lbl} {number(value)}" for lbl, value in samples)
+
+    def histogram(self, name: str, help_text: str, buckets: Sequence[tuple[float, int]],
+                  count: int, total: float) -> None:
+        """`buckets`: (upper bound, cumulative count) pairs, +Inf excluded."""
+        self._lines.append(f"# HELP {name} {help_text}")
+        self._lines.append(f"# TYPE {name} histogram")
+        self._lines.extend(f"{name}_bucket{labels(le=f'{bound:g}')} {count_}"
+                           for bound, count_ in buckets)
+        self._lines.append(f'{name}_bucket{{le="+Inf"}} {count}')
+        self._lines.append(f"{name}_sum {number(total)}")
+        self._lines.append(f"{name}_count {count}")
+
+    def render(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+Health = Callable[[], dict[str, bool]]
+"""{"live": ..., "ready": ...}"""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" (IPv6 in brackets) as (host, port); ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def serve(address: str, collect: Callable[[], str], health: Health,
+          stop: threading.Event) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on `address` until `stop` is set."""
+    host, port = split_address(address)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, code = collect().encode(), 200
+                ctype = "text/plain; version=0.0.4"
+            elif self.path in ("/healthz", "/readyz"):
+                state = health()
+                good = state["live"] if self.path == "/healthz" else state["ready"]
+                body, code, ctype = (b"ok\n" if good else b"not ok\n"), (200 if good else 503), \
+                    "text/plain"
+            else:
+                body, code, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug(format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+    def shutdown_on_stop() -> None:
+        stop.wait()
+        server.shutdown()
+
+    threading.Thread(target=shutdown_on_stop, name="metrics-stop", daemon=True).start()
+    return server

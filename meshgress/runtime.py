@@ -1,0 +1,248 @@
+"""The reconcile runtime shared by the node agent and the gateway.
+
+Both processes are the same kind of program, in the shape the best agents of this field
+share (Calico Felix, kopf):
+
+1. informers fill caches from the datastore and only *poke* the loop (no kernel I/O in
+   event handlers);
+2. a pass computes the desired state from the caches and applies it step by step;
+3. bursts of pokes are coalesced into one pass; a pass also runs every resync interval
+   without events, and sooner when the component asks (`Pass.wake_in`);
+4. every step goes through `ReconcileLoop.step`, which tells errors apart:
+   - a *permanent* one (`PermanentError`, or any exception whose `temporary` attribute is
+     False, as the wireguard library marks bad key files and missing implementations):
+     bad input or configuration that retrying cannot fix. It is reported (logged once per
+     message, counted) and the loop does not hurry back: the next pass comes with the next
+     change or resync;
+   - any other is *temporary* (a kernel or datastore hiccup): logged, counted and retried
+     with jittered exponential backoff, from `retry_interval` up to `resync_interval`;
+5. `/metrics`, `/healthz` and `/readyz` are served from the loop's metrics and the
+   component's own; SIGTERM and SIGINT stop the loop (the component decides what stopping
+   leaves in place).
+
+Components keep their own state and passes; this module owns only the loop around them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from meshgress import prometheus
+from meshgress.datastore import Datastore, Kind
+from meshgress.datastore.informer import Informer
+
+RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class PermanentError(Exception):
+    """Retrying cannot help until something changes (an object, a file, the node's setup).
+
+    The message says what to fix; the loop reports it and waits for a change."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, PermanentError) or getattr(exc, "temporary", None) is False
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one pass tells the loop beyond its steps' outcomes."""
+
+    ran: bool = True
+    """False: the pass could not start (say, this node's Node object is not there yet);
+    the loop retries as after a temporary failure."""
+    wake_in: float | None = None
+    """Seconds until the component wants another pass even without events."""
+
+
+@dataclass
+class LoopMetrics:
+    """The loop's own figures, rendered under the component's metric names."""
+
+    prefix: str
+    """"meshgress_" for the agent, "meshgress_gateway_" for gateways."""
+    errors_metric: str
+    reconciles: int = 0
+    failures: int = 0
+    seconds_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(RECONCILE_BUCKETS))
+    errors: dict[str, int] = field(default_factory=dict)
+    permanent: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, seconds: float, ok: bool) -> None:
+        self.reconciles += 1
+        self.failures += not ok
+        self.seconds_sum += seconds
+        for i, bound in enumerate(RECONCILE_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+
+    def count_error(self, op: str, permanent: bool = False) -> None:
+        counts = self.permanent if permanent else self.errors
+        counts[op] = counts.get(op, 0) + 1
+
+    def render(self, page: prometheus.Exposition) -> None:
+        page.metric(f"{self.prefix}reconcile_total", "counter", "Reconcile passes.",
+                    [("", self.reconciles)])
+        page.metric(f"{self.prefix}reconcile_failures_total", "counter",
+                    "Reconcile passes where some step failed.", [("", self.failures)])
+        page.histogram(f"{self.prefix}reconcile_duration_seconds", "Time of one reconcile pass.",
+                       list(zip(RECONCILE_BUCKETS, self.buckets, strict=True)),
+                       self.reconciles, self.seconds_sum)
+        page.metric(self.errors_metric, "counter",
+                    "Failed steps by operation (transient: retried with backoff).",
+                    [(prometheus.labels(op=op), n) for op, n in sorted(self.errors.items())])
+        page.metric(f"{self.prefix}permanent_errors_total", "counter",
+                    "Steps that failed on input or configuration retrying cannot fix, by "
+                    "operation (reported; retried only after a change).",
+                    [(prometheus.labels(op=op), n) for op, n in sorted(self.permanent.items())])
+
+
+class ReconcileLoop:
+    """Informers, poke and coalesce, steps, health, metrics server and signals."""
+
+    def __init__(self, store: Datastore, kinds: Mapping[Kind, str | None], *,
+                 log: logging.Logger, metrics: LoopMetrics, resync_interval: float = 10.0,
+                 retry_interval: float = 1.0, coalesce: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`kinds`: each kind to watch, with the node name its objects are limited to
+        (`spec.nodeName`, for pods) or None."""
+        self.log = log
+        self.metrics = metrics
+        self.resync_interval = resync_interval
+        self.retry_interval = retry_interval
+        self.coalesce = coalesce
+        self.clock = clock
+        self.stop = threading.Event()
+        self._poke = threading.Event()
+        self.informers = {kind: Informer(store, kind, on_change=self._poke.set,
+                                         field_node_name=node)
+                          for kind, node in kinds.items()}
+        self.last_loop = clock()
+        self._failures_in_pass = 0
+        self._backoff = retry_interval
+        self._reported: dict[str, str] = {}
+
+    # -- caches ---------------------------------------------------------------------
+
+    def snapshot(self, kind: Kind) -> dict[tuple[str, str], Any]:
+        return self.informers[kind].snapshot()
+
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in self.informers.values())
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    # -- steps ----------------------------------------------------------------------
+
+    def step(self, op: str, action: Callable[[], Any]) -> bool:
+        """Run one step of a pass; False when it failed (and was reported)."""
+        try:
+            result = action()
+        except Exception as exc:
+            permanent = is_permanent(exc)
+            self.metrics.count_error(op, permanent)
+            if permanent:
+                if self._reported.get(op) != str(exc):
+                    self.log.error("%s: %s", op, exc)
+                self._reported[op] = str(exc)
+            else:
+                self._failures_in_pass += 1
+                self.log.warning("%s failed: %s", op, exc)
+                self.log.debug("%s failed", op, exc_info=True)
+            return False
+        if self._reported.pop(op, None) is not None:
+            self.log.info("%s: succeeds again", op)
+        describe = getattr(result, "describe", None)
+        if callable(describe):
+            for line in describe():
+                self.log.info("%s: %s", op, line)
+        elif isinstance(result, list):
+            for line in result:
+                self.log.info("%s: %s", op, line)
+        return True
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _next_wait(self, outcome: Pass) -> float:
+        if self._failures_in_pass or not outcome.ran:
+            wait = self._backoff * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+            self._backoff = min(self._backoff * 2, self.resync_interval)
+        else:
+            wait = self.resync_interval
+            self._backoff = self.retry_interval
+        if outcome.wake_in is not None:
+            wait = min(wait, max(outcome.wake_in, 0.0))
+        return wait
+
+    def run(self, one_pass: Callable[[], Pass], *,
+            before_pass: Callable[[], None] | None = None) -> None:
+        """Pass after pass until `stop` is set. `before_pass` runs first on every turn,
+        synced or not (the agent's failover fast path)."""
+        for informer in self.informers.values():
+            informer.start()
+        try:
+            while not self.stop.is_set():
+                self.last_loop = self.clock()
+                self._poke.clear()
+                if before_pass is not None:
+                    before_pass()
+                outcome = Pass(ran=False)
+                self._failures_in_pass = 0
+                if self.synced():
+                    started = self.clock()
+                    try:
+                        outcome = one_pass()
+                    except Exception:
+                        # A bug, not bad input (that becomes status): log it, retry.
+                        self.metrics.count_error("reconcile")
+                        self.log.exception("reconcile failed")
+                        self._failures_in_pass += 1
+                        outcome = Pass()
+                    self.metrics.observe(self.clock() - started,
+                                         outcome.ran and not self._failures_in_pass)
+                self._poke.wait(self._next_wait(outcome))
+                if self.coalesce:
+                    self.stop.wait(self.coalesce)  # a burst of events becomes one pass
+        finally:
+            self.stop.set()
+            self._poke.set()
+            for informer in self.informers.values():
+                informer.stop()
+
+    def live(self) -> bool:
+        return self.clock() - self.last_loop < 3 * self.resync_interval + 5
+
+    # -- serving --------------------------------------------------------------------
+
+    def serve_metrics(self, address: str, render: Callable[[prometheus.Exposition], None],
+                      ready: Callable[[], bool]) -> None:
+        """/metrics (the loop's figures, then the component's), /healthz, /readyz."""
+        def collect() -> str:
+            page = prometheus.Exposition()
+            self.metrics.render(page)
+            render(page)
+            return page.render()
+
+        prometheus.serve(address, collect, lambda: {"live": self.live(), "ready": ready()},
+                         self.stop)
+
+    def stop_on_signals(self, also: Callable[[], None] | None = None) -> None:
+        """SIGTERM and SIGINT stop the loop (from the main thread only)."""
+        def on_signal(_signum: int, _frame: FrameType | None) -> None:
+            self.stop.set()
+            self._poke.set()
+            if also is not None:
+                also()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)

@@ -1,0 +1,200 @@
+"""The node agent's loop without root: a real file datastore and informers, every kernel
+port a fake. What is checked is what makes a node fail closed — the order of start-up —
+and that a pod's ADD waits for its steering."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION
+from meshgress.config import ClusterConfig
+from meshgress.datastore import Kind
+from meshgress.datastore.file import FileDatastore
+from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
+from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE
+from nodeagent.agent import Agent, AgentConfig, AgentPorts
+from nodeagent.firewall import CHAIN_GUARD_IN, CHAIN_GUARD_OUT, COUNTER_LEAK_OUT
+from nodeagent.mesh import RouteSpec
+from nodeagent.routes import FakeRoutes
+from nodeagent.steering import LocalPod
+from nodeagent.steering_kernel import FakeSteering
+from wireguard.fake import FakeBackend
+from wireguard.keys import generate_private_key, public_key
+
+CLUSTER = ClusterConfig(pod_cidrs=(ipaddress.ip_network("198.18.0.0/16"),),
+                        service_cidrs=(ipaddress.ip_network("198.19.0.0/16"),))
+FALLBACK = RouteSpec(dst=ipaddress.IPv4Network("198.18.0.0/16"), type="unreachable")
+PEER_KEY = public_key(generate_private_key())
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.forwarding = False
+
+    def underlay_mtu(self, address: str) -> int:
+        return 1500
+
+    def ensure_ip_forwarding(self) -> None:
+        self.forwarding = True
+
+
+class IdleProber:
+    def __init__(self, source: str, on_change: Callable[[], None]) -> None:
+        self.targets: tuple[Any, ...] = ()
+
+    def start(self) -> IdleProber:
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def set_targets(self, targets: tuple[Any, ...]) -> None:
+        self.targets = targets
+
+    def healthy(self) -> frozenset[Any]:
+        return frozenset()
+
+    def stats(self) -> dict[Any, Any]:
+        return {}
+
+
+class RecordingPods:
+    """A PodNetwork that notes the kernel as the fakes hold it when it starts serving."""
+
+    def __init__(self, ports: dict[str, Any]) -> None:
+        self.ports = ports
+        self.at_start: dict[str, Any] | None = None
+        self.serving = threading.Event()
+        self.hooks: dict[str, Callable[[LocalPod], None]] = {}
+
+    def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
+        return []
+
+    def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: Any,
+              on_removed: Any, stop: threading.Event) -> None:
+        nft, routes, wg = self.ports["nft"], self.ports["routes"], self.ports["wireguard"]
+        self.at_start = {"table": nft.state, "routes": set(routes.table),
+                         "device": wg.read(WIREGUARD_INTERFACE), "mtu": mtu, "cidr": pod_cidr}
+        self.hooks = {"ready": on_ready, "removed": on_removed}
+        self.serving.set()
+        stop.wait()
+
+
+def node(name: str, address: str, cidr: str, **annotations: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"podCIDRs": [cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": address}]}}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FileDatastore]:
+    store = FileDatastore(tmp_path / "store", poll_interval=0.01)
+    store.create(node("node1", "192.0.2.11", "198.18.1.0/24"))
+    store.create(node("node2", "192.0.2.12", "198.18.2.0/24", **{
+        PUBLIC_KEY_ANNOTATION: PEER_KEY, ENDPOINT_ANNOTATION: "192.0.2.12:51820"}))
+    yield store
+    store.close()
+
+
+def make_agent(tmp_path: Path, store: FileDatastore, nft: FakeNftablesAdapter | None = None
+               ) -> tuple[Agent, RecordingPods, dict[str, Any]]:
+    fakes: dict[str, Any] = {"nft": nft or FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE),
+                             "routes": FakeRoutes(), "wireguard": FakeBackend(),
+                             "steering": FakeSteering(), "host": FakeHost()}
+    pods = RecordingPods(fakes)
+    config = AgentConfig(node_name="node1", cluster=CLUSTER, state_dir=tmp_path / "state",
+                         metrics_address=None, retry_interval=0.05)
+    agent = Agent(config, store, AgentPorts(**fakes, pods=pods, prober=IdleProber))
+    return agent, pods, fakes
+
+
+def run_in_background(agent: Agent) -> threading.Thread:
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop(agent: Agent, thread: threading.Thread) -> None:
+    agent.stop.set()
+    agent.loop.poke()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_guard_fallback_and_peers_are_in_place_before_the_first_pod_is_served(tmp_path, store):
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert pods.serving.wait(10), "the CNI server never started"
+        seen = pods.at_start
+        assert seen is not None
+        table = seen["table"]
+        assert table is not None and {CHAIN_GUARD_OUT, CHAIN_GUARD_IN} <= set(table.chains)
+        assert COUNTER_LEAK_OUT in table.counters
+        assert FALLBACK in seen["routes"]
+        assert seen["device"] is not None
+        assert [p.public_key for p in seen["device"].peers] == [PEER_KEY]
+        assert seen["mtu"] == 1440 and str(seen["cidr"]) == "198.18.1.0/24"
+        assert fakes["host"].forwarding
+        # Published only once the dataplane was in place.
+        deadline = time.monotonic() + 5
+        while not agent.ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
+        assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+    finally:
+        stop(agent, thread)
+
+
+def test_no_pod_is_served_while_the_guard_cannot_be_programmed(tmp_path, store):
+    class BrokenNft(FakeNftablesAdapter):
+        def apply(self, plan: Any) -> None:
+            raise NftError("apply", 1, "Operation not supported")
+
+    agent, pods, _ = make_agent(tmp_path, store, BrokenNft(NFT_FAMILY, NFT_TABLE))
+    thread = run_in_background(agent)
+    try:
+        time.sleep(1.0)  # several retries
+        assert not pods.serving.is_set()
+        assert agent.loop.metrics.errors.get("nftables", 0) >= 2
+        assert not agent.ready()
+        assert PUBLIC_KEY_ANNOTATION not in (
+            store.get(Kind.NODE, "node1")["metadata"].get("annotations") or {})
+    finally:
+        stop(agent, thread)
+
+
+def test_concurrent_pod_hooks_never_trip_over_each_other(tmp_path, store):
+    agent, pods, _ = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert pods.serving.wait(10)
+        errors: list[BaseException] = []
+
+        def churn(worker: int) -> None:
+            try:
+                for n in range(40):
+                    pod = LocalPod("web", f"p{worker}-{n}",
+                                   ipaddress.IPv4Address(f"198.18.1.{worker * 40 + n + 2}"))
+                    pods.hooks["ready"](pod)
+                    if n % 3:
+                        pods.hooks["removed"](pod)
+            except BaseException as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=churn, args=(w,)) for w in range(5)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert errors == []
+    finally:
+        stop(agent, thread)
