@@ -523,11 +523,12 @@ class ControlPlane:
         self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
         self.kubeconfig.chmod(0o600)
 
-    def kubectl(self, *args: str, check: bool = True,
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """The pinned kubectl with the admin kubeconfig, run inside the namespace."""
         argv = [str(binary_path("kubectl")), f"--kubeconfig={self.kubeconfig}", *args]
-        return netns.run(self._in_netns(argv), check=check, timeout=timeout)
+        return netns.run(self._in_netns(argv), input_text=input_text, check=check,
+                         timeout=timeout)
 
     def api_client(self) -> Any:
         """An admin `kubernetes.client.ApiClient`; use it only inside `call()`."""

@@ -10,11 +10,14 @@ Needs the binaries of `make binaries` (the test fails naming it when they are mi
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
@@ -24,7 +27,6 @@ from meshgress.lab.controlplane import (
     PINNED_VERSIONS,
     ControlPlane,
     ControlPlaneConfig,
-    ControlPlaneError,
     cleanup_state_dir,
     jwt_claims,
 )
@@ -42,6 +44,26 @@ POD_BOUND_EXTRA = {
     "authentication.kubernetes.io/node-uid",
     "authentication.kubernetes.io/credential-id",
 }
+NO_FORBIDDEN_CONFIGMAPS = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: no-forbidden-keys}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [""], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [configmaps]}
+  validations:
+  - expression: "!has(object.data) || !('forbidden' in object.data)"
+    message: no forbidden keys
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: no-forbidden-keys}
+spec:
+  policyName: no-forbidden-keys
+  validationActions: [Deny]
+"""
 
 
 @contextlib.contextmanager
@@ -67,9 +89,10 @@ def _clean_slate() -> Iterator[None]:
         STATE_ROOT.rmdir()
 
 
-def control_plane_in(namespace: str, name: str) -> ControlPlane:
+def control_plane_in(namespace: str, name: str, **options: Any) -> ControlPlane:
     return ControlPlane(ControlPlaneConfig(
-        state_dir=STATE_ROOT / name, netns=namespace, service_cluster_ip_range=SERVICE_RANGE))
+        state_dir=STATE_ROOT / name, netns=namespace, service_cluster_ip_range=SERVICE_RANGE,
+        **options))
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +159,44 @@ def test_apiserver_restart_keeps_the_data(control_plane: ControlPlane) -> None:
     assert out.stdout == "v"
 
 
-def test_compaction_drops_older_revisions(control_plane: ControlPlane) -> None:
-    control_plane.kubectl("create", "configmap", "before-compaction")
-    revision = control_plane.compact_etcd()
-    assert control_plane.etcd_revision() >= revision
-    with pytest.raises(ControlPlaneError, match="compacted"):
-        control_plane._etcd_post("/v3/kv/range", {"key": "AA==", "revision": revision - 1})
+def test_validating_admission_policy_is_enforced(control_plane: ControlPlane) -> None:
+    control_plane.kubectl("apply", "-f", "-", input_text=NO_FORBIDDEN_CONFIGMAPS)
+    deadline = time.monotonic() + 30
+    while True:  # the policy is enforced once the API server has loaded and checked it
+        refused = control_plane.kubectl("create", "configmap", f"probe-{secrets.token_hex(2)}",
+                                        "--from-literal=forbidden=yes", check=False)
+        if refused.returncode != 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "no forbidden keys" in refused.stderr
+    control_plane.kubectl("create", "configmap", "allowed", "--from-literal=fine=yes")
+
+
+def test_compaction_forces_gone_without_watch_cache(_clean_slate: None) -> None:
+    """With the watch cache off, lists and watches go to etcd: after a forced compaction a
+    watch from an older resourceVersion ends in 410 Gone, as a controller must handle."""
+    with throwaway_netns("gone") as namespace:
+        plane = control_plane_in(namespace, f"gone-{namespace}", watch_cache=False)
+        try:
+            plane.start()
+            plane.kubectl("create", "configmap", "first")
+            listed_then = plane.kubectl("get", "--raw", "/api/v1/namespaces/default/configmaps")
+            old = json.loads(listed_then.stdout)["metadata"]["resourceVersion"]
+            plane.kubectl("create", "configmap", "second")
+            plane.kubectl("create", "configmap", "third")
+            # Compaction at R keeps R itself: a watch from `old` starts at old + 1 < R.
+            assert plane.compact_etcd() > int(old) + 1
+
+            watch = plane.kubectl("get", "--raw", "/api/v1/namespaces/default/configmaps"
+                                  f"?watch=1&resourceVersion={old}&timeoutSeconds=5")
+            assert '"code":410' in watch.stdout
+            listed = plane.kubectl("get", "--raw", "/api/v1/namespaces/default/configmaps"
+                                   f"?resourceVersion={old}&resourceVersionMatch=Exact",
+                                   check=False)
+            assert listed.returncode != 0
+            assert "(Expired)" in listed.stderr  # kubectl's words for a 410
+        finally:
+            plane.stop()
 
 
 def test_stop_leaves_nothing_behind(_clean_slate: None) -> None:
