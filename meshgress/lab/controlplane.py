@@ -284,9 +284,8 @@ class ControlPlane:
         etcd = binary_path("etcd")
         apiserver = binary_path("kube-apiserver")
         cleanup_state_dir(self.state_dir)
-        for folder in (self.log_dir, self._pid_dir, self.state_dir / "etcd"):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o700)
+        for folder in (self.state_dir, self.log_dir, self._pid_dir, self.state_dir / "etcd"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             generate_pki(self.pki.directory, addresses=[self.config.address,
                                                         str(self.service_ip)])

@@ -83,6 +83,8 @@ def _clean_slate() -> Iterator[None]:
     for leftover in sorted(STATE_ROOT.glob("*")):
         cleanup_state_dir(leftover)
     for name in list_netns(NETNS_PREFIX):
+        # Whatever still runs in a namespace of ours is a crashed run's (by construction).
+        lab_netns.stop_pids(lab_netns.netns_pids(name))
         delete_netns(name)
     yield
     with contextlib.suppress(OSError):
