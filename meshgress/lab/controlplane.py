@@ -260,7 +260,11 @@ class ControlPlane:
     # -- life cycle
 
     def __enter__(self) -> ControlPlane:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ fails
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
