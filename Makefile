@@ -18,7 +18,7 @@ APT_PACKAGES := nftables libnftables1 wireguard-tools wireguard-go iproute2 iput
 	tcpdump iperf3 conntrack util-linux procps podman runc containernetworking-plugins \
 	busybox-static uidmap qemu-system-x86 kmod
 
-.PHONY: help setup apt venv demo test check bench lab-down clean
+.PHONY: help setup apt venv binaries demo test check bench lab-down clean
 
 help:
 	@echo "make demo   - build the lab (a cluster in network namespaces) and show what it proves"
@@ -49,12 +49,17 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'import meshgress, nftables, pyroute2, hypothesis' || { echo "make: the virtualenv is incomplete"; exit 1; }
 	@touch $(STAMP)
 
-demo: setup
+# The real programs the tests and the lab run (kube-apiserver, etcd, wireguard-go, kubectl,
+# helm), built once from pinned sources into a cache keyed by version (tests/infra/README.md).
+binaries: venv
+	@$(PY) tests/infra/build-binaries --python $(PY)
+
+demo: setup binaries
 	@$(VENV)/bin/meshgress lab demo --nodes 2 --gateway-nodes 2
 
 # The kernel WireGuard suite needs a kernel with WireGuard: run-vm runs it natively where
 # the host has the module, else in a throwaway QEMU guest with a stock Debian kernel.
-test: setup check
+test: setup check binaries
 	@$(PY) -m pytest -q tests --ignore=tests/kernel
 	@tests/kernel/run-vm -q
 
