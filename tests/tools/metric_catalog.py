@@ -75,6 +75,25 @@ def _catalogue(text: str) -> dict[str, ExportedMetric]:
     return out
 
 
+def sample_series() -> list[tuple[str, str, float]]:
+    """Every series of one agent's and one gateway's scrape, fed one of everything:
+    (name, the text between the braces, value), with the scrape's job and instance
+    labels added as Prometheus would (jobs as the alert rules expect them)."""
+    out = []
+    for text, target in ((_agent_text(), 'job="meshgress-agent",instance="192.0.2.11:9820"'),
+                         (_gateway_text(),
+                          'job="meshgress-gateway",instance="192.0.2.101:9821"')):
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            match = _SAMPLE.match(line)
+            assert match, line
+            name, inner = match.group(1), match.group(2)
+            out.append((name, ",".join(filter(None, (inner, target))),
+                        float(line.rsplit(" ", 1)[1])))
+    return out
+
+
 def agent_metrics() -> dict[str, ExportedMetric]:
     """The agent's series (port 9820)."""
     return _catalogue(_agent_text())
