@@ -1,0 +1,111 @@
+"""Every metric the agent and the gateway export, with its type, read from their own
+renderers — so the alert rules and the dashboard can be checked against the code rather
+than against a list someone keeps by hand.
+
+The metrics are rendered by hand (`nodeagent.metrics`, `gateway.metrics`); some appear
+only when there is something to count (a slot, a peer, an error), so the renderers are
+fed one of everything. `exported_metrics` is purely computational.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.metrics import GatewayMetrics
+from gateway.metrics import SlotSample as GatewaySlot
+from nodeagent.metrics import AgentMetrics
+from nodeagent.metrics import SlotSample as AgentSlot
+from wireguard.model import PeerStats
+
+_TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? \S+$", re.MULTILINE)
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="(?:[^"\\]|\\.)*"')
+
+_KEY = "xTIhkvADN8fMOMVlYZ0ub2SYQfRfJ1Sog4z6UmKHv0c="
+
+
+def _agent_text() -> str:
+    metrics = AgentMetrics(errors={"wireguard": 1}, peers_expected=1, started_at=1.0,
+                           skipped_nodes={"node9": "no public key published yet"},
+                           dataplane_reads={"wireguard": 1})
+    metrics.observe_reconcile(0.02, ok=False)
+    return metrics.render(
+        counters={"leak_out": (1, 60), "spoof_in": (1, 60)},
+        peer_stats=(PeerStats(_KEY, rx_bytes=1, tx_bytes=1, last_handshake_sec=1),),
+        peer_names={_KEY: "node2"}, now=100.0,
+        slots=[AgentSlot(gateway="egw", index=0, healthy=True, probes_sent=1,
+                         probes_answered=1, failovers=0, flows=1, tx_bytes=1, rx_bytes=1)],
+        selected_pods={"payments": 1}, policy_flows={"payments": 1})
+
+
+def _gateway_text() -> str:
+    metrics = GatewayMetrics(reconciles=1, reconcile_failures=1, acquisitions=1)
+    metrics.count_error("renew")
+    return metrics.render(
+        slots=[GatewaySlot("egw", 0, "192.0.2.50", "aaaa0000", held=True, ready=True)],
+        counters={})
+
+
+@dataclass(frozen=True)
+class ExportedMetric:
+    """One series name as Prometheus stores it: its family's type and its own labels
+    (without the target labels a scrape adds: job, instance, ...)."""
+
+    kind: str
+    labels: frozenset[str]
+
+
+def _catalogue(text: str) -> dict[str, ExportedMetric]:
+    """Series name -> type and labels, histograms expanded into the series they expose;
+    every family must have samples here (else nothing could be checked against it)."""
+    types = dict(_TYPE_LINE.findall(text))
+    labels: dict[str, set[str]] = {}
+    for name, inner in _SAMPLE.findall(text):
+        labels.setdefault(name, set()).update(_LABEL.findall(inner))
+    out: dict[str, ExportedMetric] = {}
+    for family, kind in types.items():
+        names = ([f"{family}_bucket", f"{family}_sum", f"{family}_count"]
+                 if kind == "histogram" else [family])
+        for name in names:
+            if name not in labels:
+                raise AssertionError(f"{name} has no sample in the rendered text: feed the "
+                                     "renderer one of what it counts")
+            out[name] = ExportedMetric(kind, frozenset(labels[name]))
+    return out
+
+
+def sample_series() -> list[tuple[str, str, float]]:
+    """Every series of one agent's and one gateway's scrape, fed one of everything:
+    (name, the text between the braces, value), with the scrape's job and instance
+    labels added as Prometheus would (jobs as the alert rules expect them)."""
+    out = []
+    for text, target in ((_agent_text(), 'job="meshgress-agent",instance="192.0.2.11:9820"'),
+                         (_gateway_text(),
+                          'job="meshgress-gateway",instance="192.0.2.101:9821"')):
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            match = _SAMPLE.match(line)
+            assert match, line
+            name, inner = match.group(1), match.group(2)
+            out.append((name, ",".join(filter(None, (inner, target))),
+                        float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def agent_metrics() -> dict[str, ExportedMetric]:
+    """The agent's series (port 9820)."""
+    return _catalogue(_agent_text())
+
+
+def gateway_metrics() -> dict[str, ExportedMetric]:
+    """The gateway's series (port 9821)."""
+    return _catalogue(_gateway_text())
+
+
+def exported_metrics() -> dict[str, ExportedMetric]:
+    """Both, by name: the names do not overlap (the gateway's start meshgress_gateway_)."""
+    agent, gateway = agent_metrics(), gateway_metrics()
+    assert not set(agent) & set(gateway)
+    return {**agent, **gateway}
