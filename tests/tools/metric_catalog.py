@@ -2,9 +2,10 @@
 renderers — so the alert rules and the dashboard can be checked against the code rather
 than against a list someone keeps by hand.
 
-The metrics are rendered by hand (`nodeagent.metrics`, `gateway.metrics`); some appear
-only when there is something to count (a slot, a peer, an error), so the renderers are
-fed one of everything. `exported_metrics` is purely computational.
+The metrics are rendered by hand (the loop's by `meshgress.runtime.LoopMetrics`, the
+rest by `nodeagent.metrics` and `gateway.metrics`); some appear only when there is
+something to count (a slot, a peer, an error), so the renderers are fed one of
+everything. `exported_metrics` is purely computational.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gateway.leases import LeaseMetrics
 from gateway.metrics import GatewayMetrics
 from gateway.metrics import SlotSample as GatewaySlot
+from meshgress.prometheus import Exposition
+from meshgress.runtime import LoopMetrics
 from nodeagent.metrics import AgentMetrics
 from nodeagent.metrics import SlotSample as AgentSlot
 from wireguard.model import PeerStats
@@ -25,26 +29,37 @@ _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="(?:[^"\\]|\\.)*"')
 _KEY = "xTIhkvADN8fMOMVlYZ0ub2SYQfRfJ1Sog4z6UmKHv0c="
 
 
+def _loop_page(prefix: str, errors_metric: str) -> Exposition:
+    loop = LoopMetrics(prefix, errors_metric)
+    loop.observe(0.02, ok=False)
+    loop.count_error("wireguard")
+    loop.count_error("nftables", permanent=True)
+    page = Exposition()
+    loop.render(page)
+    return page
+
+
 def _agent_text() -> str:
-    metrics = AgentMetrics(errors={"wireguard": 1}, peers_expected=1, started_at=1.0,
+    page = _loop_page("meshgress_", "meshgress_reconcile_errors_total")
+    metrics = AgentMetrics(peers_expected=1, started_at=1.0,
                            skipped_nodes={"node9": "no public key published yet"},
                            dataplane_reads={"wireguard": 1})
-    metrics.observe_reconcile(0.02, ok=False)
-    return metrics.render(
-        counters={"leak_out": (1, 60), "spoof_in": (1, 60)},
+    metrics.render(
+        page, counters={"leak_out": (1, 60), "spoof_in": (1, 60)},
         peer_stats=(PeerStats(_KEY, rx_bytes=1, tx_bytes=1, last_handshake_sec=1),),
         peer_names={_KEY: "node2"}, now=100.0,
         slots=[AgentSlot(gateway="egw", index=0, healthy=True, probes_sent=1,
                          probes_answered=1, failovers=0, flows=1, tx_bytes=1, rx_bytes=1)],
         selected_pods={"payments": 1}, policy_flows={"payments": 1})
+    return page.render()
 
 
 def _gateway_text() -> str:
-    metrics = GatewayMetrics(reconciles=1, reconcile_failures=1, acquisitions=1)
-    metrics.count_error("renew")
-    return metrics.render(
-        slots=[GatewaySlot("egw", 0, "192.0.2.50", "aaaa0000", held=True, ready=True)],
+    page = _loop_page("meshgress_gateway_", "meshgress_gateway_errors_total")
+    GatewayMetrics(LeaseMetrics(acquisitions=1)).render(
+        page, slots=[GatewaySlot("egw", 0, "192.0.2.50", "aaaa0000", held=True, ready=True)],
         counters={})
+    return page.render()
 
 
 @dataclass(frozen=True)
