@@ -1,9 +1,10 @@
 """Fixtures for privileged tests: throwaway network namespaces and processes inside them.
 
 Everything a test makes lives in network namespaces it created (named with a prefix the
-test owns) and is removed afterwards, also when the test fails; leftovers of a crashed
-earlier run (namespaces with the prefix, server processes recorded in a pid directory)
-are removed before the first test that needs them. Nothing here configures the host's
+test run owns: `tests.run_owned`) and is removed afterwards, also when the test fails;
+leftovers of a crashed earlier run (its namespaces, the server processes it recorded in
+its pid directory) are removed before the first test that needs them. A run that is
+still going is never touched, so sessions can run side by side. Nothing here configures the host's
 own network namespace: commands run inside a namespace via `nsenter --net=`, and sockets
 a test needs inside one are created by a short-lived thread that entered it (the test
 process itself never leaves the host namespace).
@@ -30,9 +31,13 @@ from typing import Any
 
 import pytest
 
+from tests.run_owned import OWNER, is_crashed_runs, owned
+
 NETNS_DIR = Path("/run/netns")
 CNI_PREFIX = "mgt-cni-"
-PID_DIR = Path("/tmp/mgt-cni-pids")
+PIDS_ROOT = Path("/tmp/mgt-cni-pids")
+PID_DIR = PIDS_ROOT / str(OWNER)
+"""Helper processes this run started, one file per PID holding a marker of its command."""
 CNI_BIN = Path("/usr/lib/cni")
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000
@@ -92,7 +97,7 @@ def spawn(argv: list[str], *, log: Path | None = None, marker: str | None = None
     `marker` (default: the last argument) must appear in the process's command line for a
     later cleanup to kill it, so a recycled pid is never killed.
     """
-    PID_DIR.mkdir(exist_ok=True)
+    PID_DIR.mkdir(parents=True, exist_ok=True)
     output = log.open("ab") if log else contextlib.nullcontext(subprocess.DEVNULL)
     with output as stderr:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -115,9 +120,12 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
 
 
 def cleanup_leftovers(prefix: str) -> None:
-    """Kill helper processes a crashed run recorded, then delete its namespaces."""
-    if PID_DIR.exists():
-        for entry in PID_DIR.iterdir():
+    """Kill helper processes crashed runs recorded, then delete their namespaces."""
+    runs = PIDS_ROOT.iterdir() if PIDS_ROOT.exists() else iter(())
+    for run_dir in runs:
+        if not run_dir.name.isdigit() or not is_crashed_runs(f"{run_dir.name}-", ""):
+            continue
+        for entry in run_dir.iterdir():
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
@@ -125,8 +133,11 @@ def cleanup_leftovers(prefix: str) -> None:
                 if entry.read_text().encode() in cmdline:
                     os.kill(int(entry.name), signal.SIGKILL)
             entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
     for name in list_netns(prefix):
-        delete_netns(name)
+        if is_crashed_runs(name, prefix):
+            delete_netns(name)
 
 
 def call_in_netns(netns: str, fn: Callable[[], Any]) -> Any:
@@ -167,9 +178,12 @@ def _cni_session_cleanup() -> Iterator[None]:
     require_root()
     cleanup_leftovers(CNI_PREFIX)
     yield
-    cleanup_leftovers(CNI_PREFIX)
+    for name in list_netns(owned(CNI_PREFIX)):
+        delete_netns(name)
     with contextlib.suppress(OSError):
-        PID_DIR.rmdir()  # only if no other run still records helpers there
+        PID_DIR.rmdir()
+    with contextlib.suppress(OSError):
+        PIDS_ROOT.rmdir()  # only if no other run still records helpers there
 
 
 @pytest.fixture
@@ -178,7 +192,7 @@ def netns_factory(_cni_session_cleanup: None) -> Iterator[Callable[[str], str]]:
     made: list[str] = []
 
     def make(role: str = "ns") -> str:
-        name = f"{CNI_PREFIX}{role}-{secrets.token_hex(3)}"
+        name = f"{owned(CNI_PREFIX)}{role}-{secrets.token_hex(3)}"
         run(["ip", "netns", "add", name])
         made.append(name)
         run(["ip", "-n", name, "link", "set", "lo", "up"])

@@ -29,6 +29,7 @@ import pytest
 
 from cni.install import compute_conflist, install_plugin
 from tests.privileged.conftest import CniNode, ip_json, spawn, stop
+from tests.run_owned import is_crashed_runs, owned
 
 pytestmark = pytest.mark.privileged
 
@@ -104,10 +105,12 @@ def remove_cgroup(name: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """What a crashed earlier run of this test left: its containers' cgroups (killing the
-    processes still in them, which that run started) and its work directories."""
+    """What crashed earlier runs of this test left: their containers' cgroups (killing the
+    processes still in them, which those runs started) and their work directories."""
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         for top in hierarchy.glob(f"{CGROUP_PREFIX}*"):
+            if not is_crashed_runs(top.name, CGROUP_PREFIX):
+                continue
             for procs in top.rglob("cgroup.procs"):
                 for pid in procs.read_text().split():
                     with contextlib.suppress(ProcessLookupError):
@@ -115,10 +118,12 @@ def remove_leftovers() -> None:
     time.sleep(0.2)
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         for top in hierarchy.glob(f"{CGROUP_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                remove_cgroup(top.name)
+            if is_crashed_runs(top.name, CGROUP_PREFIX):
+                with contextlib.suppress(OSError):
+                    remove_cgroup(top.name)
     for work in Path("/tmp").glob(f"{WORK_PREFIX}*"):
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        if is_crashed_runs(work.name, WORK_PREFIX):
+            subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 @pytest.fixture
@@ -131,7 +136,7 @@ def podman(cni_node_factory) -> Iterator[tuple[Callable[..., str], CniNode, str]
     remove_leftovers()
     node = cni_node_factory(pod_cidr="198.18.3.0/24")
     # podman refuses a runroot longer than 50 characters: a short directory of our own.
-    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix=owned(WORK_PREFIX), dir="/tmp"))
     plugin_dir, network_dir = work / "cni-bin", work / "net.d"
     network_dir.mkdir()
     install_plugin(plugin_dir)
@@ -143,7 +148,7 @@ def podman(cni_node_factory) -> Iterator[tuple[Callable[..., str], CniNode, str]
     (network_dir / f"{NETWORK}.conflist").write_text(json.dumps(conflist))
     env = write_podman_config(work, plugin_dir, network_dir)
     tar = build_rootfs_tar(work)
-    cgroup = f"{CGROUP_PREFIX}{secrets.token_hex(3)}"
+    cgroup = f"{owned(CGROUP_PREFIX)}{secrets.token_hex(3)}"
     marker = f"mgt-cni-mnt-{secrets.token_hex(3)}"
     # A private mount namespace whose /var/lib is a tmpfs (for libcni's result cache).
     helper = spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c",

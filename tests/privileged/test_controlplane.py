@@ -31,11 +31,14 @@ from meshgress.lab.controlplane import (
     jwt_claims,
 )
 from tests.privileged.conftest import delete_netns, list_netns, require_root, run
+from tests.run_owned import OWNER, is_crashed_runs, owned
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 
 NETNS_PREFIX = "mgt-cp-"
 STATE_ROOT = Path("/tmp/mgt-controlplane")
+RUN_STATE = STATE_ROOT / str(OWNER)
+"""This run's control planes keep their state here, one folder each."""
 SERVICE_RANGE = "10.96.0.0/16"
 POD_BOUND_EXTRA = {
     "authentication.kubernetes.io/pod-name",
@@ -68,7 +71,7 @@ spec:
 
 @contextlib.contextmanager
 def throwaway_netns(role: str) -> Iterator[str]:
-    name = f"{NETNS_PREFIX}{role}-{secrets.token_hex(3)}"
+    name = f"{owned(NETNS_PREFIX)}{role}-{secrets.token_hex(3)}"
     run(["ip", "netns", "add", name])
     try:
         run(["ip", "-n", name, "link", "set", "lo", "up"])
@@ -81,19 +84,26 @@ def throwaway_netns(role: str) -> Iterator[str]:
 def _clean_slate() -> Iterator[None]:
     require_root()
     for leftover in sorted(STATE_ROOT.glob("*")):
-        cleanup_state_dir(leftover)
+        if is_crashed_runs(f"{leftover.name}-", ""):
+            for state_dir in sorted(leftover.glob("*")):
+                cleanup_state_dir(state_dir)
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
     for name in list_netns(NETNS_PREFIX):
-        # Whatever still runs in a namespace of ours is a crashed run's (by construction).
-        lab_netns.stop_pids(lab_netns.netns_pids(name))
-        delete_netns(name)
+        if is_crashed_runs(name, NETNS_PREFIX):
+            # Whatever still runs in a crashed run's namespace is that run's.
+            lab_netns.stop_pids(lab_netns.netns_pids(name))
+            delete_netns(name)
     yield
+    with contextlib.suppress(OSError):
+        RUN_STATE.rmdir()
     with contextlib.suppress(OSError):
         STATE_ROOT.rmdir()
 
 
 def control_plane_in(namespace: str, name: str, **options: Any) -> ControlPlane:
     return ControlPlane(ControlPlaneConfig(
-        state_dir=STATE_ROOT / name, netns=namespace, service_cluster_ip_range=SERVICE_RANGE,
+        state_dir=RUN_STATE / name, netns=namespace, service_cluster_ip_range=SERVICE_RANGE,
         **options))
 
 
@@ -218,13 +228,13 @@ def test_stop_leaves_nothing_behind(_clean_slate: None) -> None:
         assert not any(lab_netns.pid_alive(pid) for pid in started.values())
         assert lab_netns.netns_pids(namespace) == []
         assert not plane.state_dir.exists()
-    assert namespace not in list_netns(NETNS_PREFIX)
+    assert namespace not in list_netns(owned(NETNS_PREFIX))
 
 
 def test_leftovers_of_a_crashed_run_are_cleared(_clean_slate: None) -> None:
     """A stale state folder: its recorded process is stopped (its command line names the
     folder), a recorded PID that is someone else's is left alone, and the folder goes."""
-    state_dir = STATE_ROOT / "crashed"
+    state_dir = RUN_STATE / "crashed"
     (state_dir / "pids").mkdir(parents=True)
     ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
                              str(state_dir)], start_new_session=True)

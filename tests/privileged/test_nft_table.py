@@ -62,6 +62,7 @@ from meshgress.kernel.nft_model import (
 from meshgress.kernel.nftables import NftablesAdapter, NftError, apply_ruleset
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
 from nodeagent.firewall import FirewallSpec, compute_ruleset
+from tests.run_owned import is_crashed_runs, owned
 
 TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
 
@@ -160,9 +161,9 @@ class AdapterInNetns:
         return self.worker.call(apply_ruleset, self.adapter, ruleset)
 
 
-def list_leftovers() -> list[str]:
+def list_netns(prefix: str) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
-        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX))
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
     return []
 
 
@@ -176,10 +177,11 @@ def _nft_session() -> Iterator[None]:
     for tool in ("ip", "nsenter", "nft", "ping"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: run `make test`, which installs it")
-    for name in list_leftovers():
-        run(["ip", "netns", "delete", name], check=False)
+    for name in list_netns(PREFIX):
+        if is_crashed_runs(name, PREFIX):
+            run(["ip", "netns", "delete", name], check=False)
     yield
-    for name in list_leftovers():
+    for name in list_netns(owned(PREFIX)):
         run(["ip", "netns", "delete", name], check=False)
 
 
@@ -188,7 +190,7 @@ def make_netns(_nft_session: None) -> Iterator[Callable[[str], str]]:
     made: list[str] = []
 
     def make(role: str) -> str:
-        name = f"{PREFIX}{role}-{secrets.token_hex(3)}"
+        name = f"{owned(PREFIX)}{role}-{secrets.token_hex(3)}"
         run(["ip", "netns", "add", name])
         made.append(name)
         run(["ip", "-n", name, "link", "set", "lo", "up"])
