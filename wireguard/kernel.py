@@ -32,8 +32,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from wireguard.errors import BackendUnavailableError, NetlinkRequestError, NotWireGuardDeviceError
 from wireguard.keys import normalise_key
 from wireguard.links import Links
-from wireguard.model import Device, PeerReading, PeerStats, parse_endpoint
-from wireguard.plan import DevicePlan
+from wireguard.model import Device, Peer, PeerReading, PeerStats, parse_endpoint
+from wireguard.plan import DevicePlan, PeerUpdate
 
 LINK_KIND = "wireguard"
 
@@ -44,6 +44,29 @@ LINK_KIND = "wireguard"
 def _endpoint_fields(endpoint: str) -> dict[str, Any]:
     address, port = parse_endpoint(endpoint)
     return {"endpoint_addr": str(address), "endpoint_port": port}
+
+
+def _added_peer_spec(peer: Peer) -> dict[str, Any]:
+    spec: dict[str, Any] = {"public_key": peer.public_key}
+    if peer.endpoint is not None:
+        spec.update(_endpoint_fields(peer.endpoint))
+    if peer.persistent_keepalive:
+        spec["persistent_keepalive"] = peer.persistent_keepalive
+    spec["replace_allowed_ips"] = True
+    spec["allowed_ips"] = [str(net) for net in peer.allowed_ips]
+    return spec
+
+
+def _updated_peer_spec(upd: PeerUpdate) -> dict[str, Any]:
+    spec: dict[str, Any] = {"public_key": upd.public_key, "update_only": True}
+    if upd.endpoint is not None:
+        spec.update(_endpoint_fields(upd.endpoint))
+    if upd.persistent_keepalive is not None:
+        spec["persistent_keepalive"] = upd.persistent_keepalive
+    if upd.allowed_ips is not None:
+        spec["replace_allowed_ips"] = True
+        spec["allowed_ips"] = [str(net) for net in upd.allowed_ips]
+    return spec
 
 
 def compute_netlink_requests(plan: DevicePlan) -> list[dict[str, Any]]:
@@ -61,25 +84,9 @@ def compute_netlink_requests(plan: DevicePlan) -> list[dict[str, Any]]:
         device["fwmark"] = plan.fwmark
     if device:
         requests.append({"interface": plan.name, **device})
-    for peer in plan.add_peers:
-        spec: dict[str, Any] = {"public_key": peer.public_key}
-        if peer.endpoint is not None:
-            spec.update(_endpoint_fields(peer.endpoint))
-        if peer.persistent_keepalive:
-            spec["persistent_keepalive"] = peer.persistent_keepalive
-        spec["replace_allowed_ips"] = True
-        spec["allowed_ips"] = [str(net) for net in peer.allowed_ips]
-        requests.append({"interface": plan.name, "peer": spec})
-    for upd in plan.update_peers:
-        spec = {"public_key": upd.public_key, "update_only": True}
-        if upd.endpoint is not None:
-            spec.update(_endpoint_fields(upd.endpoint))
-        if upd.persistent_keepalive is not None:
-            spec["persistent_keepalive"] = upd.persistent_keepalive
-        if upd.allowed_ips is not None:
-            spec["replace_allowed_ips"] = True
-            spec["allowed_ips"] = [str(net) for net in upd.allowed_ips]
-        requests.append({"interface": plan.name, "peer": spec})
+    requests += [{"interface": plan.name, "peer": _added_peer_spec(p)} for p in plan.add_peers]
+    requests += [{"interface": plan.name, "peer": _updated_peer_spec(u)}
+                 for u in plan.update_peers]
     for key in plan.remove_peers:
         requests.append({"interface": plan.name, "peer": {"public_key": key, "remove": True}})
     return requests
@@ -115,6 +122,28 @@ def _allowed_ip_text(item: Any) -> str | None:
     return str(text) if text else None
 
 
+def _merge_peer(acc: PeerReading, peer_msg: Any) -> None:
+    """Fold one peer message into its reading (a peer may span several messages)."""
+    endpoint = _format_endpoint(peer_msg.get_attr("WGPEER_A_ENDPOINT"))
+    if endpoint is not None:
+        acc.endpoint = endpoint
+    keepalive = peer_msg.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
+    if keepalive is not None:
+        acc.keepalive = int(keepalive)
+    for counter, attr in (("rx", "WGPEER_A_RX_BYTES"), ("tx", "WGPEER_A_TX_BYTES")):
+        number = peer_msg.get_attr(attr)
+        if number is not None:
+            setattr(acc, counter, int(number))
+    handshake = peer_msg.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+    if handshake:
+        acc.hs_sec = int(handshake.get("tv_sec", 0))
+        acc.hs_nsec = int(handshake.get("tv_nsec", 0))
+    for item in peer_msg.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+        text = _allowed_ip_text(item)
+        if text is not None:
+            acc.allowed.append(text)
+
+
 def parse_netlink_info(messages: Iterable[Any], *, name: str, mtu: int,
                        up: bool) -> tuple[Device, tuple[PeerStats, ...]]:
     """Merge the messages of a `WireGuard.info(name)` dump into the model and counters.
@@ -140,27 +169,7 @@ def parse_netlink_info(messages: Iterable[Any], *, name: str, mtu: int,
             fwmark = int(value)
         for peer_msg in _attr(msg, "WGDEVICE_A_PEERS") or ():
             key = _text_key(peer_msg.get_attr("WGPEER_A_PUBLIC_KEY"))
-            acc = peers.get(key)
-            if acc is None:
-                acc = peers[key] = PeerReading(key)
-            endpoint = _format_endpoint(peer_msg.get_attr("WGPEER_A_ENDPOINT"))
-            if endpoint is not None:
-                acc.endpoint = endpoint
-            keepalive = peer_msg.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
-            if keepalive is not None:
-                acc.keepalive = int(keepalive)
-            for counter, attr in (("rx", "WGPEER_A_RX_BYTES"), ("tx", "WGPEER_A_TX_BYTES")):
-                number = peer_msg.get_attr(attr)
-                if number is not None:
-                    setattr(acc, counter, int(number))
-            handshake = peer_msg.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-            if handshake:
-                acc.hs_sec = int(handshake.get("tv_sec", 0))
-                acc.hs_nsec = int(handshake.get("tv_nsec", 0))
-            for item in peer_msg.get_attr("WGPEER_A_ALLOWEDIPS") or ():
-                text = _allowed_ip_text(item)
-                if text is not None:
-                    acc.allowed.append(text)
+            _merge_peer(peers.setdefault(key, PeerReading(key)), peer_msg)
     ordered = [peers[k] for k in sorted(peers)]
     device = Device(
         name=name, private_key=private_key, listen_port=listen_port, fwmark=fwmark, mtu=mtu,

@@ -198,6 +198,27 @@ def _ips(nets: tuple[IPNetwork, ...]) -> str:
     return ",".join(str(n) for n in nets) if nets else "(none)"
 
 
+def _describe_added(peer: Peer) -> str:
+    parts = [f"add peer {_short(peer.public_key)}"]
+    if peer.endpoint:
+        parts.append(f"endpoint {peer.endpoint}")
+    parts.append(f"allowed-ips {_ips(peer.allowed_ips)}")
+    if peer.persistent_keepalive:
+        parts.append(f"keepalive {peer.persistent_keepalive}s")
+    return " ".join(parts)
+
+
+def _describe_update(upd: PeerUpdate) -> str:
+    parts = [f"update peer {_short(upd.public_key)}:"]
+    if upd.endpoint is not None:
+        parts.append(f"endpoint {upd.endpoint}")
+    if upd.allowed_ips is not None:
+        parts.append(f"allowed-ips {_ips(upd.allowed_ips)}")
+    if upd.persistent_keepalive is not None:
+        parts.append(f"keepalive {upd.persistent_keepalive}s")
+    return " ".join(parts)
+
+
 def describe_plan(plan: DevicePlan) -> list[str]:
     """Human-readable lines for a plan, in the order the backends apply it.
 
@@ -212,23 +233,8 @@ def describe_plan(plan: DevicePlan) -> list[str]:
         lines.append(f"set listen port {plan.listen_port}")
     if plan.fwmark is not None:
         lines.append(f"set fwmark {plan.fwmark:#x}" if plan.fwmark else "clear fwmark")
-    for peer in plan.add_peers:
-        parts = [f"add peer {_short(peer.public_key)}"]
-        if peer.endpoint:
-            parts.append(f"endpoint {peer.endpoint}")
-        parts.append(f"allowed-ips {_ips(peer.allowed_ips)}")
-        if peer.persistent_keepalive:
-            parts.append(f"keepalive {peer.persistent_keepalive}s")
-        lines.append(" ".join(parts))
-    for upd in plan.update_peers:
-        parts = [f"update peer {_short(upd.public_key)}:"]
-        if upd.endpoint is not None:
-            parts.append(f"endpoint {upd.endpoint}")
-        if upd.allowed_ips is not None:
-            parts.append(f"allowed-ips {_ips(upd.allowed_ips)}")
-        if upd.persistent_keepalive is not None:
-            parts.append(f"keepalive {upd.persistent_keepalive}s")
-        lines.append(" ".join(parts))
+    lines += [_describe_added(peer) for peer in plan.add_peers]
+    lines += [_describe_update(upd) for upd in plan.update_peers]
     lines.extend(f"remove peer {_short(key)}" for key in plan.remove_peers)
     if plan.mtu is not None:
         lines.append(f"set mtu {plan.mtu}")

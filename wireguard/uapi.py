@@ -19,10 +19,12 @@ Purely computational.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from wireguard.errors import UapiError
 from wireguard.keys import key_from_hex, key_to_hex
-from wireguard.model import Device, PeerReading, PeerStats
-from wireguard.plan import DevicePlan
+from wireguard.model import Device, Peer, PeerReading, PeerStats
+from wireguard.plan import DevicePlan, PeerUpdate
 
 GET_REQUEST = "get=1\n\n"
 
@@ -41,29 +43,38 @@ def compute_uapi_set(plan: DevicePlan) -> str | None:
     if plan.fwmark is not None:
         lines.append(f"fwmark={plan.fwmark}")
     for peer in plan.add_peers:
-        lines.append(f"public_key={key_to_hex(peer.public_key)}")
-        if peer.endpoint is not None:
-            lines.append(f"endpoint={peer.endpoint}")
-        if peer.persistent_keepalive:
-            lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
-        # For a new peer this clears nothing; should the peer exist after all (a race
-        # with another writer) it still ends up with exactly these allowed-ips.
-        lines.append("replace_allowed_ips=true")
-        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+        lines += _added_peer_lines(peer)
     for upd in plan.update_peers:
-        lines.append(f"public_key={key_to_hex(upd.public_key)}")
-        lines.append("update_only=true")
-        if upd.endpoint is not None:
-            lines.append(f"endpoint={upd.endpoint}")
-        if upd.persistent_keepalive is not None:
-            lines.append(f"persistent_keepalive_interval={upd.persistent_keepalive}")
-        if upd.allowed_ips is not None:
-            lines.append("replace_allowed_ips=true")
-            lines.extend(f"allowed_ip={net}" for net in upd.allowed_ips)
+        lines += _updated_peer_lines(upd)
     for key in plan.remove_peers:
         lines.append(f"public_key={key_to_hex(key)}")
         lines.append("remove=true")
     return "\n".join(lines) + "\n\n"
+
+
+def _added_peer_lines(peer: Peer) -> list[str]:
+    lines = [f"public_key={key_to_hex(peer.public_key)}"]
+    if peer.endpoint is not None:
+        lines.append(f"endpoint={peer.endpoint}")
+    if peer.persistent_keepalive:
+        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+    # For a new peer this clears nothing; should the peer exist after all (a race with
+    # another writer) it still ends up with exactly these allowed-ips.
+    lines.append("replace_allowed_ips=true")
+    lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+    return lines
+
+
+def _updated_peer_lines(upd: PeerUpdate) -> list[str]:
+    lines = [f"public_key={key_to_hex(upd.public_key)}", "update_only=true"]
+    if upd.endpoint is not None:
+        lines.append(f"endpoint={upd.endpoint}")
+    if upd.persistent_keepalive is not None:
+        lines.append(f"persistent_keepalive_interval={upd.persistent_keepalive}")
+    if upd.allowed_ips is not None:
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in upd.allowed_ips)
+    return lines
 
 
 def parse_errno(text: str, *, interface: str, op: str) -> None:
@@ -80,6 +91,22 @@ def parse_errno(text: str, *, interface: str, op: str) -> None:
         raise UapiError(interface, op, 71, f"malformed errno {value!r}") from None
     if code != 0:
         raise UapiError(interface, op, code)
+
+
+def _set_allowed(peer: PeerReading, value: str) -> None:
+    peer.allowed.append(value)
+
+
+_PEER_FIELDS: dict[str, Callable[[PeerReading, str], None]] = {
+    "endpoint": lambda p, v: setattr(p, "endpoint", v),
+    "persistent_keepalive_interval": lambda p, v: setattr(p, "keepalive", int(v)),
+    "allowed_ip": _set_allowed,
+    "rx_bytes": lambda p, v: setattr(p, "rx", int(v)),
+    "tx_bytes": lambda p, v: setattr(p, "tx", int(v)),
+    "last_handshake_time_sec": lambda p, v: setattr(p, "hs_sec", int(v)),
+    "last_handshake_time_nsec": lambda p, v: setattr(p, "hs_nsec", int(v)),
+}
+"""How each peer line of a get answer fills a PeerReading (unknown keys are ignored)."""
 
 
 def parse_uapi_get(text: str, *, name: str, mtu: int,
@@ -114,20 +141,9 @@ def parse_uapi_get(text: str, *, name: str, mtu: int,
             elif key == "fwmark":
                 fwmark = int(value)
             continue
-        if key == "endpoint":
-            current.endpoint = value
-        elif key == "persistent_keepalive_interval":
-            current.keepalive = int(value)
-        elif key == "allowed_ip":
-            current.allowed.append(value)
-        elif key == "rx_bytes":
-            current.rx = int(value)
-        elif key == "tx_bytes":
-            current.tx = int(value)
-        elif key == "last_handshake_time_sec":
-            current.hs_sec = int(value)
-        elif key == "last_handshake_time_nsec":
-            current.hs_nsec = int(value)
+        reader = _PEER_FIELDS.get(key)
+        if reader is not None:
+            reader(current, value)
     device = Device(
         name=name,
         private_key=private_key,

@@ -393,23 +393,13 @@ def parse_observed(doc: Mapping[str, Json] | None, family: str,
     rules: dict[str, list[str | None]] = {}
     sets: dict[str, ObservedSet] = {}
     counters: dict[str, tuple[int, int]] = {}
-    for item in doc.get("nftables", []):
-        if not isinstance(item, dict) or len(item) != 1:
-            continue
-        ((kind, obj),) = item.items()
-        if not isinstance(obj, dict) or obj.get("family") != family:
-            continue
+    for kind, obj in _objects_of(doc, family):
         if kind == "table":
             found_table = found_table or obj.get("name") == table
+        elif obj.get("table") != table:
             continue
-        if obj.get("table") != table:
-            continue
-        if kind == "chain":
-            hook = None
-            if "hook" in obj:
-                hook = Hook(str(obj.get("type")), str(obj["hook"]), int(obj.get("prio", 0)),
-                            str(obj.get("policy", "accept")))
-            chains[obj["name"]] = ObservedChain(obj["name"], hook, ())
+        elif kind == "chain":
+            chains[obj["name"]] = ObservedChain(obj["name"], _hook_of(obj), ())
         elif kind == "rule":
             comment = obj.get("comment")
             rules.setdefault(obj["chain"], []).append(
@@ -426,6 +416,23 @@ def parse_observed(doc: Mapping[str, Json] | None, family: str,
         if name in chains:
             chains[name] = ObservedChain(name, chains[name].hook, tuple(comments))
     return ObservedTable(chains=chains, sets=sets, counters=counters)
+
+
+def _objects_of(doc: Mapping[str, Json], family: str) -> Iterator[tuple[str, dict[str, Json]]]:
+    """(kind, object) of every listed object of `family`."""
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((kind, obj),) = item.items()
+        if isinstance(obj, dict) and obj.get("family") == family:
+            yield kind, obj
+
+
+def _hook_of(chain: Mapping[str, Json]) -> Hook | None:
+    if "hook" not in chain:
+        return None
+    return Hook(str(chain.get("type")), str(chain["hook"]), int(chain.get("prio", 0)),
+                str(chain.get("policy", "accept")))
 
 
 # --- plan ------------------------------------------------------------------------------
@@ -579,6 +586,40 @@ def plan_ruleset(desired: Ruleset,
             add_rules=tuple((c.name, r) for c in desired.chains for r in c.rules),
         )
 
+    sets = _plan_sets(desired, table)
+    chains = _plan_chains(desired, table, sets.refill_chains)
+    desired_counter_names = {c.name for c in desired.counters}
+    delete_counters = tuple(
+        name for name in sorted(table.counters)
+        if name not in desired_counter_names
+        and any(name.startswith(prefix) for prefix in desired.pruned_counters))
+
+    return NftPlan(
+        family=desired.family, table=desired.table, table_comment=desired.comment,
+        flush_chains=chains.flush,
+        delete_elements=sets.delete_elements,
+        delete_sets=sets.delete_sets,
+        delete_chains=chains.delete,
+        delete_counters=delete_counters,
+        add_sets=sets.add_sets,
+        add_counters=tuple(c for c in desired.counters if c.name not in table.counters),
+        add_chains=chains.add,
+        add_elements=sets.add_elements,
+        add_rules=chains.add_rules,
+    )
+
+
+@dataclass(frozen=True)
+class _SetsPlan:
+    delete_elements: tuple[ElementChange, ...]
+    delete_sets: tuple[tuple[str, str], ...]
+    add_sets: tuple[NamedSet, ...]
+    add_elements: tuple[ElementChange, ...]
+    refill_chains: frozenset[str]
+    """Chains that refer to a set being recreated: they must be refilled with it."""
+
+
+def _plan_sets(desired: Ruleset, table: ObservedTable) -> _SetsPlan:
     delete_elements: list[ElementChange] = []
     delete_sets: list[tuple[str, str]] = []
     add_sets: list[NamedSet] = []
@@ -607,7 +648,20 @@ def plan_ruleset(desired: Ruleset,
     desired_set_names = {s.name for s in desired.sets}
     delete_sets += [(seen.kind, name) for name, seen in sorted(table.sets.items())
                     if name not in desired_set_names]
+    return _SetsPlan(tuple(delete_elements), tuple(delete_sets), tuple(add_sets),
+                     tuple(add_elements), frozenset(refill_for_sets))
 
+
+@dataclass(frozen=True)
+class _ChainsPlan:
+    flush: tuple[str, ...]
+    delete: tuple[str, ...]
+    add: tuple[NftChain, ...]
+    add_rules: tuple[tuple[str, Rule], ...]
+
+
+def _plan_chains(desired: Ruleset, table: ObservedTable,
+                 refill_for_sets: frozenset[str]) -> _ChainsPlan:
     flush: list[str] = []
     delete_chains: list[str] = []
     add_chains: list[NftChain] = []
@@ -631,25 +685,7 @@ def plan_ruleset(desired: Ruleset,
         if name not in desired_chain_names:
             flush.append(name)
             delete_chains.append(name)
-    desired_counter_names = {c.name for c in desired.counters}
-    delete_counters = tuple(
-        name for name in sorted(table.counters)
-        if name not in desired_counter_names
-        and any(name.startswith(prefix) for prefix in desired.pruned_counters))
-
-    return NftPlan(
-        family=desired.family, table=desired.table, table_comment=desired.comment,
-        flush_chains=tuple(flush),
-        delete_elements=tuple(delete_elements),
-        delete_sets=tuple(delete_sets),
-        delete_chains=tuple(delete_chains),
-        delete_counters=delete_counters,
-        add_sets=tuple(add_sets),
-        add_counters=tuple(c for c in desired.counters if c.name not in table.counters),
-        add_chains=tuple(add_chains),
-        add_elements=tuple(add_elements),
-        add_rules=tuple(add_rules),
-    )
+    return _ChainsPlan(tuple(flush), tuple(delete_chains), tuple(add_chains), tuple(add_rules))
 
 
 def ruleset_commands(desired: Ruleset) -> list[Json]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import nftables
@@ -281,90 +282,120 @@ class FakeNftablesAdapter:
         ((kind, obj),) = body.items()
         handle += 1
         if kind == "table":
-            if (obj["family"], obj["name"]) != (self.family, self.table):
-                raise ValueError("the fake holds only its own table")
-            if verb == "add":
-                return (state or _FakeTable(self.family, self.table)), handle
-            if verb == "delete":
-                if state is None:
-                    raise KeyError("No such file or directory")
-                return None, handle
-            raise ValueError(f"unsupported {verb} table")
+            return self._table(state, verb, obj), handle
         if state is None or obj.get("table") != self.table or obj.get("family") != self.family:
             raise KeyError("No such file or directory (table)")
-        name = obj.get("name")
-        if verb == "flush" and kind == "chain":
-            if name not in state.chains:
-                raise KeyError(f"no chain {name}")
-            state.rules = [r for r in state.rules if r["chain"] != name]
-        elif verb == "delete" and kind == "chain":
-            if name not in state.chains:
-                raise KeyError(f"no chain {name}")
-            users = [r for r in state.rules
-                     if r["chain"] == name or name in _refs(r["expr"], "chain")]
-            users += [s for _, s in state.sets.values() if name in _refs(s.get("elem"), "chain")]
-            if users:
-                raise ValueError(f"Device or resource busy: chain {name} in use")
-            del state.chains[name]
-        elif verb == "delete" and kind in ("set", "map"):
-            if name not in state.sets or state.sets[name][0] != kind:
-                raise KeyError(f"no {kind} {name}")
-            if any(name in _refs(r["expr"], "set") for r in state.rules):
-                raise ValueError(f"Device or resource busy: {kind} {name} in use")
-            del state.sets[name]
-        elif verb == "delete" and kind == "counter":
-            if name not in state.counters:
-                raise KeyError(f"no counter {name}")
-            if any(name in _refs(r["expr"], "counter") for r in state.rules):
-                raise ValueError(f"Device or resource busy: counter {name} in use")
-            del state.counters[name]
-        elif kind == "element":
-            self._elements(state, verb, name, obj["elem"])
-        elif verb == "add" and kind in ("set", "map"):
-            definition = {k: v for k, v in obj.items() if k in ("type", "map", "flags") and v}
-            if name in state.sets:
-                old_kind, old = state.sets[name]
-                if old_kind != kind or any(old.get(k) != v for k, v in definition.items()):
-                    raise ValueError(f"File exists: {kind} {name} with another definition")
-            else:
-                state.sets[name] = (kind, {"family": self.family, "name": name,
-                                           "table": self.table, "handle": handle,
-                                           **definition})
-        elif verb == "add" and kind == "counter":
-            if name not in state.counters:
-                state.counters[name] = {
-                    "family": self.family, "name": name, "table": self.table,
-                    "handle": handle, **({"comment": obj["comment"]} if obj.get("comment")
-                                         else {}),
-                    "packets": 0, "bytes": 0}
-        elif verb == "add" and kind == "chain":
-            hook = {k: obj[k] for k in ("type", "hook", "prio", "policy") if k in obj}
-            if name in state.chains:
-                old = state.chains[name]
-                if any(old.get(k) != hook.get(k) for k in ("type", "hook", "prio")):
-                    raise ValueError("Operation not supported: chain hook cannot change")
-                old.update(hook)
-            else:
-                state.chains[name] = {"family": self.family, "table": self.table,
-                                      "name": name, "handle": handle, **hook}
-        elif verb == "add" and kind == "rule":
-            chain = obj["chain"]
-            if chain not in state.chains:
-                raise KeyError(f"no chain {chain}")
-            for ref_kind, known in (("set", state.sets), ("counter", state.counters),
-                                    ("chain", state.chains)):
-                missing = _refs(obj["expr"], ref_kind) - set(known)
-                if missing:
-                    raise KeyError(f"No such file or directory: {ref_kind} {missing}")
-            rule = {"family": self.family, "table": self.table, "chain": chain,
-                    "handle": handle}
-            if obj.get("comment"):
-                rule["comment"] = obj["comment"]
-            rule["expr"] = copy.deepcopy(obj["expr"])
-            state.rules.append(rule)
-        else:
+        if kind == "element":
+            self._elements(state, verb, obj.get("name"), obj["elem"])
+            return state, handle
+        action = self._ACTIONS.get((verb, "set" if kind == "map" else kind))
+        if action is None:
             raise ValueError(f"unsupported command {verb} {kind}")
+        action(self, state, handle, kind, obj)
         return state, handle
+
+    def _table(self, state: _FakeTable | None, verb: str, obj: Json) -> _FakeTable | None:
+        if (obj["family"], obj["name"]) != (self.family, self.table):
+            raise ValueError("the fake holds only its own table")
+        if verb == "add":
+            return state or _FakeTable(self.family, self.table)
+        if verb == "delete":
+            if state is None:
+                raise KeyError("No such file or directory")
+            return None
+        raise ValueError(f"unsupported {verb} table")
+
+    def _flush_chain(self, state: _FakeTable, _handle: int, _kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        if name not in state.chains:
+            raise KeyError(f"no chain {name}")
+        state.rules = [r for r in state.rules if r["chain"] != name]
+
+    def _delete_chain(self, state: _FakeTable, _handle: int, _kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        if name not in state.chains:
+            raise KeyError(f"no chain {name}")
+        users = [r for r in state.rules
+                 if r["chain"] == name or name in _refs(r["expr"], "chain")]
+        users += [s for _, s in state.sets.values() if name in _refs(s.get("elem"), "chain")]
+        if users:
+            raise ValueError(f"Device or resource busy: chain {name} in use")
+        del state.chains[name]
+
+    def _delete_set(self, state: _FakeTable, _handle: int, kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        if name not in state.sets or state.sets[name][0] != kind:
+            raise KeyError(f"no {kind} {name}")
+        if any(name in _refs(r["expr"], "set") for r in state.rules):
+            raise ValueError(f"Device or resource busy: {kind} {name} in use")
+        del state.sets[name]
+
+    def _delete_counter(self, state: _FakeTable, _handle: int, _kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        if name not in state.counters:
+            raise KeyError(f"no counter {name}")
+        if any(name in _refs(r["expr"], "counter") for r in state.rules):
+            raise ValueError(f"Device or resource busy: counter {name} in use")
+        del state.counters[name]
+
+    def _add_set(self, state: _FakeTable, handle: int, kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        definition = {k: v for k, v in obj.items() if k in ("type", "map", "flags") and v}
+        if name in state.sets:
+            old_kind, old = state.sets[name]
+            if old_kind != kind or any(old.get(k) != v for k, v in definition.items()):
+                raise ValueError(f"File exists: {kind} {name} with another definition")
+            return
+        state.sets[name] = (kind, {"family": self.family, "name": name, "table": self.table,
+                                   "handle": handle, **definition})
+
+    def _add_counter(self, state: _FakeTable, handle: int, _kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        if name not in state.counters:
+            state.counters[name] = {
+                "family": self.family, "name": name, "table": self.table, "handle": handle,
+                **({"comment": obj["comment"]} if obj.get("comment") else {}),
+                "packets": 0, "bytes": 0}
+
+    def _add_chain(self, state: _FakeTable, handle: int, _kind: str, obj: Json) -> None:
+        name = obj.get("name")
+        hook = {k: obj[k] for k in ("type", "hook", "prio", "policy") if k in obj}
+        if name in state.chains:
+            old = state.chains[name]
+            if any(old.get(k) != hook.get(k) for k in ("type", "hook", "prio")):
+                raise ValueError("Operation not supported: chain hook cannot change")
+            old.update(hook)
+            return
+        state.chains[name] = {"family": self.family, "table": self.table, "name": name,
+                              "handle": handle, **hook}
+
+    def _add_rule(self, state: _FakeTable, handle: int, _kind: str, obj: Json) -> None:
+        chain = obj["chain"]
+        if chain not in state.chains:
+            raise KeyError(f"no chain {chain}")
+        for ref_kind, known in (("set", state.sets), ("counter", state.counters),
+                                ("chain", state.chains)):
+            missing = _refs(obj["expr"], ref_kind) - set(known)
+            if missing:
+                raise KeyError(f"No such file or directory: {ref_kind} {missing}")
+        rule = {"family": self.family, "table": self.table, "chain": chain, "handle": handle}
+        if obj.get("comment"):
+            rule["comment"] = obj["comment"]
+        rule["expr"] = copy.deepcopy(obj["expr"])
+        state.rules.append(rule)
+
+    _ACTIONS: dict[tuple[str, str], Callable[[FakeNftablesAdapter, _FakeTable, int, str, Json],
+                                             None]] = {
+        ("flush", "chain"): _flush_chain,
+        ("delete", "chain"): _delete_chain,
+        ("delete", "set"): _delete_set,
+        ("delete", "counter"): _delete_counter,
+        ("add", "set"): _add_set,
+        ("add", "counter"): _add_counter,
+        ("add", "chain"): _add_chain,
+        ("add", "rule"): _add_rule,
+    }
+    """What each (verb, kind) command does to the table (a map is handled as a set)."""
 
     def _elements(self, state: _FakeTable, verb: str, name: str, elems: list[Json]) -> None:
         if name not in state.sets:
