@@ -157,8 +157,12 @@ class Agent:
             log=log, metrics=LoopMetrics("meshgress_", "meshgress_reconcile_errors_total"),
             resync_interval=config.resync_interval, retry_interval=config.retry_interval)
         self.stop = self.loop.stop
+        key_path = config.state_dir / "wireguard" / "private.key"
+        self.private_key = load_or_create_private_key(key_path)
+        self.public_key = public_key(self.private_key)
         self.mesh = MeshManager(ports.wireguard, ports.routes,
-                                resync_interval=config.resync_interval)
+                                resync_interval=config.resync_interval,
+                                own_public_key=self.public_key)
         self.firewall = FirewallManager(ports.nft)
         self.steering = SteeringManager(ports.steering, ports.wireguard)
         # Serialises passes: the loop's and the CNI hook's (a pod's steering must be in
@@ -170,9 +174,6 @@ class Agent:
         self.prober: SlotProber | None = None
         self.state = AgentState()
         self.metrics = AgentMetrics(started_at=time.time())
-        key_path = config.state_dir / "wireguard" / "private.key"
-        self.private_key = load_or_create_private_key(key_path)
-        self.public_key = public_key(self.private_key)
         self._node_cache = NodeParseCache()
         self.cni_ready = threading.Event()
         self._cni_thread: threading.Thread | None = None
@@ -248,7 +249,8 @@ class Agent:
             with_steering(base, steering)))
         ok &= step("egress", lambda: self.steering.apply_removes(plan))
         ok &= step("wireguard", lambda: self.mesh.apply_device(mesh.device))
-        ok &= step("routes", lambda: self.mesh.apply_routes(mesh.routes))
+        ok &= step("handshakes", lambda: self.mesh.kick_handshakes(mesh.device.name))
+        ok &= step("routes", lambda: self.mesh.apply_routes(self.mesh.routes(mesh)))
         if self.prober is not None:
             self.prober.set_targets(steering.probe_targets)
         if ok and not self.state.first_apply_ok:

@@ -2,7 +2,8 @@
 
 meshgress owns exactly the routes in the main table that carry its route protocol
 (kernel_ids.ROUTE_PROTOCOL) and either leave through the mesh interface or are of type
-unreachable (the fail-closed fallback). Pod /32 routes, also tagged, belong to the CNI
+unreachable (the fail-closed fallback) or blackhole (a new peer's pod CIDRs while its
+handshake is pending, see `nodeagent.mesh`). Pod /32 routes, also tagged, belong to the CNI
 and are never touched here. Adds are `replace` operations and happen before removals,
 so a route that changes (say, a pod CIDR moving between peers) is never absent.
 
@@ -95,16 +96,18 @@ def encode_route_request(route: RouteSpec, *, delete: bool = False,
     route needs its interface's index. Purely computational."""
     if route.type == "unreachable":
         scope, kind = rt.RT_SCOPE_UNIVERSE, rt.RTN_UNREACHABLE
+    elif route.type == "blackhole":
+        scope, kind = rt.RT_SCOPE_UNIVERSE, rt.RTN_BLACKHOLE
     elif route.type == "unicast":
         scope, kind = rt.RT_SCOPE_LINK, rt.RTN_UNICAST
     else:
         raise ValueError(f"route {route.dst}: unknown type {route.type!r}")
     if delete:
         # A unicast route is found by destination, protocol and table (the interface would
-        # only narrow it), an unreachable one also by type; of any scope.
+        # only narrow it), an unreachable or blackhole one also by type; of any scope.
         return rt.route_delete_message(
             route.dst, table=MAIN_TABLE, protocol=route.protocol,
-            type=kind if kind == rt.RTN_UNREACHABLE else rt.RTN_UNSPEC)
+            type=rt.RTN_UNSPEC if kind == rt.RTN_UNICAST else kind)
     if kind == rt.RTN_UNICAST and oif_index is None:
         raise ValueError(f"route {route.dst}: a unicast route needs an interface index")
     return rt.route_message(Route(route.dst, MAIN_TABLE, route.protocol, kind, scope,
@@ -122,6 +125,8 @@ def decode_route(body: bytes, *, mesh_index: int | None,
         return None
     if route.type == rt.RTN_UNREACHABLE:
         return RouteSpec(dst=route.dst, type="unreachable", protocol=route.protocol)
+    if route.type == rt.RTN_BLACKHOLE:
+        return RouteSpec(dst=route.dst, type="blackhole", protocol=route.protocol)
     if route.type == rt.RTN_UNICAST and mesh_index is not None and route.oif == mesh_index:
         return RouteSpec(dst=route.dst, oif=mesh_interface, protocol=route.protocol)
     return None

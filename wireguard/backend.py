@@ -12,6 +12,10 @@ Contract of every backend:
 - `apply(plan)` creates the link if the plan says so, then sends only what the plan
   contains; an empty plan sends nothing. Errors are WireGuardError subclasses.
 - `delete(name)` removes the interface; a missing interface is not an error.
+- `kick(name, keys)` makes the device start a handshake with each of those peers now (it
+  sends a keepalive, which a peer without a session answers by handshaking), leaving the
+  peers' configuration as it was. A handshake is held back for 5 s after the device last
+  sent one (WireGuard's rekey timeout), so a kick never doubles one in flight.
 - `kind` is "kernel" or "userspace".
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -45,6 +50,8 @@ class WireGuardBackend(Protocol):
     def apply(self, plan: DevicePlan) -> None: ...
 
     def delete(self, name: str) -> None: ...
+
+    def kick(self, name: str, keys: Sequence[str]) -> None: ...
 
 
 def apply_device(backend: WireGuardBackend, desired: Device) -> DevicePlan:

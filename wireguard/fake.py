@@ -13,6 +13,7 @@ No I/O.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from wireguard.errors import WireGuardError
 from wireguard.model import Device, Peer, PeerStats
@@ -26,6 +27,8 @@ class FakeBackend:
         self.devices: dict[str, Device] = dict(devices or {})
         self.counters: dict[tuple[str, str], PeerStats] = {}
         self.applied: list[DevicePlan] = []
+        self.kicks: list[tuple[str, tuple[str, ...]]] = []
+        """(interface, peer keys) of every kick, in order."""
         self.fail_next: WireGuardError | None = None
 
     def read(self, name: str) -> Device | None:
@@ -40,6 +43,11 @@ class FakeBackend:
 
     def delete(self, name: str) -> None:
         self.devices.pop(name, None)
+
+    def kick(self, name: str, keys: Sequence[str]) -> None:
+        if name not in self.devices:
+            raise WireGuardError(f"{name}: no such interface")
+        self.kicks.append((name, tuple(keys)))
 
     def apply(self, plan: DevicePlan) -> None:
         if self.fail_next is not None:

@@ -23,7 +23,7 @@ This machine has no WireGuard module, so the backend class itself is exercised o
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pyroute2 import WireGuard
@@ -32,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from wireguard.errors import BackendUnavailableError, NetlinkRequestError, NotWireGuardDeviceError
 from wireguard.keys import normalise_key
 from wireguard.links import Links
-from wireguard.model import Device, Peer, PeerReading, PeerStats, parse_endpoint
+from wireguard.model import KICK_KEEPALIVE, Device, Peer, PeerReading, PeerStats, parse_endpoint
 from wireguard.plan import DevicePlan, PeerUpdate
 
 LINK_KIND = "wireguard"
@@ -246,6 +246,24 @@ class KernelBackend:
             finally:
                 wg.close()
         self.links.configure(plan.name, mtu=plan.mtu, up=plan.link_up)
+
+    def kick(self, name: str, keys: Sequence[str]) -> None:
+        """Keepalive on, which sends one at once, then off again: per peer, in the kernel
+        (`set_peer` sends the keepalive when the interval turns non-zero)."""
+        if not keys:
+            return
+        wg = self._wg()
+        try:
+            for interval in (KICK_KEEPALIVE, 0):
+                for key in keys:
+                    try:
+                        wg.set(interface=name, peer={"public_key": key, "update_only": True,
+                                                      "persistent_keepalive": interval})
+                    except NetlinkError as exc:
+                        raise NetlinkRequestError(name, "kick peer", exc.code,
+                                                  str(exc)) from exc
+        finally:
+            wg.close()
 
     def delete(self, name: str) -> None:
         link = self.links.get(name)

@@ -43,6 +43,10 @@ DEFAULT_MTU = 1420
 MIN_MTU = 68
 MAX_MTU = 65535
 
+KICK_KEEPALIVE = 25
+"""The keepalive interval a backend's `kick` turns on (and at once off again): turning a
+peer's keepalive on sends one immediately; any value but 0 would do."""
+
 OVERHEAD_IPV4 = 60
 """Outer IPv4 (20) + UDP (8) + WireGuard (32) bytes per packet."""
 OVERHEAD_IPV6 = 80

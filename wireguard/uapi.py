@@ -19,11 +19,11 @@ Purely computational.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from wireguard.errors import UapiError
 from wireguard.keys import key_from_hex, key_to_hex
-from wireguard.model import Device, Peer, PeerReading, PeerStats
+from wireguard.model import KICK_KEEPALIVE, Device, Peer, PeerReading, PeerStats
 from wireguard.plan import DevicePlan, PeerUpdate
 
 GET_REQUEST = "get=1\n\n"
@@ -52,12 +52,28 @@ def compute_uapi_set(plan: DevicePlan) -> str | None:
     return "\n".join(lines) + "\n\n"
 
 
+def compute_uapi_kick(keys: Sequence[str]) -> str:
+    """The `set=1` request that makes wireguard-go send each peer a keepalive now (and so
+    start a handshake where there is no session), leaving it as configured: its keepalive
+    turned on, which sends one at once, then off again. Purely computational.
+
+    Every peer section names its keepalive explicitly: wireguard-go reuses one per-request
+    flag for "keepalive was just turned on" across peer sections, so a section without
+    the line after a kicked one would be kicked too."""
+    lines = ["set=1"]
+    for key in keys:
+        for interval in (KICK_KEEPALIVE, 0):
+            lines += [f"public_key={key_to_hex(key)}", "update_only=true",
+                      f"persistent_keepalive_interval={interval}"]
+    return "\n".join(lines) + "\n\n"
+
+
 def _added_peer_lines(peer: Peer) -> list[str]:
     lines = [f"public_key={key_to_hex(peer.public_key)}"]
     if peer.endpoint is not None:
         lines.append(f"endpoint={peer.endpoint}")
-    if peer.persistent_keepalive:
-        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+    # Always said, even 0: see compute_uapi_kick.
+    lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
     # For a new peer this clears nothing; should the peer exist after all (a race with
     # another writer) it still ends up with exactly these allowed-ips.
     lines.append("replace_allowed_ips=true")

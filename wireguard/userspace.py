@@ -45,7 +45,13 @@ from wireguard.errors import DeviceStartError, NotWireGuardDeviceError, UapiErro
 from wireguard.links import Links, LinkState
 from wireguard.model import Device, PeerStats, validate_interface_name
 from wireguard.plan import DevicePlan
-from wireguard.uapi import GET_REQUEST, compute_uapi_set, parse_errno, parse_uapi_get
+from wireguard.uapi import (
+    GET_REQUEST,
+    compute_uapi_kick,
+    compute_uapi_set,
+    parse_errno,
+    parse_uapi_get,
+)
 
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 _MAX_ANSWER = 64 * 1024 * 1024
@@ -114,6 +120,10 @@ class UserspaceBackend:
         if request is not None:
             self.request(plan.name, request)
         self.links.configure(plan.name, mtu=plan.mtu, up=plan.link_up)
+
+    def kick(self, name: str, keys: Sequence[str]) -> None:
+        if keys:
+            self.request(name, compute_uapi_kick(keys))
 
     def delete(self, name: str) -> None:
         """Delete the interface (wireguard-go then exits by itself) and reap the process

@@ -198,3 +198,87 @@ def test_concurrent_pod_hooks_never_trip_over_each_other(tmp_path, store):
         assert errors == []
     finally:
         stop(agent, thread)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def manager_with(own: str, clock: Clock) -> tuple[Any, FakeBackend, FakeRoutes]:
+    from nodeagent.managers import MeshManager
+
+    wireguard, routes = FakeBackend(), FakeRoutes()
+    return (MeshManager(wireguard, routes, resync_interval=10.0, own_public_key=own,
+                        clock=clock), wireguard, routes)
+
+
+def one_peer_mesh(own_private: str, peer_key: str) -> Any:
+    from meshgress.cluster import parse_node
+    from nodeagent.mesh import MeshInputs, compute_mesh
+
+    return compute_mesh(MeshInputs(
+        self_name="node1", private_key=own_private, mtu=1420, cluster=CLUSTER,
+        nodes=(parse_node(node("node1", "192.0.2.11", "198.18.1.0/24")),
+               parse_node(node("node2", "192.0.2.12", "198.18.2.0/24", **{
+                   PUBLIC_KEY_ANNOTATION: peer_key,
+                   ENDPOINT_ANNOTATION: "192.0.2.12:51820"})))))
+
+
+def keys_in_order() -> tuple[str, str, str, str]:
+    """(private, public) of the pair's initiator, then of the other side."""
+    from nodeagent.mesh import is_initiator
+
+    a, b = generate_private_key(), generate_private_key()
+    if not is_initiator(public_key(a), public_key(b)):
+        a, b = b, a
+    return a, public_key(a), b, public_key(b)
+
+
+def test_the_lower_key_kicks_the_handshake_in_the_pass_that_adds_the_peer():
+    low_private, low, _, high = keys_in_order()
+    clock = Clock()
+    manager, wireguard, routes = manager_with(low, clock)
+    mesh = one_peer_mesh(low_private, high)
+    manager.apply_device(mesh.device)
+    assert manager.kick_handshakes("meshgress0") and wireguard.kicks == [("meshgress0", (high,))]
+    manager.apply_routes(manager.routes(mesh))
+    assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in routes.table
+    # Nothing more to do: no second kick, no timer.
+    assert manager.kick_handshakes("meshgress0") == [] and manager.resync_in() > 5
+
+
+def test_the_higher_key_holds_its_routes_back_then_kicks_once_when_the_grace_ends():
+    _, low, high_private, high = keys_in_order()
+    clock = Clock()
+    manager, wireguard, routes = manager_with(high, clock)
+    mesh = one_peer_mesh(high_private, low)
+    manager.apply_device(mesh.device)
+    assert manager.kick_handshakes("meshgress0") == [] and wireguard.kicks == []
+    manager.apply_routes(manager.routes(mesh))
+    held = RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), type="blackhole")
+    assert held in routes.table and FALLBACK in routes.table
+    assert 0.3 <= manager.resync_in() <= 0.4  # the loop wakes when the grace ends
+    clock.now += 0.45
+    manager.apply_device(mesh.device)
+    assert manager.kick_handshakes("meshgress0") and wireguard.kicks == [("meshgress0", (low,))]
+    manager.apply_routes(manager.routes(mesh))
+    assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in routes.table
+    assert held not in routes.table
+
+
+def test_peers_found_on_the_device_after_a_restart_are_routed_and_never_kicked():
+    _, low, high_private, high = keys_in_order()
+    clock = Clock()
+    mesh = one_peer_mesh(high_private, low)
+    before, wireguard, _ = manager_with(high, clock)
+    before.apply_device(mesh.device)
+    after, _, _ = manager_with(high, clock)
+    after._wireguard = wireguard  # the same device, a new agent
+    after.apply_device(mesh.device)
+    assert after.pending == {} and after.kick_handshakes("meshgress0") == []
+    assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in \
+        after.routes(mesh)

@@ -7,7 +7,17 @@ import pytest
 from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION, parse_node
 from meshgress.cluster import node_annotations as compute_node_annotations
 from meshgress.config import ClusterConfig
-from nodeagent.mesh import MeshInputs, RouteSpec, compute_mesh
+from nodeagent.mesh import (
+    HANDSHAKE_GRACE,
+    HANDSHAKE_JITTER,
+    MeshInputs,
+    MeshState,
+    RouteSpec,
+    compute_mesh,
+    compute_routes_while_pending,
+    handshake_grace,
+    is_initiator,
+)
 from nodeagent.routes import plan_routes
 from nodeagent.status import compute_status_report
 from wireguard.keys import generate_private_key, public_key
@@ -33,6 +43,14 @@ def node(name, cidrs=None, key="default", endpoint="default", ip=None):
             "spec": {"podCIDRs": cidrs if cidrs is not None else [f"198.18.{index}.0/24"]},
             "status": {"addresses": [{"type": "InternalIP",
                                       "address": ip or f"192.0.2.{10 + index}"}]}}
+
+
+def net(text):
+    return ipaddress.IPv4Network(text)
+
+
+def route(cidr):
+    return RouteSpec(net(cidr), oif="meshgress0")
 
 
 def mesh(*objs, me="node1"):
@@ -140,3 +158,36 @@ def test_status_reports_a_missing_interface_and_wrong_own_key():
     assert report.problems == (
         "this node publishes a different public key than its interface has",
         "MTU 1500 is above underlay MTU 1500 minus the WireGuard overhead (1440)")
+
+
+# --- handshakes started from one side of each pair -------------------------------------
+
+
+def test_exactly_one_side_of_every_pair_initiates():
+    keys = [public_key(generate_private_key()) for _ in range(12)]
+    for a in keys:
+        for b in keys:
+            if a != b:
+                assert is_initiator(a, b) != is_initiator(b, a)
+
+
+def test_the_grace_is_short_and_differs_between_pairs():
+    keys = [public_key(generate_private_key()) for _ in range(20)]
+    graces = {handshake_grace(keys[0], k) for k in keys[1:]}
+    assert all(HANDSHAKE_GRACE <= g <= HANDSHAKE_GRACE + HANDSHAKE_JITTER for g in graces)
+    assert len(graces) == len(keys) - 1
+    assert handshake_grace(keys[0], keys[1]) == handshake_grace(keys[0], keys[1])
+
+
+def test_pending_peers_routes_are_held_back_as_blackholes():
+    a, b = (public_key(generate_private_key()) for _ in range(2))
+    mesh = MeshState(
+        device=Device("meshgress0"),
+        routes=(route("198.18.1.0/24"), route("198.18.2.0/24"),
+                RouteSpec(net("198.18.0.0/16"), type="unreachable")),
+        peer_routes={a: (route("198.18.1.0/24"),), b: (route("198.18.2.0/24"),)})
+    assert compute_routes_while_pending(mesh, frozenset()) == mesh.routes
+    held = compute_routes_while_pending(mesh, frozenset({a}))
+    assert RouteSpec(net("198.18.1.0/24"), type="blackhole") in held
+    assert route("198.18.2.0/24") in held and route("198.18.1.0/24") not in held
+    assert RouteSpec(net("198.18.0.0/16"), type="unreachable") in held

@@ -8,7 +8,7 @@ from wireguard.errors import UapiError
 from wireguard.keys import encode_key
 from wireguard.model import Device, Peer, PeerStats
 from wireguard.plan import DevicePlan, PeerUpdate, plan_device
-from wireguard.uapi import compute_uapi_set, parse_errno, parse_uapi_get
+from wireguard.uapi import compute_uapi_kick, compute_uapi_set, parse_errno, parse_uapi_get
 
 
 def key(n: int) -> str:
@@ -41,8 +41,22 @@ def test_create_renders_device_then_peers() -> None:
         "allowed_ip=198.18.10.0/24\n"
         "allowed_ip=fd00:a::/64\n"
         f"public_key={hexkey(11)}\n"
+        # Said even when 0: wireguard-go would otherwise carry A's "keepalive just turned
+        # on" over to B's section and send B a keepalive (a handshake it did not ask for).
+        "persistent_keepalive_interval=0\n"
         "replace_allowed_ips=true\n"
         "allowed_ip=198.18.11.0/24\n"
+        "\n"
+    )
+
+
+def test_a_kick_turns_each_keepalive_on_and_off_again_naming_it_every_time() -> None:
+    assert compute_uapi_kick([A, B]) == (
+        "set=1\n"
+        f"public_key={hexkey(10)}\nupdate_only=true\npersistent_keepalive_interval=25\n"
+        f"public_key={hexkey(10)}\nupdate_only=true\npersistent_keepalive_interval=0\n"
+        f"public_key={hexkey(11)}\nupdate_only=true\npersistent_keepalive_interval=25\n"
+        f"public_key={hexkey(11)}\nupdate_only=true\npersistent_keepalive_interval=0\n"
         "\n"
     )
 
