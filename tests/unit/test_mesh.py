@@ -7,9 +7,10 @@ import pytest
 from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION, parse_node
 from meshgress.cluster import node_annotations as compute_node_annotations
 from meshgress.config import ClusterConfig
+from meshgress.datastore import Kind, RejectedObject
 from nodeagent.mesh import MeshInputs, RouteSpec, compute_mesh
 from nodeagent.routes import plan_routes
-from nodeagent.status import compute_status_report
+from nodeagent.status import compute_status_report, format_status
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer, PeerStats
 from wireguard.model import tunnel_mtu as compute_mtu
@@ -140,3 +141,23 @@ def test_status_reports_a_missing_interface_and_wrong_own_key():
     assert report.problems == (
         "this node publishes a different public key than its interface has",
         "MTU 1500 is above underlay MTU 1500 minus the WireGuard overhead (1440)")
+
+
+def test_status_names_objects_the_datastore_cannot_read_and_fails_for_them():
+    nodes = [parse_node(o) for o in (node("node1"), node("node2"))]
+    device = Device("meshgress0", private_key=KEYS["node1"], listen_port=51820, mtu=1440,
+                    peers=[Peer(PUB["node2"], endpoint="192.0.2.12:51820",
+                                allowed_ips=["198.18.2.0/24"])])
+    unreadable = RejectedObject(Kind.EGRESS_POLICY, "", "typo", "/store/typo.yaml",
+                                "not valid YAML: did not find expected ',' or ']'")
+    report = compute_status_report("node1", nodes, device, stats=(), underlay_mtu=1500,
+                                   now=0.0, rejected=(unreadable,))
+    assert report.mesh_healthy and not report.healthy
+    assert report.as_dict()["rejectedObjects"] == [
+        {"kind": "EgressPolicy", "namespace": "", "name": "typo", "source": "/store/typo.yaml",
+         "reason": "not valid YAML: did not find expected ',' or ']'"}]
+    text = format_status(report)
+    assert text.startswith("node node1: mesh healthy")
+    assert ("  datastore: 1 object(s) cannot be read; every process skips them:\n"
+            "    ! EgressPolicy typo (/store/typo.yaml): not valid YAML: did not find "
+            "expected ',' or ']'") in text
