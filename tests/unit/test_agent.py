@@ -23,7 +23,7 @@ from nodeagent.agent import Agent, AgentConfig, AgentPorts
 from nodeagent.firewall import CHAIN_GUARD_IN, CHAIN_GUARD_OUT, COUNTER_LEAK_OUT
 from nodeagent.mesh import RouteSpec
 from nodeagent.routes import FakeRoutes
-from nodeagent.steering import LocalPod
+from nodeagent.steering import CHAIN_STEER, LocalPod
 from nodeagent.steering_kernel import FakeSteering
 from wireguard.fake import FakeBackend
 from wireguard.keys import generate_private_key, public_key
@@ -266,5 +266,35 @@ def test_a_starting_agent_steers_by_the_last_valid_generation_of_an_invalid_poli
         pods.hooks["ready"](pod)
         assert agent.state.steering is not None
         assert (pod.ip in agent.state.steering.steered_ips) is steered
+    finally:
+        stop(agent, thread)
+
+
+def test_a_restart_never_takes_the_steering_it_finds_out_of_the_table(tmp_path, store):
+    """The previous run's egress steering stays in the table until this run's replaces it
+    in one transaction: in between, new flows of selected pods would leave unsteered,
+    with the node's address."""
+    for obj in egress_objects(VALID_POLICY):
+        store.apply(obj)
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+        pods.hooks["ready"](LocalPod("payments", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+    nft = fakes["nft"]
+    assert nft.state is not None and CHAIN_STEER in nft.state.chains
+    applied_before = len(nft.applied)
+    agent, pods, _ = make_agent(tmp_path, store, nft)
+    pods.local_pods = lambda cidr: [  # type: ignore[method-assign]
+        LocalPod("payments", "app", ipaddress.IPv4Address("198.18.1.9"))]
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+        restarted = nft.applied[applied_before:]
+        assert not [plan for plan in restarted if CHAIN_STEER in plan.delete_chains
+                    or CHAIN_STEER in plan.flush_chains]
+        assert CHAIN_STEER in nft.state.chains
     finally:
         stop(agent, thread)
