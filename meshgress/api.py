@@ -195,14 +195,14 @@ def parse_egress_policy_in_effect(doc: object) -> InEffect[EgressPolicy]:
 
 
 def _in_effect(doc: object, kind: str, parse: Callable[[object], _Model]) -> InEffect[_Model]:
-    obj = doc if isinstance(doc, Mapping) else {}
-    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
-    assert isinstance(metadata, Mapping)
+    obj: Mapping[str, object] = doc if isinstance(doc, Mapping) else {}
+    raw_metadata = obj.get("metadata")
+    metadata: Mapping[str, object] = raw_metadata if isinstance(raw_metadata, Mapping) else {}
     raw_generation = metadata.get("generation")
     generation = raw_generation if isinstance(raw_generation, int) \
         and not isinstance(raw_generation, bool) else 1
     try:
-        return InEffect(parse(doc), obj.get("spec"), None, generation)
+        value = parse(doc)
     except ValidationError as rejected:
         status = obj.get("status")
         accepted = status.get(ACCEPTED_SPEC_FIELD) if isinstance(status, Mapping) else None
@@ -219,6 +219,8 @@ def _in_effect(doc: object, kind: str, parse: Callable[[object], _Model]) -> InE
         except ValidationError:
             # Recorded under older rules that no longer hold: nothing valid to apply.
             return InEffect(None, None, rejected, generation)
+    spec = obj.get("spec")
+    return InEffect(value, spec if isinstance(spec, Mapping) else None, None, generation)
 
 
 class _Metadata(NamedTuple):

@@ -218,7 +218,8 @@ EVENT_NAMESPACE = "default"
 EVENT_NOTE_LIMIT = 1024
 """Bytes; the API server rejects longer notes (events.k8s.io/v1 validation)."""
 EVENT_FIELD_LIMIT = 128
-"""Characters of `reason` and `action` the API server accepts."""
+"""Characters the API server accepts in `reason`, `action`, `reportingController` and
+`reportingInstance`."""
 
 
 @dataclass(frozen=True)
