@@ -62,7 +62,12 @@ from gateway.metrics import GatewayMetrics, SlotSample
 from gateway.options import DEFAULT_STATE_DIR
 from gateway.probe import ProbeResponder
 from gateway.rules import SlotRules, compute_gateway_ruleset
-from gateway.status import SlotRecord, compute_status_updates
+from gateway.status import (
+    REPORTING_CONTROLLER,
+    SlotRecord,
+    compute_status_events,
+    compute_status_updates,
+)
 from meshgress import prometheus
 from meshgress.cluster import (
     ENDPOINT_ANNOTATION,
@@ -77,10 +82,12 @@ from meshgress.datastore import (
     LEASE_NAMESPACE,
     Datastore,
     DatastoreError,
+    EventRecord,
     Kind,
     Lease,
     NotFound,
     Object,
+    ObjectReference,
 )
 from meshgress.egress import EgressModel, PodView, compute_egress, namespace_labels, pod_view
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort, apply_ruleset
@@ -387,6 +394,8 @@ class Gateway:
         previous = record.lease.holder if record and record.lease else None
         log.info("slot claimed slot=%s lease=%s holder=%s previous=%s transitions=%d",
                  slot_name(slot), slot.lease_name, self.identity, previous, lease.transitions)
+        if previous is not None and previous != self.identity:
+            self._record_takeover(slot, previous, state.servable.get(slot))
         # The previous holder's key and endpoint must not stay next to our holderIdentity.
         info = state.servable.get(slot)
         if record is not None and info is not None and state.own is not None \
@@ -400,6 +409,20 @@ class Gateway:
                 self.loop.step("clear-annotations", lambda: self.store.patch_annotations(
                     Kind.LEASE, slot.lease_name, stale, namespace=LEASE_NAMESPACE))
         return True
+
+    def _record_takeover(self, slot: SlotId, previous: str, info: SlotInfo | None) -> None:
+        """A Normal Event on the EgressGateway: this process took a slot over from a
+        holder that stopped renewing its lease (crashed, cut off, or restarted)."""
+        obj = self.loop.snapshot(Kind.EGRESS_GATEWAY).get(("", slot.gateway)) or {
+            "metadata": {"name": slot.gateway}}
+        ip = f"egress IP {info.egress_ip} " if info is not None else ""
+        event = EventRecord(
+            regarding=ObjectReference.to(Kind.EGRESS_GATEWAY, obj), reason="SlotTakenOver",
+            note=f"{ip}(slot {slot.index}) taken over by {self.identity} on node "
+                 f"{self.config.node_name}: the lease of {previous} had expired",
+            type="Normal", action="TakeOver", reporting_controller=REPORTING_CONTROLLER,
+            reporting_instance=self.identity)
+        self.loop.step("event", lambda: self.store.record_event(event))
 
     # -- desired state ----------------------------------------------------------------
 
@@ -582,6 +605,9 @@ class Gateway:
         records = self._read_records(model, snap.leases)
         updates = compute_status_updates(model, snap.gateways, snap.policies, records,
                                          self.clock())
+        for event in compute_status_events(updates, snap.gateways, snap.policies,
+                                           reporting_instance=self.identity):
+            self.loop.step("event", partial(self.store.record_event, event))
         for name, status in updates.gateways.items():
             with contextlib.suppress(NotFound):
                 self.store.patch_status(Kind.EGRESS_GATEWAY, name, status)

@@ -6,19 +6,28 @@ whichever writes, the result is identical and a process patches only when what i
 differs. Conditions keep their lastTransitionTime while their status stays the same, so
 two processes never fight over a timestamp (the stored one wins).
 
-Status is for people; node agents read leases, never status.
+Status is for people, with one exception: `acceptedSpec` with `observedGeneration` is the
+last valid generation, which every process applies while the current spec is invalid
+(`meshgress.api.parse_*_in_effect`). Node agents read leases and that, nothing else.
 
 EgressGateway status:
-    conditions: Ready (every servable slot held and published), Degraded (not Ready, or an
-      egress IP disabled because another gateway lists it too); Invalid gateways get both
-      with reason Invalid and the validation message.
+    conditions: Ready (every servable slot held and published), Degraded (not Ready, an
+      egress IP served by an older gateway instead, or an invalid spec),
+      EgressIPConflict (True naming the gateway that serves an IP this one lists),
+      InvalidSpec (True with the parser's message while the current generation is
+      invalid); gateways with no valid generation get Ready/Degraded with reason Invalid.
     slots: one entry per egress IP, in spec order:
       {ip, index, holder, node, publicKey, endpoint, ready, since}
-    observedGeneration
+    observedGeneration: the generation that applies (the current one when none does)
+    acceptedSpec: its spec, as written (absent when none applies)
 EgressPolicy status:
-    conditions: Accepted (reason Accepted/Invalid/GatewayNotFound/GatewayInvalid/Conflict),
-      Conflict (True when the reason is Conflict, naming the other policies)
-    selectedPods, observedGeneration
+    conditions: Accepted (reason Accepted/LastValidGeneration/Invalid/GatewayNotFound/
+      GatewayInvalid/Conflict), Conflict (True when the reason is Conflict, naming the
+      other policies), InvalidSpec (as for gateways)
+    selectedPods, observedGeneration, acceptedSpec (as for gateways)
+
+`compute_status_events`: the Warning Events a status change deserves (an invalid spec, an
+egress IP conflict, a policy conflict), recorded by the process that writes the change.
 
 Purely computational: no I/O, no clocks (the caller passes `now`).
 """
@@ -31,13 +40,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from meshgress.api import ACCEPTED_SPEC_FIELD
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
 )
-from meshgress.datastore import Lease
+from meshgress.datastore import EventRecord, Kind, Lease, ObjectReference
 from meshgress.egress import EgressModel, GatewayView, PolicyView
 from meshgress.slots import SlotId
 
@@ -45,6 +55,9 @@ READY = "Ready"
 DEGRADED = "Degraded"
 ACCEPTED = "Accepted"
 CONFLICT = "Conflict"
+EGRESS_IP_CONFLICT = "EgressIPConflict"
+INVALID_SPEC = "InvalidSpec"
+REPORTING_CONTROLLER = "meshgress.io/gateway"
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,6 @@ def _stored_status(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return status if isinstance(status, Mapping) else {}
 
 
-def _generation(obj: Mapping[str, Any] | None, default: int = 1) -> int:
-    meta = obj.get("metadata") if obj else None
-    value = meta.get("generation") if isinstance(meta, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 @dataclass(frozen=True)
 class _SlotState:
     entry: dict[str, Any]
@@ -133,18 +140,31 @@ def _slot_state(slot: SlotId, ip: str, record: SlotRecord | None, now: float) ->
     return _SlotState(entry, None)
 
 
+def _invalid_spec(rejected: str | None, current: int, applied: int | None) -> Condition:
+    if rejected is None:
+        return Condition(INVALID_SPEC, False, "Valid", "")
+    if applied is None:
+        fate = "no earlier valid generation is recorded, so nothing of it applies"
+    else:
+        fate = f"generation {applied}, the last valid one, still applies"
+    return Condition(INVALID_SPEC, True, "Invalid",
+                     f"generation {current} is invalid: {rejected}; {fate}")
+
+
 def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
                            records: Mapping[SlotId, SlotRecord], now: float) -> dict[str, Any]:
-    """The status of one EgressGateway. `obj` is the stored object (for its generation
-    and current conditions). Purely computational."""
+    """The status of one EgressGateway. `obj` is the stored object (for its current
+    conditions). Purely computational."""
     stored = _stored_status(obj)
     gw = view.gateway
+    no_conflict = Condition(EGRESS_IP_CONFLICT, False, "NoConflict", "")
     if gw is None:
         message = view.error or "invalid"
         wanted = [Condition(READY, False, "Invalid", message),
-                  Condition(DEGRADED, True, "Invalid", message)]
+                  Condition(DEGRADED, True, "Invalid", message), no_conflict,
+                  _invalid_spec(message, view.current_generation, None)]
         return {"conditions": merge_conditions(stored.get("conditions"), wanted, now),
-                "slots": [], "observedGeneration": _generation(obj)}
+                "slots": [], "observedGeneration": view.current_generation}
     servable = {slot.index: slot for slot, _ in view.slots}
     entries: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -179,14 +199,22 @@ def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
         ready = Condition(READY, False, "SlotsNotReady",
                           f"{ready_count} of {total} egress IPs are ready: "
                           + "; ".join(problems))
-    if all_ready and not disabled:
+    invalid = _invalid_spec(view.error, view.current_generation, gw.generation)
+    issues = problems + disabled + ([invalid.message] if invalid.status else [])
+    if not issues:
         degraded = Condition(DEGRADED, False, "SlotsReady", "")
-    elif all_ready:
-        degraded = Condition(DEGRADED, True, "EgressIPConflict", "; ".join(disabled))
+    elif not all_ready:
+        degraded = Condition(DEGRADED, True, ready.reason, "; ".join(issues))
+    elif disabled:
+        degraded = Condition(DEGRADED, True, EGRESS_IP_CONFLICT, "; ".join(issues))
     else:
-        degraded = Condition(DEGRADED, True, ready.reason, "; ".join(problems + disabled))
-    return {"conditions": merge_conditions(stored.get("conditions"), [ready, degraded], now),
-            "slots": entries, "observedGeneration": gw.generation}
+        degraded = Condition(DEGRADED, True, INVALID_SPEC, "; ".join(issues))
+    conflict = Condition(EGRESS_IP_CONFLICT, True, EGRESS_IP_CONFLICT,
+                         "; ".join(disabled)) if disabled else no_conflict
+    return {"conditions": merge_conditions(stored.get("conditions"),
+                                           [ready, degraded, conflict, invalid], now),
+            "slots": entries, "observedGeneration": gw.generation,
+            ACCEPTED_SPEC_FIELD: dict(view.spec or {})}
 
 
 def compute_policy_status(view: PolicyView, obj: Mapping[str, Any] | None,
@@ -198,10 +226,15 @@ def compute_policy_status(view: PolicyView, obj: Mapping[str, Any] | None,
         conflict = Condition(CONFLICT, True, CONFLICT, view.message)
     else:
         conflict = Condition(CONFLICT, False, "NoConflict", "")
-    return {"conditions": merge_conditions(stored.get("conditions"), [accepted, conflict], now),
-            "selectedPods": len(view.selected),
-            "observedGeneration": view.generation if view.policy else _generation(obj,
-                                                                                  view.generation)}
+    invalid = _invalid_spec(view.rejected, view.current_generation,
+                            view.generation if view.policy else None)
+    status: dict[str, Any] = {
+        "conditions": merge_conditions(stored.get("conditions"), [accepted, conflict, invalid],
+                                       now),
+        "selectedPods": len(view.selected), "observedGeneration": view.generation}
+    if view.policy is not None:
+        status[ACCEPTED_SPEC_FIELD] = dict(view.spec or {})
+    return status
 
 
 @dataclass(frozen=True)
@@ -228,3 +261,39 @@ def compute_status_updates(model: EgressModel, gateway_objects: Mapping[str, Map
         if dict(_stored_status(obj)) != status:
             policies[name] = status
     return StatusUpdates(gateways, policies)
+
+
+_WARNINGS = {INVALID_SPEC: "Validate", EGRESS_IP_CONFLICT: "AssignEgressIPs",
+             CONFLICT: "Validate"}
+"""Condition types whose turning True (or changing message while True) is a Warning
+Event of the same reason, with the action that failed."""
+
+
+def compute_status_events(updates: StatusUpdates,
+                          gateway_objects: Mapping[str, Mapping[str, Any]],
+                          policy_objects: Mapping[str, Mapping[str, Any]], *,
+                          reporting_instance: str) -> list[EventRecord]:
+    """The Events that `updates` (about to be written over the stored objects) deserve.
+    A status written once yields its Events once: the next pass finds it stored.
+    Purely computational."""
+    events: list[EventRecord] = []
+    for kind, statuses, objects in (
+            (Kind.EGRESS_GATEWAY, updates.gateways, gateway_objects),
+            (Kind.EGRESS_POLICY, updates.policies, policy_objects)):
+        for name, status in sorted(statuses.items()):
+            obj = objects.get(name) or {"metadata": {"name": name}}
+            before = {c.get("type"): c for c in _stored_status(obj).get("conditions") or []
+                      if isinstance(c, Mapping)}
+            for cond in status["conditions"]:
+                action = _WARNINGS.get(cond["type"])
+                old = before.get(cond["type"])
+                if action is None or cond["status"] != "True" or (
+                        old is not None and old.get("status") == "True"
+                        and old.get("message") == cond["message"]):
+                    continue
+                events.append(EventRecord(
+                    regarding=ObjectReference.to(kind, obj), reason=cond["type"],
+                    note=cond["message"], type="Warning", action=action,
+                    reporting_controller=REPORTING_CONTROLLER,
+                    reporting_instance=reporting_instance))
+    return events

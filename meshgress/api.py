@@ -10,7 +10,17 @@ wrong, ready to become a status condition and an Event. They never raise anythin
 
 Only what the spec says is modelled here (plus the metadata needed for status
 `observedGeneration` and patches); runtime state such as who holds an IP slot belongs to
-other types. `status` in an input document is ignored.
+other types. `status` in an input document is ignored by the two parsers.
+
+A typo never fails open: `parse_egress_gateway_in_effect` and
+`parse_egress_policy_in_effect` say what *applies* of an object. That is its current
+generation when it is valid; otherwise the last valid generation, which the status writer
+(every gateway computes the same status) records in `status.acceptedSpec` next to its
+`status.observedGeneration`. Keeping it in the object itself, rather than in any
+process's memory, is what makes every process — node agents, gateways, `meshgress
+explain`, and any of them restarted while the current spec is invalid — apply the same
+generation. An object that was never valid while a status writer ran has nothing to fall
+back to, and applies nothing.
 
 Purely computational, no I/O.
 """
@@ -18,10 +28,10 @@ Purely computational, no I/O.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import Final, Generic, NamedTuple, TypeVar
 
 from meshgress.config import ClusterConfig, IPNetwork
 from meshgress.selectors import MATCH_EVERYTHING, LabelSelector, parse_label_selector
@@ -144,6 +154,73 @@ class EgressPolicy:
     """Lower wins; equal-priority overlaps are a conflict reported in status."""
     generation: int = 1
     resource_version: str | None = None
+
+
+ACCEPTED_SPEC_FIELD: Final = "acceptedSpec"
+"""The status field holding the spec of generation `status.observedGeneration`: the last
+generation the parser accepted, applied while the current one is invalid."""
+
+_Model = TypeVar("_Model", EgressGateway, EgressPolicy)
+
+
+@dataclass(frozen=True)
+class InEffect(Generic[_Model]):
+    """What applies of one object, and why."""
+
+    value: _Model | None
+    """The generation that applies: the current one when valid, else the last valid one
+    (its `generation` says which), else None."""
+    spec: Mapping[str, object] | None
+    """The spec of `value` as written, for `status.acceptedSpec`."""
+    rejected: ValidationError | None
+    """Why the current generation does not apply; None when it does."""
+    generation: int
+    """The object's current metadata.generation."""
+
+    @property
+    def on_last_valid_generation(self) -> bool:
+        return self.value is not None and self.rejected is not None
+
+
+def parse_egress_gateway_in_effect(doc: object, cluster: ClusterConfig
+                                   ) -> InEffect[EgressGateway]:
+    """What applies of an EgressGateway document (see the module docstring). Never raises."""
+    return _in_effect(doc, EGRESS_GATEWAY_KIND,
+                      lambda candidate: parse_egress_gateway(candidate, cluster))
+
+
+def parse_egress_policy_in_effect(doc: object) -> InEffect[EgressPolicy]:
+    """What applies of an EgressPolicy document (see the module docstring). Never raises."""
+    return _in_effect(doc, EGRESS_POLICY_KIND, parse_egress_policy)
+
+
+def _in_effect(doc: object, kind: str, parse: Callable[[object], _Model]) -> InEffect[_Model]:
+    obj: Mapping[str, object] = doc if isinstance(doc, Mapping) else {}
+    raw_metadata = obj.get("metadata")
+    metadata: Mapping[str, object] = raw_metadata if isinstance(raw_metadata, Mapping) else {}
+    raw_generation = metadata.get("generation")
+    generation = raw_generation if isinstance(raw_generation, int) \
+        and not isinstance(raw_generation, bool) else 1
+    try:
+        value = parse(doc)
+    except ValidationError as rejected:
+        status = obj.get("status")
+        accepted = status.get(ACCEPTED_SPEC_FIELD) if isinstance(status, Mapping) else None
+        observed = status.get("observedGeneration") if isinstance(status, Mapping) else None
+        if not isinstance(accepted, Mapping) or isinstance(observed, bool) \
+                or not isinstance(observed, int) or not 0 < observed <= generation:
+            return InEffect(None, None, rejected, generation)
+        last_valid = {"apiVersion": API_VERSION, "kind": kind,
+                      "metadata": {"name": metadata.get("name"), "generation": observed,
+                                   "resourceVersion": metadata.get("resourceVersion")},
+                      "spec": accepted}
+        try:
+            return InEffect(parse(last_valid), accepted, rejected, generation)
+        except ValidationError:
+            # Recorded under older rules that no longer hold: nothing valid to apply.
+            return InEffect(None, None, rejected, generation)
+    spec = obj.get("spec")
+    return InEffect(value, spec if isinstance(spec, Mapping) else None, None, generation)
 
 
 class _Metadata(NamedTuple):
@@ -468,6 +545,7 @@ def _network_sort_key(net: IPNetwork) -> tuple[int, int, int]:
 
 
 __all__ = [
+    "ACCEPTED_SPEC_FIELD",
     "ALL_DESTINATIONS",
     "API_GROUP",
     "API_VERSION",
@@ -481,8 +559,11 @@ __all__ = [
     "FailurePolicy",
     "HealthCheck",
     "IPAddress",
+    "InEffect",
     "ValidationError",
     "interface_name_problem",
     "parse_egress_gateway",
+    "parse_egress_gateway_in_effect",
     "parse_egress_policy",
+    "parse_egress_policy_in_effect",
 ]

@@ -15,9 +15,16 @@ Rules, as the design fixes them:
   node path take over until a person fixes it. Pod selectors are deliberately not
   compared: every node must reach the same verdict, and a node watches only its own
   pods, while every node sees every namespace;
-- an invalid policy, or one naming a gateway that is missing or invalid, is not
-  accepted, with a reason; an egress IP listed by two gateways is served by neither
-  (a condition on both says why), while their other IPs keep working.
+- a typo never fails open: an object whose current generation is invalid keeps applying
+  its last valid generation, recorded in its status (`meshgress.api`'s
+  `parse_*_in_effect`), and says why; only an object that never had a valid generation
+  applies nothing (a policy: not accepted, reason Invalid);
+- a policy naming a gateway that is missing or has no valid generation is not accepted,
+  with a reason;
+- a newcomer never steals a live egress IP: an IP listed by several gateways is served
+  by the one created first (oldest `metadata.creationTimestamp`; equal ones go to the
+  name that sorts first; an object without one counts as the newest), and the others
+  name it in their `ip_conflicts` and serve their other IPs.
 
 Purely computational: no I/O.
 """
@@ -28,13 +35,19 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from meshgress.api import EgressGateway, EgressPolicy, parse_egress_gateway, parse_egress_policy
+from meshgress.api import (
+    EgressGateway,
+    EgressPolicy,
+    IPAddress,
+    parse_egress_gateway_in_effect,
+    parse_egress_policy_in_effect,
+)
 from meshgress.config import ClusterConfig
 from meshgress.selectors import matches
 from meshgress.slots import SlotId
-from meshgress.validation import ValidationError
 
 IPv4Range = tuple[int, int]
 """An inclusive range of IPv4 addresses as integers."""
@@ -103,11 +116,22 @@ class PodView:
 class GatewayView:
     name: str
     gateway: EgressGateway | None
+    """The generation that applies: the current one, else the last valid one, else None."""
     error: str | None
+    """Why the current generation is invalid; None when it is valid."""
     slots: tuple[tuple[SlotId, ipaddress.IPv4Address | ipaddress.IPv6Address], ...]
-    """The slots that may be served: every egress IP not claimed by another gateway."""
+    """The slots that may be served: every egress IP no older gateway lists."""
     disabled_ips: Mapping[str, str] = field(default_factory=dict)
     """Egress IP → why it is not served."""
+    ip_conflicts: Mapping[str, str] = field(default_factory=dict)
+    """Egress IP → the (older) gateway that serves it instead of this one."""
+    spec: Mapping[str, Any] | None = None
+    """The spec of `gateway` as written (for status.acceptedSpec)."""
+    current_generation: int = 1
+
+    @property
+    def on_last_valid_generation(self) -> bool:
+        return self.gateway is not None and self.error is not None
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,16 @@ class PolicyView:
     namespaces: frozenset[str] = frozenset()
     """The namespaces its namespaceSelector matches."""
     generation: int = 1
+    """The generation that applies (the current one when none does)."""
+    rejected: str | None = None
+    """Why the current generation is invalid; None when it is valid."""
+    spec: Mapping[str, Any] | None = None
+    """The spec of `policy` as written (for status.acceptedSpec)."""
+    current_generation: int = 1
+
+    @property
+    def on_last_valid_generation(self) -> bool:
+        return self.policy is not None and self.rejected is not None
 
 
 @dataclass(frozen=True)
@@ -162,12 +196,14 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
     staged: list[PolicyView] = []
     for obj in policies:
         name = _name(obj)
-        generation = _generation(obj)
-        try:
-            policy = parse_egress_policy(obj)
-        except ValidationError as exc:
-            staged.append(PolicyView(name, None, False, "Invalid", str(exc),
-                                     generation=generation))
+        effect = parse_egress_policy_in_effect(obj)
+        policy = effect.value
+        rejected = None if effect.rejected is None else str(effect.rejected)
+        if policy is None:
+            assert rejected is not None
+            staged.append(PolicyView(name, None, False, "Invalid", rejected,
+                                     generation=effect.generation, rejected=rejected,
+                                     current_generation=effect.generation))
             continue
         in_namespaces = frozenset(ns for ns, labels in namespaces.items()
                                   if matches(policy.namespace_selector, labels))
@@ -186,13 +222,20 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
             reason, message, accepted = ("GatewayInvalid",
                                          f"EgressGateway {policy.gateway} is invalid: {gw.error}",
                                          False)
+        elif rejected is not None:
+            reason, message, accepted = (
+                "LastValidGeneration",
+                f"generation {policy.generation}, the last valid one, applies "
+                f"({len(selected)} pods selected): generation {effect.generation} is "
+                f"invalid: {rejected}", True)
         else:
             reason, message, accepted = "Accepted", f"{len(selected)} pods selected", True
         staged.append(PolicyView(name, policy, accepted, reason, message,
                                  destinations=destinations,
                                  excluded=tuple(excluded), requested=requested,
                                  selected=selected, namespaces=in_namespaces,
-                                 generation=policy.generation))
+                                 generation=policy.generation, rejected=rejected,
+                                 spec=effect.spec, current_generation=effect.generation))
     conflicts: dict[str, set[str]] = {}
     accepted_views = [v for v in staged if v.accepted and v.policy is not None]
     for i, a in enumerate(accepted_views):
@@ -220,37 +263,63 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
                        always_excluded=tuple(always_excluded))
 
 
-def _generation(obj: Mapping[str, Any]) -> int:
+def _created(obj: Mapping[str, Any]) -> datetime | None:
+    """metadata.creationTimestamp, or None when it is missing or unreadable."""
     meta = obj.get("metadata")
-    value = meta.get("generation") if isinstance(meta, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else 1
+    value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        created = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return created if created.tzinfo is not None else None
+
+
+def _seniority(name: str, created: datetime | None) -> tuple[bool, float, str]:
+    """Sorts the gateway that serves a contested egress IP first: the oldest, then by name;
+    one without a creation time after every one with it."""
+    return created is None, created.timestamp() if created else 0.0, name
+
+
+def _why_not_served(ip: IPAddress, owner: str, owner_created: datetime | None,
+                    created: datetime | None) -> str:
+    def shown(when: datetime | None) -> str:
+        return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "no creationTimestamp"
+
+    if owner_created is not None and created is not None and owner_created == created:
+        why = f"created at the same time ({shown(created)}) and named first"
+    else:
+        why = f"created first ({shown(owner_created)}; this one: {shown(created)})"
+    return (f"egress IP {ip} is served by EgressGateway {owner}, {why}; this gateway does "
+            "not serve it")
 
 
 def _compute_gateways(objs: Iterable[Mapping[str, Any]],
                       cluster: ClusterConfig) -> dict[str, GatewayView]:
-    parsed: dict[str, tuple[EgressGateway | None, str | None]] = {}
-    for obj in objs:
-        name = _name(obj)
-        try:
-            parsed[name] = (parse_egress_gateway(obj, cluster), None)
-        except ValidationError as exc:
-            parsed[name] = (None, str(exc))
-    owners: dict[str, list[str]] = {}
-    for name, (gw, _) in parsed.items():
-        for ip in gw.egress_ips if gw else ():
-            owners.setdefault(str(ip), []).append(name)
+    parsed = {_name(obj): (parse_egress_gateway_in_effect(obj, cluster), _created(obj))
+              for obj in objs}
+    owners: dict[IPAddress, str] = {}
+    for name, (effect, _) in sorted(parsed.items(),
+                                          key=lambda item: _seniority(item[0], item[1][1])):
+        for ip in effect.value.egress_ips if effect.value else ():
+            owners.setdefault(ip, name)
     views: dict[str, GatewayView] = {}
-    for name, (gw, error) in sorted(parsed.items()):
-        slots: list[tuple[SlotId, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    for name, (effect, created) in sorted(parsed.items()):
+        gw = effect.value
+        slots: list[tuple[SlotId, IPAddress]] = []
         disabled: dict[str, str] = {}
+        conflicts: dict[str, str] = {}
         for index, ip in enumerate(gw.egress_ips if gw else ()):
-            others = [o for o in owners[str(ip)] if o != name]
-            if others:
-                disabled[str(ip)] = (f"egress IP {ip} is also listed by EgressGateway "
-                                     f"{', '.join(sorted(others))}; neither serves it")
+            owner = owners[ip]
+            if owner != name:
+                disabled[str(ip)] = _why_not_served(ip, owner, parsed[owner][1], created)
+                conflicts[str(ip)] = owner
                 continue
             slots.append((SlotId(name, index), ip))
-        views[name] = GatewayView(name, gw, error, tuple(slots), disabled)
+        views[name] = GatewayView(
+            name, gw, None if effect.rejected is None else str(effect.rejected), tuple(slots),
+            disabled, conflicts, effect.spec, effect.generation)
     return views
 
 

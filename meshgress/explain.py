@@ -6,6 +6,9 @@ from the same pure decision function the node agents and gateways run
 does: every policy that could apply is listed in the order packets try them, with why it
 selects the pod or not, whether it lost on priority or a conflict, which excluded range
 applied to the destination, and the gateway's slots with their holders and egress IPs.
+A policy or gateway whose current spec is invalid says that it runs on its last valid
+generation and why; objects the datastore could not read are named, since the answer
+leaves them out.
 
 `explain_pod` is pure; `collect_and_explain` reads the datastore.
 """
@@ -14,12 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshgress.cluster import SlotHolder, parse_node, parse_slot_holder
 from meshgress.config import ClusterConfig
-from meshgress.datastore import Datastore, Kind
+from meshgress.datastore import Datastore, Kind, RejectedObject
 from meshgress.egress import (
     EgressModel,
     PolicyView,
@@ -67,8 +70,9 @@ def _why_excluded(view: PolicyView, to: ipaddress.IPv4Address,
 def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
                 namespace_labels_: Mapping[str, str], holders: Mapping[Any, SlotHolder],
                 cluster: ClusterConfig, node_addresses: set[str],
-                to: ipaddress.IPv4Address | None) -> list[str]:
-    """Purely computational."""
+                to: ipaddress.IPv4Address | None,
+                rejected: Sequence[RejectedObject] = ()) -> list[str]:
+    """Purely computational. `rejected`: objects the datastore could not read."""
     view = pod_view(pod)
     key = (view.namespace, view.name)
     lines = [f"pod {view.namespace}/{view.name} on {view.node or '?'}, IP {view.ip or '?'}",
@@ -77,13 +81,19 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
     ordered = sorted(model.policies.values(),
                      key=lambda v: (v.policy.priority if v.policy else 1 << 30, v.name))
     applied: PolicyView | None = None
+    for item in rejected:
+        lines.append(f"  ! left out, the datastore cannot read it: {item.describe()}")
     lines.append("policies, in the order packets try them:")
     for policy_view in ordered:
         policy = policy_view.policy
         if policy is None:
             lines.append(f"  - {policy_view.name}: invalid, ignored ({policy_view.message})")
             continue
-        head = f"  - {policy_view.name} (priority {policy.priority}, gateway {policy.gateway})"
+        stale = (f"; runs on generation {policy.generation}, its last valid one: generation "
+                 f"{policy_view.current_generation} is invalid: {policy_view.rejected}"
+                 if policy_view.on_last_valid_generation else "")
+        head = (f"  - {policy_view.name} (priority {policy.priority}, gateway "
+                f"{policy.gateway}{stale})")
         if key not in policy_view.selected:
             if not matches(policy.namespace_selector, namespace_labels_):
                 why = f"namespaceSelector [{_describe_selector(policy.namespace_selector)}] " \
@@ -117,6 +127,10 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
     assert gateway.gateway is not None
     lines.append(f"verdict: through EgressGateway {gateway.name} "
                  f"({gateway.gateway.failure_policy.value})")
+    if gateway.on_last_valid_generation:
+        lines.append(f"  EgressGateway {gateway.name} runs on generation "
+                     f"{gateway.gateway.generation}, its last valid one: generation "
+                     f"{gateway.current_generation} is invalid: {gateway.error}")
     if to is None:
         cidrs = ranges_to_cidrs(applied.destinations)
         shown = ", ".join(map(str, cidrs[:6])) + (" …" if len(cidrs) > 6 else "")
@@ -153,21 +167,25 @@ def collect_and_explain(store: Datastore, cluster: ClusterConfig, target: str,
         if not isinstance(parsed, ipaddress.IPv4Address):
             raise ExplainError("explain: only IPv4 destinations are steered")
         to_ip = parsed
-    pods = store.list(Kind.POD).items
+    listed = {kind: store.list(kind) for kind in (Kind.POD, Kind.NAMESPACE, Kind.NODE,
+                                                  Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY,
+                                                  Kind.LEASE)}
+    pods = listed[Kind.POD].items
     pod = next((p for p in pods if p["metadata"].get("namespace") == namespace
                 and p["metadata"]["name"] == name), None)
     if pod is None:
         raise ExplainError(f"explain: no pod {namespace}/{name}")
-    namespaces = namespace_labels(store.list(Kind.NAMESPACE).items)
-    nodes = [parse_node(n) for n in store.list(Kind.NODE).items]
+    namespaces = namespace_labels(listed[Kind.NAMESPACE].items)
+    nodes = [parse_node(n) for n in listed[Kind.NODE].items]
     addresses = [n.internal_ip for n in nodes if n.internal_ip is not None]
-    model = compute_egress(gateways=store.list(Kind.EGRESS_GATEWAY).items,
-                           policies=store.list(Kind.EGRESS_POLICY).items,
+    model = compute_egress(gateways=listed[Kind.EGRESS_GATEWAY].items,
+                           policies=listed[Kind.EGRESS_POLICY].items,
                            namespaces=namespaces, pods=[pod_view(p) for p in pods],
                            node_addresses=addresses, cluster=cluster)
     now = time.time()
     holders = {h.slot: h for h in (parse_slot_holder(o, now)
-                                   for o in store.list(Kind.LEASE).items) if h}
+                                   for o in listed[Kind.LEASE].items) if h}
     return explain_pod(model=model, pod=pod, namespace_labels_=namespaces.get(namespace, {}),
                        holders=holders, cluster=cluster,
-                       node_addresses={str(a) for a in addresses}, to=to_ip)
+                       node_addresses={str(a) for a in addresses}, to=to_ip,
+                       rejected=[r for result in listed.values() for r in result.rejected])

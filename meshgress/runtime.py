@@ -18,7 +18,10 @@ share (Calico Felix, kopf):
      with jittered exponential backoff, from `retry_interval` up to `resync_interval`;
 5. `/metrics`, `/healthz` and `/readyz` are served from the loop's metrics and the
    component's own; SIGTERM and SIGINT stop the loop (the component decides what stopping
-   leaves in place).
+   leaves in place);
+6. an object the datastore cannot decode is skipped by its informer (one bad object
+   never keeps a process from syncing) and counted in the
+   `<prefix>datastore_rejected_objects{kind}` gauge.
 
 Components keep their own state and passes; this module owns only the loop around them.
 """
@@ -36,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 from meshgress import prometheus
-from meshgress.datastore import Datastore, Kind
+from meshgress.datastore import Datastore, Kind, RejectedObject
 from meshgress.datastore.informer import Informer
 
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -76,6 +79,8 @@ class LoopMetrics:
     buckets: list[int] = field(default_factory=lambda: [0] * len(RECONCILE_BUCKETS))
     errors: dict[str, int] = field(default_factory=dict)
     permanent: dict[str, int] = field(default_factory=dict)
+    rejected_objects: Callable[[], Mapping[str, int]] = dict
+    """Kind → objects of it the datastore could not decode (read when rendered)."""
 
     def observe(self, seconds: float, ok: bool) -> None:
         self.reconciles += 1
@@ -104,6 +109,11 @@ class LoopMetrics:
                     "Steps that failed on input or configuration retrying cannot fix, by "
                     "operation (reported; retried only after a change).",
                     [(prometheus.labels(op=op), n) for op, n in sorted(self.permanent.items())])
+        page.metric(f"{self.prefix}datastore_rejected_objects", "gauge",
+                    "Objects the datastore could not decode, by kind: skipped (the rest is "
+                    "synced) until they are fixed.",
+                    [(prometheus.labels(kind=kind), n)
+                     for kind, n in sorted(self.rejected_objects().items())])
 
 
 class ReconcileLoop:
@@ -126,6 +136,7 @@ class ReconcileLoop:
         self.informers = {kind: Informer(store, kind, on_change=self._poke.set,
                                          field_node_name=node)
                           for kind, node in kinds.items()}
+        metrics.rejected_objects = self.rejected_counts
         self.last_loop = clock()
         self._failures_in_pass = 0
         self._backoff = retry_interval
@@ -141,6 +152,16 @@ class ReconcileLoop:
 
     def poke(self) -> None:
         self._poke.set()
+
+    def rejected(self) -> tuple[RejectedObject, ...]:
+        """Every object the informers skipped because the datastore could not decode it."""
+        return tuple(r for informer in self.informers.values() for r in informer.rejected())
+
+    def rejected_counts(self) -> dict[str, int]:
+        """Kind → rejected objects, with a 0 for every watched kind (so the gauge exists
+        before anything goes wrong)."""
+        return {kind.value: len(informer.rejected())
+                for kind, informer in self.informers.items()}
 
     # -- steps ----------------------------------------------------------------------
 

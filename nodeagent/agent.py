@@ -38,7 +38,7 @@ from meshgress.cluster import NodeInfo, NodeParseCache, node_annotations, parse_
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig
 from meshgress.datastore import Datastore, Kind, NotFound
 from meshgress.egress import PodView, compute_egress, namespace_labels, pod_view
-from meshgress.kernel.nft_model import Ruleset
+from meshgress.kernel.nft_model import NftPlan, Ruleset
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
@@ -242,7 +242,7 @@ class Agent:
         # then the marks that point into them; peers, then routes into the mesh; what is
         # obsolete last.
         if not self.state.first_apply_ok:
-            ok &= step("nftables", lambda: self.firewall.apply(base))
+            ok &= step("nftables", lambda: self._ensure_guard(base))
         ok &= step("forwarding", self.ports.host.ensure_ip_forwarding)
         ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
         ok &= step("nftables", lambda: self.firewall.apply(
@@ -262,6 +262,16 @@ class Agent:
         self.metrics.skipped_nodes = dict(mesh.skipped)
         self.metrics.dataplane_reads = self.mesh.full_reads()
         return Pass(wake_in=self.mesh.resync_in())
+
+    def _ensure_guard(self, base: Ruleset) -> NftPlan | None:
+        """On a node's first start, the guard and masquerade before anything else. A
+        restart finds its table in place, guard included: it is left as it is, because
+        cutting it back to the bare guard would take the previous run's egress steering
+        out until this pass puts it back, and new flows of selected pods would leave with
+        the node's address meanwhile."""
+        if self.ports.nft.read() is not None:
+            return None
+        return self.firewall.apply(base)
 
     def _base_ruleset(self) -> Ruleset:
         return compute_ruleset(FirewallSpec(

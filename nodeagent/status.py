@@ -4,8 +4,10 @@ Honest status means comparing the two ends, not echoing what the agent meant to 
 every other node it shows the public key that node publishes next to the key configured
 for it here, the endpoint, the latest handshake and the traffic counters, and it checks
 this node's own published key against the key its interface really has, and the
-interface's MTU against the one computed from the underlay. Any mismatch is reported and
-makes the command exit non-zero, so it can gate scripts and probes.
+interface's MTU against the one computed from the underlay. It also names every object
+the datastore cannot read (the agents and gateways skip those, so part of the
+configuration is not in effect). Any mismatch or unreadable object is reported and makes
+the command exit non-zero, so it can gate scripts and probes.
 
 `compute_status_report` is pure; `collect_status` reads the kernel and the datastore.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgress.cluster import NodeInfo, parse_node
-from meshgress.datastore import Datastore, Kind
+from meshgress.datastore import Datastore, Kind, RejectedObject
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from wireguard.backend import WireGuardBackend
 from wireguard.model import Device, PeerStats, tunnel_mtu
@@ -49,10 +51,16 @@ class StatusReport:
     expected_mtu: int | None
     peers: tuple[PeerRow, ...]
     problems: tuple[str, ...] = field(default=())
+    rejected: tuple[RejectedObject, ...] = ()
+    """Objects the datastore cannot read, which every process skips."""
+
+    @property
+    def mesh_healthy(self) -> bool:
+        return not self.problems and all(not p.problems for p in self.peers)
 
     @property
     def healthy(self) -> bool:
-        return not self.problems and all(not p.problems for p in self.peers)
+        return self.mesh_healthy and not self.rejected
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +68,10 @@ class StatusReport:
             "ownKeyPublished": self.own_key_published,
             "ownKeyConfigured": self.own_key_configured,
             "mtu": self.mtu, "expectedMTU": self.expected_mtu, "healthy": self.healthy,
-            "problems": list(self.problems),
+            "meshHealthy": self.mesh_healthy, "problems": list(self.problems),
+            "rejectedObjects": [{
+                "kind": r.kind.value, "namespace": r.namespace, "name": r.name,
+                "source": r.source, "reason": r.reason} for r in self.rejected],
             "peers": [{
                 "node": p.node, "publishedKey": p.published_key,
                 "configuredKey": p.configured_key, "endpoint": p.endpoint,
@@ -72,7 +83,8 @@ class StatusReport:
 
 def compute_status_report(node_name: str, nodes: list[NodeInfo], device: Device | None, *,
                           stats: tuple[PeerStats, ...], underlay_mtu: int | None,
-                          now: float) -> StatusReport:
+                          now: float, rejected: tuple[RejectedObject, ...] = ()
+                          ) -> StatusReport:
     """Purely computational."""
     own = next((n for n in nodes if n.name == node_name), None)
     problems: list[str] = []
@@ -133,12 +145,19 @@ def compute_status_report(node_name: str, nodes: list[NodeInfo], device: Device 
     return StatusReport(node=node_name, interface_present=device is not None,
                         own_key_published=own_published, own_key_configured=own_configured,
                         mtu=device.mtu if device else None, expected_mtu=expected_mtu,
-                        peers=tuple(rows), problems=tuple(problems))
+                        peers=tuple(rows), problems=tuple(problems), rejected=rejected)
+
+
+WATCHED_KINDS = (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY,
+                 Kind.LEASE)
+"""The kinds agents and gateways read: an unreadable object of any of them is skipped."""
 
 
 def collect_status(node_name: str, store: Datastore, backend: WireGuardBackend,
                    underlay_mtu_of: Any) -> StatusReport:
-    nodes = [parse_node(o) for o in store.list(Kind.NODE).items]
+    listed = {kind: store.list(kind) for kind in WATCHED_KINDS}
+    rejected = tuple(r for result in listed.values() for r in result.rejected)
+    nodes = [parse_node(o) for o in listed[Kind.NODE].items]
     device = backend.read(WIREGUARD_INTERFACE)
     stats = backend.stats(WIREGUARD_INTERFACE) if device else ()
     own = next((n for n in nodes if n.name == node_name), None)
@@ -149,7 +168,7 @@ def collect_status(node_name: str, store: Datastore, backend: WireGuardBackend,
         except Exception:
             mtu = None
     return compute_status_report(node_name, nodes, device, stats=stats, underlay_mtu=mtu,
-                                 now=time.time())
+                                 now=time.time(), rejected=rejected)
 
 
 def format_status(report: StatusReport) -> str:
@@ -157,7 +176,7 @@ def format_status(report: StatusReport) -> str:
         return f"{key[:10]}…" if key else "-"
 
     lines = [
-        f"node {report.node}: mesh {'healthy' if report.healthy else 'NOT HEALTHY'}",
+        f"node {report.node}: mesh {'healthy' if report.mesh_healthy else 'NOT HEALTHY'}",
         f"  {WIREGUARD_INTERFACE}: {'present' if report.interface_present else 'MISSING'}, "
         f"MTU {report.mtu} (expected {report.expected_mtu}), key published "
         f"{short(report.own_key_published)} / configured {short(report.own_key_configured)}",
@@ -171,4 +190,8 @@ def format_status(report: StatusReport) -> str:
                      f"{short(row.configured_key):<12} {row.endpoint or '-':<20} {hs:>10} "
                      f"{row.rx_bytes:>10} {row.tx_bytes:>10}")
         lines += [f"    ! {p}" for p in row.problems]
+    if report.rejected:
+        lines.append(f"  datastore: {len(report.rejected)} object(s) cannot be read; every "
+                     "process skips them:")
+        lines += [f"    ! {r.describe()}" for r in report.rejected]
     return "\n".join(lines)

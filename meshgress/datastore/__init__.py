@@ -16,17 +16,31 @@ backend gives and what informers are built for:
 - `replace` with a stale resourceVersion raises `Conflict` (HTTP 409), so a lost
   update is impossible; the `patch_*` calls are read-modify-write inside the store;
 - leases carry a holder, a duration and a renew time; a lease can be taken over only
-  once it has expired.
+  once it has expired;
+- one bad object never stops a process: an object the backend cannot decode (a file that
+  is not YAML, a document that is not an object) is left out of `list` and named in
+  `ListResult.rejected` instead, so callers sync everything else and report the rest
+  (informers keep what they skipped; agents and gateways render it as the
+  `*datastore_rejected_objects{kind}` gauge; `meshgress status` lists it). `watch` never
+  delivers such an object: a backend that meets one raises `Expired`, so the caller lists
+  again and the list names it;
+- Events are recorded as `events.k8s.io/v1` objects: `record_event` turns an
+  `EventRecord` into one (`event_object`), under a name derived from what makes two
+  occurrences "the same" (`event_name`), so a repeat bumps `series.count` of the existing
+  Event instead of adding another, as Kubernetes' event recorders do.
 
-This module is the interface and its value types only: no I/O.
+This module is the interface, its value types and the pure helpers both backends share:
+no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
@@ -43,6 +57,7 @@ class Kind(StrEnum):
     EGRESS_GATEWAY = "EgressGateway"
     EGRESS_POLICY = "EgressPolicy"
     LEASE = "Lease"
+    EVENT = "Event"
 
 
 API_VERSIONS: Mapping[Kind, str] = {
@@ -52,9 +67,10 @@ API_VERSIONS: Mapping[Kind, str] = {
     Kind.EGRESS_GATEWAY: "meshgress.io/v1alpha1",
     Kind.EGRESS_POLICY: "meshgress.io/v1alpha1",
     Kind.LEASE: "coordination.k8s.io/v1",
+    Kind.EVENT: "events.k8s.io/v1",
 }
 
-NAMESPACED: frozenset[Kind] = frozenset({Kind.POD, Kind.LEASE})
+NAMESPACED: frozenset[Kind] = frozenset({Kind.POD, Kind.LEASE, Kind.EVENT})
 """Kinds that live in a namespace; all others are cluster-scoped."""
 
 LEASE_NAMESPACE = "meshgress-system"
@@ -107,9 +123,34 @@ class WatchEvent:
 
 
 @dataclass(frozen=True)
+class RejectedObject:
+    """An object the backend could not decode, left out of a list.
+
+    Reported (logged, counted, shown by `meshgress status`) rather than fatal: one bad
+    object must not keep a process from syncing everything else."""
+
+    kind: Kind
+    namespace: str
+    """"" for cluster-scoped kinds (or when the backend cannot tell)."""
+    name: str
+    """The object's name as far as the backend can tell (a file's stem, a key's last
+    segment); "" when it cannot."""
+    source: str
+    """Where it lives, for a person: a file path, an API path."""
+    reason: str
+    """Why it was rejected (the decoder's message)."""
+
+    def describe(self) -> str:
+        key = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {key or '?'} ({self.source}): {self.reason}"
+
+
+@dataclass(frozen=True)
 class ListResult:
     items: tuple[Object, ...]
     resource_version: int
+    rejected: tuple[RejectedObject, ...] = ()
+    """Objects of the listed kind that could not be decoded and are not in `items`."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +208,133 @@ def parse_lease(obj: Object) -> Lease:
         transitions=transitions,
         resource_version=resource_version,
     )
+
+
+EventSeverity = Literal["Normal", "Warning"]
+"""An Event's `type`: Warning for what a person should act on."""
+
+EVENT_NAMESPACE = "default"
+"""Where Events about cluster-scoped objects go (Kubernetes does the same)."""
+EVENT_NOTE_LIMIT = 1024
+"""Bytes; the API server rejects longer notes (events.k8s.io/v1 validation)."""
+EVENT_FIELD_LIMIT = 128
+"""Characters the API server accepts in `reason`, `action`, `reportingController` and
+`reportingInstance`."""
+
+
+@dataclass(frozen=True)
+class ObjectReference:
+    """The object an Event is about (`regarding` in events.k8s.io/v1)."""
+
+    kind: Kind
+    name: str
+    namespace: str = ""
+    uid: str = ""
+
+    @classmethod
+    def to(cls, kind: Kind, obj: Mapping[str, Any]) -> ObjectReference:
+        """A reference to a stored object (its uid included, when it has one)."""
+        meta = obj.get("metadata") or {}
+        return cls(kind, str(meta.get("name") or ""), str(meta.get("namespace") or ""),
+                   str(meta.get("uid") or ""))
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One occurrence of something a person should learn about an object.
+
+    Occurrences with the same regarding object, reason, action, type, note and reporting
+    controller are one Event whose `series.count` grows (the reporting instance is not
+    part of that identity, so several gateways noticing the same thing count up one
+    Event)."""
+
+    regarding: ObjectReference
+    reason: str
+    """UpperCamelCase, machine-readable: `InvalidSpec`, `SlotTakenOver`."""
+    note: str
+    """For a person; cut to EVENT_NOTE_LIMIT bytes."""
+    type: EventSeverity
+    action: str
+    """What was done or failed: `Validate`, `TakeOver`."""
+    reporting_controller: str
+    """`meshgress.io/gateway`, `meshgress.io/agent`."""
+    reporting_instance: str
+    """Which process: the gateway's holder identity, the agent's node."""
+
+
+def event_namespace(event: EventRecord) -> str:
+    return event.regarding.namespace or EVENT_NAMESPACE
+
+
+def event_name(event: EventRecord) -> str:
+    """The Event's object name: the regarding object's name and a digest of the Event's
+    identity, so every process (and every backend) finds an earlier occurrence by name."""
+    identity = json.dumps([event.regarding.kind.value, event.regarding.namespace,
+                           event.regarding.name, event.regarding.uid, event.reason,
+                           event.action, event.type, _cut_note(event.note),
+                           event.reporting_controller])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    # An object name is at most 253 characters; a cut must not end a label on '-' or '.'.
+    stem = event.regarding.name[:200].rstrip("-.") or "object"
+    return f"{stem}.{digest}"
+
+
+def _cut_note(note: str) -> str:
+    data = note.encode()
+    if len(data) <= EVENT_NOTE_LIMIT:
+        return note
+    return data[:EVENT_NOTE_LIMIT - 3].decode(errors="ignore") + "..."
+
+
+def micro_time(when: float) -> str:
+    """Kubernetes MicroTime: RFC 3339 in UTC with microseconds."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_object(event: EventRecord, now: float) -> Object:
+    """The first occurrence of `event` as an events.k8s.io/v1 Event object.
+
+    Raises Invalid when the API server would refuse it (empty or over-long reason or
+    action, an unknown type), so both backends refuse the same Events."""
+    for field, value in (("reason", event.reason), ("action", event.action),
+                         ("reportingController", event.reporting_controller),
+                         ("reportingInstance", event.reporting_instance)):
+        if not value or len(value) > EVENT_FIELD_LIMIT:
+            raise Invalid(f"Event {field} must be 1 to {EVENT_FIELD_LIMIT} characters, "
+                          f"got {value!r}")
+    if event.type not in ("Normal", "Warning"):
+        raise Invalid(f"Event type must be Normal or Warning, got {event.type!r}")
+    regarding: dict[str, str] = {"apiVersion": API_VERSIONS[event.regarding.kind],
+                                 "kind": event.regarding.kind.value,
+                                 "name": event.regarding.name}
+    if event.regarding.namespace:
+        regarding["namespace"] = event.regarding.namespace
+    if event.regarding.uid:
+        regarding["uid"] = event.regarding.uid
+    return {
+        "apiVersion": API_VERSIONS[Kind.EVENT],
+        "kind": Kind.EVENT.value,
+        "metadata": {"name": event_name(event), "namespace": event_namespace(event)},
+        "eventTime": micro_time(now),
+        "reportingController": event.reporting_controller,
+        "reportingInstance": event.reporting_instance,
+        "action": event.action,
+        "reason": event.reason,
+        "regarding": regarding,
+        "note": _cut_note(event.note),
+        "type": event.type,
+    }
+
+
+def event_repeated(stored: Object, event: EventRecord, now: float) -> Object:
+    """`stored` (the Event of an earlier occurrence) after one more occurrence: the
+    series count goes up and its last observation is now. Pure: returns a new object."""
+    series = stored.get("series") if isinstance(stored.get("series"), Mapping) else None
+    count = series.get("count") if series else None
+    count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 \
+        else 1
+    return {**stored, "reportingInstance": event.reporting_instance,
+            "series": {"count": count + 1, "lastObservedTime": micro_time(now)}}
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -242,6 +410,14 @@ class Datastore(Protocol):
 
     def get_lease(self, name: str) -> Lease | None:
         """The lease's current record, or None when it was never taken."""
+        ...
+
+    def record_event(self, event: EventRecord) -> None:
+        """Record one occurrence of `event`: create its Event (`event_object`, named by
+        `event_name`, in `event_namespace`) or, when an earlier occurrence's Event
+        exists, count this one into it (`event_repeated`). Best effort for the caller:
+        raises DatastoreError on failure, which it logs and counts but never retries
+        for long. The backend keeps Events from growing without bound."""
         ...
 
     def close(self) -> None:

@@ -27,6 +27,15 @@ idempotent) before its own. A journal ending in a partial line (a write cut shor
 truncated back to its last complete line. So resource versions are never reused or
 skipped, and a watcher never misses a committed change.
 
+A file that does not hold a readable object of its place (not YAML, not a mapping, or a
+name, namespace or kind other than its path says) is corrupt: `list` leaves it out and
+names it in `ListResult.rejected`, `get` raises Invalid naming the file, and `apply` or
+`delete` through the store replace or remove it (journalled, so watchers learn of it).
+
+Events (`record_event`) are Event objects in their namespace like any other; a repeat of
+an Event bumps its series count. At most `event_limit` Events are kept: recording a new
+one removes the least recently observed beyond that.
+
 Readers: `get` reads one file without locking (an object file is only ever replaced by
 rename, so it is whole); `list` holds the shared lock so it is one snapshot at one revision;
 `watch` tails the journal with no lock at all, noticing growth and compaction (a new inode)
@@ -74,6 +83,7 @@ from meshgress.datastore import (
     NAMESPACED,
     AlreadyExists,
     Conflict,
+    EventRecord,
     EventType,
     Expired,
     Invalid,
@@ -83,7 +93,13 @@ from meshgress.datastore import (
     ListResult,
     NotFound,
     Object,
+    RejectedObject,
     WatchEvent,
+    event_name,
+    event_namespace,
+    event_object,
+    event_repeated,
+    micro_time,
     object_key,
     parse_lease,
 )
@@ -124,9 +140,11 @@ class FileDatastore:
     """
 
     def __init__(self, root: Path, *, journal_limit: int = 10000, poll_interval: float = 0.05,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, event_limit: int = 1000) -> None:
         if journal_limit < 2:
             raise ValueError(f"journal_limit must be at least 2, got {journal_limit}")
+        if event_limit < 1:
+            raise ValueError(f"event_limit must be at least 1, got {event_limit}")
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be positive, got {poll_interval}")
         self._root = Path(root)
@@ -135,6 +153,7 @@ class FileDatastore:
         self._revision_path = self._root / "revision"
         self._lock_path = self._root / "lock"
         self._journal_limit = journal_limit
+        self._event_limit = event_limit
         self._poll_interval = poll_interval
         self._clock = clock
         self._closed = threading.Event()
@@ -168,19 +187,30 @@ class FileDatastore:
         else:
             dirs = [kind_dir]
         items: list[Object] = []
+        rejected: list[RejectedObject] = []
         with self._locked(exclusive=False):
             revision = self._read_revision()
             if dirs is None:
                 dirs = [kind_dir / ns for ns in _visible_entries(kind_dir, dirs=True)]
             for directory in dirs:
                 for file_name in _visible_entries(directory, dirs=False):
-                    obj = self._read(directory / file_name)
+                    path = directory / file_name
+                    try:
+                        obj = self._read(path)
+                    except _Corrupt as exc:
+                        rejected.append(RejectedObject(
+                            kind=kind, namespace=directory.name if kind in NAMESPACED else "",
+                            name=file_name.removesuffix(_SUFFIX), source=str(path),
+                            reason=exc.reason))
+                        continue
                     if obj is not None:
                         items.append(obj)
         if field_node_name is not None:
             items = [o for o in items if (o.get("spec") or {}).get("nodeName") == field_node_name]
         items.sort(key=object_key)
-        return ListResult(items=tuple(items), resource_version=revision)
+        rejected.sort(key=lambda r: (r.namespace, r.name))
+        return ListResult(items=tuple(items), resource_version=revision,
+                          rejected=tuple(rejected))
 
     def get(self, kind: Kind, name: str, namespace: str = "") -> Object:
         kind = _kind(kind)
@@ -248,7 +278,7 @@ class FileDatastore:
         new["metadata"].pop("uid", None)
         path = self._path(kind, namespace, name)
         with self._writing() as w:
-            current = self._read(path)
+            current = self._read_or_none_if_corrupt(path)
             if current is None:
                 self._stamp_new(new)
                 return self._commit(w, "ADDED", kind, new, None)
@@ -259,9 +289,15 @@ class FileDatastore:
         kind = _kind(kind)
         path = self._path(kind, namespace, name)
         with self._writing() as w:
-            current = self._read(path)
-            if current is None:
+            if not path.exists():
                 raise NotFound(f"{_describe(kind, namespace, name)} not found")
+            current = self._read_or_none_if_corrupt(path)
+            if current is None:
+                # What watchers see go is what a list would have shown: nothing but the
+                # object's identity.
+                current = {"apiVersion": API_VERSIONS[kind], "kind": kind.value,
+                           "metadata": {"name": name, **({"namespace": namespace}
+                                                         if namespace else {})}}
             self._commit(w, "DELETED", kind, current, None)
 
     def patch_annotations(self, kind: Kind, name: str, annotations: Mapping[str, str | None],
@@ -336,7 +372,7 @@ class FileDatastore:
                 else:
                     until = lease.renew_time + lease.duration_seconds
                     raise LeaseHeld(
-                        f"lease {name} is held by {lease.holder} until {_micro_time(until)} "
+                        f"lease {name} is held by {lease.holder} until {micro_time(until)} "
                         f"({until - now:.3f}s from now)"
                     )
                 new = copy.deepcopy(current)
@@ -345,8 +381,8 @@ class FileDatastore:
             new["spec"] = {
                 "holderIdentity": holder,
                 "leaseDurationSeconds": math.ceil(duration),
-                "acquireTime": _micro_time(acquired),
-                "renewTime": _micro_time(now),
+                "acquireTime": micro_time(acquired),
+                "renewTime": micro_time(now),
                 "leaseTransitions": transitions,
             }
             return parse_lease(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
@@ -361,6 +397,21 @@ class FileDatastore:
             new = copy.deepcopy(current)
             new["spec"].pop("holderIdentity", None)
             self._commit(w, "MODIFIED", Kind.LEASE, new, current)
+
+    def record_event(self, event: EventRecord) -> None:
+        now = self._clock()
+        first = event_object(event, now)  # checks the Event before anything is written
+        namespace, name = event_namespace(event), event_name(event)
+        path = self._path(Kind.EVENT, namespace, name)
+        with self._writing() as w:
+            current = self._read_or_none_if_corrupt(path)
+            if current is not None:
+                self._commit(w, "MODIFIED", Kind.EVENT, event_repeated(current, event, now),
+                             current)
+                return
+            self._stamp_new(first)
+            self._commit(w, "ADDED", Kind.EVENT, first, None)
+            self._prune_events(w)
 
     def close(self) -> None:
         """End every watch of this store within a poll interval. The store holds no
@@ -477,8 +528,37 @@ class FileDatastore:
         _atomic_write(path, body, fsync=True)
         self._parsed[path] = (body, copy.deepcopy(obj))
 
+    def _read_or_none_if_corrupt(self, path: Path) -> Object | None:
+        """`_read`, with a corrupt file taken for no object: for writes that replace or
+        remove whatever is there."""
+        try:
+            return self._read(path)
+        except _Corrupt as exc:
+            log.warning("%s: replacing a corrupt object file: %s", path, exc.reason)
+            return None
+
+    def _prune_events(self, w: _Writer) -> None:
+        """Remove the least recently observed Events beyond `event_limit`. A file's mtime
+        is its Event's last observation: every occurrence rewrites it."""
+        kind_dir = self._objects / Kind.EVENT.value
+        found: list[tuple[int, str, Path]] = []
+        for namespace in _visible_entries(kind_dir, dirs=True):
+            for file_name in _visible_entries(kind_dir / namespace, dirs=False):
+                path = kind_dir / namespace / file_name
+                with contextlib.suppress(FileNotFoundError):
+                    found.append((path.stat().st_mtime_ns, str(path), path))
+        found.sort()
+        for _, _, path in found[:max(0, len(found) - self._event_limit)]:
+            stale = self._read_or_none_if_corrupt(path)
+            if stale is None:
+                self._parsed.pop(path, None)
+                path.unlink(missing_ok=True)
+            else:
+                self._commit(w, "DELETED", Kind.EVENT, stale, None)
+
     def _read(self, path: Path) -> Object | None:
-        """The object in `path` (a copy the caller owns), or None."""
+        """The object in `path` (a copy the caller owns), or None. Raises Invalid (a
+        `_Corrupt`) naming the file when it holds no readable object of its place."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -487,7 +567,7 @@ class FileDatastore:
         cached = self._parsed.get(path)
         if cached is not None and cached[0] == data:
             return copy.deepcopy(cached[1])
-        obj = _parse_object(path, data)
+        obj = _parse_object(path, data, self._objects)
         self._parsed[path] = (data, copy.deepcopy(obj))
         return obj
 
@@ -745,13 +825,35 @@ def _dump_yaml(obj: Object) -> bytes:
     return text.encode()
 
 
-def _parse_object(path: Path, data: bytes) -> Object:
+class _Corrupt(Invalid):
+    """An object file that holds no readable object of its place; `reason` says why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def _parse_object(path: Path, data: bytes, objects: Path) -> Object:
+    """The object in an object file's bytes, checked against the file's place
+    (objects/<Kind>/[<namespace>/]<name>.yaml); raises _Corrupt."""
     try:
         obj = yaml.load(data, Loader=_Loader)  # noqa: S506 - the C *safe* loader
     except yaml.YAMLError as e:
-        raise Invalid(f"{path} is not valid YAML: {e}") from None
+        raise _Corrupt(path, f"not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
-        raise Invalid(f"{path} does not hold an object")
+        raise _Corrupt(path, "does not hold an object with metadata")
+    parts = path.relative_to(objects).parts
+    kind, name = parts[0], parts[-1].removesuffix(_SUFFIX)
+    namespace = parts[1] if len(parts) == 3 else ""
+    meta = obj["metadata"]
+    if obj.get("kind") != kind:
+        raise _Corrupt(path, f"kind {obj.get('kind')!r} is not {kind!r}, as its folder says")
+    if meta.get("name") != name:
+        raise _Corrupt(path, f"metadata.name {meta.get('name')!r} is not {name!r}, as its "
+                             "file name says")
+    if (meta.get("namespace") or "") != namespace:
+        raise _Corrupt(path, f"metadata.namespace {meta.get('namespace')!r} is not "
+                             f"{namespace!r}, as its folder says")
     return obj
 
 
@@ -837,8 +939,5 @@ def _journal_tail(fd: int) -> tuple[int, bytes]:
     return 0, b""
 
 
-def _micro_time(t: float) -> str:
-    """Kubernetes MicroTime: RFC 3339 in UTC with microseconds."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

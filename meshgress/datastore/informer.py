@@ -7,6 +7,10 @@ datastore error it lists again after a capped exponential backoff, replacing the
 wholesale so deletes missed during the gap cannot linger. `synced` is set once the first
 list has landed, so callers can hold back apply until the cache is complete (as Felix does).
 
+An object the store could not decode (`ListResult.rejected`) is skipped, logged, and kept
+in `rejected()` until a later list no longer has it or a watch event brings that object in
+a readable state (or its deletion), so the process syncs and reports it instead of failing.
+
 The callback runs on the informer's thread and must stay cheap: record, poke, return.
 """
 
@@ -16,7 +20,14 @@ import logging
 import threading
 from collections.abc import Callable
 
-from meshgress.datastore import Datastore, DatastoreError, Kind, Object, object_key
+from meshgress.datastore import (
+    Datastore,
+    DatastoreError,
+    Kind,
+    Object,
+    RejectedObject,
+    object_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,7 @@ class Informer:
         self._bookmark_interval = bookmark_interval
         self._lock = threading.Lock()
         self._items: dict[CacheKey, Object] = {}
+        self._rejected: dict[CacheKey, RejectedObject] = {}
         self.synced = threading.Event()
         self.relists = 0
         self.errors = 0
@@ -56,6 +68,23 @@ class Informer:
         with self._lock:
             return dict(self._items)
 
+    def rejected(self) -> tuple[RejectedObject, ...]:
+        """The objects of this kind the store could not decode, skipped by the cache."""
+        with self._lock:
+            return tuple(self._rejected[key] for key in sorted(self._rejected))
+
+    def _note_rejected(self, rejected: tuple[RejectedObject, ...]) -> None:
+        now = {(r.namespace, r.name): r for r in rejected}
+        with self._lock:
+            before, self._rejected = self._rejected, now
+        for key, item in sorted(now.items()):
+            if before.get(key) != item:
+                log.warning("informer %s: skipping an object the datastore cannot read: %s",
+                            self.kind, item.describe())
+        for key in sorted(before.keys() - now.keys()):
+            log.info("informer %s: %s is no longer rejected", self.kind,
+                     "/".join(part for part in key if part))
+
     def _keep(self, obj: Object) -> bool:
         if self._node is None:
             return True
@@ -68,6 +97,7 @@ class Informer:
                 listed = self._store.list(self.kind, field_node_name=self._node)
                 with self._lock:
                     self._items = {object_key(o): o for o in listed.items}
+                self._note_rejected(listed.rejected)
                 self.relists += 1
                 self.synced.set()
                 self._on_change()
@@ -79,6 +109,10 @@ class Informer:
                         continue
                     key = object_key(event.object)
                     with self._lock:
+                        # A write through the store replaced or removed a rejected object.
+                        if self._rejected.pop(key, None) is not None:
+                            log.info("informer %s: %s is no longer rejected", self.kind,
+                                     "/".join(part for part in key if part))
                         if event.type == "DELETED" or not self._keep(event.object):
                             changed = self._items.pop(key, None) is not None
                         else:

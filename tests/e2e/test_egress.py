@@ -226,8 +226,10 @@ def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_la
         assert lost["status"] == "False" and lost["reason"] == "GatewayNotFound"
         assert copy["status"] == "False" and "192.0.2.202" in json.dumps(
             s.get(Kind.EGRESS_GATEWAY, "zz-copycat")["status"])
-        # The rest keeps working (192.0.2.202 is now disabled: .201 still serves).
-        assert eventually(lambda: seen_from(name, "payments/app-node1") == "192.0.2.201")
+        # The newcomer is told who serves 192.0.2.202; egress keeps serving both IPs.
+        told = condition(s.get(Kind.EGRESS_GATEWAY, "zz-copycat"), "EgressIPConflict")
+        assert told["status"] == "True" and "EgressGateway egress" in told["message"]
+        assert seen_from(name, "payments/app-node1") in EGRESS_IPS
         assert seen_from(name, "web/app-node1") == "192.0.2.11"
     finally:
         for kind, obj in ((Kind.EGRESS_POLICY, "bad-cidr"), (Kind.EGRESS_POLICY, "no-gateway"),

@@ -34,6 +34,7 @@ def _loop_page(prefix: str, errors_metric: str) -> Exposition:
     loop.observe(0.02, ok=False)
     loop.count_error("wireguard")
     loop.count_error("nftables", permanent=True)
+    loop.rejected_objects = lambda: {"EgressPolicy": 1}
     page = Exposition()
     loop.render(page)
     return page

@@ -23,7 +23,7 @@ from nodeagent.agent import Agent, AgentConfig, AgentPorts
 from nodeagent.firewall import CHAIN_GUARD_IN, CHAIN_GUARD_OUT, COUNTER_LEAK_OUT
 from nodeagent.mesh import RouteSpec
 from nodeagent.routes import FakeRoutes
-from nodeagent.steering import LocalPod
+from nodeagent.steering import CHAIN_STEER, LocalPod
 from nodeagent.steering_kernel import FakeSteering
 from wireguard.fake import FakeBackend
 from wireguard.keys import generate_private_key, public_key
@@ -282,3 +282,103 @@ def test_peers_found_on_the_device_after_a_restart_are_routed_and_never_kicked()
     assert after.pending == {} and after.kick_handshakes("meshgress0") == []
     assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in \
         after.routes(mesh)
+
+
+def wait_ready(agent: Agent, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.ready():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_restarted_agent_becomes_ready_with_unreadable_objects_in_the_store(tmp_path, store):
+    agent, _, _ = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+    finally:
+        stop(agent, thread)
+    # Garbage lands in the store while the agent is away: a policy and a pod file.
+    objects = store.root / "objects"
+    (objects / "EgressPolicy").mkdir(parents=True)
+    (objects / "EgressPolicy" / "typo.yaml").write_bytes(b"spec: {gateway: [unclosed\n")
+    (objects / "Pod" / "web").mkdir(parents=True)
+    (objects / "Pod" / "web" / "half.yaml").write_bytes(b"\x00\x01")
+    agent, pods, _ = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "one unreadable object kept the agent from becoming ready"
+        assert pods.serving.is_set()  # so CNI ADDs on this node are served
+        assert sorted((r.kind, r.name) for r in agent.loop.rejected()) == [
+            (Kind.EGRESS_POLICY, "typo"), (Kind.POD, "half")]
+    finally:
+        stop(agent, thread)
+
+
+def egress_objects(policy_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"apiVersion": "v1", "kind": "Namespace",
+             "metadata": {"name": "payments", "labels": {"team": "payments"}}},
+            {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+             "metadata": {"name": "egress"}, "spec": {"egressIPs": ["192.0.2.201"]}},
+            {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+             "metadata": {"name": "payments"}, "spec": policy_spec}]
+
+
+VALID_POLICY = {"gateway": "egress", "namespaceSelector": {"matchLabels": {"team": "payments"}}}
+TYPO_POLICY = {**VALID_POLICY, "destinationCIDRs": ["0.0.0.0/0", "10.0.0.0/33"]}
+
+
+@pytest.mark.parametrize(("recorded", "steered"), [
+    (None, False),
+    ({"observedGeneration": 1, "acceptedSpec": VALID_POLICY}, True),
+], ids=["never-recorded-valid", "last-valid-generation-recorded"])
+def test_a_starting_agent_steers_by_the_last_valid_generation_of_an_invalid_policy(
+        tmp_path, store, recorded, steered):
+    for obj in egress_objects(VALID_POLICY):
+        store.apply(obj)
+    if recorded is not None:  # what a gateway wrote for generation 1
+        store.patch_status(Kind.EGRESS_POLICY, "payments", recorded)
+    store.apply(egress_objects(TYPO_POLICY)[2])  # generation 2, with a typo
+    assert store.get(Kind.EGRESS_POLICY, "payments")["metadata"]["generation"] == 2
+    agent, pods, _ = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+        pod = LocalPod("payments", "app", ipaddress.IPv4Address("198.18.1.9"))
+        pods.hooks["ready"](pod)
+        assert agent.state.steering is not None
+        assert (pod.ip in agent.state.steering.steered_ips) is steered
+    finally:
+        stop(agent, thread)
+
+
+def test_a_restart_never_takes_the_steering_it_finds_out_of_the_table(tmp_path, store):
+    """The previous run's egress steering stays in the table until this run's replaces it
+    in one transaction: in between, new flows of selected pods would leave unsteered,
+    with the node's address."""
+    for obj in egress_objects(VALID_POLICY):
+        store.apply(obj)
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+        pods.hooks["ready"](LocalPod("payments", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+    nft = fakes["nft"]
+    assert nft.state is not None and CHAIN_STEER in nft.state.chains
+    applied_before = len(nft.applied)
+    agent, pods, _ = make_agent(tmp_path, store, nft)
+    pods.local_pods = lambda cidr: [  # type: ignore[method-assign]
+        LocalPod("payments", "app", ipaddress.IPv4Address("198.18.1.9"))]
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent)
+        restarted = nft.applied[applied_before:]
+        assert not [plan for plan in restarted if CHAIN_STEER in plan.delete_chains
+                    or CHAIN_STEER in plan.flush_chains]
+        assert CHAIN_STEER in nft.state.chains
+    finally:
+        stop(agent, thread)

@@ -15,7 +15,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshgress.api import ValidationError, parse_egress_gateway, parse_egress_policy
+from meshgress.api import (
+    ValidationError,
+    parse_egress_gateway,
+    parse_egress_gateway_in_effect,
+    parse_egress_policy,
+    parse_egress_policy_in_effect,
+)
 from meshgress.config import DEFAULT_CLUSTER_CONFIG
 from meshgress.selectors import LabelSelector, matches, parse_label_selector
 
@@ -362,3 +368,38 @@ def test_expression_order_does_not_change_the_selector(
     b = parse_label_selector({"matchExpressions": shuffled}, "selector")
     assert a == b
     assert matches(a, labels) == matches(b, labels)
+
+
+@FAST
+@given(doc=JSON_LIKE, spec=JSON_LIKE, accepted=JSON_LIKE,
+       observed=st.integers(-2, 5) | JSON_LIKE, generation=st.integers(0, 5) | JSON_LIKE)
+def test_what_is_in_effect_is_decided_for_anything_and_never_raises(
+        doc: object, spec: object, accepted: object, observed: object, generation: object
+) -> None:
+    shaped = {"apiVersion": "meshgress.io/v1alpha1", "metadata": {
+        "name": "x", "generation": generation}, "spec": spec,
+        "status": {"observedGeneration": observed, "acceptedSpec": accepted}}
+    for candidate in (doc, {**shaped, "kind": "EgressPolicy"},
+                      {**shaped, "kind": "EgressGateway"}):
+        for effect in (parse_egress_gateway_in_effect(candidate, DEFAULT_CLUSTER_CONFIG),
+                       parse_egress_policy_in_effect(candidate)):
+            # Either the current generation applies, or it is rejected and what applies
+            # (if anything) is an older recorded one.
+            assert (effect.rejected is None) == (effect.value is not None
+                                                 and not effect.on_last_valid_generation)
+            if effect.on_last_valid_generation:
+                assert effect.value is not None
+                assert 0 < effect.value.generation <= effect.generation
+
+
+def test_a_valid_recorded_spec_applies_exactly_as_it_would_have_at_its_generation() -> None:
+    current = copy.deepcopy(VALID_POLICY)
+    current["metadata"]["generation"] = 9
+    current["spec"]["priority"] = "high"
+    current["status"] = {"observedGeneration": 8, "acceptedSpec": VALID_POLICY["spec"]}
+    effect = parse_egress_policy_in_effect(current)
+    recorded = copy.deepcopy(VALID_POLICY)
+    recorded["metadata"]["generation"] = 8
+    assert effect.value == parse_egress_policy(recorded)
+    assert effect.spec == VALID_POLICY["spec"] and effect.generation == 9
+    assert str(effect.rejected) == 'spec.priority: must be an integer, got string "high"'

@@ -5,6 +5,7 @@ import ipaddress
 import pytest
 
 from meshgress.cluster import SlotHolder
+from meshgress.datastore import Kind, RejectedObject
 from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
 from meshgress.explain import explain_pod
 from meshgress.lab.topology import lab_cluster_config
@@ -88,12 +89,136 @@ def test_different_priorities_or_disjoint_destinations_do_not_conflict():
     assert views["a"].accepted and views["b"].accepted
 
 
-def test_an_egress_ip_listed_by_two_gateways_is_served_by_neither():
-    gws = model(gateways=(gateway(), gateway("other", ips=("192.0.2.202", "192.0.2.203"))))
-    assert [ip for _, ip in gws.gateways["egress"].slots] == [ipaddress.ip_address("192.0.2.201")]
-    assert [ip for _, ip in gws.gateways["other"].slots] == [ipaddress.ip_address("192.0.2.203")]
-    assert "also listed by EgressGateway other" in gws.gateways["egress"].disabled_ips[
-        "192.0.2.202"]
+T0, T1 = "2027-01-15T08:00:00Z", "2027-01-15T08:00:01Z"
+
+
+def created(obj, when):
+    """`obj` as the datastore returns it: with its creationTimestamp (None: without)."""
+    if when is not None:
+        obj["metadata"]["creationTimestamp"] = when
+    return obj
+
+
+def served(m, name):
+    return [str(ip) for _, ip in m.gateways[name].slots]
+
+
+@pytest.mark.parametrize(("egress_at", "other", "other_at", "owner"), [
+    (T0, "other", T1, "egress"),  # the newcomer is created later
+    (T0, "aa-newer", T1, "egress"),  # ... and its name sorts first: age still wins
+    (T1, "aa-older", T0, "aa-older"),  # the older one wins whatever the names
+    (T0, "other", T0, "egress"),  # equal timestamps: the name that sorts first
+    (T0, "aa-same", T0, "aa-same"),
+    (T0, "other", None, "egress"),  # no creationTimestamp counts as the newest
+    (None, "other", T0, "other"),
+    (None, "other", None, "egress"),  # neither has one: by name
+], ids=["newcomer-later", "newcomer-later-name-first", "older-wins", "same-time-by-name",
+        "same-time-by-name-reversed", "newcomer-without-timestamp", "holder-without-timestamp",
+        "no-timestamps-by-name"])
+def test_a_contested_egress_ip_stays_with_the_gateway_created_first(egress_at, other, other_at,
+                                                                    owner):
+    gateways = [created(gateway(), egress_at),
+                created(gateway(other, ips=("192.0.2.202", "192.0.2.203")), other_at)]
+    for order in (gateways, gateways[::-1]):  # every process decides the same, in any order
+        m = model(gateways=order)
+        loser = other if owner == "egress" else "egress"
+        assert "192.0.2.202" in served(m, owner)
+        assert "192.0.2.202" not in served(m, loser)
+        # The loser keeps serving its other IP, and says who serves the contested one.
+        assert served(m, loser) == (["192.0.2.201"] if loser == "egress" else ["192.0.2.203"])
+        assert m.gateways[loser].ip_conflicts == {"192.0.2.202": owner}
+        assert m.gateways[owner].ip_conflicts == {} and m.gateways[owner].disabled_ips == {}
+        why = m.gateways[loser].disabled_ips["192.0.2.202"]
+        assert why.startswith(f"egress IP 192.0.2.202 is served by EgressGateway {owner}, ")
+        if egress_at is not None and egress_at == other_at:
+            assert "created at the same time (2027-01-15T08:00:00Z) and named first" in why
+
+
+def test_slots_keep_their_index_in_the_spec_when_an_ip_is_served_elsewhere():
+    m = model(gateways=(created(gateway(), T0),
+                        created(gateway("other", ips=("192.0.2.201", "192.0.2.203")), T1)))
+    assert [(slot.index, str(ip)) for slot, ip in m.gateways["other"].slots] == \
+        [(1, "192.0.2.203")]
+
+
+def invalid_now(obj, generation=4, accepted=None, observed=3, **broken):
+    """`obj` replaced by an invalid generation; `accepted`: the spec its status recorded
+    as the last valid one (at generation `observed`)."""
+    obj = {**obj, "metadata": {**obj["metadata"], "generation": generation},
+           "spec": {**obj["spec"], **broken}}
+    if accepted is not None:
+        obj["status"] = {"observedGeneration": observed, "acceptedSpec": accepted}
+    return obj
+
+
+VALID = policy("payments")
+TYPO = dict(destinationCIDRs=["0.0.0.0/0", "10.0.0.0/33"])
+TYPO_MESSAGE = 'spec.destinationCIDRs[1]: "10.0.0.0/33" is not a CIDR'
+
+
+@pytest.mark.parametrize(("obj", "applied_generation"), [
+    (invalid_now(VALID, accepted=VALID["spec"], **TYPO), 3),
+    (invalid_now(VALID, **TYPO), None),  # never recorded valid: nothing to fall back to
+    (invalid_now(VALID, accepted={"gateway": 7}, **TYPO), None),  # recorded garbage
+    (invalid_now(VALID, accepted=VALID["spec"], observed=None, **TYPO), None),
+    (invalid_now(VALID, accepted=VALID["spec"], observed=True, **TYPO), None),
+    (invalid_now(VALID, accepted=VALID["spec"], observed=5, **TYPO), None),  # from the future
+    (invalid_now(VALID, accepted=VALID["spec"], observed=0, **TYPO), None),
+], ids=["last-valid-recorded", "nothing-recorded", "recorded-spec-invalid",
+        "no-observed-generation", "observed-generation-not-an-int", "observed-after-current",
+        "observed-zero"])
+def test_an_invalid_policy_applies_its_last_valid_generation_when_one_is_recorded(
+        obj, applied_generation):
+    view = model(policies=(obj,)).policies["payments"]
+    assert view.rejected == TYPO_MESSAGE and view.current_generation == 4
+    if applied_generation is None:
+        assert (view.policy, view.accepted, view.reason) == (None, False, "Invalid")
+        assert view.message == TYPO_MESSAGE and view.spec is None
+        assert not view.on_last_valid_generation
+        return
+    assert view.accepted and view.reason == "LastValidGeneration"
+    assert view.on_last_valid_generation and view.generation == applied_generation
+    assert view.message == ("generation 3, the last valid one, applies (1 pods selected): "
+                            f"generation 4 is invalid: {TYPO_MESSAGE}")
+    assert view.selected == (("payments", "pay"),) and view.spec == VALID["spec"]
+    # Exactly what the last valid generation selects and steers, not a blend.
+    assert view.destinations == model().policies["payments"].destinations
+
+
+def test_a_valid_current_generation_wins_over_the_recorded_one():
+    narrow = {**VALID, "spec": {**VALID["spec"], "destinationCIDRs": ["203.0.113.0/24"]},
+              "status": {"observedGeneration": 2, "acceptedSpec": VALID["spec"]}}
+    view = model(policies=(narrow,)).policies["payments"]
+    assert view.reason == "Accepted" and view.rejected is None
+    assert view.spec == narrow["spec"] and view.generation == 3
+    assert ranges_to_cidrs(view.destinations) == (ipaddress.ip_network("203.0.113.0/24"),)
+
+
+def test_an_invalid_gateway_keeps_serving_its_last_valid_generation():
+    good = gateway()
+    good["metadata"]["generation"] = 2
+    broken = invalid_now(good, generation=3, accepted=good["spec"], observed=2,
+                         egressIPs=["192.0.2.201", "not-an-ip"])
+    m = model(gateways=(broken,))
+    view = m.gateways["egress"]
+    assert view.on_last_valid_generation and view.gateway is not None
+    assert view.gateway.generation == 2 and view.current_generation == 3
+    assert view.error == 'spec.egressIPs[1]: "not-an-ip" is not an IP address'
+    assert served(m, "egress") == ["192.0.2.201", "192.0.2.202"]
+    assert m.policies["payments"].accepted  # policies naming it keep working
+    # Without a recorded valid generation it is unusable, and so are its policies.
+    m = model(gateways=(invalid_now(good, generation=3, egressIPs=["not-an-ip"]),))
+    assert m.gateways["egress"].gateway is None and m.gateways["egress"].slots == ()
+    assert m.policies["payments"].reason == "GatewayInvalid"
+
+
+def test_a_gateway_on_its_last_valid_generation_keeps_its_ips_against_a_newcomer():
+    good = created(gateway(), T0)
+    broken = invalid_now(good, accepted=good["spec"], failurePolicy="Sometimes")
+    m = model(gateways=(broken, created(gateway("newcomer", ips=("192.0.2.202",)), T1)))
+    assert served(m, "egress") == ["192.0.2.201", "192.0.2.202"]
+    assert served(m, "newcomer") == [] and m.gateways["newcomer"].ip_conflicts == {
+        "192.0.2.202": "egress"}
 
 
 SLOTS = [SlotId("egress", 0), SlotId("egress", 1)]
@@ -237,3 +362,25 @@ def test_explain_names_the_applied_policy_the_loser_and_the_excluded_range():
     text = "\n".join(explain_pod(**common, to=ipaddress.ip_address("198.18.2.1")))
     assert "always excluded: the cluster pod range 198.18.0.0/16" in text
     assert "is not steered" in text
+
+
+def test_explain_says_when_a_policy_or_gateway_runs_on_its_last_valid_generation():
+    good = gateway()
+    good["metadata"]["generation"] = 2
+    m = model(gateways=(invalid_now(good, generation=3, accepted=good["spec"], observed=2,
+                                    egressIPs=[]),),
+              policies=(invalid_now(VALID, accepted=VALID["spec"], **TYPO),))
+    pod = {"metadata": {"namespace": "payments", "name": "pay", "labels": {"app": "pay"}},
+           "spec": {"nodeName": "node1"}, "status": {"podIP": "198.18.1.1"}}
+    unreadable = RejectedObject(Kind.EGRESS_POLICY, "", "broken", "/store/broken.yaml",
+                                "not valid YAML: ...")
+    text = "\n".join(explain_pod(model=m, pod=pod, namespace_labels_=NAMESPACES["payments"],
+                                 holders={}, cluster=CLUSTER, node_addresses=set(),
+                                 to=ipaddress.ip_address("192.0.2.254"),
+                                 rejected=[unreadable]))
+    assert ("payments (priority 1000, gateway egress; runs on generation 3, its last valid "
+            f"one: generation 4 is invalid: {TYPO_MESSAGE}): selects this pod -> APPLIES") in text
+    assert ("EgressGateway egress runs on generation 2, its last valid one: generation 3 is "
+            "invalid: spec.egressIPs: must list at least one IP address") in text
+    assert "left out, the datastore cannot read it: EgressPolicy broken (/store/broken.yaml): " \
+           "not valid YAML: ..." in text

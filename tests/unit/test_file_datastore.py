@@ -7,6 +7,7 @@ exercise them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,11 +26,13 @@ from meshgress.datastore import (
     LEASE_NAMESPACE,
     AlreadyExists,
     Conflict,
+    EventRecord,
     Expired,
     Invalid,
     Kind,
     LeaseHeld,
     NotFound,
+    ObjectReference,
     WatchEvent,
 )
 from meshgress.datastore.file import LEASE_DURATION_ANNOTATION, FileDatastore
@@ -777,3 +780,166 @@ def test_a_write_interrupted_after_its_journal_line_is_completed(
     assert store.get(Kind.NODE, "n1")["spec"] == {"a": 2}
     assert store.get(Kind.NODE, "n2")["metadata"]["resourceVersion"] == "3"
     assert [e["rv"] for e in journal(store)] == [1, 2, 3]
+
+
+# Objects the store cannot read: skipped and reported, never fatal
+
+
+CORRUPTIONS = {
+    "not-yaml": b"spec: [unclosed\n",
+    "not-a-mapping": b"- just\n- a list\n",
+    "no-metadata": b"kind: Node\nspec: {}\n",
+    "empty": b"",
+    "binary": b"\x00\xff\xfe garbage",
+    "name-differs": b"kind: Node\nmetadata: {name: other}\n",
+    "kind-differs": b"kind: Pod\nmetadata: {name: broken}\n",
+}
+
+
+@pytest.mark.parametrize("content", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_an_unreadable_object_file_is_skipped_by_list_and_named(store: FileDatastore,
+                                                                 content: bytes) -> None:
+    store.create(node("n1"))
+    store.create(node("n2"))
+    bad = store.root / "objects/Node/broken.yaml"
+    bad.write_bytes(content)
+    listed = store.list(Kind.NODE)
+    assert [o["metadata"]["name"] for o in listed.items] == ["n1", "n2"]
+    assert listed.resource_version == 2
+    [rejected] = listed.rejected
+    assert (rejected.kind, rejected.namespace, rejected.name, rejected.source) == \
+        (Kind.NODE, "", "broken", str(bad))
+    assert rejected.reason and str(bad) not in rejected.reason
+    with pytest.raises(Invalid, match=re.escape(str(bad))):
+        store.get(Kind.NODE, "broken")
+
+
+@pytest.mark.parametrize("kind", [Kind.POD, Kind.LEASE, Kind.EVENT])
+def test_an_unreadable_namespaced_object_names_its_namespace(store: FileDatastore,
+                                                             kind: Kind) -> None:
+    folder = store.root / "objects" / kind.value / "team-b"
+    folder.mkdir(parents=True)
+    (folder / "p9.yaml").write_bytes(b"{{{")
+    (folder / "p8.yaml").write_bytes(
+        f"kind: {kind.value}\nmetadata: {{name: p8, namespace: team-c}}\n".encode())
+    listed = store.list(kind)
+    assert listed.items == ()
+    assert [(r.namespace, r.name) for r in listed.rejected] == [("team-b", "p8"),
+                                                                ("team-b", "p9")]
+    assert "metadata.namespace 'team-c' is not 'team-b'" in listed.rejected[0].reason
+    assert store.list(kind, namespace="team-b").rejected == listed.rejected
+    if kind is Kind.POD:
+        assert store.list(kind, field_node_name="n1").rejected == listed.rejected
+
+
+def test_apply_and_delete_through_the_store_repair_an_unreadable_object(
+        store: FileDatastore) -> None:
+    (store.root / "objects/Node").mkdir(parents=True)
+    (store.root / "objects/Node/a.yaml").write_bytes(b"spec: [unclosed\n")
+    (store.root / "objects/Node/b.yaml").write_bytes(b"spec: [unclosed\n")
+    events = store.watch(frozenset({Kind.NODE}), 0)
+    applied = store.apply(node("a", fixed=True))
+    assert applied["metadata"]["generation"] == 1 and applied["metadata"]["uid"]
+    store.delete(Kind.NODE, "b")
+    with pytest.raises(NotFound):
+        store.delete(Kind.NODE, "b")
+    assert [(e.type, e.object["metadata"]["name"]) for e in collect(events, 2)] == \
+        [("ADDED", "a"), ("DELETED", "b")]
+    listed = store.list(Kind.NODE)
+    assert listed.rejected == () and [o["spec"] for o in listed.items] == [{"fixed": True}]
+
+
+def test_creation_timestamps_come_from_the_clock_on_create_and_never_change(
+        store: FileDatastore, clock: FakeClock) -> None:
+    first = store.create(node("n1"))
+    clock.now += 61
+    later = store.apply(node("n2"))
+    clock.now += 61
+    store.apply(node("n1", changed=True))
+    replaced = store.replace({**store.get(Kind.NODE, "n1"), "spec": {"again": True}})
+    assert first["metadata"]["creationTimestamp"] == "2023-11-14T22:13:20Z"
+    assert later["metadata"]["creationTimestamp"] == "2023-11-14T22:14:21Z"
+    assert replaced["metadata"]["creationTimestamp"] == "2023-11-14T22:13:20Z"
+
+
+# Events
+
+
+def gateway_event(note: str = "egress IP 192.0.2.50 is served by EgressGateway a", *,
+                  reason: str = "EgressIPConflict", instance: str = "gw1/1",
+                  name: str = "dup", namespace: str = "", kind: Kind = Kind.EGRESS_GATEWAY
+                  ) -> EventRecord:
+    return EventRecord(regarding=ObjectReference(kind, name, namespace, "u-1"), reason=reason,
+                       note=note, type="Warning", action="AssignEgressIPs",
+                       reporting_controller="meshgress.io/gateway", reporting_instance=instance)
+
+
+def test_an_event_is_an_events_k8s_io_object_and_repeats_count_up(store: FileDatastore,
+                                                                   clock: FakeClock) -> None:
+    store.record_event(gateway_event())
+    [event] = store.list(Kind.EVENT, namespace="default").items
+    assert {k: v for k, v in event.items() if k != "metadata"} == {
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "eventTime": "2023-11-14T22:13:20.000000Z",
+        "reportingController": "meshgress.io/gateway", "reportingInstance": "gw1/1",
+        "action": "AssignEgressIPs", "reason": "EgressIPConflict",
+        "regarding": {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                      "name": "dup", "uid": "u-1"},
+        "note": "egress IP 192.0.2.50 is served by EgressGateway a", "type": "Warning"}
+    assert event["metadata"]["name"].startswith("dup.")
+    assert event["metadata"]["namespace"] == "default"
+    # The same thing again, from another gateway: one Event, counted.
+    clock.now += 5
+    store.record_event(gateway_event(instance="gw2/1"))
+    clock.now += 5
+    store.record_event(gateway_event())
+    [event] = store.list(Kind.EVENT).items
+    assert event["series"] == {"count": 3, "lastObservedTime": "2023-11-14T22:13:30.000000Z"}
+    assert event["eventTime"] == "2023-11-14T22:13:20.000000Z"
+    # Another message, reason or object is another Event; a namespaced object's Events
+    # live in its namespace.
+    store.record_event(gateway_event(note="another message"))
+    store.record_event(gateway_event(reason="InvalidSpec"))
+    store.record_event(gateway_event(kind=Kind.POD, namespace="team-a"))
+    assert len(store.list(Kind.EVENT, namespace="default").items) == 3
+    [pod_event] = store.list(Kind.EVENT, namespace="team-a").items
+    assert pod_event["regarding"]["namespace"] == "team-a"
+
+
+def test_events_are_pruned_oldest_first_beyond_the_limit(tmp_path: Path,
+                                                         clock: FakeClock) -> None:
+    store = FileDatastore(tmp_path / "store", poll_interval=0.01, clock=clock, event_limit=3)
+    try:
+        for i in range(5):
+            store.record_event(gateway_event(note=f"occurrence {i}"))
+            time.sleep(0.01)  # distinct modification times
+        store.record_event(gateway_event(note="occurrence 2"))  # seen again: kept longer
+        time.sleep(0.01)
+        store.record_event(gateway_event(note="occurrence 5"))
+        notes = sorted(e["note"] for e in store.list(Kind.EVENT).items)
+        assert notes == ["occurrence 2", "occurrence 4", "occurrence 5"]
+        deleted = [e for e in journal(store) if e["type"] == "DELETED"]
+        assert sorted(e["object"]["note"] for e in deleted) == [
+            "occurrence 0", "occurrence 1", "occurrence 3"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"reason": ""}, "reason must be 1 to 128 characters"),
+    ({"action": "x" * 129}, "action must be 1 to 128 characters"),
+    ({"type": "Error"}, "type must be Normal or Warning"),
+], ids=["empty-reason", "long-action", "unknown-type"])
+def test_events_the_api_server_would_refuse_are_invalid(store: FileDatastore,
+                                                        change: dict[str, str],
+                                                        message: str) -> None:
+    event = dataclasses.replace(gateway_event(), **change)
+    with pytest.raises(Invalid, match=message):
+        store.record_event(event)
+    assert store.list(Kind.EVENT).items == ()
+
+
+def test_a_long_note_is_cut_to_what_the_api_server_accepts(store: FileDatastore) -> None:
+    store.record_event(gateway_event(note="é" * 2000))
+    [event] = store.list(Kind.EVENT).items
+    assert len(event["note"].encode()) <= 1024 and event["note"].endswith("...")

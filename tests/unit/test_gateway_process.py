@@ -370,3 +370,76 @@ def test_a_gateway_removed_from_the_spec_releases_its_slot(lab):
     assert {a.ip for a in kernel(gw).egress} == {E0}
     lease = h.store.get_lease(SLOT1.lease_name)
     assert lease is not None and lease.holder is None
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"])
+            for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def events(h: Harness, reason: str) -> list[dict[str, Any]]:
+    return [e for e in h.store.list(Kind.EVENT).items if e["reason"] == reason]
+
+
+def test_an_invalid_gateway_spec_keeps_its_slots_served_even_across_a_restart(lab, clock):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0"
+    h.store.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                   "metadata": {"name": "egw"},
+                   "spec": {"egressIPs": ["192.0.2.50", "192.0.2.300"]}})
+    time.sleep(0.1)
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+    stored = h.store.get(Kind.EGRESS_GATEWAY, "egw")
+    invalid = ('generation 2 is invalid: spec.egressIPs[1]: "192.0.2.300" is not an IP '
+               "address; generation 1, the last valid one, still applies")
+    assert conditions(stored)["InvalidSpec"] == ("True", "Invalid", invalid)
+    assert stored["status"]["observedGeneration"] == 1
+    assert stored["status"]["acceptedSpec"] == {"egressIPs": ["192.0.2.50"]}
+    [event] = events(h, "InvalidSpec")
+    assert (event["type"], event["note"], event["regarding"]["name"]) == (
+        "Warning", invalid, "egw")
+    assert event["regarding"]["uid"] == stored["metadata"]["uid"]
+    # The gateway crashes; a new process (which never saw a valid spec itself) takes the
+    # slot over once the lease expires, and serves the last valid generation.
+    for informer in gw.loop.informers.values():
+        informer.stop()
+    clock.now += 30
+    again = h.gateway("gw2")
+    h.settle(again)
+    assert h.holder(SLOT0) == "gw2/1" and EgressAddress("eth0", E0) in kernel(again).egress
+    [takeover] = events(h, "SlotTakenOver")
+    assert takeover["type"] == "Normal" and takeover["reportingInstance"] == "gw2/1"
+    assert takeover["note"] == ("egress IP 192.0.2.50 (slot 0) taken over by gw2/1 on node "
+                                "gw2: the lease of gw1/0 had expired")
+    assert len(events(h, "InvalidSpec")) == 1  # the status was written once: one Event
+
+
+def test_a_newcomer_listing_a_served_ip_never_takes_it(lab, clock):
+    h = lab(["192.0.2.50"])
+    gw1, gw2 = h.gateway("gw1"), h.gateway("gw2")
+    h.settle(gw1, gw2)
+    assert h.holder(SLOT0) == "gw1/0"
+    clock.now += 2  # creationTimestamps have whole seconds
+    # Named to sort first, so only its age can make it lose.
+    h.store.create({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                    "metadata": {"name": "aa-new"},
+                    "spec": {"egressIPs": ["192.0.2.50", "192.0.2.61"]}})
+    time.sleep(0.1)
+    h.settle(gw1, gw2, passes=3)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw1).egress
+    assert h.holder(SlotId("aa-new", 0)) is None
+    assert h.holder(SlotId("aa-new", 1)) == "gw2/1"  # its other IP works
+    assert all(a.ip != E0 for a in kernel(gw2).egress)
+    newcomer = h.store.get(Kind.EGRESS_GATEWAY, "aa-new")
+    status, reason, message = conditions(newcomer)["EgressIPConflict"]
+    assert (status, reason) == ("True", "EgressIPConflict")
+    assert message.startswith("egress IP 192.0.2.50 is served by EgressGateway egw, created "
+                              "first")
+    owner = conditions(h.store.get(Kind.EGRESS_GATEWAY, "egw"))
+    assert owner["Ready"][0] == "True" and owner["Degraded"][0] == "False"
+    assert owner["EgressIPConflict"][0] == "False"
+    [event] = events(h, "EgressIPConflict")
+    assert event["regarding"]["name"] == "aa-new" and event["note"] == message

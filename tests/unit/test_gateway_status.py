@@ -12,6 +12,7 @@ from gateway.status import (
     SlotRecord,
     compute_gateway_status,
     compute_policy_status,
+    compute_status_events,
     compute_status_updates,
     format_time,
     merge_conditions,
@@ -23,7 +24,7 @@ from meshgress.cluster import (
     PUBLIC_KEY_ANNOTATION,
 )
 from meshgress.config import ClusterConfig
-from meshgress.datastore import Lease
+from meshgress.datastore import EventRecord, Kind, Lease, ObjectReference
 from meshgress.egress import PodView, compute_egress
 from meshgress.slots import SlotId
 
@@ -100,6 +101,7 @@ def test_a_gateway_with_every_slot_held_and_published_is_ready():
              "lastTransitionTime": T_NOW},
             {"type": "Degraded", "status": "False", "reason": "SlotsReady", "message": "",
              "lastTransitionTime": T_NOW},
+            NO_IP_CONFLICT, VALID_SPEC,
         ],
         "slots": [
             {"ip": "192.0.2.50", "index": 0, "holder": "gw1/1", "node": "gw1",
@@ -110,7 +112,14 @@ def test_a_gateway_with_every_slot_held_and_published_is_ready():
              "since": format_time(NOW - 10)},
         ],
         "observedGeneration": 4,
+        "acceptedSpec": {"egressIPs": ["192.0.2.50", "192.0.2.51"]},
     }
+
+
+NO_IP_CONFLICT = {"type": "EgressIPConflict", "status": "False", "reason": "NoConflict",
+                  "message": "", "lastTransitionTime": T_NOW}
+VALID_SPEC = {"type": "InvalidSpec", "status": "False", "reason": "Valid", "message": "",
+              "lastTransitionTime": T_NOW}
 
 
 def _empty(ip: str, index: int, since: str | None = None) -> dict[str, Any]:
@@ -134,6 +143,7 @@ def test_unheld_expired_and_unpublished_slots_degrade_the_gateway():
          "message": "0 of 4 egress IPs are ready: " + problems, "lastTransitionTime": T_NOW},
         {"type": "Degraded", "status": "True", "reason": "SlotsNotReady", "message": problems,
          "lastTransitionTime": T_NOW},
+        NO_IP_CONFLICT, VALID_SPEC,
     ]
     assert status["slots"] == [
         {"ip": "192.0.2.50", "index": 0, "holder": "gw1/1", "node": None, "publicKey": None,
@@ -144,27 +154,32 @@ def test_unheld_expired_and_unpublished_slots_degrade_the_gateway():
     ]
 
 
-def test_a_conflicting_egress_ip_is_named_and_degrades_an_otherwise_ready_gateway():
-    m = model([gateway("egw", ["192.0.2.50", "192.0.2.99"]), gateway("dup", ["192.0.2.99"])])
-    records = {SlotId("egw", 0): held("gw1/1", ip="192.0.2.50")}
-    status = compute_gateway_status(m.gateways["egw"], None, records, NOW)
-    why = ("egress IP 192.0.2.99 is also listed by EgressGateway dup; neither serves it")
-    assert [(c["type"], c["status"], c["reason"], c["message"])
-            for c in status["conditions"]] == [
-        ("Ready", "True", "SlotsReady", "1 of 1 egress IPs are held and published"),
-        ("Degraded", "True", "EgressIPConflict", why),
-    ]
-    assert status["slots"][1] == _empty("192.0.2.99", 1)
-    dup = compute_gateway_status(m.gateways["dup"], None, {}, NOW)
+def test_a_newcomer_listing_a_served_ip_is_told_who_serves_it_and_the_holder_stays_ready():
+    older = {**gateway("egw", ["192.0.2.50", "192.0.2.99"]),
+             "metadata": {"name": "egw", "creationTimestamp": T_EARLIER, "generation": 1}}
+    newer = {**gateway("dup", ["192.0.2.99", "192.0.2.60"]),
+             "metadata": {"name": "dup", "creationTimestamp": T_NOW, "generation": 1}}
+    m = model([older, newer])
+    records = {SlotId("egw", 0): held("gw1/1", ip="192.0.2.50"),
+               SlotId("egw", 1): held("gw2/1", ip="192.0.2.99", node="gw2", port=51901),
+               SlotId("dup", 1): held("gw2/1", ip="192.0.2.60", node="gw2", port=51902)}
+    status = compute_gateway_status(m.gateways["egw"], older, records, NOW)
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady"),
+        ("EgressIPConflict", "False", "NoConflict"), ("InvalidSpec", "False", "Valid")]
+    why = (f"egress IP 192.0.2.99 is served by EgressGateway egw, created first ({T_EARLIER}; "
+           f"this one: {T_NOW}); this gateway does not serve it")
+    dup = compute_gateway_status(m.gateways["dup"], newer, records, NOW)
     assert [(c["type"], c["status"], c["reason"], c["message"])
             for c in dup["conditions"]] == [
-        ("Ready", "False", "NoServableEgressIPs",
-         "no egress IP can be served: egress IP 192.0.2.99 is also listed by EgressGateway "
-         "egw; neither serves it"),
-        ("Degraded", "True", "NoServableEgressIPs",
-         "egress IP 192.0.2.99 is also listed by EgressGateway egw; neither serves it"),
+        ("Ready", "True", "SlotsReady", "1 of 1 egress IPs are held and published"),
+        ("Degraded", "True", "EgressIPConflict", why),
+        ("EgressIPConflict", "True", "EgressIPConflict", why),
+        ("InvalidSpec", "False", "Valid", ""),
     ]
-    assert dup["slots"] == [_empty("192.0.2.99", 0)]
+    # Its other IP works; the contested one shows no holder, though egw's holder has it.
+    assert dup["slots"][0] == _empty("192.0.2.99", 0)
+    assert dup["slots"][1]["holder"] == "gw2/1" and dup["slots"][1]["ready"]
 
 
 def test_an_invalid_gateway_says_why():
@@ -178,6 +193,10 @@ def test_an_invalid_gateway_says_why():
              "lastTransitionTime": T_NOW},
             {"type": "Degraded", "status": "True", "reason": "Invalid", "message": message,
              "lastTransitionTime": T_NOW},
+            NO_IP_CONFLICT,
+            {"type": "InvalidSpec", "status": "True", "reason": "Invalid",
+             "message": f"generation 7 is invalid: {message}; no earlier valid generation is "
+                        "recorded, so nothing of it applies", "lastTransitionTime": T_NOW},
         ],
         "slots": [], "observedGeneration": 7}
 
@@ -196,13 +215,14 @@ CONFLICT = object()
 @pytest.mark.parametrize("policies, name, expected", [
     ([policy("ok", "egw", "a")], "ok", (
         [("Accepted", "True", "Accepted", "2 pods selected"),
-         ("Conflict", "False", "NoConflict", "")], 2)),
+         ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("lost", "nope", "a")], "lost", (
         [("Accepted", "False", "GatewayNotFound", "EgressGateway nope does not exist"),
-         ("Conflict", "False", "NoConflict", "")], 2)),
+         ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("x", "egw", "a", 5), policy("y", "egw", "a", 5)], "x", (
         [("Accepted", "False", "Conflict", CONFLICT),
-         ("Conflict", "True", "Conflict", CONFLICT)], 2)),
+         ("Conflict", "True", "Conflict", CONFLICT), ("InvalidSpec", "False", "Valid", "")],
+        2)),
 ], ids=["accepted", "gateway-not-found", "conflict"])
 def test_policy_status(policies, name, expected):
     m = model([gateway("egw", ["192.0.2.50"])], policies)
@@ -218,6 +238,7 @@ def test_policy_status(policies, name, expected):
     assert all(c["lastTransitionTime"] == T_NOW for c in status["conditions"])
     assert status["selectedPods"] == selected
     assert status["observedGeneration"] == 3
+    assert status["acceptedSpec"] == policies[0]["spec"]
 
 
 def test_an_invalid_policy_is_not_accepted_and_keeps_its_generation():
@@ -232,6 +253,10 @@ def test_an_invalid_policy_is_not_accepted_and_keeps_its_generation():
              "lastTransitionTime": T_NOW},
             {"type": "Conflict", "status": "False", "reason": "NoConflict", "message": "",
              "lastTransitionTime": T_NOW},
+            {"type": "InvalidSpec", "status": "True", "reason": "Invalid",
+             "message": "generation 9 is invalid: spec.namespaceSelector: required; use {} to "
+                        "select every namespace; no earlier valid generation is recorded, so "
+                        "nothing of it applies", "lastTransitionTime": T_NOW},
         ],
         "selectedPods": 0, "observedGeneration": 9}
 
@@ -257,3 +282,104 @@ def test_only_statuses_that_differ_from_the_stored_ones_are_updated():
     assert set(later.gateways) == {"egw"} and later.policies == {}
     assert later.gateways["egw"]["conditions"][0]["lastTransitionTime"] == \
         format_time(NOW + 30)
+
+
+TYPO_MESSAGE = 'spec.destinationCIDRs[1]: "10.0.0.0/33" is not a CIDR'
+
+
+def _conditions(status: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}
+
+
+def test_a_policy_replaced_by_an_invalid_one_keeps_its_last_valid_generation_in_status():
+    gw_obj = gateway("egw", ["192.0.2.50"])
+    valid = {**policy("ok", "egw", "a"), "metadata": {"name": "ok", "generation": 3,
+                                                      "uid": "u-ok"}}
+
+    def updates(obj: dict[str, Any], now: float = NOW):
+        m = model([gw_obj], [obj])
+        found = compute_status_updates(m, {"egw": gw_obj}, {"ok": obj}, {}, now)
+        events = compute_status_events(found, {"egw": gw_obj}, {"ok": obj},
+                                       reporting_instance="gw1/7")
+        return found.policies.get("ok"), [e for e in events if e.regarding.name == "ok"]
+
+    first, events = updates(valid)
+    assert first is not None and events == []
+    assert (first["observedGeneration"], first["acceptedSpec"]) == (3, valid["spec"])
+    # Generation 4 has a typo; the status written for generation 3 is stored with it.
+    broken = {**valid, "metadata": {**valid["metadata"], "generation": 4},
+              "spec": {**valid["spec"], "destinationCIDRs": ["0.0.0.0/0", "10.0.0.0/33"]},
+              "status": first}
+    second, events = updates(broken, NOW + 5)
+    assert second is not None
+    assert (second["observedGeneration"], second["acceptedSpec"]) == (3, valid["spec"])
+    invalid = (f"generation 4 is invalid: {TYPO_MESSAGE}; generation 3, the last valid one, "
+               "still applies")
+    assert _conditions(second) == {
+        "Accepted": ("True", "LastValidGeneration",
+                     "generation 3, the last valid one, applies (2 pods selected): "
+                     f"generation 4 is invalid: {TYPO_MESSAGE}"),
+        "Conflict": ("False", "NoConflict", ""),
+        "InvalidSpec": ("True", "Invalid", invalid)}
+    assert second["selectedPods"] == 2
+    assert events == [EventRecord(
+        regarding=ObjectReference(Kind.EGRESS_POLICY, "ok", "", "u-ok"), reason="InvalidSpec",
+        note=invalid, type="Warning", action="Validate",
+        reporting_controller="meshgress.io/gateway", reporting_instance="gw1/7")]
+    # Written once, it is stable: no further write, no further Event (any process).
+    assert updates({**broken, "status": second}, NOW + 60) == (None, [])
+    # Fixed: generation 5 applies and is recorded; no Warning.
+    fixed = {**valid, "metadata": {**valid["metadata"], "generation": 5},
+             "spec": {**valid["spec"], "priority": 7}, "status": second}
+    third, events = updates(fixed, NOW + 70)
+    assert third is not None and events == []
+    assert (third["observedGeneration"], third["acceptedSpec"]) == (5, fixed["spec"])
+    assert _conditions(third)["InvalidSpec"] == ("False", "Valid", "")
+
+
+def test_a_gateway_replaced_by_an_invalid_one_keeps_serving_and_says_why():
+    valid = {**gateway("egw", ["192.0.2.50"], generation=2),
+             "status": {"observedGeneration": 2, "acceptedSpec": {"egressIPs": ["192.0.2.50"]}}}
+    broken = {**valid, "metadata": {"name": "egw", "generation": 3},
+              "spec": {"egressIPs": ["192.0.2.50", "192.0.2.300"]}}
+    m = model([broken])
+    records = {SlotId("egw", 0): held("gw1/1", ip="192.0.2.50")}
+    status = compute_gateway_status(m.gateways["egw"], broken, records, NOW)
+    invalid = ('generation 3 is invalid: spec.egressIPs[1]: "192.0.2.300" is not an IP '
+               "address; generation 2, the last valid one, still applies")
+    assert _conditions(status) == {
+        "Ready": ("True", "SlotsReady", "1 of 1 egress IPs are held and published"),
+        "Degraded": ("True", "InvalidSpec", invalid),
+        "EgressIPConflict": ("False", "NoConflict", ""),
+        "InvalidSpec": ("True", "Invalid", invalid)}
+    assert status["observedGeneration"] == 2
+    assert status["acceptedSpec"] == {"egressIPs": ["192.0.2.50"]}
+    assert [s["ip"] for s in status["slots"]] == ["192.0.2.50"]
+
+
+@pytest.mark.parametrize(("stored", "events"), [
+    (None, ["EgressIPConflict"]),
+    ("same", []),
+    ("other-message", ["EgressIPConflict"]),
+    ("was-false", ["EgressIPConflict"]),
+], ids=["first-time", "already-stored", "message-changed", "turned-true"])
+def test_a_warning_event_comes_with_each_new_conflict_condition(stored, events):
+    older = {**gateway("egw", ["192.0.2.50"]),
+             "metadata": {"name": "egw", "creationTimestamp": T_EARLIER}}
+    newer = {**gateway("dup", ["192.0.2.50"]),
+             "metadata": {"name": "dup", "creationTimestamp": T_NOW, "uid": "u-dup"}}
+    m = model([older, newer])
+    status = compute_gateway_status(m.gateways["dup"], newer, {}, NOW)
+    conflict = next(c for c in status["conditions"] if c["type"] == "EgressIPConflict")
+    if stored is not None:
+        before = {**conflict, "message": "an older message" if stored == "other-message"
+                  else conflict["message"], "status": "False" if stored == "was-false"
+                  else "True"}
+        newer = {**newer, "status": {"conditions": [before]}}
+    found = compute_status_updates(m, {"egw": older, "dup": newer}, {}, {}, NOW)
+    recorded = compute_status_events(found, {"egw": older, "dup": newer}, {},
+                                     reporting_instance="gw2/1")
+    assert [(e.regarding.name, e.reason) for e in recorded if e.reason != "InvalidSpec"] == \
+        [("dup", reason) for reason in events]
+    for event in recorded:
+        assert event.type == "Warning" and "served by EgressGateway egw" in event.note

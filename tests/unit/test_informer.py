@@ -1,11 +1,15 @@
-"""The informer keeps a cache equal to the store, across deletes and 410 re-lists."""
+"""The informer keeps a cache equal to the store, across deletes, 410 re-lists and objects
+the store cannot read."""
 
+import logging
 import threading
 import time
 
 from meshgress.datastore import Kind
 from meshgress.datastore.file import FileDatastore
 from meshgress.datastore.informer import Informer
+from meshgress.prometheus import Exposition
+from meshgress.runtime import LoopMetrics, ReconcileLoop
 
 
 def ns(name, **labels):
@@ -73,4 +77,45 @@ def test_relists_after_the_watch_expires(tmp_path):
         writer.close()
     finally:
         informer.stop()
+        store.close()
+
+
+def test_an_unreadable_object_is_skipped_and_reported_until_the_store_repairs_it(tmp_path):
+    store = FileDatastore(tmp_path, poll_interval=0.01)
+    store.create(ns("good"))
+    (tmp_path / "objects/Namespace/bad.yaml").write_bytes(b"metadata: [unclosed\n")
+    informer = Informer(store, Kind.NAMESPACE, on_change=lambda: None).start()
+    try:
+        assert informer.synced.wait(5), "one bad file must not keep the cache from syncing"
+        assert names(informer) == ["good"] and informer.errors == 0
+        [rejected] = informer.rejected()
+        assert (rejected.kind, rejected.name) == (Kind.NAMESPACE, "bad")
+        store.create(ns("later"))  # the watch goes on
+        assert wait_until(lambda: names(informer) == ["good", "later"])
+        store.apply(ns("bad", fixed="yes"))  # a write through the store replaces it
+        assert wait_until(lambda: informer.rejected() == () and "bad" in names(informer))
+    finally:
+        informer.stop()
+        store.close()
+
+
+def test_the_loop_renders_rejected_objects_by_kind(tmp_path):
+    store = FileDatastore(tmp_path, poll_interval=0.01)
+    (tmp_path / "objects/EgressPolicy").mkdir(parents=True)
+    (tmp_path / "objects/EgressPolicy/bad.yaml").write_bytes(b"\x00")
+    loop = ReconcileLoop(store, {Kind.NAMESPACE: None, Kind.EGRESS_POLICY: None},
+                         log=logging.getLogger("test"), metrics=LoopMetrics("meshgress_", "e"))
+    for informer in loop.informers.values():
+        informer.start()
+    try:
+        assert wait_until(loop.synced)
+        page = Exposition()
+        loop.metrics.render(page)
+        text = page.render()
+        assert 'meshgress_datastore_rejected_objects{kind="EgressPolicy"} 1' in text
+        assert 'meshgress_datastore_rejected_objects{kind="Namespace"} 0' in text
+        assert [r.name for r in loop.rejected()] == ["bad"]
+    finally:
+        for informer in loop.informers.values():
+            informer.stop()
         store.close()

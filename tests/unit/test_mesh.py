@@ -7,6 +7,7 @@ import pytest
 from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION, parse_node
 from meshgress.cluster import node_annotations as compute_node_annotations
 from meshgress.config import ClusterConfig
+from meshgress.datastore import Kind, RejectedObject
 from nodeagent.mesh import (
     HANDSHAKE_GRACE,
     HANDSHAKE_JITTER,
@@ -19,7 +20,7 @@ from nodeagent.mesh import (
     is_initiator,
 )
 from nodeagent.routes import plan_routes
-from nodeagent.status import compute_status_report
+from nodeagent.status import compute_status_report, format_status
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer, PeerStats
 from wireguard.model import tunnel_mtu as compute_mtu
@@ -191,3 +192,23 @@ def test_pending_peers_routes_are_held_back_as_blackholes():
     assert RouteSpec(net("198.18.1.0/24"), type="blackhole") in held
     assert route("198.18.2.0/24") in held and route("198.18.1.0/24") not in held
     assert RouteSpec(net("198.18.0.0/16"), type="unreachable") in held
+
+
+def test_status_names_objects_the_datastore_cannot_read_and_fails_for_them():
+    nodes = [parse_node(o) for o in (node("node1"), node("node2"))]
+    device = Device("meshgress0", private_key=KEYS["node1"], listen_port=51820, mtu=1440,
+                    peers=[Peer(PUB["node2"], endpoint="192.0.2.12:51820",
+                                allowed_ips=["198.18.2.0/24"])])
+    unreadable = RejectedObject(Kind.EGRESS_POLICY, "", "typo", "/store/typo.yaml",
+                                "not valid YAML: did not find expected ',' or ']'")
+    report = compute_status_report("node1", nodes, device, stats=(), underlay_mtu=1500,
+                                   now=0.0, rejected=(unreadable,))
+    assert report.mesh_healthy and not report.healthy
+    assert report.as_dict()["rejectedObjects"] == [
+        {"kind": "EgressPolicy", "namespace": "", "name": "typo", "source": "/store/typo.yaml",
+         "reason": "not valid YAML: did not find expected ',' or ']'"}]
+    text = format_status(report)
+    assert text.startswith("node node1: mesh healthy")
+    assert ("  datastore: 1 object(s) cannot be read; every process skips them:\n"
+            "    ! EgressPolicy typo (/store/typo.yaml): not valid YAML: did not find "
+            "expected ',' or ']'") in text

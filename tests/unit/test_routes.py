@@ -75,7 +75,10 @@ DECODE = {
     "another protocol (the CNI's or the kernel's)": (body("198.18.1.0", 24, proto=2), None),
     "through another interface": (body("198.18.1.0", 24, oif=3), None),
     "IPv6": (body("198.18.1.0", 24, family=socket.AF_INET6), None),
-    "another type (blackhole)": (body("198.18.1.0", 24, kind=6), None),
+    "a pending peer's held-back CIDR (blackhole)":
+        (body("198.18.1.0", 24, kind=6, oif=None),
+         RouteSpec(dst=net("198.18.1.0/24"), type="blackhole")),
+    "another type (prohibit)": (body("198.18.1.0", 24, kind=8), None),
     "a default route, no RTA_DST": (body("0.0.0.0", 0, kind=RTN_UNREACHABLE, oif=None),
                                     unreachable("0.0.0.0/0")),
     "a truncated message": (b"\x02\x18", None),
