@@ -599,13 +599,15 @@ class KubeDatastore:
                     raise Unavailable(f"{method} {what or path}: the connection failed, and "
                                       f"it may have been carried out: {exc}") from exc
                 retry_after, problem = None, f"connection failed: {exc}"
+            attempt += 1
+            remaining = deadline - time.monotonic()
             delay = self._random.uniform(0, min(_RETRY_CAP, _RETRY_BASE * 2 ** attempt))
             if retry_after is not None:
-                delay = max(delay, min(retry_after, _RETRY_CAP * 5))
-            attempt += 1
-            if time.monotonic() + delay > deadline:
+                delay = max(delay, retry_after)
+            if remaining <= 0 or (retry_after is not None and delay > remaining):
                 raise Unavailable(f"{method} {what or path}: {problem} (gave up after "
                                   f"{attempt} attempts)")
+            delay = min(delay, remaining)
             log.debug("%s %s: %s; retrying in %.2fs", method, path, problem, delay)
             if self._closed.wait(delay):
                 raise Unavailable(f"{method} {path}: the datastore is closed")
