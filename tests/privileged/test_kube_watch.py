@@ -8,6 +8,8 @@ cache ends equal to the API server's, and no event reaches it twice.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -171,5 +173,30 @@ def test_without_the_watch_cache_compaction_gives_410_and_the_informer_relists(
         never_twice(recording.delivered)
     finally:
         informer.stop()
+        watching.close()
+        writing.close()
+
+
+def test_a_dead_connection_cannot_hang_a_watch(kube: KubeCluster) -> None:
+    """The API server frozen (SIGSTOP): its connections stay open and silent, as a dead
+    peer's would, and the server's own timeout cannot end the watch. The client's read
+    timeout does; the watch is opened again and, once the server is back, goes on."""
+    watching = kube.store(watch_timeout_range=(2, 2), watch_read_slack=1.0)
+    writing = kube.store(retry_budget=30)
+    apiserver = kube.plane.pids()["kube-apiserver"]
+    try:
+        watcher = Watcher(watching, {Kind.NODE}, watching.list(Kind.NODE).resource_version)
+        os.kill(apiserver, signal.SIGSTOP)
+        try:
+            # Read timeout 3 s: at least one reopen (refused reads, then reopen attempts).
+            assert wait_for(lambda: watching.watch_reopens >= 1, timeout=15)
+        finally:
+            os.kill(apiserver, signal.SIGCONT)
+        made = rv(writing.create(node("after-freeze")))
+        assert wait_for(lambda: any(e.resource_version == made for e in watcher.changes())
+                        or watcher.error is not None, timeout=30)
+        watcher.close()
+        assert watcher.error is None
+    finally:
         watching.close()
         writing.close()
