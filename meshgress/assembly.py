@@ -23,6 +23,7 @@ from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
 from meshgress.datastore import Datastore, DatastoreError
 from meshgress.datastore.file import FileDatastore
+from meshgress.datastore.options import KUBE
 from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
 from nodeagent.steering import LocalPod
 from wireguard.errors import WireGuardError
@@ -67,6 +68,19 @@ def _cluster(args: argparse.Namespace) -> ClusterConfig:
 
 
 def _open_datastore(args: argparse.Namespace) -> Datastore:
+    """The store `--datastore` names: the Kubernetes API (`kube`, with `--kubeconfig` or
+    the pod's ServiceAccount) or a file datastore directory."""
+    kubeconfig = getattr(args, "kubeconfig", None)
+    if args.datastore == KUBE:
+        # Imported here: the Kubernetes client is loaded only by processes that use it.
+        from meshgress.datastore.kube import KubeDatastore  # noqa: PLC0415
+
+        try:
+            return KubeDatastore.from_kubeconfig(kubeconfig)
+        except DatastoreError as exc:
+            raise StartError(f"cannot reach the Kubernetes API: {exc}") from exc
+    if kubeconfig is not None:
+        raise StartError("--kubeconfig goes with --datastore kube")
     try:
         return FileDatastore(args.datastore)
     except (OSError, DatastoreError) as exc:

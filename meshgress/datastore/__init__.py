@@ -105,7 +105,18 @@ class LeaseHeld(DatastoreError):
 
 
 class Invalid(DatastoreError):
-    """The object is malformed for the store (no name, wrong kind, bad namespace)."""
+    """The object is malformed for the store (no name, wrong kind, bad namespace), or the
+    store refused it (HTTP 400 and 422: the message is the API server's, for a person)."""
+
+
+class Forbidden(DatastoreError):
+    """The store refused the caller (HTTP 401, 403): a credential or permission problem
+    that retrying does not fix."""
+
+
+class Unavailable(DatastoreError):
+    """The store did not answer, or asked to be asked later (HTTP 429, 5xx, a connection
+    refused, reset or timed out), and retrying inside the backend did not help in time."""
 
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
@@ -328,13 +339,13 @@ def event_object(event: EventRecord, now: float) -> Object:
 
 def event_repeated(stored: Object, event: EventRecord, now: float) -> Object:
     """`stored` (the Event of an earlier occurrence) after one more occurrence: the
-    series count goes up and its last observation is now. Pure: returns a new object."""
+    series count goes up and its last observation is now. The reporting instance stays
+    the first one's (the API server keeps it immutable). Pure: returns a new object."""
     series = stored.get("series") if isinstance(stored.get("series"), Mapping) else None
     count = series.get("count") if series else None
     count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 \
         else 1
-    return {**stored, "reportingInstance": event.reporting_instance,
-            "series": {"count": count + 1, "lastObservedTime": micro_time(now)}}
+    return {**stored, "series": {"count": count + 1, "lastObservedTime": micro_time(now)}}
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -362,10 +373,12 @@ class Datastore(Protocol):
 
     def watch(self, kinds: frozenset[Kind], resource_version: int, *,
               stop: threading.Event | None = None,
-              bookmark_interval: float = 10.0) -> Iterator[WatchEvent]:
+              bookmark_interval: float = 10.0,
+              field_node_name: str | None = None) -> Iterator[WatchEvent]:
         """Every change to `kinds` after `resource_version`, in order, until `stop` is
         set. Emits a BOOKMARK at least every `bookmark_interval` seconds while idle.
-        Raises Expired when that history is no longer kept."""
+        Raises Expired when that history is no longer kept. `field_node_name` (Pods only)
+        keeps the changes of pods scheduled to that node, as `list` does."""
         ...
 
     def create(self, obj: Object) -> Object:
