@@ -35,6 +35,7 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     up.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
     up.add_argument("--gateway-nodes", type=int, default=2,
                     help="dedicated egress gateway nodes (default 2)")
+    _datastore_option(up)
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
     gw.add_argument("action", choices=("stop", "kill", "start"))
@@ -60,14 +61,29 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo = lab_sub.add_parser("demo", help="bring the lab up and show what it proves")
     demo.add_argument("--nodes", type=int, default=2)
     demo.add_argument("--gateway-nodes", type=int, default=2)
+    _datastore_option(demo)
+    kubectl = lab_sub.add_parser(
+        "kubectl", help="kubectl as the lab's admin (a lab up with --datastore kube)")
+    kubectl.add_argument("kubectl_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                         help="kubectl's arguments")
+
+
+def _datastore_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", choices=("file", "kube"), default="file",
+                        help="file: the embedded file datastore (default); kube: a real "
+                             "kube-apiserver and etcd in the lab, agents and gateways under "
+                             "their own ServiceAccounts")
 
 
 def _print_status(status: dict[str, object]) -> None:
     if not status.get("complete"):
         print(f"lab {status['name']}: not up")
         return
+    datastore: dict[str, object] = status["datastore"]  # type: ignore[assignment]
+    where = (datastore["path"] if datastore["kind"] == "file"
+             else f"{datastore['server']} (kubeconfig {datastore['kubeconfig']})")
     print(f"lab {status['name']}: {'up' if status['up'] else 'DEGRADED'}   "
-          f"datastore {status['datastore']}")
+          f"datastore {datastore['kind']}: {where}")
     for node in status["nodes"]:  # type: ignore[attr-defined]
         print(f"  {node['name']:<6} {node['role']:<8} {node['underlayAddress']:<12} "
               f"pod CIDR {node['podCIDR']:<16} {'running' if node['running'] else 'DOWN'}")
@@ -87,9 +103,24 @@ def _run_lab(args: argparse.Namespace) -> int:
 
     lab = Lab(args.name)
     if args.lab_command == "up":
-        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes)
-        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore {lab.datastore_dir}")
+        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
+                          datastore=args.datastore)
+        if args.datastore == "kube":
+            kube = lab.kube()
+            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
+                  f"{kube.server_url} in network namespace {kube.netns}")
+            print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
+            print(f"export KUBECONFIG={kube.host_kubeconfig}")
+        else:
+            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
+                  f"datastore {lab.datastore_dir}")
         return 0
+    if args.lab_command == "kubectl":
+        command = list(args.kubectl_args)
+        if command and command[0] == "--":
+            command = command[1:]
+        argv = lab.kubectl_argv(command)
+        os.execvp(argv[0], argv)
     if args.lab_command == "down":
         report = lab.down()
         print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
@@ -131,7 +162,8 @@ def _run_lab(args: argparse.Namespace) -> int:
         print(lab.add_pod(namespace, name, args.node, labels=labels or None))
         return 0
     if args.lab_command == "demo":
-        return 1 if run_demo(lab, args.nodes, args.gateway_nodes) else 0
+        return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
+            else 0
     raise AssertionError(args.lab_command)
 
 
