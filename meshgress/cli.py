@@ -13,13 +13,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshgress.config import ConfigError
-from meshgress.datastore import DatastoreError
+from meshgress.datastore import NAMESPACED, DatastoreError
 from meshgress.datastore.file import FileDatastore
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.netns import CommandError
 from meshgress.lab.topology import LabSpecError
+from meshgress.manifests import ManifestError
+
+if TYPE_CHECKING:
+    from meshgress.lab.lab import Lab
 
 # Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
 # one of them runs, so `meshgress lab ...` stays quick to start.
@@ -62,10 +67,118 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument("--nodes", type=int, default=2)
     demo.add_argument("--gateway-nodes", type=int, default=2)
     _datastore_option(demo)
+    _object_commands(lab_sub, in_lab=True)
     kubectl = lab_sub.add_parser(
         "kubectl", help="kubectl as the lab's admin (a lab up with --datastore kube)")
     kubectl.add_argument("kubectl_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                          help="kubectl's arguments")
+
+
+def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
+                     in_lab: bool = False) -> None:
+    """apply/get/delete: for the file datastore (or, under `lab`, the lab's datastore,
+    whichever it is)."""
+    where = "the lab's datastore" if in_lab else "a file datastore"
+    apply = sub.add_parser("apply", help=f"create or update EgressGateways and EgressPolicies "
+                                         f"in {where}, as kubectl apply")
+    apply.add_argument("-f", "--filename", required=True, action="append",
+                       help="a YAML file (several documents allowed), or - for stdin")
+    get = sub.add_parser("get", help=f"show objects of {where}, as kubectl get")
+    get.add_argument("resource", metavar="KIND",
+                     help="egressgateways (egw), egresspolicies (egp), nodes, pods, "
+                          "namespaces, leases")
+    get.add_argument("name", nargs="?")
+    get.add_argument("-o", "--output", choices=("wide", "yaml", "json", "name"), default="wide")
+    get.add_argument("-n", "--namespace", default=None)
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
+                                           f"{where}")
+    delete.add_argument("resource", metavar="KIND")
+    delete.add_argument("name")
+    if in_lab:
+        return
+    for parser in (apply, get, delete):
+        parser.add_argument("--datastore", type=Path,
+                            default=os.environ.get("MESHGRESS_DATASTORE"),
+                            help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    apply.add_argument("--cluster-config", type=Path,
+                       default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                       help="cluster ranges YAML, which no egress IP may fall in "
+                            "(default: $MESHGRESS_CLUSTER_CONFIG)")
+
+
+def _read_manifests(filenames: list[str]) -> list[tuple[str, str]]:
+    """(source, text) of each -f argument, as kubectl names them in messages."""
+    out = []
+    for name in filenames:
+        if name == "-":
+            out.append(("STDIN", sys.stdin.read()))
+        else:
+            try:
+                out.append((name, Path(name).read_text()))
+            except OSError as exc:
+                raise ManifestError(f'error: the path "{name}" does not exist'
+                                    if isinstance(exc, FileNotFoundError)
+                                    else f"error: {name}: {exc.strerror}") from None
+    return out
+
+
+def _run_object_command(args: argparse.Namespace, datastore: Path | None,
+                        cluster_config: Path | None) -> int:
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
+    from meshgress.manifests import (
+        DEFAULT_NAMESPACE,
+        apply_manifests,
+        check_manifest,
+        delete_object,
+        format_objects,
+        get_objects,
+        parse_manifests,
+        resolve_resource,
+    )
+
+    command = args.lab_command if args.command == "lab" else args.command
+    if datastore is None:
+        raise UsageError(f"{command}: give --datastore (or set $MESHGRESS_DATASTORE)")
+    if not datastore.is_dir():
+        raise UsageError(f"{command}: no datastore at {datastore}")
+    if command == "apply":
+        cluster = load_cluster_config(cluster_config) if cluster_config \
+            else DEFAULT_CLUSTER_CONFIG
+        manifests, errors = [], []
+        for source, text in _read_manifests(args.filename):
+            for doc in parse_manifests(text, source):
+                try:
+                    manifests.append(check_manifest(doc, source, cluster))
+                except ManifestError as exc:
+                    errors.append(str(exc))
+        if errors:  # one bad document: nothing is written
+            raise ManifestError("\n".join(errors))
+        if not manifests:
+            raise ManifestError("error: no objects passed to apply")
+        store = FileDatastore(datastore)
+        try:
+            print("\n".join(apply_manifests(store, manifests)))
+        finally:
+            store.close()
+        return 0
+    resource = resolve_resource(args.resource)
+    store = FileDatastore(datastore)
+    try:
+        if command == "delete":
+            print(delete_object(store, resource, args.name))
+            return 0
+        namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
+        objects = get_objects(store, resource, args.name, namespace)
+    finally:
+        store.close()
+    if not objects:
+        print("No resources found" + (f" in {namespace} namespace." if namespace and
+                                      resource.kind in NAMESPACED else "."), file=sys.stderr)
+        return 0
+    sys.stdout.write(format_objects(resource, objects, args.output, named=bool(args.name),
+                                    all_namespaces=args.all_namespaces))
+    return 0
 
 
 def _datastore_option(parser: argparse.ArgumentParser) -> None:
@@ -161,10 +274,33 @@ def _run_lab(args: argparse.Namespace) -> int:
             raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
         print(lab.add_pod(namespace, name, args.node, labels=labels or None))
         return 0
+    if args.lab_command in ("apply", "get", "delete"):
+        return _run_lab_object_command(lab, args)
     if args.lab_command == "demo":
         return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
             else 0
     raise AssertionError(args.lab_command)
+
+
+def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
+    """On a file lab: the file datastore's apply/get/delete; on a kube lab: kubectl (the
+    API server validates)."""
+    record = lab.load_record()
+    if record is None or not record.complete:
+        raise UsageError(f"lab {lab.name!r} is not up (run `meshgress lab up`)")
+    if record.datastore == "file":
+        return _run_object_command(args, lab.datastore_dir, lab.cluster_config_path)
+    if args.lab_command == "apply":
+        kubectl_args = ["apply", *(f"--filename={f}" for f in args.filename)]
+    elif args.lab_command == "delete":
+        kubectl_args = ["delete", args.resource, args.name]
+    else:
+        kubectl_args = ["get", args.resource, *([args.name] if args.name else []),
+                        *(["-o", args.output] if args.output != "wide" else []),
+                        *(["-n", args.namespace] if args.namespace else []),
+                        *(["-A"] if args.all_namespaces else [])]
+    argv = lab.kubectl_argv(kubectl_args)
+    os.execvp(argv[0], argv)
 
 
 def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -257,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encrypted pod-to-pod traffic and stable egress IPs for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_commands(sub)
+    _object_commands(sub)
     _lab_commands(sub)
     return parser
 
@@ -284,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_wg_config(args)
         if args.command == "explain":
             return _run_explain(args)
+        if args.command in ("apply", "get", "delete"):
+            return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
+                                                                     None))
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)  # already in kubectl's words
+        return 1
     except (LabSpecError, CommandError, UsageError, ConfigError, DatastoreError,
             RuntimeError, ValueError, OSError) as exc:
         # Every error type of ours derives from one of these; a traceback helps nobody
