@@ -62,12 +62,12 @@ def grants(resource: str, *verbs: str) -> set[tuple[str, str]]:
     return {(resource, verb) for verb in verbs}
 
 
-AGENT_CLUSTER_WIDE = SELF_REVIEWS | grants("nodes", "get", "list", "watch", "patch") \
+AGENT_CLUSTER_WIDE = SELF_REVIEWS | grants("nodes", "list", "watch", "patch") \
     | grants("pods", "get", "list", "watch") | grants("namespaces", "list", "watch") \
     | grants("egressgateways.meshgress.io", "list", "watch") \
     | grants("egresspolicies.meshgress.io", "list", "watch")
 AGENT_EXPECTED = {
-    "default": AGENT_CLUSTER_WIDE | grants("events", "create", "patch"),
+    "default": AGENT_CLUSTER_WIDE | grants("events.events.k8s.io", "create", "patch"),
     SYSTEM_NAMESPACE: AGENT_CLUSTER_WIDE
     | grants("leases.coordination.k8s.io", "list", "watch"),
     "payments": AGENT_CLUSTER_WIDE,
@@ -76,10 +76,10 @@ GATEWAY_CLUSTER_WIDE = SELF_REVIEWS | grants("nodes", "list", "watch") \
     | grants("pods", "list", "watch") | grants("namespaces", "list", "watch") \
     | grants("egressgateways.meshgress.io", "list", "watch") \
     | grants("egresspolicies.meshgress.io", "list", "watch") \
-    | grants("egressgateways.meshgress.io/status", "patch", "update") \
-    | grants("egresspolicies.meshgress.io/status", "patch", "update")
+    | grants("egressgateways.meshgress.io/status", "patch") \
+    | grants("egresspolicies.meshgress.io/status", "patch")
 GATEWAY_EXPECTED = {
-    "default": GATEWAY_CLUSTER_WIDE | grants("events", "create", "patch"),
+    "default": GATEWAY_CLUSTER_WIDE | grants("events.events.k8s.io", "create", "patch"),
     SYSTEM_NAMESPACE: GATEWAY_CLUSTER_WIDE | grants(
         "leases.coordination.k8s.io", "get", "list", "watch", "create", "update", "patch"),
     "payments": GATEWAY_CLUSTER_WIDE,
