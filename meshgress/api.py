@@ -60,6 +60,11 @@ MAX_PRIORITY: Final = 65535
 HEALTH_INTERVAL_MS_RANGE: Final = (50, 10_000)
 FAILURE_THRESHOLD_RANGE: Final = (1, 10)
 INTERFACE_NAME_MAX_LENGTH: Final = 15  # IFNAMSIZ (16) minus the terminating NUL
+MAX_EGRESS_IPS: Final = 126
+"""At most this many egress IPs per gateway: the slot numbering has 126 numbers in all."""
+MAX_CIDRS: Final = 256
+"""At most this many entries in destinationCIDRs and in excludedCIDRs. The CRD has the same
+bounds, which the API server needs to cost its validation rules."""
 
 _ENVELOPE_FIELDS: Final = ("apiVersion", "kind", "metadata", "spec", "status")
 _GATEWAY_SPEC_FIELDS: Final = (
@@ -284,6 +289,9 @@ def _parse_egress_ips(doc: object, field: str, cluster: ClusterConfig) -> tuple[
     raw_ips = expect_list(doc, field)
     if not raw_ips:
         raise ValidationError(field, "must list at least one IP address")
+    if len(raw_ips) > MAX_EGRESS_IPS:
+        raise ValidationError(field, f"must list at most {MAX_EGRESS_IPS} IP addresses, "
+                                     f"got {len(raw_ips)}")
     first_index: dict[IPAddress, int] = {}  # insertion-ordered: the user's order
     for i, raw in enumerate(raw_ips):
         ip = _parse_egress_ip(raw, item(field, i), cluster)
@@ -423,6 +431,8 @@ def _parse_cidrs(doc: object, field: str, *, allow_empty: bool) -> tuple[IPNetwo
     raw_cidrs = expect_list(doc, field)
     if not raw_cidrs and not allow_empty:
         raise ValidationError(field, "must not be empty; omit the field to mean every destination")
+    if len(raw_cidrs) > MAX_CIDRS:
+        raise ValidationError(field, f"must list at most {MAX_CIDRS} CIDRs, got {len(raw_cidrs)}")
     first_index: dict[IPNetwork, int] = {}
     for i, raw in enumerate(raw_cidrs):
         net = _parse_cidr(raw, item(field, i))
@@ -476,6 +486,8 @@ __all__ = [
     "EGRESS_GATEWAY_KIND",
     "EGRESS_POLICY_KIND",
     "GATEWAY_NODE_LABEL",
+    "MAX_CIDRS",
+    "MAX_EGRESS_IPS",
     "EgressGateway",
     "EgressPolicy",
     "FailurePolicy",

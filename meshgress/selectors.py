@@ -32,6 +32,11 @@ from meshgress.validation import (
 )
 
 LABEL_NAME_MAX_LENGTH: Final = 63
+MAX_MATCH_LABELS: Final = 64
+MAX_MATCH_EXPRESSIONS: Final = 32
+MAX_EXPRESSION_VALUES: Final = 64
+"""Bounds on a selector's size. Kubernetes' own LabelSelector has none, but meshgress's CRDs
+must bound what their validation rules iterate over, and this parser says the same."""
 _LABEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _LABEL_CHARS_RULE: Final = (
     "alphanumeric characters, '-', '_' or '.', and must start and end with an "
@@ -127,6 +132,9 @@ def _parse_match_labels(doc: object, field: str) -> tuple[tuple[str, str], ...]:
     if doc is None:
         return ()
     labels = expect_mapping(doc, field)
+    if len(labels) > MAX_MATCH_LABELS:
+        raise ValidationError(field, f"must have at most {MAX_MATCH_LABELS} labels, "
+                                     f"got {len(labels)}")
     pairs: list[tuple[str, str]] = []
     for key in sorted(labels):
         problem = label_key_problem(key)
@@ -141,9 +149,12 @@ def _parse_match_labels(doc: object, field: str) -> tuple[tuple[str, str], ...]:
 def _parse_match_expressions(doc: object, field: str) -> tuple[Requirement, ...]:
     if doc is None:
         return ()
-    requirements = [
-        _parse_requirement(raw, item(field, i)) for i, raw in enumerate(expect_list(doc, field))
-    ]
+    raw_requirements = expect_list(doc, field)
+    if len(raw_requirements) > MAX_MATCH_EXPRESSIONS:
+        raise ValidationError(field, f"must have at most {MAX_MATCH_EXPRESSIONS} requirements, "
+                                     f"got {len(raw_requirements)}")
+    requirements = [_parse_requirement(raw, item(field, i))
+                    for i, raw in enumerate(raw_requirements)]
     return tuple(sorted(set(requirements), key=lambda r: (r.key, r.operator.value, r.values)))
 
 
@@ -171,6 +182,9 @@ def _parse_requirement(doc: object, field: str) -> Requirement:
             )
     elif values:
         raise ValidationError(values_field, f"must be empty when operator is {operator}")
+    if len(values) > MAX_EXPRESSION_VALUES:
+        raise ValidationError(values_field, f"must have at most {MAX_EXPRESSION_VALUES} values, "
+                                            f"got {len(values)}")
     checked: set[str] = set()
     for i, raw in enumerate(values):
         value = expect_str(raw, item(values_field, i))

@@ -89,7 +89,18 @@ class LeaseHeld(DatastoreError):
 
 
 class Invalid(DatastoreError):
-    """The object is malformed for the store (no name, wrong kind, bad namespace)."""
+    """The object is malformed for the store (no name, wrong kind, bad namespace), or the
+    store refused it (HTTP 400 and 422: the message is the API server's, for a person)."""
+
+
+class Forbidden(DatastoreError):
+    """The store refused the caller (HTTP 401, 403): a credential or permission problem
+    that retrying does not fix."""
+
+
+class Unavailable(DatastoreError):
+    """The store did not answer, or asked to be asked later (HTTP 429, 5xx, a connection
+    refused, reset or timed out), and retrying inside the backend did not help in time."""
 
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
@@ -107,9 +118,21 @@ class WatchEvent:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """An object the backend could not turn into a usable dict (say, one without a name):
+    skipped, and reported so that one bad object never hides all the others."""
+
+    kind: Kind
+    name: str
+    """What is known of its identity ("" when nothing is)."""
+    reason: str
+
+
+@dataclass(frozen=True)
 class ListResult:
     items: tuple[Object, ...]
     resource_version: int
+    rejected: tuple[Rejected, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,10 +217,12 @@ class Datastore(Protocol):
 
     def watch(self, kinds: frozenset[Kind], resource_version: int, *,
               stop: threading.Event | None = None,
-              bookmark_interval: float = 10.0) -> Iterator[WatchEvent]:
+              bookmark_interval: float = 10.0,
+              field_node_name: str | None = None) -> Iterator[WatchEvent]:
         """Every change to `kinds` after `resource_version`, in order, until `stop` is
         set. Emits a BOOKMARK at least every `bookmark_interval` seconds while idle.
-        Raises Expired when that history is no longer kept."""
+        Raises Expired when that history is no longer kept. `field_node_name` (Pods only)
+        keeps the changes of pods scheduled to that node, as `list` does."""
         ...
 
     def create(self, obj: Object) -> Object:

@@ -87,6 +87,16 @@ from meshgress.datastore import (
     object_key,
     parse_lease,
 )
+from meshgress.datastore.objects import (
+    check_annotation_patch,
+    check_lease_request,
+    checked_namespace,
+    describe,
+    json_copy,
+    micro_time,
+    prepare,
+)
+from meshgress.datastore.objects import checked_kind as _kind
 from meshgress.validation import dns1123_subdomain_problem
 
 log = logging.getLogger(__name__)
@@ -97,7 +107,6 @@ _TMP_PREFIX: Final = ".tmp-"
 _SUFFIX: Final = ".yaml"
 # NAME_MAX (255) less ".yaml": Kubernetes allows 253, a file name cannot hold that many.
 _MAX_NAME: Final = 255 - len(_SUFFIX)
-_NAMESPACE_RE: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Journal lines are written by _encode_entry with this fixed key order, so rv, type and kind
 # can be read without parsing the (possibly large) object.
 _ENTRY_HEAD: Final = re.compile(rb'\{"rv": (\d+), "type": "([A-Z]+)", "kind": "([A-Za-z]+)"')
@@ -162,7 +171,7 @@ class FileDatastore:
             raise Invalid(f"the spec.nodeName field selector applies to Pods, not {kind}")
         kind_dir = self._objects / kind.value
         if kind in NAMESPACED:
-            dirs = [kind_dir / _checked_namespace(namespace)] if namespace else None
+            dirs = [kind_dir / checked_namespace(namespace)] if namespace else None
         elif namespace:
             raise Invalid(f"{kind} is cluster-scoped; got namespace {namespace!r}")
         else:
@@ -186,19 +195,22 @@ class FileDatastore:
         kind = _kind(kind)
         obj = self._read(self._path(kind, namespace, name))
         if obj is None:
-            raise NotFound(f"{_describe(kind, namespace, name)} not found")
+            raise NotFound(f"{describe(kind, namespace, name)} not found")
         return obj
 
     def watch(self, kinds: frozenset[Kind], resource_version: int, *,
               stop: threading.Event | None = None,
-              bookmark_interval: float = 10.0) -> Iterator[WatchEvent]:
+              bookmark_interval: float = 10.0,
+              field_node_name: str | None = None) -> Iterator[WatchEvent]:
         wanted = frozenset(_kind(k) for k in kinds)
         if not wanted:
             raise Invalid("watch needs at least one kind")
+        if field_node_name is not None and wanted != {Kind.POD}:
+            raise Invalid("the spec.nodeName field selector applies to Pods only")
         if isinstance(resource_version, bool) or not isinstance(resource_version, int) \
                 or resource_version < 0:
             raise Invalid(f"resource_version must be an integer >= 0, got {resource_version!r}")
-        return self._watch(wanted, resource_version, stop, bookmark_interval)
+        return self._watch(wanted, resource_version, stop, bookmark_interval, field_node_name)
 
     def get_lease(self, name: str) -> Lease | None:
         try:
@@ -209,41 +221,41 @@ class FileDatastore:
     # Writes
 
     def create(self, obj: Object) -> Object:
-        new, kind, namespace, name = _prepare(obj)
+        new, kind, namespace, name = prepare(obj)
         if new["metadata"].get("resourceVersion") not in (None, ""):
             raise Invalid("metadata.resourceVersion must not be set on create")
         path = self._path(kind, namespace, name)
         with self._writing() as w:
             if self._read(path) is not None:
-                raise AlreadyExists(f"{_describe(kind, namespace, name)} already exists")
+                raise AlreadyExists(f"{describe(kind, namespace, name)} already exists")
             self._stamp_new(new)
             return self._commit(w, "ADDED", kind, new, None)
 
     def replace(self, obj: Object) -> Object:
-        new, kind, namespace, name = _prepare(obj)
+        new, kind, namespace, name = prepare(obj)
         meta = new["metadata"]
         expected = meta.get("resourceVersion")
         path = self._path(kind, namespace, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None:
-                raise NotFound(f"{_describe(kind, namespace, name)} not found")
+                raise NotFound(f"{describe(kind, namespace, name)} not found")
             cur_meta = current["metadata"]
             if expected not in (None, "") and str(expected) != cur_meta.get("resourceVersion"):
                 raise Conflict(
-                    f"{_describe(kind, namespace, name)} was modified: resourceVersion "
+                    f"{describe(kind, namespace, name)} was modified: resourceVersion "
                     f"{expected} is stale, the current one is {cur_meta.get('resourceVersion')}"
                 )
             if meta.get("uid") and meta["uid"] != cur_meta.get("uid"):
                 raise Conflict(
-                    f"{_describe(kind, namespace, name)} has uid {cur_meta.get('uid')}, "
+                    f"{describe(kind, namespace, name)} has uid {cur_meta.get('uid')}, "
                     f"not {meta['uid']}: it was deleted and created again"
                 )
             _carry_over(new, current)
             return self._commit(w, "MODIFIED", kind, new, current)
 
     def apply(self, obj: Object) -> Object:
-        new, kind, namespace, name = _prepare(obj)
+        new, kind, namespace, name = prepare(obj)
         new["metadata"].pop("resourceVersion", None)
         new["metadata"].pop("uid", None)
         path = self._path(kind, namespace, name)
@@ -261,20 +273,18 @@ class FileDatastore:
         with self._writing() as w:
             current = self._read(path)
             if current is None:
-                raise NotFound(f"{_describe(kind, namespace, name)} not found")
+                raise NotFound(f"{describe(kind, namespace, name)} not found")
             self._commit(w, "DELETED", kind, current, None)
 
     def patch_annotations(self, kind: Kind, name: str, annotations: Mapping[str, str | None],
                           namespace: str = "") -> Object:
         kind = _kind(kind)
-        for key, value in annotations.items():
-            if not isinstance(key, str) or not key or not (value is None or isinstance(value, str)):
-                raise Invalid(f"annotation {key!r}: {value!r} must map a key to a string or None")
+        check_annotation_patch(annotations)
         path = self._path(kind, namespace, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None:
-                raise NotFound(f"{_describe(kind, namespace, name)} not found")
+                raise NotFound(f"{describe(kind, namespace, name)} not found")
             new = copy.deepcopy(current)
             meta = new["metadata"]
             merged = dict(meta.get("annotations") or {})
@@ -294,24 +304,18 @@ class FileDatastore:
         kind = _kind(kind)
         if not isinstance(status, Mapping):
             raise Invalid(f"status must be a mapping, got {type(status).__name__}")
-        new_status = _json_copy(dict(status))
+        new_status = json_copy(dict(status))
         path = self._path(kind, namespace, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None:
-                raise NotFound(f"{_describe(kind, namespace, name)} not found")
+                raise NotFound(f"{describe(kind, namespace, name)} not found")
             new = copy.deepcopy(current)
             new["status"] = new_status
             return self._commit(w, "MODIFIED", kind, new, current)
 
     def acquire_lease(self, name: str, holder: str, duration_seconds: float) -> Lease:
-        if not isinstance(holder, str) or not holder:
-            raise Invalid(f"lease holder must be a non-empty string, got {holder!r}")
-        if isinstance(duration_seconds, bool) or not isinstance(duration_seconds, int | float) \
-                or not 0 < duration_seconds < math.inf:
-            raise Invalid(f"lease duration must be a positive number of seconds, "
-                          f"got {duration_seconds!r}")
-        duration = float(duration_seconds)
+        duration = check_lease_request(holder, duration_seconds)
         path = self._path(Kind.LEASE, LEASE_NAMESPACE, name)
         with self._writing() as w:
             now = self._clock()
@@ -336,7 +340,7 @@ class FileDatastore:
                 else:
                     until = lease.renew_time + lease.duration_seconds
                     raise LeaseHeld(
-                        f"lease {name} is held by {lease.holder} until {_micro_time(until)} "
+                        f"lease {name} is held by {lease.holder} until {micro_time(until)} "
                         f"({until - now:.3f}s from now)"
                     )
                 new = copy.deepcopy(current)
@@ -345,8 +349,8 @@ class FileDatastore:
             new["spec"] = {
                 "holderIdentity": holder,
                 "leaseDurationSeconds": math.ceil(duration),
-                "acquireTime": _micro_time(acquired),
-                "renewTime": _micro_time(now),
+                "acquireTime": micro_time(acquired),
+                "renewTime": micro_time(now),
                 "leaseTransitions": transitions,
             }
             return parse_lease(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
@@ -379,7 +383,7 @@ class FileDatastore:
         if problem is not None:
             raise Invalid(f"{kind} name {name!r} is not valid: {problem}")
         if kind in NAMESPACED:
-            return self._objects / kind.value / _checked_namespace(namespace) / (name + _SUFFIX)
+            return self._objects / kind.value / checked_namespace(namespace) / (name + _SUFFIX)
         if namespace:
             raise Invalid(f"{kind} is cluster-scoped; it has no namespace, got {namespace!r}")
         return self._objects / kind.value / (name + _SUFFIX)
@@ -528,7 +532,8 @@ class FileDatastore:
     # Internals: watch
 
     def _watch(self, kinds: frozenset[Kind], resource_version: int,
-               stop: threading.Event | None, bookmark_interval: float) -> Iterator[WatchEvent]:
+               stop: threading.Event | None, bookmark_interval: float,
+               field_node_name: str | None) -> Iterator[WatchEvent]:
         bookmark_kind = min(kinds)
         waiter = stop if stop is not None else self._closed
         last_rv = resource_version
@@ -559,6 +564,11 @@ class FileDatastore:
                     if self._stopped(stop):
                         return
                     obj = json.loads(line)["object"]
+                    # A pod's spec.nodeName is set once (binding) and never changes, so the
+                    # new state alone says whether the filtered watcher had it.
+                    if field_node_name is not None and \
+                            (obj.get("spec") or {}).get("nodeName") != field_node_name:
+                        continue
                     yield WatchEvent(cast(EventType, type_), Kind(kind_name), obj, rv)
                     last_sent = time.monotonic()
                 if time.monotonic() - last_sent >= bookmark_interval:
@@ -650,63 +660,6 @@ class _JournalFollower:
 
 
 # Pure helpers and small file operations
-
-
-def _kind(value: object) -> Kind:
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return Kind(value)
-    raise Invalid(f"unknown kind {value!r}; expected one of "
-                  f"{', '.join(k.value for k in Kind)}")
-
-
-def _checked_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
-        raise Invalid(f"namespace {namespace!r} is not a valid namespace name "
-                      "(a lowercase RFC 1123 label)")
-    return namespace
-
-
-def _describe(kind: Kind, namespace: str, name: str) -> str:
-    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
-
-
-def _json_copy(value: Any) -> Any:
-    """A deep copy restricted to what JSON (and so the journal) can hold."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise Invalid(f"object is not representable as JSON: {e}") from None
-
-
-def _prepare(obj: Object) -> tuple[Object, Kind, str, str]:
-    """A checked, normalised copy of a caller's object: apiVersion filled in, keys in the
-    usual order. Name checks happen in FileDatastore._path."""
-    if not isinstance(obj, Mapping):
-        raise Invalid(f"an object must be a mapping, got {type(obj).__name__}")
-    data = _json_copy(obj)
-    kind = _kind(data.get("kind"))
-    api_version = data.get("apiVersion") or API_VERSIONS[kind]
-    if api_version != API_VERSIONS[kind]:
-        raise Invalid(f"{kind} has apiVersion {API_VERSIONS[kind]}, got {api_version!r}")
-    meta = data.get("metadata")
-    if not isinstance(meta, dict):
-        raise Invalid(f"{kind} has no metadata")
-    name = meta.get("name")
-    if not isinstance(name, str):
-        raise Invalid(f"{kind} metadata.name must be a string, got {name!r}")
-    namespace = meta.get("namespace") or ""
-    if not isinstance(namespace, str):
-        raise Invalid(f"{kind} metadata.namespace must be a string, got {namespace!r}")
-    if kind in NAMESPACED and not namespace:
-        raise Invalid(f"{kind} {name!r} needs metadata.namespace")
-    if kind not in NAMESPACED:
-        if namespace:
-            raise Invalid(f"{kind} is cluster-scoped; metadata.namespace must not be set")
-        meta.pop("namespace", None)
-    rest = {k: v for k, v in data.items() if k not in ("apiVersion", "kind", "metadata")}
-    new: Object = {"apiVersion": api_version, "kind": kind.value, "metadata": meta, **rest}
-    return new, kind, namespace, name
 
 
 def _carry_over(new: Object, current: Object) -> None:
@@ -835,10 +788,3 @@ def _journal_tail(fd: int) -> tuple[int, bytes]:
         if prev_nl >= 0 or pos == 0:
             return pos + last_nl + 1, buf[prev_nl + 1:last_nl]
     return 0, b""
-
-
-def _micro_time(t: float) -> str:
-    """Kubernetes MicroTime: RFC 3339 in UTC with microseconds."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-

@@ -74,7 +74,8 @@ class Informer:
                 backoff = 0.05
                 for event in self._store.watch(frozenset({self.kind}), listed.resource_version,
                                                stop=self._stop,
-                                               bookmark_interval=self._bookmark_interval):
+                                               bookmark_interval=self._bookmark_interval,
+                                               field_node_name=self._node):
                     if event.type == "BOOKMARK":
                         continue
                     key = object_key(event.object)
