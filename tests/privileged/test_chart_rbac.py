@@ -17,14 +17,15 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
-from kubernetes import client as kube
-from kubernetes.client.exceptions import ApiException
 
+from meshgress.datastore import Forbidden, Kind
+from meshgress.datastore.kube import KubeDatastore
 from meshgress.lab import netns as lab_netns
 from meshgress.lab.controlplane import (
     ControlPlane,
@@ -49,6 +50,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 NETNS_PREFIX = "mgt-rbac-"
 STATE_ROOT = Path("/tmp/mgt-rbac")
 SERVICE_RANGE = "10.96.0.0/16"
+_T = TypeVar("_T")
 
 SELF_REVIEWS = {
     ("selfsubjectreviews.authentication.k8s.io", "create"),
@@ -96,22 +98,18 @@ class Cluster:
         self.config_dir = config_dir
         self.tokens = tokens
 
-    def patch_status_as(self, identity: str, plural: str, name: str,
-                        status: dict) -> int:
-        """A merge patch of a meshgress object's status, one request (kubectl would read
-        the object first); returns the HTTP status."""
-        def patch() -> int:
-            client = self.plane.token_client(self.tokens[identity])
+    def as_component(self, identity: str, work: Callable[[KubeDatastore], _T]) -> _T:
+        """`work` on the kube datastore backend with the component's token: the calls
+        the agent or gateway itself makes."""
+        def run() -> _T:
+            store = KubeDatastore(self.plane.token_client(self.tokens[identity]),
+                                  retry_budget=2.0)
             try:
-                kube.CustomObjectsApi(client).patch_cluster_custom_object_status(
-                    "meshgress.io", "v1alpha1", plural, name, {"status": status})
-            except ApiException as exc:
-                return int(exc.status)
+                return work(store)
             finally:
-                client.close()
-            return 200
+                store.close()
 
-        return self.plane.call(patch)
+        return self.plane.call(run)
 
     def kubectl_as(self, identity: str, *args: str, input_text: str | None = None,
                    check: bool = False) -> tuple[int, str]:
@@ -233,8 +231,6 @@ def test_the_agent_cannot_read_secrets_or_write_policies(cluster: Cluster) -> No
         "apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
         "metadata": {"name": "sneaky"}, "spec": {"gateway": "x", "namespaceSelector": {}}}))
     assert forbidden(code, out), out
-    assert cluster.patch_status_as("agent", "egresspolicies", "payments",
-                                   {"selectedPods": 7}) == 403
     # What it does need still works.
     code, out = cluster.kubectl_as("agent", "get", "pods", "-A",
                                    "--field-selector=spec.nodeName=node-1", "-o", "name")
@@ -250,8 +246,6 @@ def test_the_gateway_cannot_patch_nodes_and_writes_policies_only_through_status(
     code, out = cluster.kubectl_as("gateway", "patch", "egresspolicy", "payments",
                                    "--type=merge", "-p", '{"spec":{"priority":1}}')
     assert forbidden(code, out), out
-    assert cluster.patch_status_as("gateway", "egresspolicies", "payments",
-                                   {"selectedPods": 2}) == 200
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
              "metadata": {"name": f"slot-{secrets.token_hex(2)}", "namespace": SYSTEM_NAMESPACE},
              "spec": {"holderIdentity": "gw-1/1", "leaseDurationSeconds": 2}}
@@ -267,37 +261,64 @@ def forbidden(code: int, out: str) -> bool:
     return code != 0 and "forbidden" in out.lower()
 
 
-def _annotate(cluster: Cluster, node: str, *changes: str) -> tuple[int, str]:
-    return cluster.kubectl_as("agent", "annotate", "--overwrite", "node", node, *changes)
-
-
 def test_the_agent_changes_only_its_own_nodes_meshgress_annotations(cluster: Cluster) -> None:
+    """Through the agent's own datastore calls (a JSON merge patch, no read first)."""
+    def annotate(node: str, annotations: dict) -> str | None:
+        try:
+            cluster.as_component("agent", lambda store: store.patch_annotations(
+                Kind.NODE, node, annotations))
+        except Forbidden as exc:
+            return str(exc)
+        return None
+
     # The policy is enforced once the API server has loaded it: probe until it refuses.
     deadline = time.monotonic() + 30
-    while True:
-        code, out = _annotate(cluster, "node-2", "meshgress.io/wireguard-endpoint=192.0.2.99:1")
-        if code != 0 or time.monotonic() > deadline:
-            break
+    while (refused := annotate("node-2", {"meshgress.io/wireguard-endpoint": "192.0.2.9:1"})
+           ) is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert code != 0, "the agent changed another node's annotations"
+    assert refused is not None, "the agent changed another node's annotations"
     assert "may change only its own Node (its token is bound to node node-1, not node-2)" \
-        in out, out
-    code, out = _annotate(cluster, "node-1", "meshgress.io/wireguard-public-key=abc=",
-                          "meshgress.io/wireguard-endpoint=192.0.2.11:51820")
-    assert code == 0, out
-    code, out = _annotate(cluster, "node-1", "meshgress.io/wireguard-public-key-")
-    assert code == 0, out
-    for change in (("other.example/key=v",),
-                   ("meshgress.io/ok=1", "other.example/key=v")):
-        code, out = _annotate(cluster, "node-1", *change)
-        assert code != 0 and "only meshgress.io/ annotations" in out, (change, out)
-    code, out = cluster.kubectl_as("agent", "label", "node", "node-1", "stolen=yes")
-    assert code != 0 and "only meshgress.io/ annotations" in out, out
-    code, out = cluster.kubectl_as("agent", "patch", "node", "node-1", "--type=merge",
-                                   "-p", '{"spec":{"unschedulable":true}}')
-    assert code != 0 and "only meshgress.io/ annotations" in out, out
+        in refused
+    assert annotate("node-1", {"meshgress.io/wireguard-public-key": "abc=",
+                               "meshgress.io/wireguard-endpoint": "192.0.2.11:51820"}) is None
+    assert annotate("node-1", {"meshgress.io/wireguard-public-key": None}) is None
+    for change in ({"other.example/key": "v"},
+                   {"meshgress.io/ok": "1", "other.example/key": "v"}):
+        refused = annotate("node-1", change)
+        assert refused and "only meshgress.io/ annotations" in refused, (change, refused)
+    for patch in ('{"metadata":{"labels":{"stolen":"yes"}}}', '{"spec":{"unschedulable":true}}'):
+        code, out = cluster.kubectl_as("agent", "patch", "node", "node-1", "--type=merge",
+                                       "-p", patch)
+        assert forbidden(code, out), out
     node = json.loads(cluster.plane.kubectl("get", "node", "node-1", "-o", "json").stdout)
     assert node["metadata"]["annotations"] == {
         "meshgress.io/wireguard-endpoint": "192.0.2.11:51820"}
     assert node["metadata"]["labels"] == {"kubernetes.io/hostname": "node-1"}
     assert not node["spec"].get("unschedulable")
+
+
+def test_the_gateways_own_calls_hold_leases_and_write_status(cluster: Cluster) -> None:
+    """What a gateway does on each pass, through the kube backend with its token."""
+    slot = f"slot-{secrets.token_hex(2)}"
+
+    def work(store: KubeDatastore) -> None:
+        for kind in (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY,
+                     Kind.EGRESS_POLICY, Kind.LEASE):
+            store.list(kind)
+        lease = store.acquire_lease(slot, "gw-1/7", 2.0)
+        assert lease.holder == "gw-1/7"
+        store.acquire_lease(slot, "gw-1/7", 2.0)  # renew
+        store.patch_annotations(Kind.LEASE, slot, {"meshgress.io/holder-endpoint": "x"},
+                                namespace=SYSTEM_NAMESPACE)
+        store.release_lease(slot, "gw-1/7")
+        store.patch_status(Kind.EGRESS_POLICY, "payments", {"selectedPods": 3})
+
+    cluster.as_component("gateway", work)
+    with pytest.raises(Forbidden):
+        cluster.as_component("gateway", lambda store: store.patch_annotations(
+            Kind.NODE, "gw-1", {"meshgress.io/x": "y"}))
+    with pytest.raises(Forbidden):
+        cluster.as_component("agent", lambda store: store.patch_status(
+            Kind.EGRESS_POLICY, "payments", {"selectedPods": 7}))
+    with pytest.raises(Forbidden):
+        cluster.as_component("agent", lambda store: store.acquire_lease(slot, "node-1", 2.0))
