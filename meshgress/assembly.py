@@ -22,7 +22,7 @@ from cni.service import CniService
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
 from meshgress.datastore import Datastore, DatastoreError
-from meshgress.datastore.file import FileDatastore
+from meshgress.datastore.choice import open_datastore
 from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
 from nodeagent.steering import LocalPod
 from wireguard.errors import WireGuardError
@@ -68,7 +68,7 @@ def _cluster(args: argparse.Namespace) -> ClusterConfig:
 
 def _open_datastore(args: argparse.Namespace) -> Datastore:
     try:
-        return FileDatastore(args.datastore)
+        return open_datastore(args.datastore, args.kubeconfig)
     except (OSError, DatastoreError) as exc:
         raise StartError(f"cannot open the datastore at {args.datastore}: {exc}") from exc
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from meshgress.config import ConfigError
 from meshgress.datastore import NAMESPACED, DatastoreError
-from meshgress.datastore.file import FileDatastore
+from meshgress.datastore.choice import KUBE, add_datastore_arguments, open_datastore
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.netns import CommandError
 from meshgress.lab.topology import LabSpecError
@@ -98,9 +98,7 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
     if in_lab:
         return
     for parser in (apply, get, delete):
-        parser.add_argument("--datastore", type=Path,
-                            default=os.environ.get("MESHGRESS_DATASTORE"),
-                            help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+        add_datastore_arguments(parser)
     apply.add_argument("--cluster-config", type=Path,
                        default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                        help="cluster ranges YAML, which no egress IP may fall in "
@@ -123,8 +121,8 @@ def _read_manifests(filenames: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _run_object_command(args: argparse.Namespace, datastore: Path | None,
-                        cluster_config: Path | None) -> int:
+def _run_object_command(args: argparse.Namespace, datastore: str | Path | None,
+                        cluster_config: Path | None, kubeconfig: Path | None = None) -> int:
     from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
     from meshgress.manifests import (
         DEFAULT_NAMESPACE,
@@ -140,7 +138,7 @@ def _run_object_command(args: argparse.Namespace, datastore: Path | None,
     command = args.lab_command if args.command == "lab" else args.command
     if datastore is None:
         raise UsageError(f"{command}: give --datastore (or set $MESHGRESS_DATASTORE)")
-    if not datastore.is_dir():
+    if str(datastore) != KUBE and not Path(datastore).is_dir():
         raise UsageError(f"{command}: no datastore at {datastore}")
     if command == "apply":
         cluster = load_cluster_config(cluster_config) if cluster_config \
@@ -156,14 +154,14 @@ def _run_object_command(args: argparse.Namespace, datastore: Path | None,
             raise ManifestError("\n".join(errors))
         if not manifests:
             raise ManifestError("error: no objects passed to apply")
-        store = FileDatastore(datastore)
+        store = open_datastore(datastore, kubeconfig)
         try:
             print("\n".join(apply_manifests(store, manifests)))
         finally:
             store.close()
         return 0
     resource = resolve_resource(args.resource)
-    store = FileDatastore(datastore)
+    store = open_datastore(datastore, kubeconfig)
     try:
         if command == "delete":
             print(delete_object(store, resource, args.name))
@@ -317,17 +315,13 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
-    status.add_argument("--datastore", type=Path,
-                        default=os.environ.get("MESHGRESS_DATASTORE"),
-                        help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    add_datastore_arguments(status)
     status.add_argument("--wireguard-backend", default="auto")
     status.add_argument("--json", action="store_true")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
     explain.add_argument("pod", metavar="NAMESPACE/NAME")
     explain.add_argument("--to", metavar="IP", help="a destination address")
-    explain.add_argument("--datastore", type=Path,
-                         default=os.environ.get("MESHGRESS_DATASTORE"),
-                         help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    add_datastore_arguments(explain)
     explain.add_argument("--cluster-config", type=Path,
                          default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                          help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
@@ -346,7 +340,7 @@ def _run_status(args: argparse.Namespace) -> int:
     if not args.node or not args.datastore:
         raise UsageError("status: give --node and --datastore (or set $MESHGRESS_NODE and "
                          "$MESHGRESS_DATASTORE)")
-    store = FileDatastore(Path(args.datastore))
+    store = open_datastore(args.datastore, args.kubeconfig)
     try:
         report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
                                 NodeHost().underlay_mtu)
@@ -364,7 +358,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError("explain: give --datastore (or set $MESHGRESS_DATASTORE)")
     cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
                else DEFAULT_CLUSTER_CONFIG)
-    store = FileDatastore(Path(args.datastore))
+    store = open_datastore(args.datastore, args.kubeconfig)
     try:
         print("\n".join(collect_and_explain(store, cluster, args.pod, args.to)))
     finally:
@@ -423,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_explain(args)
         if args.command in ("apply", "get", "delete"):
             return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
-                                                                     None))
+                                                                     None), args.kubeconfig)
     except ManifestError as exc:
         print(exc, file=sys.stderr)  # already in kubectl's words
         return 1

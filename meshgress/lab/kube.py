@@ -255,7 +255,7 @@ class LabKube:
 
     def _client(self) -> Any:
         if self._dynamic is None:
-            self._dynamic = self.plane.call(lambda: DynamicClient(  # type: ignore[no-untyped-call]
+            self._dynamic = self.plane.call(lambda: DynamicClient(  # type: ignore[no-untyped-call,unused-ignore]
                 self.plane.api_client(),
                 cache_file=str(self.state_dir / "controlplane" / "discovery.json")))
         return self._dynamic
