@@ -66,11 +66,18 @@ def _serve_one(client: socket.socket, target: tuple[str, int]) -> None:
 
 
 def serve(listener: socket.socket, netns: Path, target: tuple[str, int]) -> None:
-    """Move this process into `netns` and forward every connection `listener` accepts.
-    Single-threaded until now: threads started below inherit the namespace."""
+    """Move this process into `netns` and forward every connection `listener` accepts,
+    until the namespace's name is gone (a `lab down` that raced with the start, and so
+    could not find this process in it yet). Single-threaded until now: threads started
+    below inherit the namespace."""
     _enter_netns(netns)
-    while True:
-        client, _ = listener.accept()
+    listener.settimeout(1.0)
+    while netns.exists():
+        try:
+            client, _ = listener.accept()
+        except TimeoutError:
+            continue
+        client.settimeout(None)
         threading.Thread(target=_serve_one, args=(client, target), daemon=True).start()
 
 

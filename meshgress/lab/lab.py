@@ -38,7 +38,7 @@ import yaml
 from cni.install import PLUGIN_NAME, install_plugin
 from meshgress.cluster import parse_slot_holder
 from meshgress.config import dump_cluster_config
-from meshgress.datastore import Kind, ListResult
+from meshgress.datastore import Datastore, Kind, ListResult
 from meshgress.datastore.file import FileDatastore
 from meshgress.lab import netns
 from meshgress.lab.topology import (
@@ -186,6 +186,17 @@ class Lab:
 
     def datastore(self) -> FileDatastore:
         return FileDatastore(self.datastore_dir)
+
+    def admin_datastore(self) -> Datastore:
+        """The whole Datastore on the lab's store, with every right: the file datastore,
+        or the kube backend as the lab's admin (through the loopback forwarder). For
+        people and tests that change objects as an administrator would."""
+        record = self._running_record()
+        if record.datastore == "kube":
+            from meshgress.datastore.kube import KubeDatastore
+
+            return KubeDatastore.from_kubeconfig(self.kube().host_kubeconfig)
+        return self.datastore()
 
     def kube(self) -> LabKube:
         """The lab's control plane (a handle: whether it runs is the record's business)."""
