@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_meshgress
+from tests.conftest import lab
 
 pytestmark = pytest.mark.e2e
 
 ECHO_PORT = "7777"
-
-
-def lab(name, *args, **kw):
-    return run_meshgress("lab", "--name", name, *args, **kw)
 
 
 def in_lab(name, target, *command, check=True, timeout=60):
