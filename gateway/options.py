@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meshgress.datastore.choice import add_datastore_arguments
+from meshgress.datastore.options import add_datastore_arguments
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshgress/gateway")
 DEFAULT_METRICS_ADDRESS = "0.0.0.0:9821"
@@ -28,7 +28,7 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", required=True,
                         help="this node's name (its Node object: labels, InternalIP)")
-    add_datastore_arguments(parser, required=True)
+    add_datastore_arguments(parser)
     parser.add_argument("--cluster-config", type=Path,
                         help="YAML with clusterPodCIDRs and serviceCIDRs "
                              "(default: 10.244.0.0/16 and 10.96.0.0/12)")

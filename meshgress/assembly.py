@@ -22,7 +22,8 @@ from cni.service import CniService
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
 from meshgress.datastore import Datastore, DatastoreError
-from meshgress.datastore.choice import open_datastore
+from meshgress.datastore.file import FileDatastore
+from meshgress.datastore.options import KUBE
 from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
 from nodeagent.steering import LocalPod
 from wireguard.errors import WireGuardError
@@ -66,9 +67,26 @@ def _cluster(args: argparse.Namespace) -> ClusterConfig:
         else DEFAULT_CLUSTER_CONFIG
 
 
-def _open_datastore(args: argparse.Namespace) -> Datastore:
+def _open_datastore(args: argparse.Namespace, component: str) -> Datastore:
+    """The store `--datastore` names: the Kubernetes API (`kube`, with `--kubeconfig` or
+    the pod's ServiceAccount) or a file datastore directory. `component` names the
+    reporting controller of the Events this process records."""
+    kubeconfig = getattr(args, "kubeconfig", None)
+    if args.datastore == KUBE:
+        # Imported here: the Kubernetes client is loaded only by processes that use it.
+        from meshgress.datastore.kube import KubeDatastore  # noqa: PLC0415
+
+        instance = getattr(args, "identity", None) or args.node
+        try:
+            return KubeDatastore.from_kubeconfig(
+                kubeconfig, reporting_controller=f"meshgress.io/{component}",
+                reporting_instance=instance)
+        except DatastoreError as exc:
+            raise StartError(f"cannot reach the Kubernetes API: {exc}") from exc
+    if kubeconfig is not None:
+        raise StartError("--kubeconfig goes with --datastore kube")
     try:
-        return open_datastore(args.datastore, args.kubeconfig)
+        return FileDatastore(args.datastore)
     except (OSError, DatastoreError) as exc:
         raise StartError(f"cannot open the datastore at {args.datastore}: {exc}") from exc
 
@@ -81,7 +99,7 @@ def run_agent(args: argparse.Namespace) -> int:
         wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
         metrics_address=args.metrics_address or None, resync_interval=args.resync_interval,
         node_grace=args.node_grace)
-    store = _open_datastore(args)
+    store = _open_datastore(args, "agent")
     try:
         pods = CniPodNetwork(args.cni_socket, config.state_dir / "cni")
         agent = Agent(config, store, AgentPorts.real(config, pods))
@@ -104,7 +122,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         wireguard_log=args.wireguard_log, wireguard_log_level=args.wireguard_log_level,
         identity=args.identity, metrics_address=args.metrics_address or None,
         flow_log=args.flow_log, resync_interval=args.resync_interval)
-    store = _open_datastore(args)
+    store = _open_datastore(args, "gateway")
     try:
         gateway = Gateway(config, store, GatewayPorts.real(config))
     except WireGuardError as exc:

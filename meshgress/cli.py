@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from meshgress.config import ConfigError
 from meshgress.datastore import NAMESPACED, DatastoreError
-from meshgress.datastore.choice import KUBE, add_datastore_arguments, open_datastore
+from meshgress.datastore.choice import add_tool_datastore_arguments, open_datastore
+from meshgress.datastore.options import KUBE
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.netns import CommandError
 from meshgress.lab.topology import LabSpecError
@@ -98,7 +99,7 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
     if in_lab:
         return
     for parser in (apply, get, delete):
-        add_datastore_arguments(parser)
+        add_tool_datastore_arguments(parser)
     apply.add_argument("--cluster-config", type=Path,
                        default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                        help="cluster ranges YAML, which no egress IP may fall in "
@@ -315,13 +316,13 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
-    add_datastore_arguments(status)
+    add_tool_datastore_arguments(status)
     status.add_argument("--wireguard-backend", default="auto")
     status.add_argument("--json", action="store_true")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
     explain.add_argument("pod", metavar="NAMESPACE/NAME")
     explain.add_argument("--to", metavar="IP", help="a destination address")
-    add_datastore_arguments(explain)
+    add_tool_datastore_arguments(explain)
     explain.add_argument("--cluster-config", type=Path,
                          default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                          help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")

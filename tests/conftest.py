@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Shared test bodies live outside test_*.py files; their asserts should explain themselves.
+pytest.register_assert_rewrite("tests.datastore_contract", "tests.crd_corpus")
+
 MESHGRESS = str(Path(sys.executable).with_name("meshgress"))
 
 

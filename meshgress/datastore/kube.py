@@ -225,12 +225,16 @@ class KubeDatastore:
     def __init__(self, api_client: kube_client.ApiClient, *,
                  clock: Callable[[], float] = time.time, retry_budget: float = 10.0,
                  watch_retry_budget: float = 30.0,
+                 watch_timeout_range: tuple[int, int] = WATCH_TIMEOUT_RANGE,
+                 watch_read_slack: float = WATCH_READ_SLACK,
                  reporting_controller: str = "meshgress.io/meshgress",
                  reporting_instance: str | None = None) -> None:
         self._api = api_client
         self._clock = clock
         self._retry_budget = retry_budget
         self._watch_retry_budget = watch_retry_budget
+        self._watch_timeout_range = watch_timeout_range
+        self._watch_read_slack = watch_read_slack
         self._closed = threading.Event()
         self._random = random.Random()  # noqa: S311 - jitter, not secrets
         self.reporting_controller = reporting_controller
@@ -239,6 +243,8 @@ class KubeDatastore:
         self._series: dict[tuple[str, ...], _Series] = {}
         self.rejected_events = 0
         """Watch events skipped because they could not be decoded into an object."""
+        self.watch_reopens = 0
+        """Watches opened again after they broke (a failure, not the server's timeout)."""
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: Path | None = None, *, context: str | None = None,
@@ -599,13 +605,15 @@ class KubeDatastore:
                     raise Unavailable(f"{method} {what or path}: the connection failed, and "
                                       f"it may have been carried out: {exc}") from exc
                 retry_after, problem = None, f"connection failed: {exc}"
+            attempt += 1
+            remaining = deadline - time.monotonic()
             delay = self._random.uniform(0, min(_RETRY_CAP, _RETRY_BASE * 2 ** attempt))
             if retry_after is not None:
-                delay = max(delay, min(retry_after, _RETRY_CAP * 5))
-            attempt += 1
-            if time.monotonic() + delay > deadline:
+                delay = max(delay, retry_after)
+            if remaining <= 0 or (retry_after is not None and delay > remaining):
                 raise Unavailable(f"{method} {what or path}: {problem} (gave up after "
                                   f"{attempt} attempts)")
+            delay = min(delay, remaining)
             log.debug("%s %s: %s; retrying in %.2fs", method, path, problem, delay)
             if self._closed.wait(delay):
                 raise Unavailable(f"{method} {path}: the datastore is closed")
@@ -733,13 +741,14 @@ class _WatchStream:
                 return
             delay = store._random.uniform(0, min(_RETRY_CAP, _RETRY_BASE * 2 ** attempt))
             attempt += 1
+            store.watch_reopens += 1
             log.info("watch of %s from %d: %s; again in %.2fs", self.kind,
                      self.resource_version, problem, delay)
             if self._stop.wait(delay):
                 return
 
     def _stream_once(self) -> None:
-        timeout_seconds = self._store._random.randint(*WATCH_TIMEOUT_RANGE)
+        timeout_seconds = self._store._random.randint(*self._store._watch_timeout_range)
         query = {"watch": "1", "allowWatchBookmarks": "true",
                  "resourceVersion": str(self.resource_version),
                  "timeoutSeconds": str(timeout_seconds)}
@@ -751,7 +760,7 @@ class _WatchStream:
             response = self._store._call(
                 "GET", path, query=query, body=None, content_type="application/json",
                 what=f"watch of {self.kind}",
-                timeout=(REQUEST_TIMEOUT[0], timeout_seconds + WATCH_READ_SLACK))
+                timeout=(REQUEST_TIMEOUT[0], timeout_seconds + self._store._watch_read_slack))
         except Unavailable as exc:
             raise _Reopen(str(exc)) from exc
         with self._lock:

@@ -536,7 +536,7 @@ class ControlPlane:
     def api_client(self) -> Any:
         """An admin `kubernetes.client.ApiClient`; use it only inside `call()`."""
         if self._apiserver_client is None:
-            self._apiserver_client = kube_config.new_client_from_config(  # type: ignore[no-untyped-call,unused-ignore]
+            self._apiserver_client = kube_config.new_client_from_config(
                 config_file=str(self.kubeconfig))
         return self._apiserver_client
 

@@ -1,7 +1,13 @@
 """Control-plane scale: the agent's mesh reconcile against 1,000 and 5,000 simulated nodes.
 
 Run as root:  .venv/bin/python tests/bench/scale_bench.py [--sizes 1000,5000]
-                  [--timeout 240] [--profile DIR] [--json FILE]
+                  [--datastore file|kube|file,kube] [--timeout 240] [--profile DIR]
+                  [--json FILE]
+
+With `--datastore kube` the nodes live in a real etcd + kube-apiserver (watch cache on),
+started in the run's own network namespace and populated before the run through the kube
+backend; the agent's side reads them through `KubeDatastore` (list, then a watch with
+bookmarks), exactly as on the file backend. The variant column then reads `as-is/kube`.
 
 What is measured is the node agent's own mesh path, with the real code at every step:
 a FileDatastore holding N Node objects (spec.podCIDRs: one /28 each out of 198.18.0.0/15,
@@ -139,13 +145,14 @@ def node_object(i: int, cidr: ipaddress.IPv4Network, key: str) -> dict[str, Any]
     }
 
 
-def populate(root: Path, nodes: int) -> float:
-    """N Node objects through the datastore's own create (not timed as part of a sync)."""
+def populate(root: Path, nodes: int, store: Any = None) -> float:
+    """N Node objects through the datastore's own create (not timed as part of a sync):
+    into the file datastore at `root`, or into `store` when given."""
     from meshgress.datastore.file import FileDatastore
     from wireguard.keys import generate_private_key, public_key
 
     started = time.perf_counter()
-    store = FileDatastore(root)
+    store = store if store is not None else FileDatastore(root)
     try:
         cidrs = POD_RANGE.subnets(new_prefix=POD_PREFIX)
         for i in range(nodes):
@@ -209,6 +216,7 @@ class Body:
         from meshgress.datastore import Kind
         from meshgress.datastore.file import FileDatastore
         from meshgress.datastore.informer import Informer
+        from meshgress.datastore.kube import KubeDatastore
         from nodeagent.agent import AgentConfig
         from nodeagent.routes import NetlinkRoutes
         from nodeagent.tracker import TrackedDataplane
@@ -217,7 +225,8 @@ class Body:
 
         self.args = args
         self.clock = Clock()
-        self.store = FileDatastore(Path(args.datastore))
+        self.store: Any = (KubeDatastore.from_kubeconfig(Path(args.kubeconfig))
+                           if args.kubeconfig else FileDatastore(Path(args.store_dir)))
         self.poke = threading.Event()
         self.informer = Informer(self.store, Kind.NODE, on_change=self.poke.set)
         self.backend = detect_backend("userspace")
@@ -440,17 +449,44 @@ def remove_leftovers() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def measure_size(nodes: int, variant: str, datastore: Path,
+def start_control_plane(ns: str, state_dir: Path, nodes: int) -> tuple[Any, float]:
+    """A real etcd and kube-apiserver in the run's namespace (watch cache on, as in
+    production), holding N Node objects; returns it and the time populating took."""
+    from meshgress.datastore.kube import KubeDatastore
+    from meshgress.lab.controlplane import ControlPlane, ControlPlaneConfig
+    from tests.kube_netns import api_client_in_netns
+
+    plane = ControlPlane(ControlPlaneConfig(state_dir=state_dir, netns=ns,
+                                            service_cluster_ip_range=str(SERVICE_RANGE)))
+    plane.start()
+    try:
+        store = KubeDatastore(api_client_in_netns(plane.kubeconfig, ns))
+        return plane, populate(state_dir, nodes, store)
+    except BaseException:
+        plane.stop()
+        raise
+
+
+def measure_size(nodes: int, variant: str, datastore: Path | None,
                  args: argparse.Namespace) -> dict[str, Any]:
-    ns = f"{RUN}{nodes}-{variant}"
+    """One run; `datastore` is the file datastore's directory, or None for kube."""
+    ns = f"{RUN}{nodes}-{variant}-{'file' if datastore else 'kube'}"
+    plane = None
     try:
         run(["ip", "netns", "add", ns])
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if datastore is None:
+            plane, took = start_control_plane(ns, DATA_ROOT / f"{ns}-cp", nodes)
+            print(f"  {nodes} nodes, kube: control plane up, populated in {took:.1f}s",
+                  file=sys.stderr, flush=True)
+            store_args = ["--kubeconfig", str(plane.kubeconfig)]
+        else:
+            store_args = ["--store-dir", str(datastore)]
         argv = ["nsenter", f"--net={NETNS_DIR / ns}",
                 "unshare", "--mount", "--propagation", "private", "--",
                 "sh", "-c", MOUNT_SCRIPT, "mgb-scale", WG_SOCKET_DIR,
                 sys.executable, str(Path(__file__).resolve()), "--inner",
-                "--nodes", str(nodes), "--variant", variant, "--datastore", str(datastore)]
+                "--nodes", str(nodes), "--variant", variant, *store_args]
         if args.profile:
             argv += ["--profile", str(Path(args.profile).resolve())]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -475,13 +511,16 @@ def measure_size(nodes: int, variant: str, datastore: Path,
             (line for line in lines if line["type"] == "summary"), {})
         if not phases and stopped is None:
             raise RuntimeError(f"{nodes} nodes, {variant}: no phase finished:\n{err[-4000:]}")
-        return {"nodes": nodes, "variant": variant, "phases": phases, "stopped": stopped,
+        label = f"{variant}/{'file' if datastore else 'kube'}"
+        return {"nodes": nodes, "variant": label, "phases": phases, "stopped": stopped,
                 "kernel": summary.get("kernel"),
                 "rss_peak_mb": summary.get("rss_peak_mb",
                                            phases[-1]["rss_peak_mb"] if phases else None),
                 "rss_start_mb": summary.get("rss_start_mb"),
                 "wireguard_go_hwm_mb": summary.get("wireguard_go_hwm_mb")}
     finally:
+        if plane is not None:
+            plane.stop()
         remove_netns(ns)
 
 
@@ -497,6 +536,9 @@ def outer(args: argparse.Namespace) -> int:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = args.variants.split(",")
+    backends = args.datastore.split(",")
+    if not set(backends) <= {"file", "kube"}:
+        sys.exit(f"--datastore: {args.datastore!r} is not file, kube or file,kube")
     rows: list[dict[str, Any]] = []
     populated: dict[int, float] = {}
     started = time.monotonic()
@@ -505,6 +547,12 @@ def outer(args: argparse.Namespace) -> int:
         for nodes in sizes:
             if not 2 <= nodes < 2 ** (POD_PREFIX - POD_RANGE.prefixlen):
                 sys.exit(f"--sizes: {nodes} does not fit in {POD_RANGE} as /{POD_PREFIX}s")
+            if "kube" in backends:
+                print(f"  {nodes} nodes, kube: measuring", file=sys.stderr, flush=True)
+                for variant in variants:
+                    rows.append(measure_size(nodes, variant, None, args))
+            if "file" not in backends:
+                continue
             template = DATA_ROOT / f"{RUN}{nodes}"
             try:
                 populated[nodes] = populate(template, nodes)
@@ -562,19 +610,20 @@ def loadavg() -> str:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
            load_before: str) -> None:
-    print("Mesh control-plane scale: FileDatastore → Informer → parse_node → compute_mesh → "
-          "apply_device_tracked (wireguard-go UAPI) → apply_routes (rtnetlink), both "
+    print("Mesh control-plane scale: datastore (file or kube) → Informer → parse_node → "
+          "compute_mesh → apply_device_tracked (wireguard-go UAPI) → apply_routes (rtnetlink), "
+          "both "
           "against the tracked dataplane between full reads")
     print(f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python "
           f"{platform.python_version()}; load average {load_before} → {loadavg()}; "
           f"{wall:.0f}s in all")
     print(f"command: .venv/bin/python tests/bench/scale_bench.py --sizes {args.sizes} "
-          f"--variants {args.variants} --timeout {args.timeout:g}")
+          f"--variants {args.variants} --datastore {args.datastore} --timeout {args.timeout:g}")
     print("total = from the datastore list (full sync) or write (changes) to the kernel "
           "programmed; reconcile = compute + plan + apply after the cache has it; read = the "
           "pass read the kernel in full (start, resync) rather than the tracked state")
     print()
-    header = (f"{'nodes':>6} {'variant':<9}{'phase':<16}{'total':>9}{'reconcile':>10}"
+    header = (f"{'nodes':>6} {'variant':<11}{'phase':<16}{'total':>9}{'reconcile':>10}"
               f"{'wg plan +/~/-':>16}{'routes +/-':>12}{'read':>6}")
     print(header)
     print("-" * len(header))
@@ -582,29 +631,29 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         done = {p["phase"] for p in row["phases"]}
         for p in row["phases"]:
             wg, rp = p["wg_plan"], p["route_plan"]
-            print(f"{row['nodes']:>6} {row['variant']:<9}{p['phase']:<16}"
+            print(f"{row['nodes']:>6} {row['variant']:<11}{p['phase']:<16}"
                   f"{fmt_s(p['total_s']):>9}{fmt_s(p['reconcile_s']):>10}"
                   f"{wg['add']:>10}/{wg['update']}/{wg['remove']:<3}"
                   f"{rp['add']:>8}/{rp['remove']:<3}"
                   f"{'yes' if any(p.get('read', {}).values()) else 'no':>6}")
         if row["stopped"]:
             missing = [ph for ph in PHASES if ph not in done]
-            print(f"{row['nodes']:>6} {row['variant']:<9}{', '.join(missing)}: not reached "
+            print(f"{row['nodes']:>6} {row['variant']:<11}{', '.join(missing)}: not reached "
                   f"({row['stopped']})")
     print()
     print("where the time goes (ms per stage):")
     names = [label for _, label in STAGES]
-    header = f"{'nodes':>6} {'variant':<9}{'phase':<16}" + "".join(f"{n:>11}" for n in names)
+    header = f"{'nodes':>6} {'variant':<11}{'phase':<16}" + "".join(f"{n:>11}" for n in names)
     print(header)
     print("-" * len(header))
     for row in rows:
         for p in row["phases"]:
             values = stage_values(p)
-            print(f"{row['nodes']:>6} {row['variant']:<9}{p['phase']:<16}"
+            print(f"{row['nodes']:>6} {row['variant']:<11}{p['phase']:<16}"
                   + "".join(f"{values.get(key, 0.0) * 1e3:>11.1f}" for key, _ in STAGES))
     print()
     print("memory and kernel state:")
-    header = (f"{'nodes':>6} {'variant':<9}{'RSS at start':>13}{'peak RSS':>10}"
+    header = (f"{'nodes':>6} {'variant':<11}{'RSS at start':>13}{'peak RSS':>10}"
               f"{'wireguard-go':>13}{'peers':>7}{'routes':>7}")
     print(header)
     print("-" * len(header))
@@ -614,7 +663,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         wg_go = (f"{row['wireguard_go_hwm_mb']:.0f}MB"
                  if row["wireguard_go_hwm_mb"] is not None else "?")
         peak = f"{row['rss_peak_mb']:.0f}MB" if row["rss_peak_mb"] is not None else "?"
-        print(f"{row['nodes']:>6} {row['variant']:<9}{start:>13}{peak:>10}"
+        print(f"{row['nodes']:>6} {row['variant']:<11}{start:>13}{peak:>10}"
               f"{wg_go:>13}{k.get('peers_after', '?'):>7}{k.get('routes_after', '?'):>7}")
     print()
     print("targets: full sync of 5,000 < 10 s, one change < 100 ms, RSS < 200 MB")
@@ -627,7 +676,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float,
                    else f"{ph} MISSED (not reached)" for ph, limit in limits.items()]
         if row["rss_peak_mb"] is not None:
             verdict.append(f"RSS {'ok' if row['rss_peak_mb'] < TARGETS['rss_mb'] else 'MISSED'}")
-        print(f"  {row['nodes']:>5} {row['variant']:<9}" + "  ".join(verdict))
+        print(f"  {row['nodes']:>5} {row['variant']:<11}" + "  ".join(verdict))
     by_variant: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         by_variant[row["variant"]][row["nodes"]] = row
@@ -661,7 +710,12 @@ def main() -> int:
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--datastore", help=argparse.SUPPRESS)
+    parser.add_argument("--datastore", default="file",
+                        help="file, kube or file,kube: kube starts a real etcd and "
+                             "kube-apiserver in the run's namespace and reads the nodes "
+                             "through the kube backend")
+    parser.add_argument("--store-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--kubeconfig", help=argparse.SUPPRESS)
     args = parser.parse_args()
     return inner(args) if args.inner else outer(args)
 

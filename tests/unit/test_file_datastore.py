@@ -22,17 +22,13 @@ import pytest
 import yaml
 
 from meshgress.datastore import (
-    LEASE_NAMESPACE,
-    AlreadyExists,
-    Conflict,
     Expired,
     Invalid,
     Kind,
-    LeaseHeld,
     NotFound,
     WatchEvent,
 )
-from meshgress.datastore.file import LEASE_DURATION_ANNOTATION, FileDatastore
+from meshgress.datastore.file import FileDatastore
 
 # A broken watch blocks in next(); fail instead of hanging the run.
 pytestmark = pytest.mark.timeout(60)
@@ -210,42 +206,6 @@ def test_create_sets_metadata_and_lays_out_files(store: FileDatastore) -> None:
     assert on_disk == created
 
 
-def test_callers_own_their_copies(store: FileDatastore) -> None:
-    created = store.create(node("n1", a=1))
-    created["spec"]["a"] = 2
-    got = store.get(Kind.NODE, "n1")
-    got["spec"]["a"] = 3
-    assert store.get(Kind.NODE, "n1")["spec"] == {"a": 1}
-
-
-def test_create_twice_is_already_exists(store: FileDatastore) -> None:
-    store.create(node("n1"))
-    with pytest.raises(AlreadyExists):
-        store.create(node("n1"))
-    store.create(pod("p1", namespace="a"))
-    store.create(pod("p1", namespace="b"))  # same name, other namespace
-
-
-def test_create_rejects_a_resource_version(store: FileDatastore) -> None:
-    obj = node("n1")
-    obj["metadata"]["resourceVersion"] = "5"
-    with pytest.raises(Invalid, match="resourceVersion"):
-        store.create(obj)
-
-
-def test_missing_objects_are_not_found(store: FileDatastore) -> None:
-    with pytest.raises(NotFound):
-        store.get(Kind.NODE, "nope")
-    with pytest.raises(NotFound):
-        store.replace(node("nope"))
-    with pytest.raises(NotFound):
-        store.delete(Kind.NODE, "nope")
-    with pytest.raises(NotFound):
-        store.patch_status(Kind.NODE, "nope", {})
-    with pytest.raises(NotFound):
-        store.patch_annotations(Kind.NODE, "nope", {"a": "b"})
-
-
 def test_replace_generation_and_status_rules(store: FileDatastore) -> None:
     created = store.create({**node("n1", a=1), "status": {"ready": True}})
     assert created["status"] == {"ready": True}
@@ -274,26 +234,6 @@ def test_replace_generation_and_status_rules(store: FileDatastore) -> None:
     a = store.patch_annotations(Kind.NODE, "n1", {"x": None, "z": "3"})
     assert a["metadata"]["annotations"] == {"y": "2", "z": "3"}
     assert a["metadata"]["resourceVersion"] == "6"
-
-
-def test_replace_with_stale_resource_version_conflicts(store: FileDatastore) -> None:
-    first = store.create(node("n1", a=1))
-    second = store.replace({**first, "spec": {"a": 2}})
-    assert second["metadata"]["resourceVersion"] == "2"
-    with pytest.raises(Conflict, match="stale"):
-        store.replace({**first, "spec": {"a": 3}})
-    assert store.get(Kind.NODE, "n1")["spec"] == {"a": 2}
-    third = store.replace({**second, "spec": {"a": 3}})
-    assert third["metadata"]["resourceVersion"] == "3"
-
-
-def test_replace_of_a_recreated_object_conflicts_on_uid(store: FileDatastore) -> None:
-    old = store.create(node("n1"))
-    store.delete(Kind.NODE, "n1")
-    store.create(node("n1"))
-    del old["metadata"]["resourceVersion"]
-    with pytest.raises(Conflict, match="uid"):
-        store.replace(old)
 
 
 def test_apply_creates_then_overwrites(store: FileDatastore) -> None:
@@ -354,29 +294,6 @@ def test_longest_name_the_file_system_allows_is_accepted(store: FileDatastore) -
     assert store.get(Kind.NODE, "x" * 250)["metadata"]["name"] == "x" * 250
 
 
-@pytest.mark.parametrize(
-    ("obj", "message"),
-    [
-        ({"kind": "Secret", "metadata": {"name": "a"}}, "unknown kind"),
-        ({"metadata": {"name": "a"}}, "unknown kind"),
-        ({"kind": "Node", "apiVersion": "apps/v1", "metadata": {"name": "a"}}, "apiVersion"),
-        ({"kind": "Node"}, "metadata"),
-        ({"kind": "Node", "metadata": {"name": "a", "namespace": "x"}}, "cluster-scoped"),
-        ({"kind": "Pod", "metadata": {"name": "a"}}, "namespace"),
-        ({"kind": "Pod", "metadata": {"name": "a", "namespace": "a.b"}}, "namespace"),
-        ({"kind": "Node", "metadata": {"name": 5}}, "string"),
-        ({"kind": "Node", "metadata": {"name": "a"}, "spec": {"x": float("nan")}}, "JSON"),
-        ({"kind": "Node", "metadata": {"name": "a"}, "spec": {"x": {1, 2}}}, "JSON"),
-    ],
-    ids=["unknown-kind", "no-kind", "wrong-apiversion", "no-metadata", "cluster-with-ns",
-         "pod-without-ns", "bad-ns", "name-not-str", "nan", "set"],
-)
-def test_malformed_objects_are_invalid(store: FileDatastore, obj: dict[str, Any],
-                                       message: str) -> None:
-    with pytest.raises(Invalid, match=message):
-        store.create(obj)
-
-
 def test_list_is_sorted_filtered_and_at_the_current_revision(store: FileDatastore) -> None:
     store.create(pod("b", "ns2", node_name="n1"))
     store.create(pod("a", "ns2", node_name="n2"))
@@ -396,14 +313,6 @@ def test_list_is_sorted_filtered_and_at_the_current_revision(store: FileDatastor
         store.list(Kind.NODE, field_node_name="n1")
     with pytest.raises(Invalid):
         store.list(Kind.NODE, namespace="ns1")
-
-
-def test_a_second_instance_sees_the_same_store(store: FileDatastore, tmp_path: Path) -> None:
-    store.create(node("n1"))
-    other = FileDatastore(tmp_path / "store")
-    assert other.list(Kind.NODE).resource_version == 1
-    other.create(node("n2"))
-    assert store.create(node("n3"))["metadata"]["resourceVersion"] == "3"
 
 
 # Concurrency between processes
@@ -607,100 +516,7 @@ def test_bookmarks_while_idle_carry_the_latest_revision(store: FileDatastore) ->
     assert next(it).type == "ADDED"
 
 
-def test_stop_ends_a_watch_promptly(store: FileDatastore) -> None:
-    stop = threading.Event()
-    events: list[WatchEvent] = []
-
-    def run() -> None:
-        for event in store.watch(frozenset({Kind.NODE}), 0, stop=stop):
-            events.append(event)
-
-    watcher = threading.Thread(target=run)
-    watcher.start()
-    store.create(node("n1"))
-    deadline = time.monotonic() + 5
-    while not events and time.monotonic() < deadline:
-        time.sleep(0.005)
-    t = time.monotonic()
-    stop.set()
-    watcher.join(timeout=5)
-    assert not watcher.is_alive()
-    assert time.monotonic() - t < 0.5
-    assert [e.resource_version for e in events] == [1]
-
-
-def test_close_ends_watches(store: FileDatastore) -> None:
-    watcher = threading.Thread(target=lambda: list(store.watch(frozenset({Kind.NODE}), 0)))
-    watcher.start()
-    time.sleep(0.05)
-    store.close()
-    watcher.join(timeout=2)
-    assert not watcher.is_alive()
-
-
-def test_watch_rejects_bad_arguments(store: FileDatastore) -> None:
-    with pytest.raises(Invalid):
-        store.watch(frozenset(), 0)
-    with pytest.raises(Invalid):
-        store.watch(frozenset({Kind.NODE}), -1)
-
-
 # Leases
-
-
-def test_lease_acquire_renew_hold_expire_and_take_over(store: FileDatastore,
-                                                       clock: FakeClock) -> None:
-    assert store.get_lease("slot-1") is None
-    a = store.acquire_lease("slot-1", "gw-a", 2.5)
-    assert (a.holder, a.duration_seconds, a.acquire_time, a.renew_time, a.transitions) == (
-        "gw-a", 2.5, T0, T0, 0)
-    obj = store.get(Kind.LEASE, "slot-1", LEASE_NAMESPACE)
-    assert obj["apiVersion"] == "coordination.k8s.io/v1"
-    assert obj["spec"]["leaseDurationSeconds"] == 3  # Kubernetes' integer, rounded up
-    assert obj["metadata"]["annotations"][LEASE_DURATION_ANNOTATION] == "2.5"
-    assert obj["spec"]["renewTime"] == "2023-11-14T22:13:20.000000Z"
-
-    clock.now = T0 + 1.0
-    renewed = store.acquire_lease("slot-1", "gw-a", 2.5)
-    assert (renewed.renew_time, renewed.acquire_time, renewed.transitions) == (T0 + 1, T0, 0)
-    assert renewed.resource_version > a.resource_version
-
-    clock.now = T0 + 3.4  # still valid: renewed at +1 for 2.5 s
-    with pytest.raises(LeaseHeld, match=r"gw-a until 2023-11-14T22:13:23\.500000Z"):
-        store.acquire_lease("slot-1", "gw-b", 2.5)
-
-    clock.now = T0 + 3.5  # expired exactly now
-    b = store.acquire_lease("slot-1", "gw-b", 1.0)
-    assert (b.holder, b.acquire_time, b.renew_time, b.transitions) == (
-        "gw-b", T0 + 3.5, T0 + 3.5, 1)
-    assert store.get_lease("slot-1") == b
-    with pytest.raises(LeaseHeld):
-        store.acquire_lease("slot-1", "gw-a", 1.0)
-
-
-def test_lease_release_lets_another_take_it_at_once(store: FileDatastore,
-                                                    clock: FakeClock) -> None:
-    store.acquire_lease("slot-1", "gw-a", 60)
-    store.release_lease("slot-1", "gw-b")  # not the holder: no-op
-    held = store.get_lease("slot-1")
-    assert held is not None
-    assert held.holder == "gw-a"
-    store.release_lease("slot-1", "gw-a")
-    released = store.get_lease("slot-1")
-    assert released is not None
-    assert released.holder is None
-    assert released.expired(clock.now)
-    clock.now += 1
-    b = store.acquire_lease("slot-1", "gw-b", 60)
-    assert (b.holder, b.transitions, b.acquire_time) == ("gw-b", 1, T0 + 1)
-    store.release_lease("never-taken", "gw-a")
-    assert store.get_lease("never-taken") is None
-
-
-@pytest.mark.parametrize("duration", [0, -1, float("inf"), float("nan")])
-def test_lease_duration_must_be_positive(store: FileDatastore, duration: float) -> None:
-    with pytest.raises(Invalid):
-        store.acquire_lease("slot-1", "gw-a", duration)
 
 
 def test_two_processes_racing_for_a_free_lease_one_wins(tmp_path: Path, spawn: Any) -> None:
