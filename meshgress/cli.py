@@ -88,14 +88,15 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
     get.add_argument("resource", metavar="KIND",
                      help="egressgateways (egw), egresspolicies (egp), nodes, pods, "
                           "namespaces, leases")
-    get.add_argument("name", nargs="?")
+    # Not `name`: under `lab`, args.name is the lab's.
+    get.add_argument("object_name", nargs="?", metavar="NAME")
     get.add_argument("-o", "--output", choices=("wide", "yaml", "json", "name"), default="wide")
     get.add_argument("-n", "--namespace", default=None)
     get.add_argument("-A", "--all-namespaces", action="store_true")
     delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
                                            f"{where}")
     delete.add_argument("resource", metavar="KIND")
-    delete.add_argument("name")
+    delete.add_argument("object_name", metavar="NAME")
     if in_lab:
         return
     for parser in (apply, get, delete):
@@ -165,17 +166,18 @@ def _run_object_command(args: argparse.Namespace, datastore: str | Path | None,
     store = open_datastore(datastore, kubeconfig)
     try:
         if command == "delete":
-            print(delete_object(store, resource, args.name))
+            print(delete_object(store, resource, args.object_name))
             return 0
         namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
-        objects = get_objects(store, resource, args.name, namespace)
+        objects = get_objects(store, resource, args.object_name, namespace)
     finally:
         store.close()
     if not objects:
         print("No resources found" + (f" in {namespace} namespace." if namespace and
                                       resource.kind in NAMESPACED else "."), file=sys.stderr)
         return 0
-    sys.stdout.write(format_objects(resource, objects, args.output, named=bool(args.name),
+    sys.stdout.write(format_objects(resource, objects, args.output,
+                                    named=bool(args.object_name),
                                     all_namespaces=args.all_namespaces))
     return 0
 
@@ -292,9 +294,9 @@ def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
     if args.lab_command == "apply":
         kubectl_args = ["apply", *(f"--filename={f}" for f in args.filename)]
     elif args.lab_command == "delete":
-        kubectl_args = ["delete", args.resource, args.name]
+        kubectl_args = ["delete", args.resource, args.object_name]
     else:
-        kubectl_args = ["get", args.resource, *([args.name] if args.name else []),
+        kubectl_args = ["get", args.resource, *([args.object_name] if args.object_name else []),
                         *(["-o", args.output] if args.output != "wide" else []),
                         *(["-n", args.namespace] if args.namespace else []),
                         *(["-A"] if args.all_namespaces else [])]

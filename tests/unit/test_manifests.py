@@ -175,3 +175,12 @@ def test_every_kind_has_one_resource():
                                          (9 * 3600, "9h"), (50 * 3600, "2d2h")])
 def test_age_reads_as_kubectls(seconds, age):
     assert format_age("2026-01-01T00:00:00+00:00", 1767225600 + seconds) == age
+
+
+def test_under_lab_the_objects_name_does_not_replace_the_labs():
+    from meshgress.cli import build_parser
+
+    args = build_parser().parse_args(["lab", "--name", "mine", "get", "egp", "payments"])
+    assert (args.name, args.resource, args.object_name) == ("mine", "egp", "payments")
+    args = build_parser().parse_args(["lab", "--name", "mine", "delete", "egp", "web"])
+    assert (args.name, args.object_name) == ("mine", "web")
