@@ -18,10 +18,11 @@ APT_PACKAGES := nftables libnftables1 wireguard-tools wireguard-go iproute2 iput
 	tcpdump iperf3 conntrack util-linux procps podman runc containernetworking-plugins \
 	busybox-static uidmap qemu-system-x86 kmod prometheus
 
-.PHONY: help setup apt venv binaries demo test check bench lab-down clean
+.PHONY: help setup apt venv binaries demo demo-kube test check bench lab-down clean
 
 help:
 	@echo "make demo   - build the lab (a cluster in network namespaces) and show what it proves"
+	@echo "make demo-kube - the same lab on a real kube-apiserver, every process under its own RBAC"
 	@echo "make test   - run the whole test suite (needs root: it makes network namespaces)"
 	@echo "make check  - ruff, mypy and the import contract"
 	@echo "make bench  - the benchmarks (not part of the tests)"
@@ -56,6 +57,9 @@ binaries: venv
 
 demo: setup binaries
 	@$(VENV)/bin/meshgress lab demo --nodes 2 --gateway-nodes 2
+
+demo-kube: setup binaries
+	@$(VENV)/bin/meshgress lab demo --nodes 2 --gateway-nodes 2 --datastore kube
 
 # The kernel WireGuard suite needs a kernel with WireGuard: run-vm runs it natively where
 # the host has the module, else in a throwaway QEMU guest with a stock Debian kernel.

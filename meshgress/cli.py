@@ -13,13 +13,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshgress.config import ConfigError
-from meshgress.datastore import DatastoreError
-from meshgress.datastore.file import FileDatastore
+from meshgress.datastore import NAMESPACED, DatastoreError
+from meshgress.datastore.choice import add_tool_datastore_arguments, open_datastore
+from meshgress.datastore.options import KUBE
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.netns import CommandError
 from meshgress.lab.topology import LabSpecError
+from meshgress.manifests import ManifestError
+
+if TYPE_CHECKING:
+    from meshgress.lab.lab import Lab
 
 # Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
 # one of them runs, so `meshgress lab ...` stays quick to start.
@@ -35,6 +41,7 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     up.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
     up.add_argument("--gateway-nodes", type=int, default=2,
                     help="dedicated egress gateway nodes (default 2)")
+    _datastore_option(up)
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
     gw.add_argument("action", choices=("stop", "kill", "start"))
@@ -60,14 +67,137 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo = lab_sub.add_parser("demo", help="bring the lab up and show what it proves")
     demo.add_argument("--nodes", type=int, default=2)
     demo.add_argument("--gateway-nodes", type=int, default=2)
+    _datastore_option(demo)
+    _object_commands(lab_sub, in_lab=True)
+    kubectl = lab_sub.add_parser(
+        "kubectl", help="kubectl as the lab's admin (a lab up with --datastore kube)")
+    kubectl.add_argument("kubectl_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                         help="kubectl's arguments")
+
+
+def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
+                     in_lab: bool = False) -> None:
+    """apply/get/delete: for the file datastore (or, under `lab`, the lab's datastore,
+    whichever it is)."""
+    where = "the lab's datastore" if in_lab else "a file datastore"
+    apply = sub.add_parser("apply", help=f"create or update EgressGateways and EgressPolicies "
+                                         f"in {where}, as kubectl apply")
+    apply.add_argument("-f", "--filename", required=True, action="append",
+                       help="a YAML file (several documents allowed), or - for stdin")
+    get = sub.add_parser("get", help=f"show objects of {where}, as kubectl get")
+    get.add_argument("resource", metavar="KIND",
+                     help="egressgateways (egw), egresspolicies (egp), nodes, pods, "
+                          "namespaces, leases")
+    # Not `name`: under `lab`, args.name is the lab's.
+    get.add_argument("object_name", nargs="?", metavar="NAME")
+    get.add_argument("-o", "--output", choices=("wide", "yaml", "json", "name"), default="wide")
+    get.add_argument("-n", "--namespace", default=None)
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
+                                           f"{where}")
+    delete.add_argument("resource", metavar="KIND")
+    delete.add_argument("object_name", metavar="NAME")
+    if in_lab:
+        return
+    for parser in (apply, get, delete):
+        add_tool_datastore_arguments(parser)
+    apply.add_argument("--cluster-config", type=Path,
+                       default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                       help="cluster ranges YAML, which no egress IP may fall in "
+                            "(default: $MESHGRESS_CLUSTER_CONFIG)")
+
+
+def _read_manifests(filenames: list[str]) -> list[tuple[str, str]]:
+    """(source, text) of each -f argument, as kubectl names them in messages."""
+    out = []
+    for name in filenames:
+        if name == "-":
+            out.append(("STDIN", sys.stdin.read()))
+        else:
+            try:
+                out.append((name, Path(name).read_text()))
+            except OSError as exc:
+                raise ManifestError(f'error: the path "{name}" does not exist'
+                                    if isinstance(exc, FileNotFoundError)
+                                    else f"error: {name}: {exc.strerror}") from None
+    return out
+
+
+def _run_object_command(args: argparse.Namespace, datastore: str | Path | None,
+                        cluster_config: Path | None, kubeconfig: Path | None = None) -> int:
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
+    from meshgress.manifests import (
+        DEFAULT_NAMESPACE,
+        apply_manifests,
+        check_manifest,
+        delete_object,
+        format_objects,
+        get_objects,
+        parse_manifests,
+        resolve_resource,
+    )
+
+    command = args.lab_command if args.command == "lab" else args.command
+    if datastore is None:
+        raise UsageError(f"{command}: give --datastore (or set $MESHGRESS_DATASTORE)")
+    if str(datastore) != KUBE and not Path(datastore).is_dir():
+        raise UsageError(f"{command}: no datastore at {datastore}")
+    if command == "apply":
+        cluster = load_cluster_config(cluster_config) if cluster_config \
+            else DEFAULT_CLUSTER_CONFIG
+        manifests, errors = [], []
+        for source, text in _read_manifests(args.filename):
+            for doc in parse_manifests(text, source):
+                try:
+                    manifests.append(check_manifest(doc, source, cluster))
+                except ManifestError as exc:
+                    errors.append(str(exc))
+        if errors:  # one bad document: nothing is written
+            raise ManifestError("\n".join(errors))
+        if not manifests:
+            raise ManifestError("error: no objects passed to apply")
+        store = open_datastore(datastore, kubeconfig)
+        try:
+            print("\n".join(apply_manifests(store, manifests)))
+        finally:
+            store.close()
+        return 0
+    resource = resolve_resource(args.resource)
+    store = open_datastore(datastore, kubeconfig)
+    try:
+        if command == "delete":
+            print(delete_object(store, resource, args.object_name))
+            return 0
+        namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
+        objects = get_objects(store, resource, args.object_name, namespace)
+    finally:
+        store.close()
+    if not objects:
+        print("No resources found" + (f" in {namespace} namespace." if namespace and
+                                      resource.kind in NAMESPACED else "."), file=sys.stderr)
+        return 0
+    sys.stdout.write(format_objects(resource, objects, args.output,
+                                    named=bool(args.object_name),
+                                    all_namespaces=args.all_namespaces))
+    return 0
+
+
+def _datastore_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", choices=("file", "kube"), default="file",
+                        help="file: the embedded file datastore (default); kube: a real "
+                             "kube-apiserver and etcd in the lab, agents and gateways under "
+                             "their own ServiceAccounts")
 
 
 def _print_status(status: dict[str, object]) -> None:
     if not status.get("complete"):
         print(f"lab {status['name']}: not up")
         return
+    datastore: dict[str, object] = status["datastore"]  # type: ignore[assignment]
+    where = (datastore["path"] if datastore["kind"] == "file"
+             else f"{datastore['server']} (kubeconfig {datastore['kubeconfig']})")
     print(f"lab {status['name']}: {'up' if status['up'] else 'DEGRADED'}   "
-          f"datastore {status['datastore']}")
+          f"datastore {datastore['kind']}: {where}")
     for node in status["nodes"]:  # type: ignore[attr-defined]
         print(f"  {node['name']:<6} {node['role']:<8} {node['underlayAddress']:<12} "
               f"pod CIDR {node['podCIDR']:<16} {'running' if node['running'] else 'DOWN'}")
@@ -87,9 +217,24 @@ def _run_lab(args: argparse.Namespace) -> int:
 
     lab = Lab(args.name)
     if args.lab_command == "up":
-        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes)
-        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore {lab.datastore_dir}")
+        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
+                          datastore=args.datastore)
+        if args.datastore == "kube":
+            kube = lab.kube()
+            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
+                  f"{kube.server_url} in network namespace {kube.netns}")
+            print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
+            print(f"export KUBECONFIG={kube.host_kubeconfig}")
+        else:
+            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
+                  f"datastore {lab.datastore_dir}")
         return 0
+    if args.lab_command == "kubectl":
+        command = list(args.kubectl_args)
+        if command and command[0] == "--":
+            command = command[1:]
+        argv = lab.kubectl_argv(command)
+        os.execvp(argv[0], argv)
     if args.lab_command == "down":
         report = lab.down()
         print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
@@ -130,9 +275,33 @@ def _run_lab(args: argparse.Namespace) -> int:
             raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
         print(lab.add_pod(namespace, name, args.node, labels=labels or None))
         return 0
+    if args.lab_command in ("apply", "get", "delete"):
+        return _run_lab_object_command(lab, args)
     if args.lab_command == "demo":
-        return 1 if run_demo(lab, args.nodes, args.gateway_nodes) else 0
+        return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
+            else 0
     raise AssertionError(args.lab_command)
+
+
+def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
+    """On a file lab: the file datastore's apply/get/delete; on a kube lab: kubectl (the
+    API server validates)."""
+    record = lab.load_record()
+    if record is None or not record.complete:
+        raise UsageError(f"lab {lab.name!r} is not up (run `meshgress lab up`)")
+    if record.datastore == "file":
+        return _run_object_command(args, lab.datastore_dir, lab.cluster_config_path)
+    if args.lab_command == "apply":
+        kubectl_args = ["apply", *(f"--filename={f}" for f in args.filename)]
+    elif args.lab_command == "delete":
+        kubectl_args = ["delete", args.resource, args.object_name]
+    else:
+        kubectl_args = ["get", args.resource, *([args.object_name] if args.object_name else []),
+                        *(["-o", args.output] if args.output != "wide" else []),
+                        *(["-n", args.namespace] if args.namespace else []),
+                        *(["-A"] if args.all_namespaces else [])]
+    argv = lab.kubectl_argv(kubectl_args)
+    os.execvp(argv[0], argv)
 
 
 def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -149,17 +318,13 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
-    status.add_argument("--datastore", type=Path,
-                        default=os.environ.get("MESHGRESS_DATASTORE"),
-                        help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    add_tool_datastore_arguments(status)
     status.add_argument("--wireguard-backend", default="auto")
     status.add_argument("--json", action="store_true")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
     explain.add_argument("pod", metavar="NAMESPACE/NAME")
     explain.add_argument("--to", metavar="IP", help="a destination address")
-    explain.add_argument("--datastore", type=Path,
-                         default=os.environ.get("MESHGRESS_DATASTORE"),
-                         help="the file datastore directory (default: $MESHGRESS_DATASTORE)")
+    add_tool_datastore_arguments(explain)
     explain.add_argument("--cluster-config", type=Path,
                          default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                          help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
@@ -178,7 +343,7 @@ def _run_status(args: argparse.Namespace) -> int:
     if not args.node or not args.datastore:
         raise UsageError("status: give --node and --datastore (or set $MESHGRESS_NODE and "
                          "$MESHGRESS_DATASTORE)")
-    store = FileDatastore(Path(args.datastore))
+    store = open_datastore(args.datastore, args.kubeconfig)
     try:
         report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
                                 NodeHost().underlay_mtu)
@@ -196,7 +361,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError("explain: give --datastore (or set $MESHGRESS_DATASTORE)")
     cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
                else DEFAULT_CLUSTER_CONFIG)
-    store = FileDatastore(Path(args.datastore))
+    store = open_datastore(args.datastore, args.kubeconfig)
     try:
         print("\n".join(collect_and_explain(store, cluster, args.pod, args.to)))
     finally:
@@ -225,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encrypted pod-to-pod traffic and stable egress IPs for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_commands(sub)
+    _object_commands(sub)
     _lab_commands(sub)
     return parser
 
@@ -252,6 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_wg_config(args)
         if args.command == "explain":
             return _run_explain(args)
+        if args.command in ("apply", "get", "delete"):
+            return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
+                                                                     None), args.kubeconfig)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)  # already in kubectl's words
+        return 1
     except (LabSpecError, CommandError, UsageError, ConfigError, DatastoreError,
             RuntimeError, ValueError, OSError) as exc:
         # Every error type of ours derives from one of these; a traceback helps nobody

@@ -46,7 +46,8 @@ def _count(pcap: Path, bpf: str) -> int:
     return len([line for line in out.splitlines() if line.strip()])
 
 
-def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout) -> int:
+def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout,
+             datastore: str = "file") -> int:
     """Returns the number of failed checks (0 when everything shown held)."""
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
@@ -58,10 +59,12 @@ def run_demo(lab: Lab, nodes: int, gateway_nodes: int, out: TextIO = sys.stdout)
         failures += not ok
         say(f"  {'ok  ' if ok else 'FAIL'} {text}")
 
-    say(f"meshgress lab demo: {nodes} nodes + {gateway_nodes} gateway nodes")
+    say(f"meshgress lab demo: {nodes} nodes + {gateway_nodes} gateway nodes, "
+        f"datastore {datastore}")
     lab.down()
     started = time.monotonic()
-    topology: LabTopology = lab.up(nodes=nodes, gateway_nodes=gateway_nodes)
+    topology: LabTopology = lab.up(nodes=nodes, gateway_nodes=gateway_nodes,
+                                   datastore=datastore)
     say(f"lab up in {time.monotonic() - started:.1f} s: underlay 192.0.2.0/24 on a bridge, "
         f"outside host {OUTSIDE_ADDRESS} (echo on tcp/udp {ECHO_PORT}), a node agent on "
         f"every node, pods wired by the meshgress CNI plugin")

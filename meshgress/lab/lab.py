@@ -2,7 +2,9 @@
 
 `Lab.up` builds the topology computed in `topology.py`: an underlay bridge in its own
 namespace, one namespace per node with a veth port on that bridge, an "outside" host with
-the echo service, and the cluster's Node and Namespace objects in a file datastore. Each
+the echo service, and the cluster's Node and Namespace objects in its datastore: a file
+datastore, or (`datastore="kube"`) a real kube-apiserver in a control-plane namespace of
+the lab, whose part lives in `kube.py`. Each
 node gets a mount namespace of its own, held open by an anchor process, with a private
 `/var/run/wireguard` (wireguard-go's socket folder is global otherwise) and its own state
 directory bound onto `/var/lib/meshgress`, so node processes use production paths and
@@ -29,14 +31,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
 from cni.install import PLUGIN_NAME, install_plugin
 from meshgress.cluster import parse_slot_holder
 from meshgress.config import dump_cluster_config
-from meshgress.datastore import Kind
+from meshgress.datastore import Datastore, Kind, ListResult
 from meshgress.datastore.file import FileDatastore
 from meshgress.lab import netns
 from meshgress.lab.topology import (
@@ -52,6 +54,9 @@ from meshgress.lab.topology import (
     lab_cluster_config,
     lab_prefix,
 )
+
+if TYPE_CHECKING:  # the kube lab's module (and the kubernetes client) loads on demand
+    from meshgress.lab.kube import LabKube
 from meshgress.slots import SlotId
 
 LAB_STATE_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
@@ -63,6 +68,7 @@ NODE_RUN_DIR = "/run/meshgress"
 POD_IFNAME = "eth0"
 AGENT_METRICS_PORT = 9820
 AGENT_READY_TIMEOUT = 30.0
+DATASTORES = ("file", "kube")
 
 ANCHOR_SCRIPT = """set -e
 mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{wg}"
@@ -80,6 +86,22 @@ class LabError(RuntimeError):
     """The lab cannot do what was asked; the message says why and what to do."""
 
 
+class LabStore(Protocol):
+    """The datastore calls the lab itself makes (a subset of `Datastore`): the file
+    datastore, or the lab's control plane (`kube.LabKube`)."""
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+
+    def patch_status(self, kind: Kind, name: str, status: dict[str, Any],
+                     namespace: str = "") -> dict[str, Any]: ...
+
+    def delete(self, kind: Kind, name: str, namespace: str = "") -> None: ...
+
+    def list(self, kind: Kind) -> ListResult: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class LabRecord:
     """What `lab up` wrote down, so status and down need no guessing."""
@@ -87,6 +109,7 @@ class LabRecord:
     name: str
     nodes: int
     gateway_nodes: int
+    datastore: str = "file"
     complete: bool = False
     created: float = field(default_factory=time.time)
     anchors: dict[str, int] = field(default_factory=dict)
@@ -164,16 +187,42 @@ class Lab:
     def datastore(self) -> FileDatastore:
         return FileDatastore(self.datastore_dir)
 
+    def admin_datastore(self) -> Datastore:
+        """The whole Datastore on the lab's store, with every right: the file datastore,
+        or the kube backend as the lab's admin (through the loopback forwarder). For
+        people and tests that change objects as an administrator would."""
+        record = self._running_record()
+        if record.datastore == "kube":
+            from meshgress.datastore.kube import KubeDatastore
+
+            return KubeDatastore.from_kubeconfig(self.kube().host_kubeconfig)
+        return self.datastore()
+
+    def kube(self) -> LabKube:
+        """The lab's control plane (a handle: whether it runs is the record's business)."""
+        from meshgress.lab.kube import LabKube
+
+        return LabKube(self.name, self.state_dir)
+
+    def _store(self, record: LabRecord) -> LabStore:
+        """Where the lab writes the cluster's objects: its file datastore, or its API
+        server (as admin: the lab plays kubelet and scheduler)."""
+        return self.kube() if record.datastore == "kube" else self.datastore()
+
     # Up --------------------------------------------------------------------------------
 
-    def up(self, nodes: int = 2, gateway_nodes: int = 2) -> LabTopology:
+    def up(self, nodes: int = 2, gateway_nodes: int = 2, datastore: str = "file"
+           ) -> LabTopology:
         topology = compute_lab_topology(self.name, nodes, gateway_nodes)
+        if datastore not in DATASTORES:
+            raise LabError(f"--datastore {datastore!r}: one of {', '.join(DATASTORES)}")
         existing = self.load_record()
         if existing and existing.complete and self._is_running(existing):
             raise LabError(f"lab {self.name!r} is already up; run `meshgress lab down` first")
         self.down()  # leftovers of a crashed or killed run
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        record = LabRecord(name=self.name, nodes=nodes, gateway_nodes=gateway_nodes)
+        record = LabRecord(name=self.name, nodes=nodes, gateway_nodes=gateway_nodes,
+                           datastore=datastore)
         self._save_record(record)
         try:
             self._build_network(topology)
@@ -182,9 +231,13 @@ class Lab:
                 self._save_record(record)
             record.echo_pid = self._start_echo(topology)
             self._save_record(record)
-            self._write_cluster(topology)
+            if datastore == "kube":
+                self._start_control_plane(topology)
+            self._write_cluster(topology, record)
             self._wait_ready(topology, record)
             install_plugin(self.cni_bin_dir)
+            for node in topology.nodes:
+                self._issue_identities(record, node)
             for node in topology.nodes:
                 self._start_agent(record, node.name)
             for node in topology.nodes:
@@ -210,6 +263,16 @@ class Lab:
                      default_route=False)
         for node in topology.nodes:
             self._build_node(topology, node)
+
+    def _start_control_plane(self, topology: LabTopology) -> None:
+        """The kube lab's control plane: its own namespace on the underlay, then etcd, the
+        API server, the CRDs and the chart's RBAC (kube.py)."""
+        from meshgress.lab.kube import CONTROL_PLANE_ADDRESS, control_plane_netns
+
+        cp_netns = control_plane_netns(self.name)
+        netns.add_netns(cp_netns)
+        self._attach(topology, "cp", cp_netns, CONTROL_PLANE_ADDRESS, default_route=False)
+        self.kube().start()
 
     def _build_node(self, topology: LabTopology, node: LabNode) -> None:
         netns.add_netns(node.netns)
@@ -245,13 +308,14 @@ class Lab:
         record.anchors[node.name] = self._start_anchor(node)
         self._save_record(record)
         self._wait_ready(topology, record)
-        store = self.datastore()
+        store = self._store(record)
         try:
             for obj in compute_cluster_objects(topology):
                 if obj["kind"] == "Node" and obj["metadata"]["name"] == node.name:
                     store.apply(obj)
         finally:
             store.close()
+        self._issue_identities(record, node)
         timings = {"agentStarted": time.time()}
         self._start_agent(record, node.name)
         self._wait_agent(record, node.name)
@@ -280,13 +344,15 @@ class Lab:
         record.anchors.pop(name, None)
         record.agents.pop(name, None)
         self._save_record(record)
-        store = self.datastore()
+        store = self._store(record)
         try:
             for pod in pods:
                 store.delete(Kind.POD, pod["name"], pod["namespace"])
             store.delete(Kind.NODE, name)
         finally:
             store.close()
+        if record.datastore == "kube":
+            self.kube().remove_identities(name)
 
     def _start_anchor(self, node: LabNode) -> int:
         node_dir = self.node_dir(node.name)
@@ -311,15 +377,37 @@ class Lab:
                 "--port", str(ECHO_PORT), "--log", str(self.echo_log_path)]
         return netns.spawn_detached(argv, self.log_path("outside-echo"))
 
-    def _write_cluster(self, topology: LabTopology) -> None:
+    def _write_cluster(self, topology: LabTopology, record: LabRecord) -> None:
         self.cluster_config_path.write_text(yaml.safe_dump(dump_cluster_config(
             lab_cluster_config())))
-        store = self.datastore()
+        store = self._store(record)
         try:
             for obj in compute_cluster_objects(topology):
                 store.apply(obj)
         finally:
             store.close()
+        if record.datastore == "kube":
+            self.kube().ensure_default_service_accounts(ns for ns, _ in LAB_KUBE_NAMESPACES)
+
+    def _issue_identities(self, record: LabRecord, node: LabNode) -> None:
+        """On kube: the node's agent (and on a gateway node, its gateway) gets a Pod
+        object, a token bound to it and a kubeconfig in the node's state folder."""
+        if record.datastore != "kube":
+            return
+        kube = self.kube()
+        components = ("agent", "gateway") if node.role == "gateway" else ("agent",)
+        for component in components:
+            kube.issue_identity(component, node.name, node.underlay_address,
+                                self.node_dir(node.name) / "state")
+
+    def _datastore_args(self, record: LabRecord, component: str) -> list[str]:
+        """How an agent or gateway process on a node reaches the lab's datastore."""
+        if record.datastore == "kube":
+            from meshgress.lab.kube import NODE_KUBECONFIG_DIR
+
+            return ["--datastore", "kube", "--kubeconfig",
+                    f"{NODE_STATE_DIR}/{NODE_KUBECONFIG_DIR}/{component}.kubeconfig"]
+        return ["--datastore", str(self.datastore_dir)]
 
     def _wait_ready(self, topology: LabTopology, record: LabRecord, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -347,11 +435,18 @@ class Lab:
         if not echo_ready:
             raise LabError(f"outside echo service not listening in {timeout}s")
 
+    def _has_datastore(self, record: LabRecord) -> bool:
+        """Whether the lab's datastore can be read now (exists; on kube: answers)."""
+        if record.datastore == "kube":
+            return self.kube().running()
+        return self.datastore_dir.exists()
+
     def _is_running(self, record: LabRecord) -> bool:
         topology = self._topology(record)
         present = set(netns.list_netns())
         return (all(ns in present for ns in topology.netns_names)
-                and all(netns.pid_alive(pid) for pid in record.anchors.values()))
+                and all(netns.pid_alive(pid) for pid in record.anchors.values())
+                and (record.datastore != "kube" or self.kube().running()))
 
     # Agents ----------------------------------------------------------------------------
 
@@ -369,7 +464,7 @@ class Lab:
     def _start_agent(self, record: LabRecord, node: str) -> int:
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "agent", "--node", node,
-            "--datastore", str(self.datastore_dir),
+            *self._datastore_args(record, "agent"),
             "--cluster-config", str(self.cluster_config_path),
             "--node-grace", "5", "--resync-interval", "5",
             *self._wireguard_log_args(f"{node}-agent")])
@@ -425,7 +520,7 @@ class Lab:
         objects = compute_egress_objects(topology)
         if not objects:
             return
-        store = self.datastore()
+        store = self._store(record)
         try:
             for obj in objects:
                 store.apply(obj)
@@ -439,7 +534,7 @@ class Lab:
     def _start_gateway(self, record: LabRecord, node: str) -> int:
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "gateway", "--node", node,
-            "--datastore", str(self.datastore_dir),
+            *self._datastore_args(record, "gateway"),
             "--cluster-config", str(self.cluster_config_path),
             *self._wireguard_log_args(f"{node}-gateway")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))
@@ -449,9 +544,10 @@ class Lab:
 
     def slots(self) -> list[dict[str, Any]]:
         """Every egress IP slot with its holder (from the slot leases)."""
-        if not self.datastore_dir.exists():
+        record = self.load_record()
+        if record is None or not self._has_datastore(record):
             return []
-        store = self.datastore()
+        store = self._store(record)
         try:
             gateways = store.list(Kind.EGRESS_GATEWAY).items
             leases = store.list(Kind.LEASE).items
@@ -536,7 +632,7 @@ class Lab:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
         pod_ns = self.pod_netns(namespace, name)
         container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
-        store = self.datastore()
+        store = self._store(record)
         try:
             store.apply({
                 "apiVersion": "v1", "kind": "Pod",
@@ -570,11 +666,15 @@ class Lab:
         return address
 
     def pods(self) -> list[dict[str, Any]]:
-        if not self.datastore_dir.exists():
+        """The lab's workload pods (the Pods standing for meshgress's own processes on
+        kube are not among them: they have no namespace of their own)."""
+        record = self.load_record()
+        if record is None or not self._has_datastore(record):
             return []
-        store = self.datastore()
+        store = self._store(record)
         try:
-            items = store.list(Kind.POD).items
+            items = [p for p in store.list(Kind.POD).items
+                     if not (p.get("spec") or {}).get("hostNetwork")]
         finally:
             store.close()
         return [{
@@ -641,7 +741,7 @@ class Lab:
             "up": record.complete and self._is_running(record),
             "complete": record.complete,
             "stateDir": str(self.state_dir),
-            "datastore": str(self.datastore_dir),
+            "datastore": self._datastore_status(record),
             "clusterConfig": str(self.cluster_config_path),
             "underlay": {"cidr": str(UNDERLAY_CIDR), "netns": topology.underlay_netns},
             "nodes": nodes,
@@ -656,6 +756,30 @@ class Lab:
             },
         }
 
+    def _datastore_status(self, record: LabRecord) -> dict[str, Any]:
+        if record.datastore != "kube":
+            return {"kind": "file", "path": str(self.datastore_dir)}
+        from meshgress.lab.kube import control_plane_netns
+
+        kube = self.kube()
+        return {"kind": "kube", "server": kube.server_url,
+                "netns": control_plane_netns(self.name), "running": kube.running(),
+                "kubeconfig": str(kube.host_kubeconfig),
+                "labKubeconfig": str(kube.lab_kubeconfig)}
+
+    def kubectl_argv(self, args: list[str]) -> list[str]:
+        """The argv of kubectl as the lab's admin (a lab on kube only)."""
+        record = self._running_record()
+        if record.datastore != "kube":
+            raise LabError(f"lab {self.name!r} runs on the file datastore: kubectl needs "
+                           "`lab up --datastore kube` (on file: `meshgress get/apply/delete`)")
+        return self.kube().kubectl_argv(args)
+
+    def _exec_datastore_env(self, record: LabRecord) -> list[str]:
+        if record.datastore == "kube":
+            return ["MESHGRESS_DATASTORE=kube", f"KUBECONFIG={self.kube().lab_kubeconfig}"]
+        return [f"MESHGRESS_DATASTORE={self.datastore_dir}"]
+
     def exec_argv(self, target: str, command: list[str]) -> list[str]:
         """The argv that runs `command` inside TARGET: a node (its network and mount
         namespaces) or `outside`."""
@@ -669,9 +793,10 @@ class Lab:
             return ["nsenter", f"--net={netns.netns_path(topology.outside_netns)}", "--",
                     *command]
         if target in {n.name for n in topology.nodes}:
-            # The node's name and datastore come along, so `meshgress status` just works.
+            # The node's name and datastore come along, so `meshgress status` just works
+            # (on kube as the lab's admin, as an operator on the node would run it).
             return self._node_argv(record, target, [
-                "env", f"MESHGRESS_NODE={target}", f"MESHGRESS_DATASTORE={self.datastore_dir}",
+                "env", f"MESHGRESS_NODE={target}", *self._exec_datastore_env(record),
                 f"MESHGRESS_CLUSTER_CONFIG={self.cluster_config_path}",
                 f"PATH={Path(_python()).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                 *command])

@@ -14,18 +14,13 @@ import time
 
 import pytest
 
-from meshgress.datastore import Conflict, Kind
-from meshgress.datastore.file import FileDatastore
-from tests.conftest import keep_lab_logs, run_meshgress
+from meshgress.datastore import Conflict, Invalid, Kind
+from tests.conftest import DATASTORES, keep_lab_logs, lab, lab_named, lab_store, run_meshgress
 
 pytestmark = pytest.mark.e2e
 
 EGRESS_IPS = {"192.0.2.201", "192.0.2.202"}
 OUTSIDE = "192.0.2.254"
-
-
-def lab(name, *args, **kw):
-    return run_meshgress("lab", "--name", name, *args, **kw)
 
 
 def pod_netns(name, pod):
@@ -52,7 +47,7 @@ def eventually(check, timeout=15.0, interval=0.2):
 
 
 def store(name):
-    return FileDatastore(__import__("pathlib").Path(f"/run/meshgress-lab/{name}/datastore"))
+    return lab_store(name)
 
 
 def update(s, kind, name, change):
@@ -89,9 +84,9 @@ def processes_in(inodes):
 
 
 def _egress_lab(request):
-    name = "e" + __import__("secrets").token_hex(3)
+    name = lab_named("e" + __import__("secrets").token_hex(3), request.param)
     failed_before = request.session.testsfailed
-    lab(name, "up", "--nodes", "2", "--gateway-nodes", "2", timeout=180)
+    lab(name, "up", "--nodes", "2", "--gateway-nodes", "2")
     inodes = set()
     try:
         yield name
@@ -106,10 +101,10 @@ def _egress_lab(request):
     assert processes_in(inodes) == [], "processes outlived `lab down`"
 
 
-egress_lab = pytest.fixture(scope="module")(_egress_lab)
+egress_lab = pytest.fixture(scope="module", params=DATASTORES)(_egress_lab)
 """One lab for the tests that change objects and put them back."""
 
-fresh_egress_lab = pytest.fixture(_egress_lab)
+fresh_egress_lab = pytest.fixture(params=DATASTORES)(_egress_lab)
 """A lab of its own: failover is measured from a settled gateway layout (every slot held
 by the lab's own gateway processes, none restarted by an earlier test)."""
 
@@ -199,11 +194,21 @@ def test_a_new_selected_pod_never_leaves_with_another_source_and_the_hop_is_encr
 def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_lab):
     name = egress_lab
     s = store(name)
+    bad_cidr = {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+                "metadata": {"name": "bad-cidr"},
+                "spec": {"gateway": "egress", "namespaceSelector": {},
+                         "destinationCIDRs": ["203.0.113.7/24"]}}
     try:
-        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
-                 "metadata": {"name": "bad-cidr"},
-                 "spec": {"gateway": "egress", "namespaceSelector": {},
-                          "destinationCIDRs": ["203.0.113.7/24"]}})
+        if name.datastore == "kube":
+            # The API server refuses what the parser refuses (the CRD's rules), in the
+            # parser's words; the file datastore takes it and the gateways report it.
+            with pytest.raises(Invalid, match=r"spec\.destinationCIDRs\[0\]"):
+                s.apply(bad_cidr)
+            s.apply({**bad_cidr, "spec": {**bad_cidr["spec"],
+                                          "destinationCIDRs": ["203.0.113.0/24"],
+                                          "gateway": "nowhere-either"}})
+        else:
+            s.apply(bad_cidr)
         s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
                  "metadata": {"name": "no-gateway"},
                  "spec": {"gateway": "nowhere", "namespaceSelector": {}}})
@@ -221,8 +226,11 @@ def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_la
             return got if all(got) else None
 
         bad, lost, copy = eventually(conditions, timeout=20)
-        assert bad["status"] == "False" and bad["reason"] == "Invalid"
-        assert "spec.destinationCIDRs[0]" in bad["message"]
+        if name.datastore == "kube":
+            assert bad["status"] == "False" and bad["reason"] == "GatewayNotFound"
+        else:
+            assert bad["status"] == "False" and bad["reason"] == "Invalid"
+            assert "spec.destinationCIDRs[0]" in bad["message"]
         assert lost["status"] == "False" and lost["reason"] == "GatewayNotFound"
         assert copy["status"] == "False" and "192.0.2.202" in json.dumps(
             s.get(Kind.EGRESS_GATEWAY, "zz-copycat")["status"])
@@ -460,3 +468,151 @@ def test_with_every_gateway_down(fresh_egress_lab, policy):
         lab(name, "gateway", "start", "gw2")
         assert eventually(lambda: all(x["holder"] for x in json.loads(
             lab(name, "status", "--json").stdout)["slots"]), timeout=30)
+
+
+NEW_FLOWS = """
+import json, socket, sys, time
+outside, seconds = sys.argv[1], float(sys.argv[2])
+end = time.time() + seconds
+while time.time() < end:
+    t = time.time()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a new flow each time
+    s.settimeout(0.05)
+    s.sendto(b"probe", (outside, 7777))
+    try:
+        seen = s.recvfrom(512)[0].decode().split()[0]
+    except OSError:
+        seen = None
+    s.close()
+    print(json.dumps([t, seen]), flush=True)
+    time.sleep(max(0, t + 0.02 - time.time()))
+"""
+
+
+class NewFlowProbe:
+    """A new UDP flow from `pod` to the outside host every 20 ms, each answer (the source
+    the outside host saw) read as it comes."""
+
+    def __init__(self, name, pod, seconds=60):
+        self.samples = []
+        self.proc = subprocess.Popen(["nsenter", f"--net={pod_netns(name, pod)}",
+                                      sys.executable, "-c", NEW_FLOWS, OUTSIDE, str(seconds)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.reader = __import__("threading").Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.samples.append(tuple(json.loads(line)))
+
+    def first(self, accept, after=0.0):
+        return next((t for t, seen in list(self.samples) if t >= after and accept(seen)),
+                    None)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)
+
+
+WEB_POLICY = """\
+apiVersion: meshgress.io/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: web-egress
+spec:
+  gateway: egress
+  namespaceSelector:
+    matchLabels: {team: web}
+"""
+
+
+def _object_command(name, *args):
+    """`kubectl ARGS` as the lab's admin on kube (from the host, through the export line's
+    kubeconfig); `meshgress ARGS` on the lab's file datastore."""
+    from meshgress.lab.controlplane import binary_path
+    from meshgress.lab.lab import Lab
+
+    the_lab = Lab(str(name))
+    if name.datastore == "kube":
+        argv = [str(binary_path("kubectl")), f"--kubeconfig={the_lab.kube().host_kubeconfig}",
+                *args]
+    else:
+        argv = [str(__import__("pathlib").Path(sys.executable).with_name("meshgress")), *args,
+                "--datastore", str(the_lab.datastore_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _first_seen_in_store(name, kind, obj_name):
+    """A future of the time `obj_name` first reads back from the lab's store (polled every
+    10 ms): when the write landed, whatever the writing command still does after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshgress.datastore import NotFound
+
+    def wait():
+        s = store(name)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    s.get(kind, obj_name)
+                    return time.time()
+                except NotFound:
+                    time.sleep(0.01)
+            raise AssertionError(f"{obj_name} never appeared in the store")
+        finally:
+            s.close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(wait)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_an_applied_policy_takes_effect_within_a_second(egress_lab, tmp_path):
+    """A person applies an EgressPolicy for the `web` namespace (kubectl apply on kube,
+    meshgress apply on the file datastore): new flows from web's pods on every node leave
+    with an egress IP within a second of the command returning; deleting it puts them
+    back on their nodes' addresses."""
+    name = egress_lab
+    manifest = tmp_path / "web-egress.yaml"
+    manifest.write_text(WEB_POLICY)
+    pods = ("web/app-node1", "web/app-node2")
+    node_address = {pod: f"192.0.2.1{pod[-1]}" for pod in pods}
+    probes = {pod: NewFlowProbe(name, pod) for pod in pods}
+    try:
+        # Each probe answered from its node's address before the policy exists.
+        assert eventually(lambda: all(p.first(lambda seen, pod=pod: seen == node_address[pod])
+                                      for pod, p in probes.items()), timeout=30)
+        stored = _first_seen_in_store(name, Kind.EGRESS_POLICY, "web-egress")
+        started = time.time()
+        out = _object_command(name, "apply", "-f", str(manifest))
+        applied = time.time()
+        assert out.strip() == "egresspolicy.meshgress.io/web-egress created"
+        stored_at = stored.result(timeout=30)
+        assert eventually(lambda: all(p.first(lambda seen: seen in EGRESS_IPS, started)
+                                      for p in probes.values()), timeout=10, interval=0.05)
+        time.sleep(0.5)  # and they stay there
+    finally:
+        for probe in probes.values():
+            probe.stop()
+    delays = {}
+    for pod, probe in probes.items():
+        first = probe.first(lambda seen: seen in EGRESS_IPS, started)
+        later = {seen for t, seen in probe.samples if t >= first and seen}
+        assert later <= EGRESS_IPS, (pod, later)
+        delays[pod] = first - stored_at
+    seen = ", ".join(f"{p} after {d:.3f}s" for p, d in sorted(delays.items()))
+    print(f"\n{name.datastore}: `{'kubectl' if name.datastore == 'kube' else 'meshgress'} "
+          f"apply` took {applied - started:.3f}s (the policy was readable in the store "
+          f"{stored_at - started:.3f}s after it started); from then the outside host saw "
+          f"the egress IP from {seen}"
+          f"; {max(delays.values()) + stored_at - applied:.3f}s after the command returned")
+    assert max(delays.values()) < 1.0
+    _object_command(name, "delete", "egresspolicy", "web-egress")
+    for pod in pods:
+        assert eventually(lambda pod=pod: seen_from(name, pod) == f"192.0.2.1{pod[-1]}")

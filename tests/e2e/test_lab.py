@@ -1,4 +1,5 @@
-"""The lab's life cycle, run through the real CLI: up, status, exec, down, and crashes."""
+"""The lab's life cycle, run through the real CLI: up, status, exec, down, and crashes, on
+each datastore; on kube, every process under its own ServiceAccount token."""
 
 import ipaddress
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MESHGRESS, run_meshgress
+from tests.conftest import MESHGRESS, lab, lab_store
 
 pytestmark = pytest.mark.e2e
 
@@ -38,10 +39,6 @@ def alive(pid):
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def lab(name, *args, **kw):
-    return run_meshgress("lab", "--name", name, *args, **kw)
-
-
 def in_lab(name, target, *command, check=True):
     return lab(name, "exec", target, "--", *command, check=check)
 
@@ -51,6 +48,7 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
         lab(lab_name, "up", "--nodes", "2", "--gateway-nodes", "1")
         status = json.loads(lab(lab_name, "status", "--json").stdout)
         assert status["up"] is True
+        assert status["datastore"]["kind"] == lab_name.datastore
         assert [(n["name"], n["underlayAddress"], n["podCIDR"]) for n in status["nodes"]] == [
             ("node1", "192.0.2.11", "198.18.1.0/24"),
             ("node2", "192.0.2.12", "198.18.2.0/24"),
@@ -83,14 +81,16 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
                 assert seen == address
 
         namespaces = lab_netns(lab_name)
+        control_plane = ("cp",) if lab_name.datastore == "kube" else ()
         assert namespaces == sorted(f"mg-{lab_name}-{n}" for n in (
             "underlay", "outside", "node1", "node2", "gw1", "pod-payments-app-node1",
-            "pod-payments-app-node2", "pod-web-app-node1", "pod-web-app-node2"))
+            "pod-payments-app-node2", "pod-web-app-node1", "pod-web-app-node2",
+            *control_plane))
         pids = pids_in(namespaces)
         assert pids, "the lab runs node anchors and the echo service"
 
         down = lab(lab_name, "down")
-        assert "removed 9 network namespaces" in down.stdout
+        assert f"removed {len(namespaces)} network namespaces" in down.stdout
         assert lab_netns(lab_name) == []
         assert not any(alive(p) for p in pids)
         assert not Path(f"/run/meshgress-lab/{lab_name}").exists()
@@ -118,17 +118,28 @@ def test_each_node_has_private_wireguard_socket_dir_and_state_dir(lab_name):
 def test_the_datastore_holds_the_lab_cluster(lab_name):
     lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "1")
     from meshgress.datastore import Kind
-    from meshgress.datastore.file import FileDatastore
 
-    store = FileDatastore(Path(f"/run/meshgress-lab/{lab_name}/datastore"))
-    nodes = store.list(Kind.NODE).items
-    assert [(n["metadata"]["name"], n["spec"]["podCIDRs"]) for n in nodes] == [
-        ("gw1", ["198.18.81.0/24"]), ("node1", ["198.18.1.0/24"])]
-    namespaces = {n["metadata"]["name"]: n["metadata"]["labels"]
-                  for n in store.list(Kind.NAMESPACE).items}
+    store = lab_store(lab_name)
+    try:
+        nodes = store.list(Kind.NODE).items
+        namespaces = {n["metadata"]["name"]: n["metadata"]["labels"]
+                      for n in store.list(Kind.NAMESPACE).items}
+        pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
+                for p in store.list(Kind.POD).items}
+    finally:
+        store.close()
+    assert sorted((n["metadata"]["name"], n["spec"]["podCIDRs"], n["metadata"]["labels"].get(
+        "meshgress.io/gateway"), n["status"]["addresses"][0]["address"]) for n in nodes) == [
+        ("gw1", ["198.18.81.0/24"], "true", "192.0.2.101"),
+        ("node1", ["198.18.1.0/24"], None, "192.0.2.11")]
     assert namespaces["payments"]["kubernetes.io/metadata.name"] == "payments"
-    assert set(namespaces) == {"payments", "web"}
-    store.close()
+    assert namespaces["payments"]["team"] == "payments"
+    system = {"default", "kube-node-lease", "kube-public", "kube-system", "meshgress-system"}
+    assert set(namespaces) == {"payments", "web"} | (
+        system if lab_name.datastore == "kube" else set())
+    app = pods[("payments", "app-node1")]
+    assert app["spec"]["nodeName"] == "node1"
+    assert app["status"]["podIP"].startswith("198.18.1.")
 
 
 def test_up_refuses_a_running_lab_and_bad_targets(lab_name):
@@ -143,13 +154,22 @@ def test_up_refuses_a_running_lab_and_bad_targets(lab_name):
     assert json.loads(lab(lab_name, "status", "--json").stdout)["up"] is True
 
 
+def _part_way(name):
+    """Some node namespaces exist; on kube, the control plane runs too (killed while it
+    starts or installs, `lab up` leaves etcd and the API server running in the lab)."""
+    if name.datastore == "kube":
+        cp = f"mg-{name}-cp"
+        return cp in lab_netns(name) and bool(pids_in([cp]))
+    return len(lab_netns(name)) >= 4
+
+
 def test_down_after_a_killed_up_leaves_nothing(lab_name):
     proc = subprocess.Popen([MESHGRESS, "lab", "--name", lab_name, "up", "--nodes", "3",
-                             "--gateway-nodes", "2"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
+                             "--gateway-nodes", "2", "--datastore", lab_name.datastore],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
     # Kill it part-way: once some node namespaces exist but before it finishes.
-    while time.monotonic() < deadline and len(lab_netns(lab_name)) < 4:
+    while time.monotonic() < deadline and not _part_way(lab_name):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -165,10 +185,11 @@ def test_down_after_a_killed_up_leaves_nothing(lab_name):
 
 
 def test_up_over_leftovers_of_a_killed_up(lab_name):
-    proc = subprocess.Popen([MESHGRESS, "lab", "--name", lab_name, "up", "--nodes", "2"],
+    proc = subprocess.Popen([MESHGRESS, "lab", "--name", lab_name, "up", "--nodes", "2",
+                             "--datastore", lab_name.datastore],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(lab_netns(lab_name)) < 3:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _part_way(lab_name):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -185,3 +206,53 @@ def test_demo_runs_to_the_end_and_every_check_holds(lab_name):
         in proc.stdout
     assert "tcp: outside saw 192.0.2.201 (a stable egress IP)" in proc.stdout \
         or "tcp: outside saw 192.0.2.202 (a stable egress IP)" in proc.stdout
+
+
+def test_on_kube_each_process_authenticates_as_its_own_service_account(kube_lab_name):
+    """No agent or gateway runs as admin: each has a kubeconfig (0600, in its node's state
+    folder) whose token belongs to its component's ServiceAccount and is bound to the Pod
+    standing for it on its node. The admin can use the lab from the host (the printed
+    export line) and through `lab kubectl`."""
+    import yaml
+
+    from meshgress.datastore import Kind
+    from meshgress.lab.controlplane import binary_path
+    from meshgress.lab.lab import Lab
+
+    name = kube_lab_name
+    up = lab(name, "up", "--nodes", "1", "--gateway-nodes", "1").stdout
+    export = next(line for line in up.splitlines() if line.startswith("export KUBECONFIG="))
+    host_kubeconfig = export.removeprefix("export KUBECONFIG=")
+
+    nodes = subprocess.run([str(binary_path("kubectl")), f"--kubeconfig={host_kubeconfig}",
+                            "get", "nodes", "-o", "name"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert nodes == ["node/gw1", "node/node1"]
+    policies = lab(name, "kubectl", "--", "get", "egp", "-o", "name").stdout.split()
+    assert policies == ["egresspolicy.meshgress.io/payments"]
+
+    the_lab = Lab(name)
+    record = the_lab.load_record()
+    processes = {("agent", node): pid for node, pid in record.agents.items()}
+    processes |= {("gateway", node): pid for node, pid in record.gateways.items()}
+    assert sorted(processes) == [("agent", "gw1"), ("agent", "node1"), ("gateway", "gw1")]
+    for (component, node), pid in processes.items():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        kubeconfig = argv[argv.index("--kubeconfig") + 1]
+        assert kubeconfig == f"/var/lib/meshgress/kube/{component}.kubeconfig"
+        on_host = the_lab.node_dir(node) / "state" / "kube" / f"{component}.kubeconfig"
+        assert on_host.stat().st_mode & 0o777 == 0o600
+        token = yaml.safe_load(on_host.read_text())["users"][0]["user"]["token"]
+        user = the_lab.kube().plane.whoami(token)
+        assert user["username"] == f"system:serviceaccount:meshgress-system:meshgress-{component}"
+        assert user["extra"]["authentication.kubernetes.io/node-name"] == [node]
+        assert user["extra"]["authentication.kubernetes.io/pod-name"] == [
+            f"meshgress-{component}-{node}"]
+        assert "system:masters" not in user["groups"]
+    # The agents published their keys on their own Nodes, under those identities.
+    store = lab_store(name)
+    try:
+        for node in store.list(Kind.NODE).items:
+            assert "meshgress.io/wireguard-public-key" in node["metadata"]["annotations"]
+    finally:
+        store.close()
