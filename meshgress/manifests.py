@@ -71,6 +71,7 @@ RESOURCES: tuple[Resource, ...] = (
     Resource(Kind.POD, "pods", "pod", ("po",), ""),
     Resource(Kind.NAMESPACE, "namespaces", "namespace", ("ns",), ""),
     Resource(Kind.LEASE, "leases", "lease", (), "coordination.k8s.io"),
+    Resource(Kind.EVENT, "events", "event", ("ev",), "events.k8s.io"),
 )
 WRITABLE_KINDS = frozenset({Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY})
 """What a person writes; Nodes, Pods and Namespaces belong to the cluster (on the file

@@ -69,7 +69,7 @@ AGENT_CLUSTER_WIDE = SELF_REVIEWS | grants("nodes", "list", "watch", "patch") \
     | grants("egressgateways.meshgress.io", "list", "watch") \
     | grants("egresspolicies.meshgress.io", "list", "watch")
 AGENT_EXPECTED = {
-    "default": AGENT_CLUSTER_WIDE | grants("events.events.k8s.io", "create", "patch"),
+    "default": AGENT_CLUSTER_WIDE,
     SYSTEM_NAMESPACE: AGENT_CLUSTER_WIDE
     | grants("leases.coordination.k8s.io", "list", "watch"),
     "payments": AGENT_CLUSTER_WIDE,
@@ -81,7 +81,7 @@ GATEWAY_CLUSTER_WIDE = SELF_REVIEWS | grants("nodes", "list", "watch") \
     | grants("egressgateways.meshgress.io/status", "patch") \
     | grants("egresspolicies.meshgress.io/status", "patch")
 GATEWAY_EXPECTED = {
-    "default": GATEWAY_CLUSTER_WIDE | grants("events.events.k8s.io", "create", "patch"),
+    "default": GATEWAY_CLUSTER_WIDE | grants("events.events.k8s.io", "create", "get", "patch"),
     SYSTEM_NAMESPACE: GATEWAY_CLUSTER_WIDE | grants(
         "leases.coordination.k8s.io", "get", "list", "watch", "create", "update", "patch"),
     "payments": GATEWAY_CLUSTER_WIDE,
