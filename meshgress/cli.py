@@ -238,11 +238,13 @@ with their slots, egress IPs and holders, and which policies send which namespac
 through which gateway.
 
 Where the nodes' side comes from: each node's agent is asked directly, on its /metrics
-(per peer: the key configured for it and the age of its latest handshake). That needs no
-Prometheus and shows the cluster as it is now, at the price of reaching every node's
-agent from where this command runs (the node's InternalIP and the agent's metrics port:
---metrics-url). A node whose agent does not answer is drawn as not reached, with the
-reason. Output is sorted: the same cluster gives byte-identical dot."""
+(per peer: the key configured for it and the age of its latest handshake). Not a
+Prometheus server: one may not be set up, its series are a scrape old, and how it labels
+targets (which node an instance is) depends on its configuration; asking the agents shows
+the cluster as it is now, at the price of reaching every node's agent from where this
+command runs (the node's InternalIP and the agent's metrics port: --metrics-url). A node
+whose agent does not answer is drawn as not reached, with the reason. Output is sorted:
+the same cluster gives byte-identical dot."""
 
 
 def _add_graph_output(parser: argparse.ArgumentParser) -> None:
