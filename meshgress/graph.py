@@ -321,20 +321,37 @@ def _graph_node(info: NodeInfo, seen: NodeObservation | None,
                      public_key=info.public_key, reach=reach, problems=tuple(problems))
 
 
-def _configured_for(observer: str, seen: NodeObservation, target: NodeInfo) -> EndView:
-    """The peer `observer` has configured for `target`: the one with the key `target`
-    publishes, else the one the observer attributes to `target` by name."""
-    peer = None
-    if target.public_key:
-        peer = next((p for p in seen.peers if p.public_key == target.public_key), None)
-    if peer is None:
-        peer = next((p for p in seen.peers if p.node == target.name), None)
-    return EndView(observer=observer, configured_key=peer.public_key if peer else None,
-                   handshake_age=peer.handshake_age if peer else None)
+@dataclass(frozen=True)
+class _Configured:
+    """One observer's peers, looked up by key and by the node it names them after (the
+    first in key order wins, whatever order the observation came in)."""
+
+    by_key: Mapping[str, PeerObservation]
+    by_node: Mapping[str, PeerObservation]
+
+    @classmethod
+    def of(cls, seen: NodeObservation) -> _Configured:
+        by_key: dict[str, PeerObservation] = {}
+        by_node: dict[str, PeerObservation] = {}
+        for peer in sorted(seen.peers, key=_peer_order):
+            by_key.setdefault(peer.public_key, peer)
+            if peer.node:
+                by_node.setdefault(peer.node, peer)
+        return cls(by_key, by_node)
+
+    def view(self, observer: str, target: NodeInfo) -> EndView:
+        """The peer configured for `target`: the one with the key `target` publishes,
+        else the one the observer attributes to `target` by name."""
+        peer = self.by_key.get(target.public_key) if target.public_key else None
+        peer = peer or self.by_node.get(target.name)
+        return EndView(observer=observer, configured_key=peer.public_key if peer else None,
+                       handshake_age=peer.handshake_age if peer else None)
 
 
 def _links(nodes: Sequence[NodeInfo],
            observations: Mapping[str, NodeObservation]) -> tuple[MeshLink, ...]:
+    configured = {name: _Configured.of(seen) for name, seen in observations.items()
+                  if seen.reached}
     links = []
     for i, a in enumerate(nodes):
         for b in nodes[i + 1:]:
@@ -342,10 +359,9 @@ def _links(nodes: Sequence[NodeInfo],
             problems: list[str] = []
             mismatch = missing = False
             for observer, target in ((a, b), (b, a)):
-                seen = observations.get(observer.name)
-                if seen is None or not seen.reached:
+                if observer.name not in configured:
                     continue
-                view = _configured_for(observer.name, seen, target)
+                view = configured[observer.name].view(observer.name, target)
                 views.append(view)
                 verdict = _judge(view, target, observations.get(target.name))
                 if verdict is not None:
@@ -353,10 +369,10 @@ def _links(nodes: Sequence[NodeInfo],
                     mismatch |= kind == "mismatch"
                     missing |= kind == "missing"
                     problems.append(text)
-            configured = [v for v in views if v.configured_key]
-            if not (a.public_key and b.public_key) and not configured:
+            with_peer = [v for v in views if v.configured_key]
+            if not (a.public_key and b.public_key) and not with_peer:
                 continue  # not meant to be peers, and neither end has the other
-            ages = [v.handshake_age for v in configured if v.handshake_age is not None]
+            ages = [v.handshake_age for v in with_peer if v.handshake_age is not None]
             freshest = min(ages) if ages else None
             state: LinkState
             if not views:
@@ -498,10 +514,14 @@ def _render_node(node: GraphNode) -> str:
 def _render_link(link: MeshLink) -> str:
     lines = [_age_text(link.handshake_age) if link.state != "unknown" else "not observed"]
     lines += link.problems
-    tooltip = "; ".join(
-        f"{v.observer} has {short_key(v.configured_key)} for the other end"
-        f" (handshake {_age_text(v.handshake_age)})" if v.configured_key
-        else f"{v.observer} has no peer for the other end" for v in link.views)
+    def told(view: EndView) -> str:
+        other = link.b if view.observer == link.a else link.a
+        if view.configured_key is None:
+            return f"{view.observer} has no peer for {other}"
+        return (f"{view.observer} has {short_key(view.configured_key)} for {other} "
+                f"(handshake {_age_text(view.handshake_age)})")
+
+    tooltip = "; ".join(told(view) for view in link.views)
     attrs = {"dir": "none", "color": LINK_COLOURS[link.state], "label": _label(lines),
              "tooltip": _label([tooltip or "neither end observed"])}
     if link.mismatch or link.missing:
@@ -563,10 +583,15 @@ def _render_policy(policy: PolicyArrow, gateways: set[str]) -> list[str]:
 def _title(graph: ClusterGraph) -> list[str]:
     observed = sum(n.reach == "reached" for n in graph.nodes)
     troubled = sum(link.mismatch or link.missing for link in graph.links)
-    return [f"meshgress: {len(graph.nodes)} nodes ({observed} observed), "
-            f"{len(graph.links)} WireGuard links ({troubled} with key problems), "
-            f"{len(graph.gateways)} egress gateways, {len(graph.policies)} egress policies",
+    return [f"meshgress: {_count(len(graph.nodes), 'node')} ({observed} observed), "
+            f"{_count(len(graph.links), 'WireGuard link')} ({troubled} with key problems), "
+            f"{_count(len(graph.gateways), 'egress gateway')}, "
+            f"{_count(len(graph.policies), 'egress policy', 'egress policies')}",
             LEGEND]
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def render_dot(graph: ClusterGraph) -> str:

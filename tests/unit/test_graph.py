@@ -367,6 +367,8 @@ def test_render_dot_draws_every_node_link_slot_and_policy():
     dot = render_dot(full_graph())
     lines = dot.splitlines()
     assert lines[0] == "digraph meshgress {" and lines[-1] == "}"
+    assert ('label="meshgress: 3 nodes (2 observed), 3 WireGuard links (1 with key '
+            'problems), 2 egress gateways, 5 egress policies\\n') in lines[1]
     for name in NAMES:
         assert sum(line.startswith(f'    "node:{name}" [') for line in lines) == 1
     mesh_edges = [line for line in lines if '"node:' in line.split("->")[0] and "->" in line
@@ -376,6 +378,8 @@ def test_render_dot_draws_every_node_link_slot_and_policy():
         '"node:node2" -> "node:node3"']
     mismatched = next(e for e in mesh_edges if e.strip().startswith('"node:node1" -> "node:node2"'))
     assert 'style="dashed"' in mismatched and "which publishes" in mismatched
+    assert (f'tooltip="node1 has {KEY["node2"][:10]}… for node2 (handshake 5s ago); '
+            f'node2 has {STALE[:10]}… for node1 (handshake 5s ago)"') in mismatched
     assert all('style="dashed"' not in e for e in mesh_edges if e is not mismatched)
     node3 = next(line for line in lines if line.startswith('    "node:node3" ['))
     assert "not reached: connection refused" in node3 and "dashed" in node3
