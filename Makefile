@@ -16,7 +16,7 @@ PYTHON ?= python3
 # wireguard-tools recommends a kernel image otherwise.
 APT_PACKAGES := nftables libnftables1 wireguard-tools wireguard-go iproute2 iputils-ping \
 	tcpdump iperf3 conntrack util-linux procps podman runc containernetworking-plugins \
-	busybox-static uidmap qemu-system-x86 kmod prometheus
+	busybox-static uidmap qemu-system-x86 kmod prometheus graphviz
 
 .PHONY: help setup apt venv binaries demo demo-kube test check bench lab-down clean
 

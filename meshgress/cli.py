@@ -27,6 +27,9 @@ from meshgress.manifests import ManifestError
 if TYPE_CHECKING:
     from meshgress.lab.lab import Lab
 
+if TYPE_CHECKING:
+    from meshgress.graph import ClusterGraph
+
 # Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
 # one of them runs, so `meshgress lab ...` stays quick to start.
 
@@ -64,6 +67,13 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pod.add_argument("pod", metavar="NAMESPACE/NAME")
     pod.add_argument("--node", required=True)
     pod.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    lab_graph = lab_sub.add_parser(
+        "graph", help="the lab's cluster as Graphviz, each node observed from inside",
+        description="The lab's cluster as Graphviz (see `meshgress graph`). Each node is "
+                    "observed from inside: `meshgress status --json` runs in its "
+                    "namespaces and reads its WireGuard device, so a node whose agent is "
+                    "stopped still shows what it has configured.")
+    _add_graph_output(lab_graph)
     demo = lab_sub.add_parser("demo", help="bring the lab up and show what it proves")
     demo.add_argument("--nodes", type=int, default=2)
     demo.add_argument("--gateway-nodes", type=int, default=2)
@@ -277,6 +287,10 @@ def _run_lab(args: argparse.Namespace) -> int:
         return 0
     if args.lab_command in ("apply", "get", "delete"):
         return _run_lab_object_command(lab, args)
+    if args.lab_command == "graph":
+        from meshgress.lab.observe import lab_graph
+
+        return _write_graph(lab_graph(lab), args)
     if args.lab_command == "demo":
         return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
             else 0
@@ -380,6 +394,85 @@ def _run_wg_config(args: argparse.Namespace) -> int:
     return 0
 
 
+GRAPH_HELP = """\
+The cluster as Graphviz: nodes with their pod CIDRs, a WireGuard edge per pair of nodes
+coloured by the latest handshake and dashed where one end has configured a key for the
+other that is not the key the other publishes (or no peer at all), the egress gateways
+with their slots, egress IPs and holders, and which policies send which namespaces
+through which gateway.
+
+Where the nodes' side comes from: each node's agent is asked directly, on its /metrics
+(per peer: the key configured for it and the age of its latest handshake). Not a
+Prometheus server: one may not be set up, its series are a scrape old, and how it labels
+targets (which node an instance is) depends on its configuration; asking the agents shows
+the cluster as it is now, at the price of reaching every node's agent from where this
+command runs (the node's InternalIP and the agent's metrics port: --metrics-url). A node
+whose agent does not answer is drawn as not reached, with the reason. Output is sorted:
+the same cluster gives byte-identical dot."""
+
+
+def _add_graph_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--format", choices=("dot", "svg", "png"), default="dot",
+                        help="dot (text), or svg/png rendered by Graphviz's dot (default dot)")
+    parser.add_argument("--output", type=Path,
+                        help="write to this file (default: standard output)")
+
+
+def _graph_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from nodeagent.options import DEFAULT_METRICS_ADDRESS
+
+    agent_port = DEFAULT_METRICS_ADDRESS.rpartition(":")[2]
+    graph = sub.add_parser("graph", help="the cluster as Graphviz (nodes, WireGuard links, "
+                                         "egress gateways and policies)",
+                           description=GRAPH_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tool_datastore_arguments(graph)
+    graph.add_argument("--cluster-config", type=Path,
+                       default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                       help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+    graph.add_argument("--metrics-url",
+                       default=f"http://{{address}}:{agent_port}/metrics",
+                       help="each agent's /metrics URL: {address} is the node's InternalIP, "
+                            "{node} its name (default: %(default)s)")
+    graph.add_argument("--timeout", type=float, default=3.0,
+                       help="seconds to wait for each agent (default 3)")
+    _add_graph_output(graph)
+
+
+def _run_graph(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
+    from meshgress.graph import check_metrics_url, collect_graph, scrape_agents
+
+    if not args.datastore:
+        raise UsageError("graph: give --datastore (or set $MESHGRESS_DATASTORE)")
+    if args.timeout <= 0:
+        raise UsageError("graph: --timeout must be positive")
+    check_metrics_url(args.metrics_url)
+    cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
+               else DEFAULT_CLUSTER_CONFIG)
+    store = open_datastore(args.datastore, args.kubeconfig)
+    try:
+        graph = collect_graph(store, cluster, partial(
+            scrape_agents, url_template=args.metrics_url, timeout=args.timeout))
+    finally:
+        store.close()
+    return _write_graph(graph, args)
+
+
+def _write_graph(graph: ClusterGraph, args: argparse.Namespace) -> int:
+    from meshgress.graph import render_dot, render_image
+
+    data = render_image(render_dot(graph), args.format)
+    if args.output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        args.output.write_bytes(data)
+    return 0
+
+
 class UsageError(RuntimeError):
     """The command line asks for something impossible; the message says what to give."""
 
@@ -391,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _node_commands(sub)
     _object_commands(sub)
+    _graph_command(sub)
     _lab_commands(sub)
     return parser
 
@@ -421,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("apply", "get", "delete"):
             return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
                                                                      None), args.kubeconfig)
+        if args.command == "graph":
+            return _run_graph(args)
     except ManifestError as exc:
         print(exc, file=sys.stderr)  # already in kubectl's words
         return 1

@@ -6,12 +6,14 @@ Why it exists: both long-running processes export metrics and probes the same wa
 values the one way the exposition format defines. `Exposition` builds a page; `serve`
 runs the standard library's threaded HTTP server on its own thread until a stop event.
 
-Rendering is purely computational; `serve` is the only I/O here.
+Rendering and parsing (`parse_samples`, for tools that read a page back, such as
+`meshgress graph`) are purely computational; `serve` is the only I/O here.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +65,44 @@ class Exposition:
 
     def render(self) -> str:
         return "\n".join(self._lines) + "\n"
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], value)
+
+
+def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a text exposition page as (metric name, labels, value), in page
+    order. Comments and blank lines are skipped; a line that is not a sample raises
+    ValueError naming it (a page that cannot be read must not pass for an empty one)."""
+    samples: list[tuple[str, dict[str, str], float]] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _SAMPLE.match(line.strip())
+        if match is None:
+            raise ValueError(f"line {line_number} is not a sample: {line[:120]!r}")
+        name, raw_labels, raw_value = match.groups()
+        found: dict[str, str] = {}
+        position = 0
+        raw_labels = (raw_labels or "").strip()
+        while position < len(raw_labels):
+            label = _LABEL.match(raw_labels, position)
+            if label is None:
+                raise ValueError(f"line {line_number}: malformed labels: {raw_labels[:120]!r}")
+            found[label.group(1)] = _unescape(label.group(2))
+            position = label.end()
+        try:
+            value = float(raw_value)
+        except ValueError:
+            raise ValueError(f"line {line_number}: {raw_value!r} is not a number") from None
+        samples.append((name, found, value))
+    return samples
 
 
 Health = Callable[[], dict[str, bool]]

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from wireguard.errors import BackendUnavailableError
-from wireguard.kernel import KernelBackend
 from wireguard.model import Device, PeerStats
 from wireguard.plan import DevicePlan, plan_device
 from wireguard.userspace import DEFAULT_SOCKET_DIR, UserspaceBackend
@@ -133,6 +132,10 @@ def detect_backend(override: str | None = None, *, netns: str | None = None,
         userspace=choice in ("auto", USERSPACE) and userspace_available(wireguard_go),
     )
     if kind == KERNEL:
+        # Imported only when chosen: pyroute2 costs ~0.4 s of start-up, which short-lived
+        # commands on a userspace node (`meshgress status`) would pay for nothing.
+        from wireguard.kernel import KernelBackend  # noqa: PLC0415 - see above
+
         return KernelBackend(netns=netns)
     return UserspaceBackend(socket_dir=socket_dir or DEFAULT_SOCKET_DIR, netns=netns,
                             command=(wireguard_go,), log_path=log_path, log_level=log_level)
