@@ -288,6 +288,7 @@ class Gateway:
             self.loop.step("status", lambda: self._write_status(model, snap))
             return Pass(ran=False)
         self._waiting_for_node = False
+        self.loop.serve_on_node_ip(own.internal_ip)
         if state.numbers:
             servable = compute_servable_slots(model, node_labels(own_obj))
             uplinks = self._read_uplinks()

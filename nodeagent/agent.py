@@ -48,7 +48,7 @@ from nodeagent.host import HostPort, NodeHost
 from nodeagent.managers import FirewallManager, MeshManager, SteeringManager
 from nodeagent.mesh import MeshInputs, MeshState, compute_mesh
 from nodeagent.metrics import AgentMetrics, SlotSample
-from nodeagent.options import DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
+from nodeagent.options import DEFAULT_ENDPOINT_PORTS, DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
 from nodeagent.prober import SlotProber
 from nodeagent.routes import NetlinkRoutes, RouteAdapter
 from nodeagent.steering import (
@@ -102,6 +102,18 @@ class AgentConfig:
     node_grace: float = 30.0
     """How long a node that vanished from the datastore keeps its peer and routes (a
     re-list or a brief datastore hiccup must not tear the mesh down)."""
+    endpoint_ports: tuple[int, ...] = DEFAULT_ENDPOINT_PORTS
+    """meshgress's endpoint ports on every node, guarded by the node's table (the agent's
+    own metrics ports are added)."""
+    metrics_allow_from: tuple[ipaddress.IPv4Network, ...] = ()
+    metrics_allow_namespaces: tuple[str, ...] = ()
+
+    @property
+    def guarded_ports(self) -> tuple[int, ...]:
+        own = prometheus.parse_listen_addresses(self.metrics_address or "")
+        if not self.endpoint_ports:
+            return ()
+        return tuple(sorted(set(self.endpoint_ports) | {a.port for a in own}))
 
 
 @dataclass
@@ -141,6 +153,8 @@ class AgentState:
     mesh: MeshState | None = None
     steering: SteeringState | None = None
     mtu: int | None = None
+    node_addresses: tuple[ipaddress.IPv4Address, ...] = ()
+    """Every node's IPv4 InternalIP (this one's too), as of the last pass."""
     published: bool = False
     first_apply_ok: bool = False
     waiting_for_node: bool = False
@@ -174,6 +188,7 @@ class Agent:
         self.private_key = load_or_create_private_key(key_path)
         self.public_key = public_key(self.private_key)
         self._node_cache = NodeParseCache()
+        self._guarded_ports = config.guarded_ports
         self.cni_ready = threading.Event()
         self._cni_thread: threading.Thread | None = None
 
@@ -223,12 +238,16 @@ class Agent:
         if own is None:
             return Pass(ran=False)
         step = self.loop.step
+        self.loop.serve_on_node_ip(own.internal_ip)
         if self.state.mtu is None:
             assert own.internal_ip is not None
             self.state.mtu = self.config.mtu or tunnel_mtu(
                 self.ports.host.underlay_mtu(str(own.internal_ip)), own.internal_ip.version == 6)
+        nodes = self._nodes_with_grace(time.time())
+        self.state.node_addresses = tuple(sorted(
+            {n.internal_ip for n in nodes if isinstance(n.internal_ip, ipaddress.IPv4Address)}))
         mesh = compute_mesh(MeshInputs(
-            self_name=self.config.node_name, nodes=self._nodes_with_grace(time.time()),
+            self_name=self.config.node_name, nodes=nodes,
             private_key=self.private_key, mtu=self.state.mtu, cluster=self.config.cluster))
         self.state.mesh = mesh
         source = probe_source(own.pod_cidrs[0])
@@ -262,11 +281,17 @@ class Agent:
         return Pass(wake_in=self.mesh.resync_in())
 
     def _base_ruleset(self) -> Ruleset:
+        allowed = set(self.config.metrics_allow_namespaces)
         return compute_ruleset(FirewallSpec(
             cluster_pod_cidrs=tuple(c for c in self.config.cluster.pod_cidrs
                                     if isinstance(c, ipaddress.IPv4Network)),
             service_cidrs=tuple(c for c in self.config.cluster.service_cidrs
-                                if isinstance(c, ipaddress.IPv4Network))))
+                                if isinstance(c, ipaddress.IPv4Network)),
+            endpoint_ports=self._guarded_ports,
+            node_addresses=self.state.node_addresses,
+            endpoint_allowed_sources=self.config.metrics_allow_from,
+            endpoint_allowed_pods=tuple(pod.ip for pod in self._local_pods.values()
+                                        if pod.namespace in allowed)))
 
     def _local_pod_views(self) -> list[PodView]:
         """This node's pods with their labels (from the cache, or as the CNI hook read

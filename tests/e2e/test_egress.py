@@ -18,7 +18,7 @@ from meshgress.datastore import Conflict, Kind
 from meshgress.datastore.file import FileDatastore
 from meshgress.lab.lab import Lab
 from meshgress.slots import LEASE_DURATION_SECONDS
-from tests.conftest import keep_lab_logs, run_meshgress
+from tests.conftest import MESHGRESS, keep_lab_logs, run_meshgress
 
 pytestmark = pytest.mark.e2e
 
@@ -617,3 +617,66 @@ def test_a_gateway_that_loses_its_link_hands_its_slots_over(three_gateway_lab):
         for pod in ("web/app-node1", "web/app-node2"):
             assert seen_from(name, pod) == SOLO_IP
     print("\n" + "\n".join(report))
+
+
+REACH = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.5) as s:
+            s.sendall(b"GET /healthz HTTP/1.0\\r\\n\\r\\n")
+            s.settimeout(1.5)
+            print(target, "ok" if s.recv(64).startswith(b"HTTP/1.0 200") else "answered")
+    except OSError as exc:
+        print(target, type(exc).__name__)
+"""
+
+
+def reach(name, where, targets):
+    """Which of `targets` (HOST:PORT) answer /healthz from `where`: a lab node, a pod
+    (NAMESPACE/NAME) or `outside`. {target: "ok" or why not}."""
+    if where == "outside":
+        argv = ["nsenter", f"--net=/run/netns/mg-{name}-outside"]
+    elif "/" in where:
+        argv = ["nsenter", f"--net={pod_netns(name, where)}"]
+    else:
+        argv = [MESHGRESS, "lab", "--name", name, "exec",
+                where, "--"]
+    out = subprocess.run([*argv, sys.executable, "-c", REACH, *targets], capture_output=True,
+                         text=True, timeout=60).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_metrics_and_health_answer_the_nodes_only(egress_lab):
+    """The agents' (:9820) and the gateways' (:9821) endpoints listen on loopback and the
+    node's InternalIP only, and the nodes' tables keep pods and the outside host away from
+    them; the node itself (probes) and the other nodes (Prometheus) reach them."""
+    name = egress_lab
+    node1, node2, gw1 = "192.0.2.11", "192.0.2.12", "192.0.2.101"
+    agents = [f"{node1}:9820", f"{node2}:9820", f"{gw1}:9820"]
+    gateway = [f"{gw1}:9821"]
+    listening = subprocess.run(["ip", "netns", "exec", f"mg-{name}-gw1", "ss", "-Hltn"],
+                               capture_output=True, text=True).stdout
+    local = {line.split()[3] for line in listening.splitlines()}
+    assert {"127.0.0.1:9820", f"{gw1}:9820", "127.0.0.1:9821", f"{gw1}:9821"} <= local
+    assert not {"0.0.0.0:9820", "0.0.0.0:9821", "*:9820", "*:9821"} & local
+    assert reach(name, "node1", ["127.0.0.1:9820", *agents, *gateway]) == dict.fromkeys(
+        ["127.0.0.1:9820", *agents, *gateway], "ok")
+    assert reach(name, "gw1", ["127.0.0.1:9821", *gateway]) == dict.fromkeys(
+        ["127.0.0.1:9821", *gateway], "ok")
+    assert reach(name, "node2", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
+    for where in ("payments/app-node1", "web/app-node2", "outside"):
+        got = reach(name, where, ["169.254.1.1:9820", *agents, *gateway] if "/" in where
+                    else agents + gateway)
+        assert "ok" not in got.values() and "answered" not in got.values(), (where, got)
+    # What pods and the outside host tried is counted, on the node they started from or
+    # the node they aimed at.
+    scrape = ("import urllib.request as u; "
+              "print(u.urlopen('http://127.0.0.1:9820/metrics', timeout=2).read().decode())")
+    metrics = run_meshgress("lab", "--name", name, "exec", "node1", "--", sys.executable,
+                            "-c", scrape).stdout
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert samples['meshgress_endpoint_guard_drops_packets_total{source="pod"}'] > 0
+    assert samples['meshgress_endpoint_guard_drops_packets_total{source="other"}'] > 0
