@@ -138,7 +138,7 @@ class ReconcileLoop:
         self._health: prometheus.Health = lambda: {"live": self.live(), "ready": False}
         self._node_ip_ports: tuple[int, ...] = ()
         self._node_ip: str | None = None
-        self._node_ip_servers: list[ThreadingHTTPServer] = []
+        self._node_ip_servers: dict[int, ThreadingHTTPServer] = {}
 
     # -- caches ---------------------------------------------------------------------
 
@@ -264,18 +264,19 @@ class ReconcileLoop:
         if not self._node_ip_ports or node_ip is None or self._collect is None:
             return
         host = str(node_ip)
-        if host == self._node_ip and len(self._node_ip_servers) == len(self._node_ip_ports):
-            return
-        for server in self._node_ip_servers:
-            server.shutdown()
-            server.server_close()
-        self._node_ip_servers = []
-        self._node_ip = host
+        if host != self._node_ip:
+            for server in self._node_ip_servers.values():
+                server.shutdown()
+                server.server_close()
+            self._node_ip_servers = {}
+            self._node_ip = host
         for port in self._node_ip_ports:
+            if port in self._node_ip_servers:
+                continue
             address = str(prometheus.ListenAddress(host, port))
             try:
-                self._node_ip_servers.append(
-                    prometheus.serve(address, self._collect, self._health, self.stop))
+                self._node_ip_servers[port] = prometheus.serve(address, self._collect,
+                                                               self._health, self.stop)
             except OSError as exc:
                 self.metrics.count_error("metrics-listen")
                 if self._reported.get("metrics-listen") != str(exc):
