@@ -26,8 +26,8 @@ after the link came back its node was seen holding none of the gateway's objects
 IPs, slot interfaces, reply rules and routes; a look takes three `ip` commands). Then
 median and worst. A gap is the longest time between two answered probes, so a sender the
 machine starved counts against it: under load the gaps are upper bounds, and the control
-stream shows how much of them is the machine's. The victim ends each round as the standby with room, so
-every round starts from the same shape.
+stream shows how much of them is the machine's. The victim ends each round as the
+standby with room, so every round starts from the same shape.
 
 Exits non-zero only when it could not measure.
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import secrets
 import statistics
@@ -107,7 +108,7 @@ def largest_gap(samples: list[list[Any]]) -> float:
     answered = [t for t, seen in samples if seen is not None]
     if not answered:
         return float("inf")
-    return max((b - a for a, b in zip(answered, answered[1:], strict=False)), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(answered)), default=0.0)
 
 
 def lost(samples: list[list[Any]]) -> int:
