@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,14 @@ def parse_listen_addresses(text: str) -> tuple[ListenAddress, ...]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks the resolver for the address's name (a PTR lookup
+        # that can block for seconds and sends DNS queries from the node); it is only
+        # used to fill a CGI variable.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 class _Server6(_Server):
