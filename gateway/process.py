@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -219,6 +220,8 @@ class Gateway:
         self._free_since: dict[SlotId, float] = {}
         self._externals: dict[SlotId, str] = {}
         self._uplinks: UplinkView | None = None
+        self._uplinks_read_at = float("-inf")
+        self._uplinks_changed = threading.Event()
         self._uplink_faults: dict[SlotId, str] = {}
         self._uplink_watcher: UplinkWatcher | None = None
         self._flow_log: FlowLog | None = None
@@ -330,15 +333,32 @@ class Gateway:
         self._number_error = None
         return dict(numbers)
 
+    def _on_uplink_change(self) -> None:
+        """The kernel announced a link or default-route change (watcher thread)."""
+        self._uplinks_changed.set()
+        self.poke()
+
     def _read_uplinks(self) -> UplinkView | None:
         """The links as they are now; None when they cannot be read (a transient error:
-        the last answers stand, so a netlink hiccup never releases a held slot)."""
+        the last answers stand, so a netlink hiccup never releases a held slot).
+
+        With a working watch the kernel is read again only after it announced a change,
+        and on every resync (the node's address moving is not announced): between them a
+        pass plans against the last read, which spares every pass a dump of the main
+        table (a route per node of the mesh)."""
+        watching = self._uplink_watcher is not None and self._uplink_watcher.working
+        if (watching and self._uplinks is not None and not self._uplinks_changed.is_set()
+                and self.clock() - self._uplinks_read_at < self.config.resync_interval):
+            return self._uplinks
+        self._uplinks_changed.clear()  # before reading: a change during the read counts
         try:
             self._uplinks = self.kernel.read_uplinks()
         except KernelError as exc:
+            self._uplinks_changed.set()
             self.loop.metrics.count_error("read-uplinks")
             log.warning("cannot read the links: %s", exc)
             return None
+        self._uplinks_read_at = self.clock()
         return self._uplinks
 
     def _external_interface(self, info: SlotInfo, uplinks: UplinkView | None, own: NodeInfo
@@ -704,7 +724,8 @@ class Gateway:
     def run(self) -> int:
         self.leases.start()
         if self.ports.uplink_watch is not None:
-            self._uplink_watcher = UplinkWatcher(self.ports.uplink_watch, self.poke).start()
+            self._uplink_watcher = UplinkWatcher(self.ports.uplink_watch,
+                                                 self._on_uplink_change).start()
         if self.config.metrics_address:
             self.loop.serve_metrics(self.config.metrics_address, self.render_metrics,
                                     self.ready)

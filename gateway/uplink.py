@@ -112,8 +112,8 @@ class ChangeWatch(Protocol):
 
 class UplinkWatcher:
     """One daemon thread: calls `on_change` (which only pokes the loop) whenever the
-    watch reports a change, until closed. A failing watch is logged and retried; the
-    loop's periodic resync still reads the links meanwhile."""
+    watch reports a change, until closed. A failing watch is logged and retried, and says
+    so (`working`): the caller then reads the links on every pass."""
 
     def __init__(self, watch: ChangeWatch, on_change: Callable[[], None], *,
                  poll: float = 0.5) -> None:
@@ -122,6 +122,8 @@ class UplinkWatcher:
         self._stop = threading.Event()
         self._poll = poll
         self.changes = 0
+        self.working = True
+        """False while the watch fails: nothing announces changes then."""
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
 
     def start(self) -> UplinkWatcher:
@@ -135,14 +137,17 @@ class UplinkWatcher:
                 changed = self._watch.wait(self._poll)
             except OSError as exc:
                 if not failing:
-                    log.error("uplink watch failed (links are read on every resync "
-                              "only): %s", exc)
+                    log.error("uplink watch failed (links are read on every pass "
+                              "meanwhile): %s", exc)
                 failing = True
+                self.working = False
                 self._stop.wait(self._poll)
                 continue
             if failing:
                 log.info("uplink watch works again")
                 failing = False
+                self.working = True
+                changed = True  # what happened meanwhile was not announced
             if changed:
                 self.changes += 1
                 self._on_change()

@@ -17,6 +17,7 @@ import pytest
 
 from gateway.dataplane import EgressAddress, FakeKernel
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
+from gateway.uplink import UplinkWatcher
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
@@ -527,3 +528,37 @@ def test_a_link_notification_alone_makes_the_running_gateway_let_go(lab, clock):
         gw.poke()
         runner.join(timeout=10)
     assert not runner.is_alive() and watch.closed
+
+
+def test_the_links_are_read_again_when_the_kernel_says_so_and_on_every_resync(lab, clock):
+    """A pass does not dump the links and the main table (a route per mesh node) when
+    nothing was announced: only after a notification, on a resync, or every pass while
+    the watch does not work."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    gw = h.gateway()
+    k = kernel(gw)
+    reads: list[float] = []
+    read = k.read_uplinks
+
+    def counted() -> Any:
+        reads.append(clock.now)
+        return read()
+
+    k.read_uplinks = counted  # type: ignore[method-assign]
+    watcher = UplinkWatcher(OneShotWatch(), gw._on_uplink_change)  # never started
+    gw._uplink_watcher = watcher
+    h.settle(gw)
+    assert len(reads) == 1  # the first pass; the next ones plan against it
+    gw._on_uplink_change()  # what the watcher thread does on a notification
+    k.set_link("eth0", running=False)
+    gw.reconcile()
+    assert len(reads) == 2 and gw.held() == {}
+    gw.reconcile()
+    assert len(reads) == 2
+    clock.now += gw.config.resync_interval
+    gw.reconcile()
+    assert len(reads) == 3
+    watcher.working = False
+    gw.reconcile()
+    gw.reconcile()
+    assert len(reads) == 5
