@@ -43,7 +43,12 @@ from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
 from meshgress.slots import SlotId, probe_source
-from nodeagent.firewall import FirewallSpec, compute_ruleset, with_steering
+from nodeagent.firewall import (
+    FirewallSpec,
+    compute_node_networks,
+    compute_ruleset,
+    with_steering,
+)
 from nodeagent.host import HostPort, NodeHost
 from nodeagent.managers import FirewallManager, MeshManager, SteeringManager
 from nodeagent.mesh import MeshInputs, MeshState, compute_mesh
@@ -153,8 +158,10 @@ class AgentState:
     mesh: MeshState | None = None
     steering: SteeringState | None = None
     mtu: int | None = None
-    node_addresses: tuple[ipaddress.IPv4Address, ...] = ()
-    """Every node's IPv4 InternalIP (this one's too), as of the last pass."""
+    node_addresses: frozenset[int] = frozenset()
+    """Every node's IPv4 InternalIP (this one's too), as of the last pass..."""
+    node_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    """... merged into networks (recomputed only when they change)."""
     published: bool = False
     first_apply_ok: bool = False
     waiting_for_node: bool = False
@@ -189,6 +196,7 @@ class Agent:
         self.public_key = public_key(self.private_key)
         self._node_cache = NodeParseCache()
         self._guarded_ports = config.guarded_ports
+        self._base: tuple[tuple[Any, ...], Ruleset] | None = None
         self.cni_ready = threading.Event()
         self._cni_thread: threading.Thread | None = None
 
@@ -244,8 +252,12 @@ class Agent:
             self.state.mtu = self.config.mtu or tunnel_mtu(
                 self.ports.host.underlay_mtu(str(own.internal_ip)), own.internal_ip.version == 6)
         nodes = self._nodes_with_grace(time.time())
-        self.state.node_addresses = tuple(sorted(
-            {n.internal_ip for n in nodes if isinstance(n.internal_ip, ipaddress.IPv4Address)}))
+        addresses = frozenset(int(n.internal_ip) for n in nodes
+                              if isinstance(n.internal_ip, ipaddress.IPv4Address))
+        if addresses != self.state.node_addresses:
+            self.state.node_addresses = addresses
+            self.state.node_networks = compute_node_networks(
+                ipaddress.IPv4Address(a) for a in addresses)
         mesh = compute_mesh(MeshInputs(
             self_name=self.config.node_name, nodes=nodes,
             private_key=self.private_key, mtu=self.state.mtu, cluster=self.config.cluster))
@@ -281,17 +293,26 @@ class Agent:
         return Pass(wake_in=self.mesh.resync_in())
 
     def _base_ruleset(self) -> Ruleset:
+        """The table without steering. Computed again only when the nodes or the allowed
+        pods changed: the failover fast path and a pod's ADD call it too, and at 5,000
+        nodes checking the node set alone costs tens of milliseconds."""
         allowed = set(self.config.metrics_allow_namespaces)
-        return compute_ruleset(FirewallSpec(
+        pods = tuple(sorted(pod.ip for pod in self._local_pods.values()
+                            if pod.namespace in allowed))
+        key = (self.state.node_networks, pods)
+        if self._base is not None and self._base[0] == key:
+            return self._base[1]
+        ruleset = compute_ruleset(FirewallSpec(
             cluster_pod_cidrs=tuple(c for c in self.config.cluster.pod_cidrs
                                     if isinstance(c, ipaddress.IPv4Network)),
             service_cidrs=tuple(c for c in self.config.cluster.service_cidrs
                                 if isinstance(c, ipaddress.IPv4Network)),
             endpoint_ports=self._guarded_ports,
-            node_addresses=self.state.node_addresses,
+            node_networks=self.state.node_networks,
             endpoint_allowed_sources=self.config.metrics_allow_from,
-            endpoint_allowed_pods=tuple(pod.ip for pod in self._local_pods.values()
-                                        if pod.namespace in allowed)))
+            endpoint_allowed_pods=pods))
+        self._base = (key, ruleset)
+        return ruleset
 
     def _local_pod_views(self) -> list[PodView]:
         """This node's pods with their labels (from the cache, or as the CNI hook read

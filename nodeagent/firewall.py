@@ -99,10 +99,11 @@ class FirewallSpec:
     masquerade: bool = True
     endpoint_ports: tuple[int, ...] = ()
     """TCP ports of meshgress's endpoints on every node (none: no guard)."""
-    node_addresses: tuple[ipaddress.IPv4Address, ...] = ()
-    """Every node's InternalIP: the sources allowed besides loopback, and the addresses
-    whose endpoints pods must not reach (from another node their packets arrive
-    masqueraded, so the guard has to stop them where they start)."""
+    node_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    """Every node's InternalIP, merged (`compute_node_networks`): the sources allowed
+    besides loopback, and the addresses whose endpoints pods must not reach (from another
+    node their packets arrive masqueraded, so the guard has to stop them where they
+    start)."""
     endpoint_allowed_sources: tuple[ipaddress.IPv4Network, ...] = ()
     """More sources that may reach the endpoints (a monitoring network)."""
     endpoint_allowed_pods: tuple[ipaddress.IPv4Address, ...] = ()
@@ -119,11 +120,10 @@ class FirewallSpec:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"endpoint port {port!r}: not a TCP port")
         object.__setattr__(self, "endpoint_ports", tuple(sorted(set(self.endpoint_ports))))
-        for what, values in (("node_addresses", self.node_addresses),
-                             ("endpoint_allowed_pods", self.endpoint_allowed_pods)):
-            if not all(isinstance(v, ipaddress.IPv4Address) for v in values):
-                raise ValueError(f"{what}: only IPv4 addresses are supported")
-        object.__setattr__(self, "node_addresses", tuple(sorted(set(self.node_addresses))))
+        if not all(isinstance(v, ipaddress.IPv4Network) for v in self.node_networks):
+            raise ValueError("node_networks: only IPv4 networks are supported")
+        if not all(isinstance(v, ipaddress.IPv4Address) for v in self.endpoint_allowed_pods):
+            raise ValueError("endpoint_allowed_pods: only IPv4 addresses are supported")
         object.__setattr__(self, "endpoint_allowed_pods",
                            tuple(sorted(set(self.endpoint_allowed_pods))))
         for what, name, limit in (
@@ -132,6 +132,28 @@ class FirewallSpec:
                 ("egress_interface_prefix", self.egress_interface_prefix, IFNAMSIZ - 2)):
             if not name or len(name) > limit or any(c in name for c in ' \t\n"*/\\'):
                 raise ValueError(f"{what} {name!r}: not a usable interface name or prefix")
+
+
+def compute_node_networks(addresses: Iterable[ipaddress.IPv4Address]
+                          ) -> tuple[ipaddress.IPv4Network, ...]:
+    """Node addresses as the fewest networks, sorted: consecutive addresses (nodes of one
+    subnet usually are) merge. Works on integers: at 5,000 nodes the standard library's
+    collapse takes a tenth of a second. Purely computational."""
+    values = sorted({int(a) for a in addresses})
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    nets: list[ipaddress.IPv4Network] = []
+    for lo, hi in runs:
+        if lo == hi:
+            nets.append(ipaddress.IPv4Network(lo))
+        else:
+            nets.extend(ipaddress.summarize_address_range(ipaddress.IPv4Address(lo),
+                                                          ipaddress.IPv4Address(hi)))
+    return tuple(nets)
 
 
 def _collapse(nets: Iterable[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
@@ -247,8 +269,7 @@ def _with_endpoint_guard(base: Ruleset, spec: FirewallSpec) -> Ruleset:
         sets=(
             *base.sets,
             NftSet(SET_ENDPOINT_PORTS, "inet_service", (), spec.endpoint_ports),
-            NftSet(SET_NODES, "ipv4_addr", ("interval",),
-                   _collapse(ipaddress.IPv4Network(a) for a in spec.node_addresses)),
+            NftSet(SET_NODES, "ipv4_addr", ("interval",), spec.node_networks),
             NftSet(SET_ENDPOINT_ALLOWED, "ipv4_addr", ("interval",),
                    _collapse(spec.endpoint_allowed_sources)),
             NftSet(SET_ENDPOINT_PODS, "ipv4_addr", (), spec.endpoint_allowed_pods),

@@ -23,6 +23,7 @@ from nodeagent.firewall import (
     SET_ENDPOINT_PODS,
     SET_NODES,
     FirewallSpec,
+    compute_node_networks,
     compute_ruleset,
 )
 from nodeagent.options import parse_cidrs, parse_ports
@@ -34,7 +35,8 @@ OUTSIDE = A("192.0.2.254")
 POD, SCRAPER, REMOTE_POD = A("198.18.1.7"), A("198.18.1.9"), A("198.18.2.5")
 SPEC = FirewallSpec(
     cluster_pod_cidrs=(N("198.18.0.0/16"),), service_cidrs=(N("198.19.0.0/16"),),
-    endpoint_ports=(9821, 9820), node_addresses=(GATEWAY_NODE, OTHER_NODE, THIS_NODE),
+    endpoint_ports=(9821, 9820),
+    node_networks=compute_node_networks((GATEWAY_NODE, OTHER_NODE, THIS_NODE)),
     endpoint_allowed_sources=(N("203.0.113.0/28"),), endpoint_allowed_pods=(SCRAPER,))
 LOCAL = {THIS_NODE, A("127.0.0.1"), A("192.0.2.201")}
 """Addresses of this node (an egress IP held by a gateway here is one too)."""
@@ -156,7 +158,7 @@ def test_without_ports_there_is_no_guard() -> None:
 
 @pytest.mark.parametrize("spec", [
     {"endpoint_ports": (0,)}, {"endpoint_ports": (70000,)}, {"endpoint_ports": (True,)},
-    {"node_addresses": (ipaddress.IPv6Address("2001:db8::1"),)},
+    {"node_networks": (ipaddress.IPv6Network("2001:db8::/64"),)},
     {"endpoint_allowed_pods": ("198.18.1.1",)},
     {"endpoint_allowed_sources": ("2001:db8::/64",)},
 ], ids=["port 0", "port too large", "a boolean", "IPv6 node", "a string", "IPv6 source"])
@@ -174,3 +176,15 @@ def test_the_agent_options_parse_ports_and_sources() -> None:
     for bad in ("203.0.113.1/28", "2001:db8::/64", "nope"):
         with pytest.raises(Exception):  # noqa: B017 - argparse's own error type
             parse_cidrs(bad)
+
+
+def test_node_addresses_merge_into_the_fewest_networks() -> None:
+    def nets(*addresses: str) -> list[str]:
+        return [str(n) for n in compute_node_networks(A(a) for a in addresses)]
+
+    assert nets("192.0.2.12", "192.0.2.11", "192.0.2.101", "192.0.2.11") == [
+        "192.0.2.11/32", "192.0.2.12/32", "192.0.2.101/32"]
+    assert nets("10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8") == [
+        "10.0.0.4/30", "10.0.0.8/32"]
+    assert nets(*(str(A("10.1.0.0") + i) for i in range(256))) == ["10.1.0.0/24"]
+    assert nets() == []
