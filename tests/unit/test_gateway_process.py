@@ -562,3 +562,41 @@ def test_the_links_are_read_again_when_the_kernel_says_so_and_on_every_resync(la
     gw.reconcile()
     gw.reconcile()
     assert len(reads) == 5
+
+
+class CutOffStore(FlakyStore):
+    """The datastore behind the lost link too: writes about leases fail when `fail`."""
+
+    def patch_annotations(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail:
+            raise DatastoreError("the datastore is unreachable")
+        return self._store.patch_annotations(*args, **kwargs)
+
+    def release_lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail:
+            raise DatastoreError("the datastore is unreachable")
+        return self._store.release_lease(*args, **kwargs)
+
+
+def test_a_holder_cut_off_from_the_datastore_too_stops_renewing_and_the_lease_expires(
+        lab, clock):
+    """When the lost link also carried the datastore, the release cannot be written: the
+    IP goes anyway, renewals stop, and the standby takes the slot once the lease expired."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    store = CutOffStore(h.store)
+    holder = h.gateway("gw1", store=store)
+    standby = h.gateway("gw2")
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw1/0"
+    k = kernel(holder)
+    store.fail = True
+    k.set_link("eth0", up=False)
+    holder.reconcile()
+    assert holder.held() == {} and k.egress == {}
+    assert h.holder(SLOT0) == "gw1/0"  # the release could not be written
+    h.settle(standby)
+    assert h.holder(SLOT0) == "gw1/0" and standby.held() == {}
+    clock.now += 3.1  # the lease duration: nobody renewed it
+    time.sleep(0.05)
+    h.settle(standby, holder)
+    assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}
