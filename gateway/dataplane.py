@@ -18,6 +18,9 @@ How the gateway finds its own objects after a restart, without memory (kernel_id
   hangs or is partitioned from the datastore: fencing does not depend on this process
   being alive. An egress IP a person added by hand (permanent) is left alone.
 
+It also reads what the gateway's slots depend on outside itself — its links' state, the
+default routes and the node's addresses (`read_uplinks`, judged by `gateway.uplink`).
+
 `plan_dataplane` is pure; `NetlinkKernel` is the adapter (the kernel library's rtnetlink
 socket, in the creating thread's network namespace); `FakeKernel` keeps the same state in
 memory for tests.
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from gateway.compute import SlotDataplane
+from gateway.uplink import LinkState, UplinkView
 from meshgress.kernel import rtnetlink as rt
 from meshgress.kernel.rtnetlink import Link, Message, Route, Rule
 from meshgress.kernel.rtnl import NetlinkError, Rtnl
@@ -164,7 +168,10 @@ class KernelPort(Protocol):
     def read(self, known_egress_ips: Collection[ipaddress.IPv4Address]) -> ObservedDataplane:
         ...
 
-    def default_route_interface(self) -> str | None: ...
+    def read_uplinks(self) -> UplinkView:
+        """Links (admin and operational state), the main table's default routes and the
+        local IPv4 addresses."""
+        ...
 
     def link_mtu(self, name: str) -> int | None: ...
 
@@ -260,17 +267,23 @@ class NetlinkKernel:
         return ObservedDataplane(frozenset(egress), slot_interfaces, frozenset(probe),
                                  frozenset(routes), frozenset(rules), rp_filter)
 
-    def default_route_interface(self) -> str | None:
-        names = {link.index: link.name for link in self._read("list links", self._rtnl.links)}
-        best: tuple[int, str] | None = None
+    def read_uplinks(self) -> UplinkView:
+        links = self._read("list links", self._rtnl.links)
+        names = {link.index: link.name for link in links}
+        defaults: list[tuple[int, str]] = []
         for route in self._read("list routes", lambda: self._rtnl.routes(
                 table=rt.RT_TABLE_MAIN, type=rt.RTN_UNICAST)):
-            if route.dst.prefixlen != 0 or route.oif not in names:
-                continue
-            metric = route.metric or 0
-            if best is None or metric < best[0]:
-                best = (metric, names[route.oif])
-        return best[1] if best else None
+            if route.dst.prefixlen == 0 and route.oif in names:
+                defaults.append((route.metric or 0, names[route.oif]))
+        addresses: dict[ipaddress.IPv4Address, str] = {}
+        for address in self._read("list addresses", self._rtnl.addresses):
+            name = names.get(address.index)
+            if name is not None and isinstance(address.address, ipaddress.IPv4Address):
+                addresses.setdefault(address.address, name)
+        return UplinkView(
+            links={link.name: LinkState(link.up, link.running) for link in links},
+            default_routes=tuple(dict.fromkeys(name for _, name in sorted(defaults))),
+            addresses=addresses)
 
     def _link(self, name: str) -> Link | None:
         try:
@@ -346,13 +359,19 @@ class NetlinkKernel:
 
 
 class FakeKernel:
-    """KernelPort in memory: links are declared by the test; everything else is state."""
+    """KernelPort in memory: links are declared by the test; everything else is state.
+
+    Links are up and running unless the test says otherwise (`set_link`); setting one
+    down removes the default routes through it, as the kernel does."""
 
     def __init__(self, links: Mapping[str, tuple[int, bytes]] | None = None,
                  default_interface: str | None = "eth0") -> None:
         self.links: dict[str, tuple[int, bytes]] = dict(
             links or {"eth0": (1500, b"\x02\x00\x00\x00\x00\x01")})
-        self.default_interface = default_interface
+        self.default_routes: list[str] = [default_interface] if default_interface else []
+        self.link_states: dict[str, LinkState] = {}
+        self.addresses: dict[ipaddress.IPv4Address, str] = {}
+        self.fail_uplinks = False
         self.egress: dict[EgressAddress, int] = {}
         self.probe: set[str] = set()
         self.rp: dict[str, int] = {}
@@ -367,8 +386,19 @@ class FakeKernel:
             frozenset(self.probe & slots), frozenset(self.routes), frozenset(self.rules),
             {n: self.rp.get(n, 0) for n in slots})
 
-    def default_route_interface(self) -> str | None:
-        return self.default_interface
+    def set_link(self, name: str, *, up: bool = True, running: bool = True) -> None:
+        self.link_states[name] = LinkState(up, running and up)
+        if not up:
+            self.default_routes = [n for n in self.default_routes if n != name]
+
+    def read_uplinks(self) -> UplinkView:
+        if self.fail_uplinks:
+            raise KernelError("list links: Resource temporarily unavailable")
+        return UplinkView(
+            links={name: self.link_states.get(name, LinkState(True, True))
+                   for name in self.links},
+            default_routes=tuple(n for n in self.default_routes if n in self.links),
+            addresses=dict(self.addresses))
 
     def link_mtu(self, name: str) -> int | None:
         return self.links[name][0] if name in self.links else None

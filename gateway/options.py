@@ -14,7 +14,8 @@ from pathlib import Path
 from meshgress.datastore.options import add_datastore_arguments
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshgress/gateway")
-DEFAULT_METRICS_ADDRESS = "0.0.0.0:9821"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9821,node-ip:9821"
+"""Loopback for the kubelet's probes, the node's InternalIP for Prometheus."""
 DEFAULT_MAX_SLOTS = 1
 
 
@@ -48,8 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity",
                         help="lease holder identity; must be unique among gateway processes "
                              "(e.g. the pod name; default NODE/PID)")
-    parser.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS,
-                        help="host:port for /metrics, /healthz and /readyz ('' = off)")
+    parser.add_argument(
+        "--metrics-address", default=DEFAULT_METRICS_ADDRESS,
+        help="where /metrics, /healthz and /readyz listen: HOST:PORT[,HOST:PORT...], HOST "
+             "an IP address or `node-ip` (this node's InternalIP, read from its Node "
+             f"object); default {DEFAULT_METRICS_ADDRESS}: loopback for the kubelet's "
+             "probes, the internal address for Prometheus. They have no authentication: "
+             "0.0.0.0 would offer them on every interface (the node agent's table keeps "
+             "pods away from this port: see its --endpoint-ports). '' = off")
     parser.add_argument("--flow-log", type=Path,
                         help="append one JSON line per new SNATed flow to this file")
     parser.add_argument("--resync-interval", type=float, default=10.0,

@@ -14,6 +14,12 @@ keeper's (`gateway.leases`): its own thread renews held leases, fences a slot wh
 is lost (the IP goes at once, the loop tears the rest down), and the IP lives in the kernel
 with a lifetime shorter than the lease.
 
+A slot is servable here only while this node's links can carry it (`gateway.uplink`): a
+kernel notification pokes the loop the moment a link goes down, loses its carrier or its
+default route, and the pass releases the slots that depended on it (IP first, then the
+lease: a standby takes them at once) and claims nothing there until the link is back —
+then, if others took its slots meanwhile, this process is a standby with nothing left over.
+
 Drain (SIGTERM/SIGINT): for every held slot, remove the IP, clear the slot's annotations and
 release the lease (a standby takes it at once), then remove the slot interfaces, rules,
 routes and the gateway's nftables table.
@@ -28,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +75,7 @@ from gateway.status import (
     compute_status_events,
     compute_status_updates,
 )
+from gateway.uplink import ChangeWatch, UplinkView, UplinkWatcher, compute_uplink_fault
 from meshgress import prometheus
 from meshgress.cluster import (
     ENDPOINT_ANNOTATION,
@@ -91,6 +99,7 @@ from meshgress.datastore import (
 )
 from meshgress.egress import EgressModel, PodView, compute_egress, namespace_labels, pod_view
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort, apply_ruleset
+from meshgress.kernel.rtnl import LinkWatch
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE, NFT_FAMILY
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
 from meshgress.slots import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS, SlotId
@@ -157,6 +166,8 @@ class _Pass:
     servable: dict[SlotId, SlotInfo] = field(default_factory=dict)
     externals: dict[SlotId, str] = field(default_factory=dict)
     records: dict[SlotId, SlotRecord] = field(default_factory=dict)
+    unservable: dict[SlotId, str] = field(default_factory=dict)
+    """Slots the gateway's node selects but whose uplink here is faulty, and why."""
     claims: ClaimPlan | None = None
     numbers: dict[SlotId, int] = field(default_factory=dict)
 
@@ -172,14 +183,24 @@ class GatewayPorts:
     probe: ProbeResponder
     garp: Callable[[str, bytes, ipaddress.IPv4Address], Any] | None = None
     """Announces an egress IP (None: gratuitous ARP on the real interface)."""
+    uplink_watch: ChangeWatch | None = None
+    """Kernel notifications of link and default-route changes (None: the links are read
+    on every pass, and passes come with events and resyncs only)."""
 
     @classmethod
     def real(cls, config: GatewayConfig) -> GatewayPorts:
         wireguard = detect_backend(config.wireguard_backend, log_path=config.wireguard_log,
                                    log_level=config.wireguard_log_level)
         log.info("wireguard backend=%s", wireguard.kind)
+        watch: ChangeWatch | None = None
+        try:
+            watch = LinkWatch()
+        except OSError as exc:
+            log.error("cannot watch the links (a lost uplink is noticed at the next resync "
+                      "only): %s", exc)
         return cls(kernel=NetlinkKernel(), wireguard=wireguard,
-                   nft=NftablesAdapter(NFT_FAMILY, GATEWAY_NFT_TABLE), probe=ProbeResponder())
+                   nft=NftablesAdapter(NFT_FAMILY, GATEWAY_NFT_TABLE), probe=ProbeResponder(),
+                   uplink_watch=watch)
 
 
 class Gateway:
@@ -205,6 +226,11 @@ class Gateway:
                                   on_lost=self.loop.poke)
         self._free_since: dict[SlotId, float] = {}
         self._externals: dict[SlotId, str] = {}
+        self._uplinks: UplinkView | None = None
+        self._uplinks_read_at = float("-inf")
+        self._uplinks_changed = threading.Event()
+        self._uplink_faults: dict[SlotId, str] = {}
+        self._uplink_watcher: UplinkWatcher | None = None
         self._flow_log: FlowLog | None = None
         self.metrics = GatewayMetrics(self.leases.metrics)
         self.private_key = load_or_create_private_key(config.state_dir / "private.key")
@@ -272,13 +298,18 @@ class Gateway:
             self.loop.step("status", lambda: self._write_status(model, snap))
             return Pass(ran=False)
         self._waiting_for_node = False
+        self.loop.serve_on_node_ip(own.internal_ip)
         if state.numbers:
             servable = compute_servable_slots(model, node_labels(own_obj))
+            uplinks = self._read_uplinks()
             for info in servable.slots:
-                external = self._external_interface(info)
+                external, fault = self._external_interface(info, uplinks, own)
                 if external is not None:
                     state.servable[info.slot] = info
                     state.externals[info.slot] = external
+                elif fault is not None:
+                    state.unservable[info.slot] = fault
+            self._report_uplinks(state.unservable)
         ok = self._claim(state, now)
         desired = self._desired(state, nodes, pods)
         ok &= self._apply(desired, model)
@@ -309,28 +340,74 @@ class Gateway:
         self._number_error = None
         return dict(numbers)
 
-    def _external_interface(self, info: SlotInfo) -> str | None:
-        """The slot's external interface on this node; None: it cannot be served here.
-        A failed lookup (transient) keeps the last answer, so a netlink hiccup never
-        makes a held slot look unservable (which would release it)."""
+    def _on_uplink_change(self) -> None:
+        """The kernel announced a link or default-route change (watcher thread)."""
+        self._uplinks_changed.set()
+        self.poke()
+
+    def _read_uplinks(self) -> UplinkView | None:
+        """The links as they are now; None when they cannot be read (a transient error:
+        the last answers stand, so a netlink hiccup never releases a held slot).
+
+        With a working watch the kernel is read again only after it announced a change,
+        and on every resync (the node's address moving is not announced): between them a
+        pass plans against the last read, which spares every pass a dump of the main
+        table (a route per node of the mesh)."""
+        watching = self._uplink_watcher is not None and self._uplink_watcher.working
+        if (watching and self._uplinks is not None and not self._uplinks_changed.is_set()
+                and self.clock() - self._uplinks_read_at < self.config.resync_interval):
+            return self._uplinks
+        self._uplinks_changed.clear()  # before reading: a change during the read counts
         try:
-            name = info.interface or self.kernel.default_route_interface()
-            if name is None:
-                self.loop.metrics.count_error("external-interface")
-                log.warning("slot=%s no default route: cannot find the external interface",
-                            slot_name(info.slot))
-                return None
-            if self.kernel.link_index(name) is None:
-                self.loop.metrics.count_error("external-interface")
-                log.warning("slot=%s external interface %s does not exist on this node",
-                            slot_name(info.slot), name)
-                return None
-            self._externals[info.slot] = name
-            return name
+            self._uplinks = self.kernel.read_uplinks()
         except KernelError as exc:
-            self.loop.metrics.count_error("external-interface")
-            log.warning("slot=%s external interface: %s", slot_name(info.slot), exc)
-            return self._externals.get(info.slot)
+            self._uplinks_changed.set()
+            self.loop.metrics.count_error("read-uplinks")
+            log.warning("cannot read the links: %s", exc)
+            return None
+        self._uplinks_read_at = self.clock()
+        return self._uplinks
+
+    def _external_interface(self, info: SlotInfo, uplinks: UplinkView | None, own: NodeInfo
+                            ) -> tuple[str | None, str | None]:
+        """The slot's external interface on this node, or None and why it cannot be served
+        here now. Without a fresh read of the links the last answer stands."""
+        if uplinks is None:
+            external = self._externals.get(info.slot)
+            return external, (None if external else "the links cannot be read")
+        external = info.interface or uplinks.default_interface
+        fault = compute_uplink_fault(uplinks, external, own.internal_ip)
+        if fault is not None:
+            self._externals.pop(info.slot, None)
+            return None, fault
+        assert external is not None
+        self._externals[info.slot] = external
+        return external, None
+
+    def _report_uplinks(self, faults: Mapping[SlotId, str]) -> None:
+        """Log each uplink fault once, when it appears and when it clears (not every
+        pass), with the slots it concerns."""
+        held = self.leases.held()
+
+        def by_fault(slots: Mapping[SlotId, str]) -> dict[str, list[SlotId]]:
+            grouped: dict[str, list[SlotId]] = {}
+            for slot, fault in sorted(slots.items()):
+                grouped.setdefault(fault, []).append(slot)
+            return grouped
+
+        now, before = by_fault(faults), by_fault(self._uplink_faults)
+        for fault, slots in now.items():
+            if before.get(fault) != slots:
+                self.loop.metrics.count_error("external-interface")
+                log.warning("uplink fault=%r releasing=%s not_claiming=%s", fault,
+                            ",".join(slot_name(s) for s in slots if s in held) or "-",
+                            ",".join(slot_name(s) for s in slots if s not in held) or "-")
+        for fault, slots in before.items():
+            cleared = [s for s in slots if s not in faults]
+            if cleared:
+                log.info("uplink fault cleared fault=%r servable_again=%s", fault,
+                         ",".join(slot_name(s) for s in cleared))
+        self._uplink_faults = dict(faults)
 
     def _read_records(self, model: EgressModel, leases: Mapping[str, Object]
                       ) -> dict[SlotId, SlotRecord]:
@@ -366,7 +443,7 @@ class Gateway:
             lease = leases.get(slot)
             self.leases.fence(slot, f"lease held by {lease.holder if lease else '?'}")
         for slot in plan.release:
-            ok &= self.leases.release(slot, "no longer servable here")
+            ok &= self.leases.release(slot, state.unservable.get(slot, "no longer servable here"))
         for slot in plan.adopt:
             ok &= self._acquire(state, slot) is not False
         taken = 0
@@ -672,6 +749,9 @@ class Gateway:
 
     def run(self) -> int:
         self.leases.start()
+        if self.ports.uplink_watch is not None:
+            self._uplink_watcher = UplinkWatcher(self.ports.uplink_watch,
+                                                 self._on_uplink_change).start()
         if self.config.metrics_address:
             self.loop.serve_metrics(self.config.metrics_address, self.render_metrics,
                                     self.ready)
@@ -682,6 +762,8 @@ class Gateway:
         try:
             self.loop.run(self.reconcile)
         finally:
+            if self._uplink_watcher is not None:
+                self._uplink_watcher.close()
             self.leases.stop()
             self.drain()
             if self._flow_log is not None:

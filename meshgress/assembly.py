@@ -24,6 +24,7 @@ from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster
 from meshgress.datastore import Datastore, DatastoreError
 from meshgress.datastore.file import FileDatastore
 from meshgress.datastore.options import KUBE
+from meshgress.prometheus import parse_listen_addresses
 from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
 from nodeagent.steering import LocalPod
 from wireguard.errors import WireGuardError
@@ -87,14 +88,25 @@ def _open_datastore(args: argparse.Namespace) -> Datastore:
         raise StartError(f"cannot open the datastore at {args.datastore}: {exc}") from exc
 
 
+def _listen(text: str) -> str | None:
+    """A --metrics-address value, checked before anything starts."""
+    try:
+        parse_listen_addresses(text)
+    except ValueError as exc:
+        raise StartError(f"--metrics-address: {exc}") from exc
+    return text or None
+
+
 def run_agent(args: argparse.Namespace) -> int:
     """`meshgress agent`."""
     config = AgentConfig(
         node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
         wireguard_backend=args.wireguard_backend, wireguard_log=args.wireguard_log,
         wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
-        metrics_address=args.metrics_address or None, resync_interval=args.resync_interval,
-        node_grace=args.node_grace)
+        metrics_address=_listen(args.metrics_address), resync_interval=args.resync_interval,
+        node_grace=args.node_grace, endpoint_ports=args.endpoint_ports,
+        metrics_allow_from=args.metrics_allow_from,
+        metrics_allow_namespaces=args.metrics_allow_namespaces)
     store = _open_datastore(args)
     try:
         pods = CniPodNetwork(args.cni_socket, config.state_dir / "cni")
@@ -116,7 +128,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
         max_slots=args.max_slots, wireguard_backend=args.wireguard_backend,
         wireguard_log=args.wireguard_log, wireguard_log_level=args.wireguard_log_level,
-        identity=args.identity, metrics_address=args.metrics_address or None,
+        identity=args.identity, metrics_address=_listen(args.metrics_address),
         flow_log=args.flow_log, resync_interval=args.resync_interval)
     store = _open_datastore(args)
     try:

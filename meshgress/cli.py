@@ -49,6 +49,14 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
     gw.add_argument("action", choices=("stop", "kill", "start"))
     gw.add_argument("node")
+    link = lab_sub.add_parser(
+        "link", help="take a node's underlay link down or bring it back (its default route "
+                     "is restored on up, as a host's network manager would)")
+    link.add_argument("node")
+    link.add_argument("state", choices=("down", "up"))
+    link.add_argument("--carrier", action="store_true",
+                      help="flap the switch side of the cable instead: the node's eth0 stays "
+                           "up and loses its carrier")
     status = lab_sub.add_parser("status", help="what the lab has and whether it runs")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     exe = lab_sub.add_parser("exec", help="run a command inside a lab node or the outside host")
@@ -270,6 +278,11 @@ def _run_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "gateway":
         lab.gateway(args.action, args.node)
         print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
+        return 0
+    if args.lab_command == "link":
+        lab.link(args.node, args.state, carrier=args.carrier)
+        print(f"lab {lab.name}: {args.node} underlay link {args.state}"
+              f"{' (carrier)' if args.carrier else ''}")
         return 0
     if args.lab_command == "add-node":
         node, timings = lab.add_node()

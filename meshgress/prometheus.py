@@ -6,16 +6,25 @@ Why it exists: both long-running processes export metrics and probes the same wa
 values the one way the exposition format defines. `Exposition` builds a page; `serve`
 runs the standard library's threaded HTTP server on its own thread until a stop event.
 
+Where they listen is a list of HOST:PORT (`parse_listen_addresses`): an IP address, or
+`node-ip` — this node's InternalIP, which the process learns from its Node object. The
+endpoints have no authentication, so they are meant for loopback (kubelet probes) and the
+node's internal address (Prometheus), never for every interface.
+
 Rendering and parsing (`parse_samples`, for tools that read a page back, such as
 `meshgress graph`) are purely computational; `serve` is the only I/O here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger("meshgress.metrics")
@@ -117,9 +126,64 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+NODE_IP = "node-ip"
+"""The host of a listen address that stands for this node's InternalIP."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    """An IP address, or NODE_IP."""
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen_addresses(text: str) -> tuple[ListenAddress, ...]:
+    """"HOST:PORT,HOST:PORT,...", HOST an IP address (IPv6 in brackets) or `node-ip`;
+    "" means none. Raises ValueError saying what is wrong. Purely computational."""
+    found: list[ListenAddress] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host, port = split_address(item)
+        if port == 0:
+            raise ValueError(f"{item!r}: the port must be 1-65535")
+        if host != NODE_IP:
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError:
+                raise ValueError(f"{item!r}: the host must be an IP address or {NODE_IP!r} "
+                                 "(this node's InternalIP)") from None
+        address = ListenAddress(host, port)
+        if address in found:
+            raise ValueError(f"{item!r} is listed twice")
+        found.append(address)
+    return tuple(found)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks the resolver for the address's name (a PTR lookup
+        # that can block for seconds and sends DNS queries from the node); it is only
+        # used to fill a CGI variable.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def serve(address: str, collect: Callable[[], str], health: Health,
           stop: threading.Event) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz on `address` until `stop` is set."""
+    """Serve /metrics, /healthz and /readyz on `address` (an IP address and port) until
+    `stop` is set (or the returned server is shut down). Raises OSError when it cannot
+    listen there."""
     host, port = split_address(address)
 
     class Handler(BaseHTTPRequestHandler):
@@ -143,13 +207,13 @@ def serve(address: str, collect: Callable[[], str], health: Health,
         def log_message(self, format: str, *args: object) -> None:
             log.debug(format, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = (_Server6 if ":" in host else _Server)((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
     def shutdown_on_stop() -> None:
         stop.wait()
         server.shutdown()
+        server.server_close()
 
     threading.Thread(target=shutdown_on_stop, name="metrics-stop", daemon=True).start()
     return server

@@ -17,8 +17,10 @@ share (Calico Felix, kopf):
    - any other is *temporary* (a kernel or datastore hiccup): logged, counted and retried
      with jittered exponential backoff, from `retry_interval` up to `resync_interval`;
 5. `/metrics`, `/healthz` and `/readyz` are served from the loop's metrics and the
-   component's own; SIGTERM and SIGINT stop the loop (the component decides what stopping
-   leaves in place);
+   component's own, on the listen addresses the component was given: fixed addresses at
+   once, `node-ip` ones as soon as the component reports this node's InternalIP (from
+   its Node object) and again whenever that changes; SIGTERM and SIGINT stop the loop
+   (the component decides what stopping leaves in place);
 6. an object the datastore cannot decode is skipped by its informer (one bad object
    never keeps a process from syncing) and counted in the
    `<prefix>datastore_rejected_objects{kind}` gauge.
@@ -28,6 +30,7 @@ Components keep their own state and passes; this module owns only the loop aroun
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import signal
@@ -35,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
@@ -141,6 +145,11 @@ class ReconcileLoop:
         self._failures_in_pass = 0
         self._backoff = retry_interval
         self._reported: dict[str, str] = {}
+        self._collect: Callable[[], str] | None = None
+        self._health: prometheus.Health = lambda: {"live": self.live(), "ready": False}
+        self._node_ip_ports: tuple[int, ...] = ()
+        self._node_ip: str | None = None
+        self._node_ip_servers: dict[int, ThreadingHTTPServer] = {}
 
     # -- caches ---------------------------------------------------------------------
 
@@ -245,17 +254,59 @@ class ReconcileLoop:
 
     # -- serving --------------------------------------------------------------------
 
-    def serve_metrics(self, address: str, render: Callable[[prometheus.Exposition], None],
+    def serve_metrics(self, addresses: str,
+                      render: Callable[[prometheus.Exposition], None],
                       ready: Callable[[], bool]) -> None:
-        """/metrics (the loop's figures, then the component's), /healthz, /readyz."""
+        """/metrics (the loop's figures, then the component's), /healthz, /readyz on every
+        address of `addresses` ("HOST:PORT,..."; see `prometheus.parse_listen_addresses`).
+        Fixed addresses listen now (OSError if one cannot); `node-ip` ones once
+        `serve_on_node_ip` names the address. ValueError for a malformed list."""
+        listen = prometheus.parse_listen_addresses(addresses)
+
         def collect() -> str:
             page = prometheus.Exposition()
             self.metrics.render(page)
             render(page)
             return page.render()
 
-        prometheus.serve(address, collect, lambda: {"live": self.live(), "ready": ready()},
-                         self.stop)
+        self._collect = collect
+        self._health = lambda: {"live": self.live(), "ready": ready()}
+        for address in listen:
+            if address.host != prometheus.NODE_IP:
+                prometheus.serve(str(address), collect, self._health, self.stop)
+                self.log.info("serving /metrics, /healthz, /readyz on %s", address)
+        self._node_ip_ports = tuple(a.port for a in listen if a.host == prometheus.NODE_IP)
+
+    def serve_on_node_ip(self, node_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+                         ) -> None:
+        """This node's InternalIP, as its Node object says now (None: not known yet): the
+        `node-ip` listeners move there. Cheap when nothing changed; a listener that could
+        not bind is tried again on the next call."""
+        if not self._node_ip_ports or node_ip is None or self._collect is None:
+            return
+        host = str(node_ip)
+        if host != self._node_ip:
+            for server in self._node_ip_servers.values():
+                server.shutdown()
+                server.server_close()
+            self._node_ip_servers = {}
+            self._node_ip = host
+        for port in self._node_ip_ports:
+            if port in self._node_ip_servers:
+                continue
+            address = str(prometheus.ListenAddress(host, port))
+            try:
+                self._node_ip_servers[port] = prometheus.serve(address, self._collect,
+                                                               self._health, self.stop)
+            except OSError as exc:
+                self.metrics.count_error("metrics-listen")
+                if self._reported.get("metrics-listen") != str(exc):
+                    self.log.error("cannot serve /metrics on the node's address %s: %s",
+                                   address, exc)
+                self._reported["metrics-listen"] = str(exc)
+                continue
+            self._reported.pop("metrics-listen", None)
+            self.log.info("serving /metrics, /healthz, /readyz on %s (node-ip)", address)
 
     def stop_on_signals(self, also: Callable[[], None] | None = None) -> None:
         """SIGTERM and SIGINT stop the loop (from the main thread only)."""

@@ -43,12 +43,17 @@ from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
 from meshgress.slots import SlotId, probe_source
-from nodeagent.firewall import FirewallSpec, compute_ruleset, with_steering
+from nodeagent.firewall import (
+    FirewallSpec,
+    compute_node_networks,
+    compute_ruleset,
+    with_steering,
+)
 from nodeagent.host import HostPort, NodeHost
 from nodeagent.managers import FirewallManager, MeshManager, SteeringManager
 from nodeagent.mesh import MeshInputs, MeshState, compute_mesh
 from nodeagent.metrics import AgentMetrics, SlotSample
-from nodeagent.options import DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
+from nodeagent.options import DEFAULT_ENDPOINT_PORTS, DEFAULT_METRICS_ADDRESS, DEFAULT_STATE_DIR
 from nodeagent.prober import SlotProber
 from nodeagent.routes import NetlinkRoutes, RouteAdapter
 from nodeagent.steering import (
@@ -102,6 +107,18 @@ class AgentConfig:
     node_grace: float = 30.0
     """How long a node that vanished from the datastore keeps its peer and routes (a
     re-list or a brief datastore hiccup must not tear the mesh down)."""
+    endpoint_ports: tuple[int, ...] = DEFAULT_ENDPOINT_PORTS
+    """meshgress's endpoint ports on every node, guarded by the node's table (the agent's
+    own metrics ports are added)."""
+    metrics_allow_from: tuple[ipaddress.IPv4Network, ...] = ()
+    metrics_allow_namespaces: tuple[str, ...] = ()
+
+    @property
+    def guarded_ports(self) -> tuple[int, ...]:
+        own = prometheus.parse_listen_addresses(self.metrics_address or "")
+        if not self.endpoint_ports:
+            return ()
+        return tuple(sorted(set(self.endpoint_ports) | {a.port for a in own}))
 
 
 @dataclass
@@ -141,6 +158,10 @@ class AgentState:
     mesh: MeshState | None = None
     steering: SteeringState | None = None
     mtu: int | None = None
+    node_addresses: frozenset[int] = frozenset()
+    """Every node's IPv4 InternalIP (this one's too), as of the last pass..."""
+    node_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    """... merged into networks (recomputed only when they change)."""
     published: bool = False
     first_apply_ok: bool = False
     waiting_for_node: bool = False
@@ -175,6 +196,8 @@ class Agent:
         self.state = AgentState()
         self.metrics = AgentMetrics(started_at=time.time())
         self._node_cache = NodeParseCache()
+        self._guarded_ports = config.guarded_ports
+        self._base: tuple[tuple[Any, ...], Ruleset] | None = None
         self.cni_ready = threading.Event()
         self._cni_thread: threading.Thread | None = None
 
@@ -224,12 +247,20 @@ class Agent:
         if own is None:
             return Pass(ran=False)
         step = self.loop.step
+        self.loop.serve_on_node_ip(own.internal_ip)
         if self.state.mtu is None:
             assert own.internal_ip is not None
             self.state.mtu = self.config.mtu or tunnel_mtu(
                 self.ports.host.underlay_mtu(str(own.internal_ip)), own.internal_ip.version == 6)
+        nodes = self._nodes_with_grace(time.time())
+        addresses = frozenset(int(n.internal_ip) for n in nodes
+                              if isinstance(n.internal_ip, ipaddress.IPv4Address))
+        if addresses != self.state.node_addresses:
+            self.state.node_addresses = addresses
+            self.state.node_networks = compute_node_networks(
+                ipaddress.IPv4Address(a) for a in addresses)
         mesh = compute_mesh(MeshInputs(
-            self_name=self.config.node_name, nodes=self._nodes_with_grace(time.time()),
+            self_name=self.config.node_name, nodes=nodes,
             private_key=self.private_key, mtu=self.state.mtu, cluster=self.config.cluster))
         self.state.mesh = mesh
         source = probe_source(own.pod_cidrs[0])
@@ -274,11 +305,26 @@ class Agent:
         return self.firewall.apply(base)
 
     def _base_ruleset(self) -> Ruleset:
-        return compute_ruleset(FirewallSpec(
+        """The table without steering. Computed again only when the nodes or the allowed
+        pods changed: the failover fast path and a pod's ADD call it too, and at 5,000
+        nodes checking the node set alone costs tens of milliseconds."""
+        allowed = set(self.config.metrics_allow_namespaces)
+        pods = tuple(sorted(pod.ip for pod in self._local_pods.values()
+                            if pod.namespace in allowed))
+        key = (self.state.node_networks, pods)
+        if self._base is not None and self._base[0] == key:
+            return self._base[1]
+        ruleset = compute_ruleset(FirewallSpec(
             cluster_pod_cidrs=tuple(c for c in self.config.cluster.pod_cidrs
                                     if isinstance(c, ipaddress.IPv4Network)),
             service_cidrs=tuple(c for c in self.config.cluster.service_cidrs
-                                if isinstance(c, ipaddress.IPv4Network))))
+                                if isinstance(c, ipaddress.IPv4Network)),
+            endpoint_ports=self._guarded_ports,
+            node_networks=self.state.node_networks,
+            endpoint_allowed_sources=self.config.metrics_allow_from,
+            endpoint_allowed_pods=pods))
+        self._base = (key, ruleset)
+        return ruleset
 
     def _local_pod_views(self) -> list[PodView]:
         """This node's pods with their labels (from the cache, or as the CNI hook read

@@ -2,9 +2,12 @@
 
 Why it exists: the node agent owns this table whole. It keeps the fail-closed promise —
 no pod packet leaves on the underlay in plaintext, and no packet from the underlay may
-claim a pod source — and it masquerades unselected pod traffic leaving the cluster. Egress
-steering adds its sets, maps and chain to the same table (`nodeagent.steering`);
-`with_steering` joins the two.
+claim a pod source — masquerades unselected pod traffic leaving the cluster, and guards
+meshgress's own endpoints (the agent's and the gateway's /metrics, /healthz, /readyz,
+which have no authentication): pods never reach them, on this node or another, and
+besides loopback only the cluster's nodes and configured sources do. Egress steering adds
+its sets, maps and chain to the same table (`nodeagent.steering`); `with_steering` joins
+the two.
 
 The generic model, plan and adapter live in `meshgress.kernel`; this module only decides
 what this table contains.
@@ -53,6 +56,9 @@ PRIORITY_MASQ = 100
 """[srcnat] the standard source-NAT slot."""
 PRIORITY_GUARD_OUT = 110
 """[srcnat + 10] after source NAT, so masqueraded packets already carry the node address."""
+PRIORITY_GUARD_ENDPOINTS = 0
+"""[filter] after destination NAT (-100): a Service in front of an endpoint is no way
+around the guard."""
 
 COUNTER_LEAK_OUT = "leak_out"
 COUNTER_SPOOF_IN = "spoof_in"
@@ -61,6 +67,13 @@ SET_NONMASQ = "nonmasq_v4"
 CHAIN_GUARD_OUT = "guard_out"
 CHAIN_GUARD_IN = "guard_in"
 CHAIN_MASQ = "masq"
+CHAIN_GUARD_ENDPOINTS = "guard_endpoints"
+COUNTER_ENDPOINT_PODS = "endpoint_pods"
+COUNTER_ENDPOINT_OTHER = "endpoint_other"
+SET_ENDPOINT_PORTS = "endpoint_ports"
+SET_NODES = "nodes_v4"
+SET_ENDPOINT_ALLOWED = "endpoint_allowed_v4"
+SET_ENDPOINT_PODS = "endpoint_pods_v4"
 
 
 def _networks(values: Iterable[ipaddress.IPv4Network | str]) -> tuple[ipaddress.IPv4Network, ...]:
@@ -84,18 +97,63 @@ class FirewallSpec:
     pod_interface_prefix: str = POD_HOST_VETH_PREFIX
     egress_interface_prefix: str = EGRESS_INTERFACE_PREFIX
     masquerade: bool = True
+    endpoint_ports: tuple[int, ...] = ()
+    """TCP ports of meshgress's endpoints on every node (none: no guard)."""
+    node_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    """Every node's InternalIP, merged (`compute_node_networks`): the sources allowed
+    besides loopback, and the addresses whose endpoints pods must not reach (from another
+    node their packets arrive masqueraded, so the guard has to stop them where they
+    start)."""
+    endpoint_allowed_sources: tuple[ipaddress.IPv4Network, ...] = ()
+    """More sources that may reach the endpoints (a monitoring network)."""
+    endpoint_allowed_pods: tuple[ipaddress.IPv4Address, ...] = ()
+    """Pods on this node that may reach them (say, Prometheus)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cluster_pod_cidrs",
                            tuple(sorted(set(_networks(self.cluster_pod_cidrs)))))
         object.__setattr__(self, "service_cidrs",
                            tuple(sorted(set(_networks(self.service_cidrs)))))
+        object.__setattr__(self, "endpoint_allowed_sources",
+                           tuple(sorted(set(_networks(self.endpoint_allowed_sources)))))
+        for port in self.endpoint_ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"endpoint port {port!r}: not a TCP port")
+        object.__setattr__(self, "endpoint_ports", tuple(sorted(set(self.endpoint_ports))))
+        if not all(isinstance(v, ipaddress.IPv4Network) for v in self.node_networks):
+            raise ValueError("node_networks: only IPv4 networks are supported")
+        if not all(isinstance(v, ipaddress.IPv4Address) for v in self.endpoint_allowed_pods):
+            raise ValueError("endpoint_allowed_pods: only IPv4 addresses are supported")
+        object.__setattr__(self, "endpoint_allowed_pods",
+                           tuple(sorted(set(self.endpoint_allowed_pods))))
         for what, name, limit in (
                 ("mesh_interface", self.mesh_interface, IFNAMSIZ - 1),
                 ("pod_interface_prefix", self.pod_interface_prefix, IFNAMSIZ - 2),
                 ("egress_interface_prefix", self.egress_interface_prefix, IFNAMSIZ - 2)):
             if not name or len(name) > limit or any(c in name for c in ' \t\n"*/\\'):
                 raise ValueError(f"{what} {name!r}: not a usable interface name or prefix")
+
+
+def compute_node_networks(addresses: Iterable[ipaddress.IPv4Address]
+                          ) -> tuple[ipaddress.IPv4Network, ...]:
+    """Node addresses as the fewest networks, sorted: consecutive addresses (nodes of one
+    subnet usually are) merge. Works on integers: at 5,000 nodes the standard library's
+    collapse takes a tenth of a second. Purely computational."""
+    values = sorted({int(a) for a in addresses})
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    nets: list[ipaddress.IPv4Network] = []
+    for lo, hi in runs:
+        if lo == hi:
+            nets.append(ipaddress.IPv4Network(lo))
+        else:
+            nets.extend(ipaddress.summarize_address_range(ipaddress.IPv4Address(lo),
+                                                          ipaddress.IPv4Address(hi)))
+    return tuple(nets)
 
 
 def _collapse(nets: Iterable[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
@@ -125,6 +183,16 @@ def compute_ruleset(spec: FirewallSpec) -> Ruleset:
       cluster pod and service ranges, leaving on neither the mesh nor an egress tunnel,
       is masqueraded to the node address. Egress tunnels keep the pod source on purpose:
       the gateway selects by it. With `spec.masquerade` False the chain exists but is empty.
+    guard_endpoints — filter, prerouting, priority 0 (after dstnat): TCP to the endpoint
+      ports. Loopback and the allowed pods pass. A packet from the cluster pod range to
+      this node (`fib daddr type local`) or to any node's address is counted in
+      `endpoint_pods` and dropped — here, where it starts: masqueraded on its way to
+      another node it would arrive there with this node's address. A packet to this node
+      from a source that is neither a node nor an allowed source is counted in
+      `endpoint_other` and dropped. Traffic the node itself sends never passes prerouting
+      (except over loopback), so the node and hostNetwork pods are unaffected, and pod
+      traffic to other pods on these ports is untouched. Without `endpoint_ports` there
+      is no such chain (nor its sets and counters).
     """
     cluster = _collapse(spec.cluster_pod_cidrs)
     nonmasq = _collapse(spec.cluster_pod_cidrs + spec.service_cidrs)
@@ -161,7 +229,7 @@ def compute_ruleset(spec: FirewallSpec) -> Ruleset:
         ),)
     masq = NftChain(CHAIN_MASQ, hook=Hook("nat", "postrouting", PRIORITY_MASQ),
                     rules=masq_rules)
-    return Ruleset(
+    base = Ruleset(
         family=NFT_FAMILY, table=NFT_TABLE, comment=TABLE_COMMENT,
         sets=(
             NftSet(SET_CLUSTER, "ipv4_addr", ("interval",), cluster),
@@ -174,6 +242,47 @@ def compute_ruleset(spec: FirewallSpec) -> Ruleset:
                        "packets claiming a pod source dropped on a non-cluster interface"),
         ),
         chains=(guard_out, guard_in, masq),
+    )
+    return _with_endpoint_guard(base, spec) if spec.endpoint_ports else base
+
+
+def _with_endpoint_guard(base: Ruleset, spec: FirewallSpec) -> Ruleset:
+    """`base` plus the guard_endpoints chain, its sets and counters (see compute_ruleset)."""
+    saddr, daddr = payload("ip", "saddr"), payload("ip", "daddr")
+    dport = match(payload("tcp", "dport"), set_ref(SET_ENDPOINT_PORTS))
+    local = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    rules = (
+        Rule.of(dport, match(meta("iifname"), "lo"), ACCEPT),
+        Rule.of(dport, match(saddr, set_ref(SET_ENDPOINT_PODS)), ACCEPT),
+        Rule.of(dport, match(saddr, set_ref(SET_CLUSTER)), local,
+                counter_ref(COUNTER_ENDPOINT_PODS), DROP),
+        Rule.of(dport, match(saddr, set_ref(SET_CLUSTER)), match(daddr, set_ref(SET_NODES)),
+                counter_ref(COUNTER_ENDPOINT_PODS), DROP),
+        Rule.of(dport, local, match(saddr, set_ref(SET_NODES), "!="),
+                match(saddr, set_ref(SET_ENDPOINT_ALLOWED), "!="),
+                counter_ref(COUNTER_ENDPOINT_OTHER), DROP),
+    )
+    chain = NftChain(CHAIN_GUARD_ENDPOINTS, rules=rules,
+                     hook=Hook("filter", "prerouting", PRIORITY_GUARD_ENDPOINTS))
+    return Ruleset(
+        family=base.family, table=base.table, comment=base.comment,
+        sets=(
+            *base.sets,
+            NftSet(SET_ENDPOINT_PORTS, "inet_service", (), spec.endpoint_ports),
+            NftSet(SET_NODES, "ipv4_addr", ("interval",), spec.node_networks),
+            NftSet(SET_ENDPOINT_ALLOWED, "ipv4_addr", ("interval",),
+                   _collapse(spec.endpoint_allowed_sources)),
+            NftSet(SET_ENDPOINT_PODS, "ipv4_addr", (), spec.endpoint_allowed_pods),
+        ),
+        counters=(
+            *base.counters,
+            NftCounter(COUNTER_ENDPOINT_PODS,
+                       "pod packets to a node's meshgress endpoints, dropped"),
+            NftCounter(COUNTER_ENDPOINT_OTHER,
+                       "packets from outside the cluster's nodes to this node's meshgress "
+                       "endpoints, dropped"),
+        ),
+        chains=(*base.chains, chain),
     )
 
 

@@ -74,6 +74,12 @@ class AgentMetrics:
         metric("meshgress_spoof_drops_packets_total", "counter",
                "Packets with a cluster pod source that arrived outside the mesh.",
                [("", spoof[0])])
+        metric("meshgress_endpoint_guard_drops_packets_total", "counter",
+               "Packets to meshgress's metrics and health endpoints dropped: from pods "
+               "(source=\"pod\", to this or another node), or to this node from outside the "
+               "cluster's nodes and the allowed sources (source=\"other\").",
+               [(_labels(source="pod"), counters.get("endpoint_pods", (0, 0))[0]),
+                (_labels(source="other"), counters.get("endpoint_other", (0, 0))[0])])
         hs: list[Sample] = []
         rx: list[Sample] = []
         tx: list[Sample] = []

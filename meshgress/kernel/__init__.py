@@ -9,7 +9,7 @@ package is the one copy:
 - `rtnetlink`: the rtnetlink message codec (pure): constants, attributes, and the
   requests and replies for links, addresses, routes, rules and IPv4 device settings;
 - `rtnl`: `Rtnl`, one NETLINK_ROUTE socket that sends those messages (batched, with
-  extended-ack errors), and `NetconfWatch`;
+  extended-ack errors), and its two notification watches, `NetconfWatch` and `LinkWatch`;
 - `netns`: entering a network namespace from a thread (setns), and running code there;
 - `sysctl`: reading and ensuring /proc/sys values;
 - `nft_model`: the generic nftables model (sets, maps, counters, chains, rules) and the

@@ -63,6 +63,9 @@ SOL_NETLINK: Final = 270
 NETLINK_ADD_MEMBERSHIP: Final = 1
 NETLINK_EXT_ACK: Final = 11
 NETLINK_GET_STRICT_CHK: Final = 12
+RTNLGRP_LINK: Final = 1
+RTNLGRP_IPV4_IFADDR: Final = 5
+RTNLGRP_IPV4_ROUTE: Final = 7
 RTNLGRP_IPV4_NETCONF: Final = 24
 
 # --- link attributes ------------------------------------------------------------------------
@@ -78,6 +81,9 @@ IFLA_INFO_DATA: Final = 2
 IFLA_INET_CONF: Final = 1
 VETH_INFO_PEER: Final = 1
 IFF_UP: Final = 0x1
+IFF_RUNNING: Final = 0x40
+"""Operationally up (RFC 2863): carrier present and not dormant. Cleared when a cable is
+pulled, a switch port or a veth's peer goes down, or the link itself is set down."""
 IFNAMSIZ: Final = 16
 """An interface name's buffer, NUL included: names are at most 15 bytes."""
 
@@ -217,6 +223,8 @@ class Link:
     mtu: int
     peer_index: int | None = None
     """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
+    running: bool = False
+    """IFF_RUNNING: operationally up, able to carry packets (`up` is only the admin state)."""
 
 
 _LINK_ATTRS: Final = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO))
@@ -232,7 +240,7 @@ def decode_link(body: bytes) -> Link:
     mtu = U32.unpack(attrs[IFLA_MTU])[0] if len(attrs.get(IFLA_MTU, b"")) == 4 else 0
     peer = U32.unpack(attrs[IFLA_LINK])[0] if len(attrs.get(IFLA_LINK, b"")) == 4 else None
     return Link(index, text_of(attrs.get(IFLA_IFNAME)), mac, bool(flags & IFF_UP), kind, mtu,
-                peer)
+                peer, bool(flags & IFF_RUNNING))
 
 
 def link_get_message(name: str) -> Message:

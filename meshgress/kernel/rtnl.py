@@ -11,7 +11,8 @@ answers each; errors are `NetlinkError`, an OSError carrying the errno and the k
 extended-ack message. Callers branch on errno, never on text.
 
 This is the apply layer's transport; the convenience methods below are the few reads and
-writes every caller would otherwise spell out again.
+writes every caller would otherwise spell out again. `NetconfWatch` and `LinkWatch` are
+the two notification sockets: they say *that* something changed, and callers read again.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
@@ -307,3 +310,87 @@ class NetconfWatch:
                     if conf is None or conf.index == rt.NETCONFA_IFINDEX_ALL:
                         changed = True
                 offset += (length + 3) & ~3
+
+
+class LinkWatch:
+    """Tells when the node's links may no longer carry traffic the way they did.
+
+    A netlink socket subscribed to the kernel's link notifications and, with
+    `default_routes`, its IPv4 route notifications. What counts as a change: a link
+    appears or disappears, or its administrative (`IFF_UP`) or operational
+    (`IFF_RUNNING`: carrier, not dormant) state flips; a default route (0.0.0.0/0) of the
+    main table is added, replaced or removed; or notifications were lost to a full
+    buffer. Everything else the kernel announces (an MTU, a counter, routes of other
+    tables or prefixes) is skipped, so a busy node does not wake the caller for nothing.
+
+    It does not say what the state now is: callers read it again (level-triggered), so a
+    notification that was lost or merged costs nothing but that read. Bound to the network
+    namespace of the creating thread.
+    """
+
+    def __init__(self, *, default_routes: bool = True) -> None:
+        self._sock, _ = _open_socket(False, socket.SOCK_NONBLOCK)
+        groups = [rt.RTNLGRP_LINK] + ([rt.RTNLGRP_IPV4_ROUTE] if default_routes else [])
+        for group in groups:
+            self._sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_ADD_MEMBERSHIP, group)
+        # Subscribed first, then read: a change in between is seen twice, never missed.
+        with Rtnl() as rtnl:
+            self._states = {link.index: (link.up, link.running) for link in rtnl.links()}
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> LinkWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a change arrives (True) or `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.changed()
+            readable, _, _ = select.select([self._sock], [], [], remaining)
+            if readable and self.changed():
+                return True
+
+    def changed(self) -> bool:
+        """Drain what arrived since the last call (non-blocking): whether any of it was a
+        change as defined above."""
+        changed = False
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: notifications were dropped
+                changed = True
+                continue
+            offset = 0
+            while offset + rt.NLMSGHDR.size <= len(data):
+                length, kind = rt.NLMSGHDR.unpack_from(data, offset)[:2]
+                if length < rt.NLMSGHDR.size:
+                    break
+                changed |= self._matters(kind, data[offset + rt.NLMSGHDR.size:offset + length])
+                offset += (length + 3) & ~3
+
+    def _matters(self, kind: int, body: bytes) -> bool:
+        if kind == rt.RTM_NEWLINK and len(body) >= rt.IFINFOMSG.size:
+            link = rt.decode_link(body)
+            previous = self._states.get(link.index)
+            self._states[link.index] = (link.up, link.running)
+            return previous != (link.up, link.running)  # a new link counts too
+        if kind == rt.RTM_DELLINK and len(body) >= rt.IFINFOMSG.size:
+            index = rt.IFINFOMSG.unpack_from(body)[2]
+            return self._states.pop(index, None) is not None
+        if kind in (rt.RTM_NEWROUTE, rt.RTM_DELROUTE) and len(body) >= rt.RTMSG.size:
+            family, dst_len, _src_len, _tos, table = rt.RTMSG.unpack_from(body)[:5]
+            return bool(family == socket.AF_INET and dst_len == 0
+                        and table == rt.RT_TABLE_MAIN)
+        return False

@@ -514,6 +514,34 @@ class Lab:
             self._start_agent(record, node)
             self._wait_agent(record, node)
 
+    # Underlay links --------------------------------------------------------------------
+
+    def link(self, node: str, state: str, *, carrier: bool = False) -> None:
+        """Take a node's underlay link down or bring it back, as a failing NIC or cable.
+
+        down: `ip link set eth0 down` inside the node (the kernel removes the routes
+        through it, its default route included); with `carrier`, the switch side of its
+        cable goes down instead: eth0 stays up without a carrier, and its routes stay.
+        up: the link comes back and, as a host's network manager would, the node's default
+        route is put back (meshgress never manages the host's own routes)."""
+        if state not in ("down", "up"):
+            raise LabError(f"lab link: the state is `down` or `up`, not {state!r}")
+        record = self._running_record()
+        topology = self._topology(record)
+        try:
+            member = topology.node(node)
+        except KeyError:
+            names = ", ".join(n.name for n in topology.nodes)
+            raise LabError(f"lab link: unknown node {node!r} (one of: {names})") from None
+        if carrier:
+            netns.ip_batch(topology.underlay_netns,
+                           [f"link set {member.underlay_ifname} {state}"])
+        else:
+            netns.ip_batch(member.netns, [f"link set eth0 {state}"])
+        if state == "up":
+            netns.ip_batch(member.netns, ["link set eth0 up",
+                                          f"route replace default via {OUTSIDE_ADDRESS}"])
+
     # Egress gateways -------------------------------------------------------------------
 
     def _start_egress(self, topology: LabTopology, record: LabRecord) -> None:

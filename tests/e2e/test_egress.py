@@ -15,7 +15,17 @@ import time
 import pytest
 
 from meshgress.datastore import Conflict, Invalid, Kind
-from tests.conftest import DATASTORES, keep_lab_logs, lab, lab_named, lab_store, run_meshgress
+from meshgress.lab.lab import Lab
+from meshgress.slots import LEASE_DURATION_SECONDS
+from tests.conftest import (
+    DATASTORES,
+    MESHGRESS,
+    keep_lab_logs,
+    lab,
+    lab_named,
+    lab_store,
+    run_meshgress,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -83,10 +93,10 @@ def processes_in(inodes):
     return found
 
 
-def _egress_lab(request):
+def _egress_lab(request, gateway_nodes=2):
     name = lab_named("e" + __import__("secrets").token_hex(3), request.param)
     failed_before = request.session.testsfailed
-    lab(name, "up", "--nodes", "2", "--gateway-nodes", "2")
+    lab(name, "up", "--nodes", "2", "--gateway-nodes", str(gateway_nodes))
     inodes = set()
     try:
         yield name
@@ -107,6 +117,12 @@ egress_lab = pytest.fixture(scope="module", params=DATASTORES)(_egress_lab)
 fresh_egress_lab = pytest.fixture(params=DATASTORES)(_egress_lab)
 """A lab of its own: failover is measured from a settled gateway layout (every slot held
 by the lab's own gateway processes, none restarted by an earlier test)."""
+
+
+@pytest.fixture(params=DATASTORES)
+def three_gateway_lab(request):
+    """A lab of its own with three gateway nodes."""
+    yield from _egress_lab(request, gateway_nodes=3)
 
 
 def test_payments_leaves_with_an_egress_ip_and_web_with_its_node_address(egress_lab):
@@ -616,3 +632,217 @@ def test_an_applied_policy_takes_effect_within_a_second(egress_lab, tmp_path):
     _object_command(name, "delete", "egresspolicy", "web-egress")
     for pod in pods:
         assert eventually(lambda pod=pod: seen_from(name, pod) == f"192.0.2.1{pod[-1]}")
+
+
+SOLO_IP = "192.0.2.203"
+GATEWAY_RULE_PRIORITY = 101
+GATEWAY_TABLES = range(52076, 52076 + 126)
+
+
+def slot_holders(name):
+    """egress IP -> node of its holder (None: not held)."""
+    return {s["egressIP"]: s["node"]
+            for s in json.loads(lab(name, "status", "--json").stdout)["slots"]}
+
+
+def ip_json(netns, *argv):
+    out = subprocess.run(["ip", "-n", netns, "-j", *argv], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def gateway_state(name, node):
+    """What a gateway process owns on its node, as the kernel shows it: egress IPs on its
+    links, slot interfaces, reply rules and routes in the gateway tables; and whether the
+    node has its default route."""
+    netns = f"mg-{name}-{node}"
+    links = ip_json(netns, "address", "show")
+    routes = ip_json(netns, "route", "show", "table", "all")
+    return {
+        "egress_ips": sorted(a["local"] for link in links for a in link.get("addr_info", [])
+                             if a.get("local") in EGRESS_IPS | {SOLO_IP}),
+        "slot_interfaces": sorted(link["ifname"] for link in links
+                                  if link["ifname"].startswith("mgeg")),
+        "rules": [r for r in ip_json(netns, "rule", "show")
+                  if r.get("priority") == GATEWAY_RULE_PRIORITY],
+        "routes": [r for r in routes if str(r.get("table", "")).isdigit()
+                   and int(r["table"]) in GATEWAY_TABLES],
+        "default_route": any(r.get("dst") == "default" and "table" not in r for r in routes),
+    }
+
+
+CLEAN_STANDBY = {"egress_ips": [], "slot_interfaces": [], "rules": [], "routes": [],
+                 "default_route": True}
+
+
+def solo_holder(s):
+    """The node whose gateway process holds solo's slot now (None: nobody)."""
+    lease = s.get_lease("egress-solo-0")
+    if lease is None or lease.holder is None or lease.expired(time.time()):
+        return None
+    return lease.holder.split("/")[0]  # the lab's gateways are NODE/PID
+
+
+def flap_round(name, victim, *, carrier):
+    """Take `victim`'s underlay link down for 6 s while web and payments pods send; return
+    the streams, the holders before, the node that took solo's slot while the link was
+    still down, and how long after the link went down it held the slot. The link goes
+    down in process (`Lab.link`, what `lab link` runs: the moment is known to within the
+    `ip` command) and comes back through the CLI."""
+    before = slot_holders(name)
+    streams = {pod: run_streams(name, pod, 16, flows=2 if pod.startswith("web") else 4)
+               for pod in ("web/app-node1", "web/app-node2", "payments/app-node1",
+                           "payments/app-node2")}
+    flag = ["--carrier"] if carrier else []
+    s = store(name)
+    try:
+        time.sleep(2)
+        started = time.monotonic()
+        Lab(name).link(victim, "down", carrier=carrier)
+        taker = eventually(lambda: (h := solo_holder(s)) not in (None, victim) and h,
+                           timeout=LEASE_DURATION_SECONDS + 3, interval=0.02)
+        taken_after = time.monotonic() - started
+        assert taker, f"nobody took {SOLO_IP} over from {victim}: {slot_holders(name)}"
+        time.sleep(max(0.0, 6 - (time.monotonic() - started)))
+        assert solo_holder(s) == taker, "the slot stays with the taker while the link is down"
+    finally:
+        s.close()
+        lab(name, "link", victim, "up", *flag)
+    results = {pod: json.loads(p.communicate(timeout=60)[0]) for pod, p in streams.items()}
+    return results, before, taker, taken_after
+
+
+def check_round(results, before, victim, budget):
+    """Web's streams (their only slot moved) came back on the same egress IP within
+    `budget`. Payments flows on slots of other gateways were not disturbed: their TCP
+    connections lost nothing, and their probe streams never left their egress IP and never
+    went quiet for as long as a failover takes (single probes late by a few tens of
+    milliseconds are the machine's: they come and go in every stream, also before the
+    flap, when other test runs load it). Returns the web streams' gaps."""
+    gaps = []
+    for pod, result in results.items():
+        for udp in result["udp"]:
+            first = {seen for _, seen in udp[:50] if seen}
+            last = {seen for _, seen in udp[-50:] if seen}
+            changes = [(round(t - udp[0][0], 3), seen) for i, (t, seen) in enumerate(udp)
+                       if i == 0 or seen != udp[i - 1][1]]
+            if pod.startswith("web"):
+                assert first == last == {SOLO_IP}, (pod, changes)
+                gaps.append(largest_gap(udp))
+                assert largest_gap(udp) <= budget, (pod, changes)
+            elif len(first) == 1 and before[next(iter(first))] != victim:
+                assert {seen for _, seen in udp if seen} == first, (pod, changes)
+                assert largest_gap(udp) < 0.5, (pod, changes)
+        for flow in result["tcp"] if pod.startswith("payments") else ():
+            source = dict(flow).get("source")
+            if source is not None and before[source] != victim:
+                errors = [v for k, v in flow if k == "error"]
+                assert not errors, f"{pod}: a flow through {source} was disturbed: {errors}"
+                assert sum(1 for k, _ in flow if k == "echo") > 150
+    return gaps
+
+
+def test_a_gateway_that_loses_its_link_hands_its_slots_over(three_gateway_lab):
+    """Three gateway nodes, one slot each: the lab's two (payments) and the only slot of
+    `solo` (192.0.2.203, which web's policy uses), so web's egress comes back only when
+    another gateway takes that slot over. Its holder loses its underlay link for 6 s —
+    `ip link set eth0 down` in its node, then, for the next holder, the switch side of its
+    cable (carrier lost). Each time: the slot is released at once and taken over while the
+    link is still down, web's probe streams are back on 192.0.2.203 within the lease
+    duration + 1 s, flows on the other gateways' slots lose nothing, and once the link is
+    back (its default route restored by the lab, as a network manager would) the old
+    holder is a clean standby: no egress IP, no slot interface, rule or route left."""
+    name = three_gateway_lab
+    s = store(name)
+    try:
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                 "metadata": {"name": "solo"},
+                 "spec": {"egressIPs": [SOLO_IP], "interface": "eth0"}})
+        s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
+                 "metadata": {"name": "web"},
+                 "spec": {"gateway": "solo", "namespaceSelector": {
+                     "matchLabels": {"team": "web"}}}})
+    finally:
+        s.close()
+    assert eventually(lambda: len(set(slot_holders(name).values()) - {None}) == 3, timeout=30)
+    for pod in ("web/app-node1", "web/app-node2"):
+        assert eventually(lambda pod=pod: seen_from(name, pod) == SOLO_IP)
+    budget = LEASE_DURATION_SECONDS + 1
+    report = []
+    for carrier in (False, True):
+        victim = slot_holders(name)[SOLO_IP]
+        results, before, taker, taken_after = flap_round(name, victim, carrier=carrier)
+        gaps = check_round(results, before, victim, budget)
+        report.append(f"{'carrier lost' if carrier else 'link down'} on {victim}: "
+                      f"{taker} held {SOLO_IP} {taken_after:.2f} s after the link went "
+                      f"down; web gaps {sorted(round(g * 1000) for g in gaps)} ms")
+        state = eventually(lambda v=victim: (st := gateway_state(name, v)) == CLEAN_STANDBY
+                           and st, timeout=15)
+        assert state, gateway_state(name, victim)
+        assert victim not in slot_holders(name).values()
+        for pod in ("web/app-node1", "web/app-node2"):
+            assert seen_from(name, pod) == SOLO_IP
+    print("\n" + "\n".join(report))
+
+
+REACH = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.5) as s:
+            s.sendall(b"GET /healthz HTTP/1.0\\r\\n\\r\\n")
+            s.settimeout(1.5)
+            print(target, "ok" if s.recv(64).startswith(b"HTTP/1.0 200") else "answered")
+    except OSError as exc:
+        print(target, type(exc).__name__)
+"""
+
+
+def reach(name, where, targets):
+    """Which of `targets` (HOST:PORT) answer /healthz from `where`: a lab node, a pod
+    (NAMESPACE/NAME) or `outside`. {target: "ok" or why not}."""
+    if where == "outside":
+        argv = ["nsenter", f"--net=/run/netns/mg-{name}-outside"]
+    elif "/" in where:
+        argv = ["nsenter", f"--net={pod_netns(name, where)}"]
+    else:
+        argv = [MESHGRESS, "lab", "--name", name, "exec",
+                where, "--"]
+    out = subprocess.run([*argv, sys.executable, "-c", REACH, *targets], capture_output=True,
+                         text=True, timeout=60).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_metrics_and_health_answer_the_nodes_only(egress_lab):
+    """The agents' (:9820) and the gateways' (:9821) endpoints listen on loopback and the
+    node's InternalIP only, and the nodes' tables keep pods and the outside host away from
+    them; the node itself (probes) and the other nodes (Prometheus) reach them."""
+    name = egress_lab
+    node1, node2, gw1 = "192.0.2.11", "192.0.2.12", "192.0.2.101"
+    agents = [f"{node1}:9820", f"{node2}:9820", f"{gw1}:9820"]
+    gateway = [f"{gw1}:9821"]
+    listening = subprocess.run(["ip", "netns", "exec", f"mg-{name}-gw1", "ss", "-Hltn"],
+                               capture_output=True, text=True).stdout
+    local = {line.split()[3] for line in listening.splitlines()}
+    assert {"127.0.0.1:9820", f"{gw1}:9820", "127.0.0.1:9821", f"{gw1}:9821"} <= local
+    assert not {"0.0.0.0:9820", "0.0.0.0:9821", "*:9820", "*:9821"} & local
+    assert reach(name, "node1", ["127.0.0.1:9820", *agents, *gateway]) == dict.fromkeys(
+        ["127.0.0.1:9820", *agents, *gateway], "ok")
+    assert reach(name, "gw1", ["127.0.0.1:9821", *gateway]) == dict.fromkeys(
+        ["127.0.0.1:9821", *gateway], "ok")
+    assert reach(name, "node2", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
+    for where in ("payments/app-node1", "web/app-node2", "outside"):
+        got = reach(name, where, ["169.254.1.1:9820", *agents, *gateway] if "/" in where
+                    else agents + gateway)
+        assert "ok" not in got.values() and "answered" not in got.values(), (where, got)
+    # What pods and the outside host tried is counted, on the node they started from or
+    # the node they aimed at.
+    scrape = ("import urllib.request as u; "
+              "print(u.urlopen('http://127.0.0.1:9820/metrics', timeout=2).read().decode())")
+    metrics = run_meshgress("lab", "--name", name, "exec", "node1", "--", sys.executable,
+                            "-c", scrape).stdout
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert samples['meshgress_endpoint_guard_drops_packets_total{source="pod"}'] > 0
+    assert samples['meshgress_endpoint_guard_drops_packets_total{source="other"}'] > 0

@@ -5,6 +5,7 @@ and that a pod's ADD waits for its steering."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,10 +18,19 @@ from meshgress.cluster import ENDPOINT_ANNOTATION, PUBLIC_KEY_ANNOTATION
 from meshgress.config import ClusterConfig
 from meshgress.datastore import Kind
 from meshgress.datastore.file import FileDatastore
+from meshgress.kernel.nft_model import parse_observed
 from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE
 from nodeagent.agent import Agent, AgentConfig, AgentPorts
-from nodeagent.firewall import CHAIN_GUARD_IN, CHAIN_GUARD_OUT, COUNTER_LEAK_OUT
+from nodeagent.firewall import (
+    CHAIN_GUARD_ENDPOINTS,
+    CHAIN_GUARD_IN,
+    CHAIN_GUARD_OUT,
+    COUNTER_LEAK_OUT,
+    SET_ENDPOINT_PODS,
+    SET_NODES,
+)
+from nodeagent.firewall import SET_ENDPOINT_PORTS as SET_ENDPOINT_PORTS_NAME
 from nodeagent.mesh import RouteSpec
 from nodeagent.routes import FakeRoutes
 from nodeagent.steering import CHAIN_STEER, LocalPod
@@ -104,15 +114,16 @@ def store(tmp_path: Path) -> Iterator[FileDatastore]:
     store.close()
 
 
-def make_agent(tmp_path: Path, store: FileDatastore, nft: FakeNftablesAdapter | None = None
-               ) -> tuple[Agent, RecordingPods, dict[str, Any]]:
+def make_agent(tmp_path: Path, store: FileDatastore, nft: FakeNftablesAdapter | None = None,
+               **config: Any) -> tuple[Agent, RecordingPods, dict[str, Any]]:
     fakes: dict[str, Any] = {"nft": nft or FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE),
                              "routes": FakeRoutes(), "wireguard": FakeBackend(),
                              "steering": FakeSteering(), "host": FakeHost()}
     pods = RecordingPods(fakes)
-    config = AgentConfig(node_name="node1", cluster=CLUSTER, state_dir=tmp_path / "state",
-                         metrics_address=None, retry_interval=0.05)
-    agent = Agent(config, store, AgentPorts(**fakes, pods=pods, prober=IdleProber))
+    settings = AgentConfig(**{"node_name": "node1", "cluster": CLUSTER,
+                              "state_dir": tmp_path / "state", "metrics_address": None,
+                              "retry_interval": 0.05, **config})
+    agent = Agent(settings, store, AgentPorts(**fakes, pods=pods, prober=IdleProber))
     return agent, pods, fakes
 
 
@@ -382,3 +393,56 @@ def test_a_restart_never_takes_the_steering_it_finds_out_of_the_table(tmp_path, 
         assert CHAIN_STEER in nft.state.chains
     finally:
         stop(agent, thread)
+
+
+def set_addresses(nft: FakeNftablesAdapter, name: str) -> set[ipaddress.IPv4Address]:
+    """Every address a set of the fake table covers."""
+    table = parse_observed(nft.read(), NFT_FAMILY, NFT_TABLE)
+    assert table is not None
+    covered: set[ipaddress.IPv4Address] = set()
+    for element in (json.loads(e) for e in table.sets[name].elements):
+        if isinstance(element, dict):
+            net = ipaddress.IPv4Network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+            covered |= set(net)
+        else:
+            covered.add(ipaddress.IPv4Address(element))
+    return covered
+
+
+def test_the_endpoint_guard_follows_the_nodes_and_the_allowed_pods(tmp_path, store):
+    """Every node's address (to keep pods away from theirs too, and to let them scrape)
+    and this node's pods of the allowed namespaces are in the table, as they come."""
+    agent, pods, fakes = make_agent(tmp_path, store, metrics_allow_namespaces=("monitoring",),
+                                    endpoint_ports=(9820, 9821, 9900))
+    nft = fakes["nft"]
+    thread = run_in_background(agent)
+    try:
+        assert pods.serving.wait(10)
+        a = ipaddress.IPv4Address
+        pods.hooks["ready"](LocalPod("monitoring", "prometheus-0", a("198.18.1.9")))
+        pods.hooks["ready"](LocalPod("web", "app", a("198.18.1.10")))
+        store.create(node("node3", "192.0.2.13", "198.18.3.0/24"))
+        want_nodes = {a("192.0.2.11"), a("192.0.2.12"), a("192.0.2.13")}
+        deadline = time.monotonic() + 5
+        while (set_addresses(nft, SET_NODES) != want_nodes
+               or set_addresses(nft, SET_ENDPOINT_PODS) != {a("198.18.1.9")}):
+            assert time.monotonic() < deadline, (set_addresses(nft, SET_NODES),
+                                                 set_addresses(nft, SET_ENDPOINT_PODS))
+            time.sleep(0.02)
+        table = parse_observed(nft.read(), NFT_FAMILY, NFT_TABLE)
+        assert table is not None and CHAIN_GUARD_ENDPOINTS in table.chains
+        ports = {json.loads(e) for e in table.sets[SET_ENDPOINT_PORTS_NAME].elements}
+        assert ports == {9820, 9821, 9900}
+        pods.hooks["removed"](LocalPod("monitoring", "prometheus-0", a("198.18.1.9")))
+        deadline = time.monotonic() + 5
+        while set_addresses(nft, SET_ENDPOINT_PODS):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        stop(agent, thread)
+
+
+def test_the_agent_guards_its_own_metrics_ports_too():
+    config = AgentConfig(node_name="n", metrics_address="127.0.0.1:9900,node-ip:9901")
+    assert config.guarded_ports == (9820, 9821, 9900, 9901)
+    assert AgentConfig(node_name="n", endpoint_ports=()).guarded_ports == ()  # no guard

@@ -75,6 +75,6 @@ def test_options_defaults():
     assert (args.node, args.datastore, args.state_dir, args.max_slots, args.wireguard_backend,
             args.metrics_address, args.flow_log, args.identity) == (
         "gw1", Path("/tmp/store"), Path("/var/lib/meshgress/gateway"), 1, "auto",
-        "0.0.0.0:9821", None, None)
+        "127.0.0.1:9821,node-ip:9821", None, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["--node", "gw1", "--datastore", "/x", "--max-slots", "0"])

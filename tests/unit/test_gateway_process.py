@@ -8,6 +8,7 @@ fencing (the IP goes first, at once), publishing, drain, and two gateways sharin
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.dataplane import EgressAddress, FakeKernel
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
+from gateway.uplink import UplinkWatcher
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
@@ -90,7 +92,7 @@ class FlakyStore:
         return getattr(self._store, name)
 
 
-def objects(ips: list[str]) -> list[dict[str, Any]]:
+def objects(ips: list[str], interface: str | None = None) -> list[dict[str, Any]]:
     def node(name: str, address: str, **extra: Any) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, **extra.pop("meta", {})},
@@ -108,7 +110,8 @@ def objects(ips: list[str]) -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p1", "namespace": "ns-a"},
          "spec": {"nodeName": "n1"}, "status": {"podIP": "198.18.1.10"}},
         {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
-         "metadata": {"name": "egw"}, "spec": {"egressIPs": ips}},
+         "metadata": {"name": "egw"},
+         "spec": {"egressIPs": ips, **({"interface": interface} if interface else {})}},
         {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressPolicy",
          "metadata": {"name": "team-a"},
          "spec": {"gateway": "egw", "namespaceSelector": {"matchLabels": {"team": "a"}}}},
@@ -116,29 +119,36 @@ def objects(ips: list[str]) -> list[dict[str, Any]]:
 
 
 class Harness:
-    def __init__(self, root: Path, clock: Clock, ips: list[str]) -> None:
+    def __init__(self, root: Path, clock: Clock, ips: list[str],
+                 interface: str | None = None) -> None:
         self.root = root
         self.clock = clock
         self.store = FileDatastore(root / "store", poll_interval=0.01, clock=clock)
-        for obj in objects(ips):
+        for obj in objects(ips, interface):
             self.store.create(obj)
         self.gateways: list[Gateway] = []
 
     def gateway(self, node: str = "gw1", *, store: Any = None, max_slots: int = 1,
-                identity: str | None = None) -> Gateway:
+                identity: str | None = None, uplink_watch: Any = None,
+                start_informers: bool = True, **config: Any) -> Gateway:
+        """A gateway on fakes; its informers started (unless the test runs its loop)."""
         kernel = FakeKernel({"eth0": (1500, bytes.fromhex("020000000001"))})
         garps: list[tuple[str, bytes, ipaddress.IPv4Address]] = []
         gw = Gateway(GatewayConfig(node_name=node, cluster=CLUSTER,
                                    state_dir=self.root / f"{node}-state",
                                    max_slots=max_slots,
-                                   identity=identity or f"{node}/{len(self.gateways)}"),
+                                   identity=identity or f"{node}/{len(self.gateways)}",
+                                   **config),
                      store or self.store,
                      GatewayPorts(kernel=kernel, wireguard=LinkedBackend(kernel),
                                   nft=FakeNftablesAdapter("inet", NFT_TABLE),
                                   probe=FakeProbe(),  # type: ignore[arg-type]
-                                  garp=lambda *args: garps.append(args)),
+                                  garp=lambda *args: garps.append(args),
+                                  uplink_watch=uplink_watch),
                      clock=self.clock)
         gw.garps = garps  # type: ignore[attr-defined]
+        if not start_informers:
+            return gw  # its own loop starts and stops them
         for informer in gw.loop.informers.values():
             informer.start()
         assert all(i.synced.wait(5) for i in gw.loop.informers.values())
@@ -176,8 +186,8 @@ def clock() -> Clock:
 def lab(tmp_path: Path, clock: Clock):
     made: list[Harness] = []
 
-    def make(ips: list[str]) -> Harness:
-        h = Harness(tmp_path, clock, ips)
+    def make(ips: list[str], interface: str | None = None) -> Harness:
+        h = Harness(tmp_path, clock, ips, interface)
         made.append(h)
         return h
 
@@ -443,3 +453,223 @@ def test_a_newcomer_listing_a_served_ip_never_takes_it(lab, clock):
     assert owner["EgressIPConflict"][0] == "False"
     [event] = events(h, "EgressIPConflict")
     assert event["regarding"]["name"] == "aa-new" and event["note"] == message
+
+
+def lose_default_route(k: FakeKernel) -> None:
+    k.default_routes.remove("eth0")
+
+
+@pytest.mark.parametrize("lose_uplink", [
+    lambda k: k.set_link("eth0", up=False),  # `ip link set eth0 down`: the route goes too
+    lambda k: k.set_link("eth0", running=False),  # cable pulled, switch port down
+    lose_default_route,
+], ids=["link set down", "carrier lost", "default route lost"])
+def test_a_holder_that_loses_its_uplink_releases_at_once_and_the_standby_takes_over(
+        lab, clock, lose_uplink):
+    """The datastore is still reachable (a local folder here), so renewals would go on:
+    the slot must be let go because the node's own link can no longer carry it."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    store = WatchingStore(h.store)
+    holder = h.gateway("gw1", store=store)
+    k = store.kernel = kernel(holder)
+    h.settle(holder)
+    standby = h.gateway("gw2")
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw1/0" and standby.held() == {}
+    lose_uplink(k)
+    holder.reconcile()  # the pass a kernel notification pokes
+    assert store.at_release == [{}], "the IP must be gone before the lease is released"
+    assert holder.held() == {} and k.egress == {}
+    lease = h.store.get_lease(SLOT0.lease_name)
+    assert lease is not None and lease.holder is None  # released, not left to expire
+    assert not {PUBLIC_KEY_ANNOTATION, ENDPOINT_ANNOTATION} & set(h.annotations(SLOT0))
+    assert holder.leases.renew(SLOT0)  # nothing left to renew: a no-op
+    assert h.store.get_lease(SLOT0.lease_name).holder is None  # type: ignore[union-attr]
+    time.sleep(0.05)  # the standby's informer sees the release
+    h.settle(standby)
+    assert h.holder(SLOT0) == "gw2/1"
+    assert EgressAddress("eth0", E0) in kernel(standby).egress
+    # While the link is down the old holder takes nothing, even a slot that is free.
+    standby.leases.release(SLOT0, "test")
+    clock.now += 10
+    holder.reconcile()
+    assert holder.held() == {} and k.egress == {}
+    # Tear-down of the rest (past the restart grace, which keeps interfaces).
+    assert k.routes == set() and k.rules == set()
+    assert [n for n in k.links if n.startswith("mgeg")] == []
+    assert holder.ports.probe.serving == {}  # type: ignore[union-attr]
+
+
+def test_when_the_link_returns_the_old_holder_is_a_clean_standby(lab, clock):
+    h = lab(["192.0.2.50"], interface="eth0")
+    holder, standby = h.gateway("gw1"), h.gateway("gw2")
+    h.settle(holder, standby)
+    k = kernel(holder)
+    assert h.holder(SLOT0) == "gw1/0"
+    k.set_link("eth0", up=False)
+    holder.reconcile()
+    time.sleep(0.05)
+    h.settle(standby, holder)
+    assert h.holder(SLOT0) == "gw2/1"
+    # The link comes back, and its default route with it (the host's network manager).
+    k.set_link("eth0", up=True)
+    k.default_routes.append("eth0")
+    clock.now += 10  # past the restart grace, renewals of the standby made by hand
+    standby.leases.renew(SLOT0)
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}
+    assert k.egress == {} and k.routes == set() and k.rules == set()
+    assert [n for n in k.links if n.startswith("mgeg")] == []
+    nft = holder.ports.nft
+    assert isinstance(nft, FakeNftablesAdapter) and nft.state is not None
+    assert not any(name.startswith("src_") for name in nft.state.sets)
+    # A standby with spare capacity serves again as soon as a slot is free.
+    standby.leases.release(SLOT0, "test")
+    time.sleep(0.05)
+    h.settle(holder)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in k.egress
+
+
+def test_links_that_cannot_be_read_keep_the_slot(lab):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    k = kernel(gw)
+    k.fail_uplinks = True  # a netlink hiccup: no reason to give anything up
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0} and EgressAddress("eth0", E0) in k.egress
+
+
+def test_a_slot_on_another_interface_stays_when_one_link_goes_down(lab):
+    h = lab(["192.0.2.50", "192.0.2.51"])
+    h.store.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                   "metadata": {"name": "other"},
+                   "spec": {"egressIPs": ["192.0.2.60"], "interface": "eth1"}})
+    time.sleep(0.05)
+    gw = h.gateway(max_slots=3)
+    k = kernel(gw)
+    k.links["eth1"] = (1500, bytes.fromhex("020000000002"))
+    k.default_routes.append("eth1")
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0, SLOT1, SlotId("other", 0)}
+    k.set_link("eth1", running=False)
+    gw.reconcile()
+    assert set(gw.held()) == {SLOT0, SLOT1}
+    assert {a.interface for a in k.egress} == {"eth0"}
+
+
+class OneShotWatch:
+    """A kernel notification, delivered when the test says so."""
+
+    def __init__(self) -> None:
+        self.fire = threading.Event()
+        self.closed = False
+
+    def wait(self, timeout: float) -> bool:
+        fired = self.fire.wait(timeout)
+        self.fire.clear()
+        return fired
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_link_notification_alone_makes_the_running_gateway_let_go(lab, clock):
+    """Nothing in the datastore changes and no resync is due (renewals and resyncs a
+    minute apart): the kernel's notification is what brings the pass that releases."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    watch = OneShotWatch()
+    gw = h.gateway(uplink_watch=watch, start_informers=False, resync_interval=60.0,
+                   renew_interval=60.0)
+    runner = threading.Thread(target=gw.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while h.holder(SLOT0) != "gw1/0" or EgressAddress("eth0", E0) not in kernel(gw).egress:
+            assert time.monotonic() < deadline, "the gateway never served its slot"
+            time.sleep(0.02)
+        time.sleep(0.3)  # quiet: the passes its own writes caused are over
+        kernel(gw).set_link("eth0", up=False)
+        lost = time.monotonic()
+        watch.fire.set()
+        while h.holder(SLOT0) is not None:
+            assert time.monotonic() - lost < 2.0, "the slot was not released"
+            time.sleep(0.01)
+        assert kernel(gw).egress == {}
+    finally:
+        gw.stop.set()
+        gw.poke()
+        runner.join(timeout=10)
+    assert not runner.is_alive() and watch.closed
+
+
+def test_the_links_are_read_again_when_the_kernel_says_so_and_on_every_resync(lab, clock):
+    """A pass does not dump the links and the main table (a route per mesh node) when
+    nothing was announced: only after a notification, on a resync, or every pass while
+    the watch does not work."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    gw = h.gateway()
+    k = kernel(gw)
+    reads: list[float] = []
+    read = k.read_uplinks
+
+    def counted() -> Any:
+        reads.append(clock.now)
+        return read()
+
+    k.read_uplinks = counted  # type: ignore[method-assign]
+    watcher = UplinkWatcher(OneShotWatch(), gw._on_uplink_change)  # never started
+    gw._uplink_watcher = watcher
+    h.settle(gw)
+    assert len(reads) == 1  # the first pass; the next ones plan against it
+    gw._on_uplink_change()  # what the watcher thread does on a notification
+    k.set_link("eth0", running=False)
+    gw.reconcile()
+    assert len(reads) == 2 and gw.held() == {}
+    gw.reconcile()
+    assert len(reads) == 2
+    clock.now += gw.config.resync_interval
+    gw.reconcile()
+    assert len(reads) == 3
+    watcher.working = False
+    gw.reconcile()
+    gw.reconcile()
+    assert len(reads) == 5
+
+
+class CutOffStore(FlakyStore):
+    """The datastore behind the lost link too: writes about leases fail when `fail`."""
+
+    def patch_annotations(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail:
+            raise DatastoreError("the datastore is unreachable")
+        return self._store.patch_annotations(*args, **kwargs)
+
+    def release_lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail:
+            raise DatastoreError("the datastore is unreachable")
+        return self._store.release_lease(*args, **kwargs)
+
+
+def test_a_holder_cut_off_from_the_datastore_too_stops_renewing_and_the_lease_expires(
+        lab, clock):
+    """When the lost link also carried the datastore, the release cannot be written: the
+    IP goes anyway, renewals stop, and the standby takes the slot once the lease expired."""
+    h = lab(["192.0.2.50"], interface="eth0")
+    store = CutOffStore(h.store)
+    holder = h.gateway("gw1", store=store)
+    standby = h.gateway("gw2")
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw1/0"
+    k = kernel(holder)
+    store.fail = True
+    k.set_link("eth0", up=False)
+    holder.reconcile()
+    assert holder.held() == {} and k.egress == {}
+    assert h.holder(SLOT0) == "gw1/0"  # the release could not be written
+    h.settle(standby)
+    assert h.holder(SLOT0) == "gw1/0" and standby.held() == {}
+    clock.now += 3.1  # the lease duration: nobody renewed it
+    time.sleep(0.05)
+    h.settle(standby, holder)
+    assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}

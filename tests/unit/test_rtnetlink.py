@@ -31,9 +31,13 @@ def test_a_link_is_decoded_with_kind_mtu_state_and_peer():
             + attr(4, struct.pack("=I", 1420)) + attr(5, struct.pack("=I", 2))
             + attr(1, bytes.fromhex("020000000001")) + attr(18, attr(1, b"wireguard\0")))
     assert rt.decode_link(body) == rt.Link(7, "wg0", "02:00:00:00:00:01", True, "wireguard",
-                                           1420, 2)
+                                           1420, 2, running=True)
     bare = rt.IFINFOMSG.pack(0, 0, 9, 0x1000, 0) + attr(4, struct.pack("=I", 1500))
-    assert rt.decode_link(bare) == rt.Link(9, "", "", False, None, 1500, None)
+    assert rt.decode_link(bare) == rt.Link(9, "", "", False, None, 1500, None, running=False)
+    # UP, BROADCAST, MULTICAST without RUNNING: what `ip link` shows as NO-CARRIER.
+    no_carrier = rt.IFINFOMSG.pack(0, 0, 3, 0x1003, 0)
+    link = rt.decode_link(no_carrier)
+    assert link.up and not link.running
 
 
 @pytest.mark.parametrize(("kwargs", "flags", "change", "mtu"), [
