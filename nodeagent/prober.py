@@ -12,10 +12,18 @@ as answered even if the echo itself came late: a slot busy with heavy traffic de
 echoes past the timeout, and taking its flows away then would be a false failover. Traffic
 only keeps a healthy slot healthy; only an echo makes a slot healthy.
 
+A slot whose holder runs on this very node (a gateway node's own agent) cannot be probed
+through its tunnel: the probe address is then this node's own, and the kernel delivers the
+probe locally. Such a slot is checked where it lives instead: it answers a round when the
+gateway's slot interface exists and the slot's egress IP is up on this node — the gateway
+keeps that IP up only while it renews the slot's lease, so a gateway that dies or stops
+renewing fails this check within the IP's lifetime (about 2 s) rather than at once.
+
 A change pokes the agent's loop, which moves only that slot's buckets. A slot never
 answered is not healthy (fail closed).
 
-Runs on its own thread; its only I/O is its sockets and /proc/thread-self/net/dev.
+Runs on its own thread; its only I/O is its sockets, an rtnetlink address dump when a
+slot is held on this node, and /proc/thread-self/net/dev.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshgress.kernel.rtnl import Rtnl
 from meshgress.slots import PROBE_ADDRESS, PROBE_PORT, SlotId
 from nodeagent.steering import ProbeTarget
 
@@ -124,7 +133,10 @@ class SlotProber:
             payload = self._token + struct.pack("!I", self._seq)
             sel = selectors.DefaultSelector()
             waiting: dict[SlotId, _SlotState] = {}
+            local = {slot for slot, state in states if state.target.local is not None}
             for slot, state in states:
+                if slot in local:
+                    continue
                 if state.sock is None:
                     state.sock = self._open(state)
                 if state.sock is None:
@@ -151,6 +163,7 @@ class SlotProber:
                         pass
             sel.close()
             received = _rx_packets()
+            answered |= _served_here([s for _, s in states if s.target.local], received)
             changed = False
             with self._lock:
                 for slot, state in states:
@@ -178,6 +191,26 @@ class SlotProber:
             if changed:
                 self._on_change()
             self._stop.wait(max(0.0, started + interval - time.monotonic()))
+
+
+def _served_here(states: list[_SlotState], interfaces: dict[str, int]) -> set[SlotId]:
+    """The locally held slots whose gateway interface exists and egress IP is up here."""
+    if not states:
+        return set()
+    try:
+        with Rtnl() as rtnl:
+            local_ips = {a.address for a in rtnl.addresses()}
+    except OSError as exc:
+        log.debug("reading this node's addresses: %s", exc)
+        return set()
+    served = set()
+    for state in states:
+        holder = state.target.local
+        if holder is not None and holder.gateway_interface in interfaces \
+                and holder.egress_ip in local_ips:
+            served.add(state.target.slot)
+            state.sent += 1
+    return served
 
 
 def _rx_packets() -> dict[str, int]:

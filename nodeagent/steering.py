@@ -79,6 +79,20 @@ class ProbeTarget:
     interval_ms: int
     timeout_ms: int
     failure_threshold: int
+    local: LocalHolder | None = None
+    """Set when the slot's holder runs on this very node: a probe cannot go through the
+    tunnel then (the probe address is this node's own, so the kernel delivers it locally),
+    so the slot is checked where it lives instead."""
+
+
+@dataclass(frozen=True)
+class LocalHolder:
+    """What shows, on this node, that the gateway holding a slot here serves it: the slot's
+    gateway interface exists and its egress IP is up (the gateway keeps the IP up only
+    while it renews its lease: the kernel removes it shortly after a renewal is missed)."""
+
+    gateway_interface: str
+    egress_ip: ipaddress.IPv4Address
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class SteeringInputs:
     kept_numbers: Mapping[SlotId, int] = field(default_factory=dict)
     """The number (mark, table) each slot has on this node now, read back from the kernel:
     kept, so that other slots coming and going never renumber a slot under its flows."""
+    node_name: str = ""
+    """This node: a slot whose holder runs here is checked locally, not probed."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,16 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
     return (view.policy.priority if view.policy else 0, view.name)
 
 
+def _local_holder(slot: SlotId, holder: SlotHolder, node_name: str) -> LocalHolder | None:
+    if not node_name or holder.node != node_name:
+        return None
+    try:
+        egress_ip = ipaddress.IPv4Address(holder.egress_ip)
+    except ValueError:
+        return None
+    return LocalHolder(slot.gateway_interface, egress_ip)
+
+
 def compute_steering(inputs: SteeringInputs) -> SteeringState:
     model = inputs.model
     all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
@@ -186,7 +212,8 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                             allowed_ips=[ALL_IPV4], persistent_keepalive=0)]))
             tenures[slot.node_interface] = holder.tenure
             probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
-                                      check.timeout_ms, check.failure_threshold))
+                                      check.timeout_ms, check.failure_threshold,
+                                      _local_holder(slot, holder, inputs.node_name)))
             rules.append((marks[slot], slot_table(numbers[slot])))
             routes.append((slot_table(numbers[slot]), slot.node_interface))
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)

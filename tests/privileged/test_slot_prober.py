@@ -129,3 +129,54 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
     finally:
         for proc in procs:
             stop(proc)
+
+
+LOCAL_PROBER = """
+import ipaddress, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from meshgress.slots import SlotId
+from nodeagent.prober import SlotProber
+from nodeagent.steering import LocalHolder, ProbeTarget
+out = open(sys.argv[2], "a", buffering=1)
+prober = SlotProber(sys.argv[3], lambda: None).start()
+local = LocalHolder(sys.argv[5], ipaddress.IPv4Address(sys.argv[6]))
+prober.set_targets((ProbeTarget(SlotId("g", 0), sys.argv[4], 100, 80, 3, local),))
+while True:
+    out.write(json.dumps({"t": time.time(), "healthy": bool(prober.healthy())}) + "\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_a_slot_held_on_this_node_is_checked_where_it_lives(
+        netns_factory: Callable[[str], str], tmp_path: Path) -> None:
+    """On a gateway node, the node's own agent cannot probe a slot held there through the
+    tunnel (PROBE_ADDRESS is then its own address: the kernel delivers the probe locally,
+    and nothing answers). It is healthy while the gateway's slot interface exists and the
+    egress IP is up on the node; unhealthy within the threshold once the IP is gone (the
+    gateway stopped renewing), healthy again when it is back."""
+    require_root()
+    node = netns_factory("gwnode")
+    gateway_iface, egress_ip = "mgeg00c0ffee", "192.0.2.77"
+    # The node's slot tunnel and the gateway's own slot interface, side by side; the
+    # gateway's carries PROBE_ADDRESS, as a real holder's does.
+    run(["ip", "-n", node, "link", "add", SLOT_INTERFACE, "type", "veth", "peer", "name",
+         gateway_iface])
+    for iface in (SLOT_INTERFACE, gateway_iface):
+        run(["ip", "-n", node, "link", "set", iface, "up"])
+    run(["ip", "-n", node, "addr", "add", f"{PROBE_SOURCE}/32", "dev", SLOT_INTERFACE])
+    run(["ip", "-n", node, "addr", "add", f"{PROBE_ADDRESS}/32", "dev", gateway_iface])
+    run(["ip", "-n", node, "addr", "add", f"{egress_ip}/32", "dev", "lo"])
+    log = tmp_path / "health.jsonl"
+    log.touch()
+    proc = spawn(["nsenter", f"--net={NETNS_DIR / node}", sys.executable, "-c", LOCAL_PROBER,
+                  str(REPO), str(log), PROBE_SOURCE, SLOT_INTERFACE, gateway_iface, egress_ip])
+    try:
+        _wait_for(log, True, timeout=10)
+        run(["ip", "-n", node, "addr", "del", f"{egress_ip}/32", "dev", "lo"])
+        assert _wait_for(log, False, timeout=3) < 1.0
+        run(["ip", "-n", node, "addr", "add", f"{egress_ip}/32", "dev", "lo"])
+        assert _wait_for(log, True, timeout=3) < 1.0
+        run(["ip", "-n", node, "link", "del", gateway_iface])
+        assert _wait_for(log, False, timeout=3) < 1.0
+    finally:
+        stop(proc)

@@ -12,6 +12,7 @@ from meshgress.lab.topology import lab_cluster_config
 from meshgress.slots import DROP_MARK, SlotId, assign_slot_numbers, slot_mark
 from nodeagent.steering import (
     BUCKETS,
+    LocalHolder,
     LocalPod,
     SteeringInputs,
     compute_buckets,
@@ -235,7 +236,7 @@ def test_buckets_spread_over_slots_and_a_failure_moves_only_its_own_buckets():
     assert compute_buckets(SLOTS, frozenset(), MARKS) is None
 
 
-def steering(healthy, failure_policy="FailClosed", kept=None):
+def steering(healthy, failure_policy="FailClosed", kept=None, node_name=""):
     key = generate_private_key()
     holders = {slot: SlotHolder(slot, f"gw{slot.index + 1}/1", public_key(generate_private_key()),
                                 f"192.0.2.10{slot.index + 1}:5190{slot.index}",
@@ -246,7 +247,17 @@ def steering(healthy, failure_policy="FailClosed", kept=None):
         model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
                              LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
         holders=holders, healthy=frozenset(healthy), private_key=key, mtu=1440,
-        probe_source=ipaddress.ip_address("198.18.1.0"), kept_numbers=kept or {}))
+        probe_source=ipaddress.ip_address("198.18.1.0"), kept_numbers=kept or {},
+        node_name=node_name))
+
+
+def test_a_slot_held_on_this_very_node_is_checked_locally_not_probed():
+    remote = {t.slot: t.local for t in steering(SLOTS, node_name="node1").probe_targets}
+    assert remote == {SLOTS[0]: None, SLOTS[1]: None}
+    on_gw1 = {t.slot: t.local for t in steering(SLOTS, node_name="gw1").probe_targets}
+    assert on_gw1 == {SLOTS[0]: LocalHolder(SLOTS[0].gateway_interface,
+                                            ipaddress.IPv4Address("192.0.2.201")),
+                      SLOTS[1]: None}
 
 
 def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules():
