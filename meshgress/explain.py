@@ -103,7 +103,7 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
                       "match the pod"
             lines.append(f"{head}: does not select this pod: {why}")
             continue
-        if not policy_view.accepted:
+        if not policy_view.accepted and not policy_view.drops_selected:
             lines.append(f"{head}: selects this pod but is NOT applied: "
                          f"{policy_view.reason}: {policy_view.message}")
             continue
@@ -115,13 +115,22 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
         if applied is None:
             applied = policy_view
             suffix = f" for {to}" if to is not None else ""
-            lines.append(f"{head}: selects this pod -> APPLIES{suffix}")
+            if policy_view.drops_selected:
+                lines.append(f"{head}: selects this pod -> DROPS its traffic{suffix}: "
+                             f"{policy_view.reason}: {policy_view.message}")
+            else:
+                lines.append(f"{head}: selects this pod -> APPLIES{suffix}")
         else:
             lines.append(f"{head}: selects this pod, but {applied.name} comes first")
     if applied is None or applied.policy is None:
         target = f"to {to}" if to is not None else "to outside the cluster"
         lines.append(f"verdict: traffic {target} is not steered: it leaves through its node "
                      "and is masqueraded to the node's address")
+        return lines
+    if applied.drops_selected:
+        target = f"to {to}" if to is not None else "to outside the cluster"
+        lines.append(f"verdict: traffic {target} is dropped (fail closed) until EgressGateway "
+                     f"{applied.policy.gateway} exists and is valid")
         return lines
     gateway = model.gateways[applied.policy.gateway]
     assert gateway.gateway is not None

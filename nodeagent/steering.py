@@ -237,23 +237,30 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     selected_pods: dict[str, int] = {}
     steered: set[ipaddress.IPv4Address] = set()
     policy_counters: list[NftCounter] = []
-    accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
-                      key=_policy_key)
-    for number, view in enumerate(accepted):
+    steered_views = sorted((v for v in model.policies.values()
+                            if v.policy and (v.accepted or v.drops_selected)), key=_policy_key)
+    for number, view in enumerate(steered_views):
         assert view.policy is not None
         local = sorted(pods_by_key[k].ip for k in view.selected if k in pods_by_key)
-        selected_pods[view.name] = len(local)
+        if view.accepted:
+            selected_pods[view.name] = len(local)
         if not local or not view.destinations:
             continue
         steered.update(local)
-        gw = model.gateways[view.policy.gateway]
-        assert gw.gateway is not None
-        slots = [slot for slot, _ in gw.slots]
-        buckets = compute_buckets(slots, usable_healthy, marks)
-        if buckets is None:
-            fallback = DROP_MARK if gw.gateway.failure_policy is FailurePolicy.FAIL_CLOSED else 0
-            buckets = tuple([fallback] * BUCKETS)
-        buckets_by_gateway[gw.name] = buckets
+        slots: list[SlotId] = []
+        if view.drops_selected:
+            buckets = tuple([DROP_MARK] * BUCKETS)
+        else:
+            gw = model.gateways[view.policy.gateway]
+            assert gw.gateway is not None
+            slots = [slot for slot, _ in gw.slots]
+            picked = compute_buckets(slots, usable_healthy, marks)
+            if picked is None:
+                fallback = (DROP_MARK if gw.gateway.failure_policy is FailurePolicy.FAIL_CLOSED
+                            else 0)
+                picked = tuple([fallback] * BUCKETS)
+            buckets = picked
+            buckets_by_gateway[gw.name] = buckets
         prefix = f"ep{number}"
         sets.append(NftSet(f"{prefix}_pods", "ipv4_addr", (), tuple(local)))
         sets.append(NftSet(f"{prefix}_dst", "ipv4_addr", ("interval",),

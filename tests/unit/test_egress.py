@@ -395,3 +395,36 @@ def test_explain_says_when_a_policy_or_gateway_runs_on_its_last_valid_generation
             "invalid: spec.egressIPs: must list at least one IP address") in text
     assert "left out, the datastore cannot read it: EgressPolicy broken (/store/broken.yaml): " \
            "not valid YAML: ..." in text
+
+
+@pytest.mark.parametrize("gateways", [(gateway(name="other"),),
+                                      (gateway(ips=("10.0.0.1/8",)),)],
+                         ids=["gateway-not-found", "gateway-invalid"])
+def test_a_policy_whose_gateway_is_missing_or_invalid_drops_its_pods_traffic(gateways):
+    """A typo in the gateway's name must not let selected pods leave with their node's
+    address: until the gateway exists (and is valid), their traffic is dropped."""
+    m = model(gateways=gateways, policies=(policy("payments"),))
+    assert m.policies["payments"].drops_selected
+    state = compute_steering(SteeringInputs(
+        model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
+                             LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
+        holders={}, healthy=frozenset(), private_key=generate_private_key(), mtu=1440,
+        probe_source=ipaddress.ip_address("198.18.1.0")))
+    sets = {s.name: s.elements for s in state.sets}
+    assert sets["ep0_pods"] == (ipaddress.ip_address("198.18.1.1"),)
+    assert state.steered_ips == {ipaddress.ip_address("198.18.1.1")}
+    pick = next(c for c in state.chains if c.name == "ep0_pick")
+    assert {m for _, m in pick.rules[0].statements[0]["mangle"]["value"]["map"]["data"]["set"]} \
+        == {DROP_MARK}
+
+
+def test_explain_says_a_policy_with_a_missing_gateway_drops_the_pods_traffic():
+    m = model(gateways=(), policies=(policy("payments", gw="egres"),))
+    pod = {"metadata": {"namespace": "payments", "name": "pay", "labels": {"app": "pay"}},
+           "spec": {"nodeName": "node1"}, "status": {"podIP": "198.18.1.1"}}
+    text = "\n".join(explain_pod(model=m, pod=pod, namespace_labels_=NAMESPACES["payments"],
+                                 holders={}, cluster=CLUSTER, node_addresses=set(), to=None))
+    assert "payments (priority 1000, gateway egres): selects this pod -> DROPS its traffic: " \
+           "GatewayNotFound: EgressGateway egres does not exist" in text
+    assert "verdict: traffic to outside the cluster is dropped (fail closed) until " \
+           "EgressGateway egres exists and is valid" in text
