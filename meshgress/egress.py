@@ -162,8 +162,8 @@ class PolicyView:
     @property
     def drops_selected(self) -> bool:
         """Not applied because its gateway is missing or invalid: the traffic it selects
-        is dropped meanwhile, as FailClosed does — a typo in a gateway's name never lets
-        selected pods leave with their node's address."""
+        that no applied policy steers is dropped meanwhile, as FailClosed does — a typo in
+        a gateway's name never lets selected pods leave with their node's address."""
         return self.policy is not None and self.reason in ("GatewayNotFound",
                                                            "GatewayInvalid")
     spec: Mapping[str, Any] | None = None

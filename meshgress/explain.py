@@ -78,8 +78,11 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
     lines = [f"pod {view.namespace}/{view.name} on {view.node or '?'}, IP {view.ip or '?'}",
              f"  namespace labels: {dict(namespace_labels_) or '{}'}",
              f"  pod labels: {dict(view.labels) or '{}'}"]
+    # As nodes try them: applied policies by priority, then those that only drop (their
+    # gateway missing or invalid), then the rest (shown, never applied).
     ordered = sorted(model.policies.values(),
-                     key=lambda v: (v.policy.priority if v.policy else 1 << 30, v.name))
+                     key=lambda v: (0 if v.accepted else 1 if v.drops_selected else 2,
+                                    v.policy.priority if v.policy else 1 << 30, v.name))
     applied: PolicyView | None = None
     for item in rejected:
         lines.append(f"  ! left out, the datastore cannot read it: {item.describe()}")

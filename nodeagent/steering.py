@@ -237,8 +237,12 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     selected_pods: dict[str, int] = {}
     steered: set[ipaddress.IPv4Address] = set()
     policy_counters: list[NftCounter] = []
+    # Policies whose gateway is missing or invalid come after every applied one: they drop
+    # what no applied policy steers (their own priority cannot be honoured without their
+    # gateway), so pods they select never leave with their node's address.
     steered_views = sorted((v for v in model.policies.values()
-                            if v.policy and (v.accepted or v.drops_selected)), key=_policy_key)
+                            if v.policy and (v.accepted or v.drops_selected)),
+                           key=lambda v: (not v.accepted, *_policy_key(v)))
     for number, view in enumerate(steered_views):
         assert view.policy is not None
         local = sorted(pods_by_key[k].ip for k in view.selected if k in pods_by_key)
