@@ -129,68 +129,95 @@ class SlotProber:
                 continue
             interval = min(s.target.interval_ms for _, s in states) / 1000
             timeout = min(s.target.timeout_ms for _, s in states) / 1000
-            self._seq += 1
-            payload = self._token + struct.pack("!I", self._seq)
-            sel = selectors.DefaultSelector()
-            waiting: dict[SlotId, _SlotState] = {}
-            local = {slot for slot, state in states if state.target.local is not None}
-            for slot, state in states:
-                if slot in local:
-                    continue
-                if state.sock is None:
-                    state.sock = self._open(state)
-                if state.sock is None:
-                    continue
-                try:
-                    state.sock.sendto(payload, (str(PROBE_ADDRESS), PROBE_PORT))
-                    state.sent += 1
-                    sel.register(state.sock, selectors.EVENT_READ, slot)
-                    waiting[slot] = state
-                except OSError:
-                    pass
-            answered: set[SlotId] = set()
-            deadline = started + timeout
-            while waiting.keys() - answered and time.monotonic() < deadline:
-                for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
-                    try:
-                        while True:
-                            data = sock.recv(64)
-                            if data == payload:
-                                answered.add(key.data)
-                    except (BlockingIOError, OSError):
-                        pass
-            sel.close()
+            answered = self._probe_round(states, started + timeout)
             received = _rx_packets()
             answered |= _served_here([s for _, s in states if s.target.local], received)
-            changed = False
-            with self._lock:
-                for slot, state in states:
-                    if self._slots.get(slot) is not state:
-                        continue
-                    rx = received.get(state.target.interface)
-                    traffic = rx is not None and state.rx_packets is not None \
-                        and rx > state.rx_packets
-                    state.rx_packets = rx
-                    if slot in answered or (traffic and state.healthy):
-                        state.answered += 1
-                        state.misses = 0
-                        if not state.healthy:
-                            state.healthy, changed = True, True
-                            state.transitions += 1
-                            log.info("slot %s/%d is healthy", slot.gateway, slot.index)
-                    else:
-                        state.misses += 1
-                        if state.healthy and state.misses >= state.target.failure_threshold:
-                            state.healthy, changed = False, True
-                            state.transitions += 1
-                            state.failures += 1
-                            log.warning("slot %s/%d missed %d probes: unhealthy",
-                                        slot.gateway, slot.index, state.misses)
-            if changed:
+            if self._record_round(states, answered, received):
                 self._on_change()
             self._stop.wait(max(0.0, started + interval - time.monotonic()))
+
+    def _probe_round(self, states: list[tuple[SlotId, _SlotState]],
+                     deadline: float) -> set[SlotId]:
+        """Send this round's probe through every remote slot's tunnel; the slots whose
+        echo came back before `deadline`."""
+        self._seq += 1
+        payload = self._token + struct.pack("!I", self._seq)
+        sel = selectors.DefaultSelector()
+        waiting: set[SlotId] = set()
+        for slot, state in states:
+            if state.target.local is not None:
+                continue
+            if state.sock is None:
+                state.sock = self._open(state)
+            if state.sock is None:
+                continue
+            try:
+                state.sock.sendto(payload, (str(PROBE_ADDRESS), PROBE_PORT))
+            except OSError:
+                continue
+            state.sent += 1
+            sel.register(state.sock, selectors.EVENT_READ, slot)
+            waiting.add(slot)
+        answered: set[SlotId] = set()
+        while waiting - answered and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                assert isinstance(key.fileobj, socket.socket)
+                if _drain_for(key.fileobj, payload):
+                    answered.add(key.data)
+        sel.close()
+        return answered
+
+    def _record_round(self, states: list[tuple[SlotId, _SlotState]], answered: set[SlotId],
+                      received: dict[str, int]) -> bool:
+        """Count the round into every slot's state; True when a slot's health changed."""
+        changed = False
+        with self._lock:
+            for slot, state in states:
+                if self._slots.get(slot) is not state:
+                    continue
+                rx = received.get(state.target.interface)
+                traffic = rx is not None and state.rx_packets is not None \
+                    and rx > state.rx_packets
+                state.rx_packets = rx
+                if slot in answered or (traffic and state.healthy):
+                    changed |= _answered(slot, state)
+                else:
+                    changed |= _missed(slot, state)
+        return changed
+
+
+def _drain_for(sock: socket.socket, payload: bytes) -> bool:
+    """Read what has arrived on a probe socket; True when this round's echo is among it."""
+    found = False
+    try:
+        while True:
+            found |= sock.recv(64) == payload
+    except OSError:  # BlockingIOError included: nothing more to read
+        pass
+    return found
+
+
+def _answered(slot: SlotId, state: _SlotState) -> bool:
+    state.answered += 1
+    state.misses = 0
+    if state.healthy:
+        return False
+    state.healthy = True
+    state.transitions += 1
+    log.info("slot %s/%d is healthy", slot.gateway, slot.index)
+    return True
+
+
+def _missed(slot: SlotId, state: _SlotState) -> bool:
+    state.misses += 1
+    if not state.healthy or state.misses < state.target.failure_threshold:
+        return False
+    state.healthy = False
+    state.transitions += 1
+    state.failures += 1
+    log.warning("slot %s/%d missed %d probes: unhealthy", slot.gateway, slot.index,
+                state.misses)
+    return True
 
 
 def _served_here(states: list[_SlotState], interfaces: dict[str, int]) -> set[SlotId]:

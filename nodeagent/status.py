@@ -15,6 +15,7 @@ the command exit non-zero, so it can gate scripts and probes.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from meshgress.cluster import NodeInfo, parse_node
 from meshgress.datastore import Datastore, Kind, RejectedObject
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from wireguard.backend import WireGuardBackend
-from wireguard.model import Device, PeerStats, tunnel_mtu
+from wireguard.model import Device, Peer, PeerStats, tunnel_mtu
 
 HANDSHAKE_STALE_SECONDS = 180
 """WireGuard re-handshakes every 2 minutes while traffic flows; 3 minutes means stale."""
@@ -104,48 +105,48 @@ def compute_status_report(node_name: str, nodes: list[NodeInfo], device: Device 
                             f"the WireGuard overhead ({expected_mtu})")
     by_key = {s.public_key: s for s in stats}
     configured = {p.public_key: p for p in device.peers} if device else {}
-    rows: list[PeerRow] = []
-    seen_keys: set[str] = set()
-    for node in sorted(nodes, key=lambda n: n.name):
-        if node.name == node_name:
-            continue
-        peer = configured.get(node.public_key) if node.public_key else None
-        if peer is None and node.pod_cidrs:
-            # A peer configured for this node's pod range but under another key?
-            peer = next((p for p in configured.values()
-                         if set(node.pod_cidrs) & set(p.allowed_ips)), None)
-        row_problems: list[str] = list(node.problems)
-        if node.public_key is None:
-            row_problems.append("publishes no public key")
-        if peer is None:
-            row_problems.append("no peer configured here")
-        elif node.public_key and peer.public_key != node.public_key:
-            row_problems.append("configured key differs from the published key")
-        stat = by_key.get(peer.public_key) if peer else None
-        age = None
-        if stat is not None and stat.last_handshake:
-            age = max(0.0, now - stat.last_handshake)
-            if age > HANDSHAKE_STALE_SECONDS and stat.tx_bytes:
-                row_problems.append(f"latest handshake {age:.0f}s ago")
-        if peer is not None:
-            seen_keys.add(peer.public_key)
-        rows.append(PeerRow(
-            node=node.name, published_key=node.public_key,
-            configured_key=peer.public_key if peer else None,
-            endpoint=peer.endpoint if peer else node.endpoint,
-            allowed_ips=tuple(str(n) for n in peer.allowed_ips) if peer else (),
-            handshake_age=age, rx_bytes=stat.rx_bytes if stat else 0,
-            tx_bytes=stat.tx_bytes if stat else 0, problems=tuple(row_problems)))
-    for key, peer in sorted(configured.items()):
-        if key not in seen_keys:
-            rows.append(PeerRow(
-                node="?", published_key=None, configured_key=key, endpoint=peer.endpoint,
-                allowed_ips=tuple(str(n) for n in peer.allowed_ips), handshake_age=None,
-                rx_bytes=0, tx_bytes=0, problems=("configured here but no node publishes it",)))
+    rows = [_peer_row(node, configured, by_key, now)
+            for node in sorted(nodes, key=lambda n: n.name) if node.name != node_name]
+    seen_keys = {row.configured_key for row in rows if row.configured_key}
+    rows += [PeerRow(node="?", published_key=None, configured_key=key, endpoint=peer.endpoint,
+                     allowed_ips=tuple(str(n) for n in peer.allowed_ips), handshake_age=None,
+                     rx_bytes=0, tx_bytes=0,
+                     problems=("configured here but no node publishes it",))
+             for key, peer in sorted(configured.items()) if key not in seen_keys]
     return StatusReport(node=node_name, interface_present=device is not None,
                         own_key_published=own_published, own_key_configured=own_configured,
                         mtu=device.mtu if device else None, expected_mtu=expected_mtu,
                         peers=tuple(rows), problems=tuple(problems), rejected=rejected)
+
+
+def _peer_row(node: NodeInfo, configured: Mapping[str, Peer],
+              stats: Mapping[str, PeerStats], now: float) -> PeerRow:
+    """Another node as this node's device sees it."""
+    peer = configured.get(node.public_key) if node.public_key else None
+    if peer is None and node.pod_cidrs:
+        # A peer configured for this node's pod range but under another key?
+        peer = next((p for p in configured.values()
+                     if set(node.pod_cidrs) & set(p.allowed_ips)), None)
+    problems: list[str] = list(node.problems)
+    if node.public_key is None:
+        problems.append("publishes no public key")
+    if peer is None:
+        problems.append("no peer configured here")
+    elif node.public_key and peer.public_key != node.public_key:
+        problems.append("configured key differs from the published key")
+    stat = stats.get(peer.public_key) if peer else None
+    age = None
+    if stat is not None and stat.last_handshake:
+        age = max(0.0, now - stat.last_handshake)
+        if age > HANDSHAKE_STALE_SECONDS and stat.tx_bytes:
+            problems.append(f"latest handshake {age:.0f}s ago")
+    return PeerRow(
+        node=node.name, published_key=node.public_key,
+        configured_key=peer.public_key if peer else None,
+        endpoint=peer.endpoint if peer else node.endpoint,
+        allowed_ips=tuple(str(n) for n in peer.allowed_ips) if peer else (),
+        handshake_age=age, rx_bytes=stat.rx_bytes if stat else 0,
+        tx_bytes=stat.tx_bytes if stat else 0, problems=tuple(problems))
 
 
 WATCHED_KINDS = (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY, Kind.EGRESS_POLICY,

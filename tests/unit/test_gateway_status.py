@@ -217,7 +217,9 @@ CONFLICT = object()
         [("Accepted", "True", "Accepted", "2 pods selected"),
          ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("lost", "nope", "a")], "lost", (
-        [("Accepted", "False", "GatewayNotFound", "EgressGateway nope does not exist"),
+        [("Accepted", "False", "GatewayNotFound",
+          "EgressGateway nope does not exist: the traffic of the 2 pods it selects is "
+          "dropped until it does"),
          ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("x", "egw", "a", 5), policy("y", "egw", "a", 5)], "x", (
         [("Accepted", "False", "Conflict", CONFLICT),
