@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +25,8 @@ from meshgress.lab.topology import LabSpecError
 from meshgress.manifests import ManifestError
 
 if TYPE_CHECKING:
-    from meshgress.lab.lab import Lab
-
-if TYPE_CHECKING:
     from meshgress.graph import ClusterGraph
+    from meshgress.lab.lab import Lab
 
 # Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
 # one of them runs, so `meshgress lab ...` stays quick to start.
@@ -229,85 +227,101 @@ def _print_status(status: dict[str, object]) -> None:
         print(f"  egress slot {slot['gateway']}/{slot['index']} {slot['egressIP']:<12} {holder}")
 
 
-def _run_lab(args: argparse.Namespace) -> int:
+def _lab_up(lab: Lab, args: argparse.Namespace) -> int:
+    topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
+                      datastore=args.datastore)
+    if args.datastore == "kube":
+        kube = lab.kube()
+        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
+              f"{kube.server_url} in network namespace {kube.netns}")
+        print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
+        print(f"export KUBECONFIG={kube.host_kubeconfig}")
+    else:
+        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
+              f"datastore {lab.datastore_dir}")
+    return 0
+
+
+def _after_dashes(command: Sequence[str]) -> list[str]:
+    command = list(command)
+    return command[1:] if command and command[0] == "--" else command
+
+
+def _lab_kubectl(lab: Lab, args: argparse.Namespace) -> int:
+    argv = lab.kubectl_argv(_after_dashes(args.kubectl_args))
+    os.execvp(argv[0], argv)
+
+
+def _lab_down(lab: Lab, args: argparse.Namespace) -> int:
+    report = lab.down()
+    print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
+          f"stopped {len(report['processes'])} processes")
+    return 0
+
+
+def _lab_status(lab: Lab, args: argparse.Namespace) -> int:
+    status = lab.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0 if status.get("up") else 1
+
+
+def _lab_exec(lab: Lab, args: argparse.Namespace) -> int:
+    argv = lab.exec_argv(args.target, _after_dashes(args.exec_command))
+    os.execvp(argv[0], argv)
+
+
+def _lab_agent(lab: Lab, args: argparse.Namespace) -> int:
+    lab.agent(args.action, args.node)
+    print(f"lab {lab.name}: agent on {args.node}: {args.action} done")
+    return 0
+
+
+def _lab_gateway(lab: Lab, args: argparse.Namespace) -> int:
+    lab.gateway(args.action, args.node)
+    print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
+    return 0
+
+
+def _lab_link(lab: Lab, args: argparse.Namespace) -> int:
+    lab.link(args.node, args.state, carrier=args.carrier)
+    print(f"lab {lab.name}: {args.node} underlay link {args.state}"
+          f"{' (carrier)' if args.carrier else ''}")
+    return 0
+
+
+def _lab_add_node(lab: Lab, args: argparse.Namespace) -> int:
+    node, timings = lab.add_node()
+    print(json.dumps({"node": node.name, **timings}) if args.json else node.name)
+    return 0
+
+
+def _lab_remove_node(lab: Lab, args: argparse.Namespace) -> int:
+    lab.remove_node(args.node)
+    return 0
+
+
+def _lab_add_pod(lab: Lab, args: argparse.Namespace) -> int:
+    namespace, sep, name = args.pod.partition("/")
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    if not sep or not namespace or not name or len(labels) != len(args.label):
+        raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
+    print(lab.add_pod(namespace, name, args.node, labels=labels or None))
+    return 0
+
+
+def _lab_graph(lab: Lab, args: argparse.Namespace) -> int:
+    from meshgress.lab.observe import lab_graph
+
+    return _write_graph(lab_graph(lab), args)
+
+
+def _lab_demo(lab: Lab, args: argparse.Namespace) -> int:
     from meshgress.lab.demo import run_demo
-    from meshgress.lab.lab import Lab
 
-    lab = Lab(args.name)
-    if args.lab_command == "up":
-        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
-                          datastore=args.datastore)
-        if args.datastore == "kube":
-            kube = lab.kube()
-            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
-                  f"{kube.server_url} in network namespace {kube.netns}")
-            print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
-            print(f"export KUBECONFIG={kube.host_kubeconfig}")
-        else:
-            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
-                  f"datastore {lab.datastore_dir}")
-        return 0
-    if args.lab_command == "kubectl":
-        command = list(args.kubectl_args)
-        if command and command[0] == "--":
-            command = command[1:]
-        argv = lab.kubectl_argv(command)
-        os.execvp(argv[0], argv)
-    if args.lab_command == "down":
-        report = lab.down()
-        print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
-              f"stopped {len(report['processes'])} processes")
-        return 0
-    if args.lab_command == "status":
-        status = lab.status()
-        if args.json:
-            print(json.dumps(status, indent=2))
-        else:
-            _print_status(status)
-        return 0 if status.get("up") else 1
-    if args.lab_command == "exec":
-        command = list(args.exec_command)
-        if command and command[0] == "--":
-            command = command[1:]
-        argv = lab.exec_argv(args.target, command)
-        os.execvp(argv[0], argv)
-    if args.lab_command == "agent":
-        lab.agent(args.action, args.node)
-        print(f"lab {lab.name}: agent on {args.node}: {args.action} done")
-        return 0
-    if args.lab_command == "gateway":
-        lab.gateway(args.action, args.node)
-        print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
-        return 0
-    if args.lab_command == "link":
-        lab.link(args.node, args.state, carrier=args.carrier)
-        print(f"lab {lab.name}: {args.node} underlay link {args.state}"
-              f"{' (carrier)' if args.carrier else ''}")
-        return 0
-    if args.lab_command == "add-node":
-        node, timings = lab.add_node()
-        print(json.dumps({"node": node.name, **timings}) if args.json else node.name)
-        return 0
-    if args.lab_command == "remove-node":
-        lab.remove_node(args.node)
-        return 0
-    if args.lab_command == "add-pod":
-        namespace, sep, name = args.pod.partition("/")
-        labels = dict(item.split("=", 1) for item in args.label if "=" in item)
-        if not sep or not namespace or not name or len(labels) != len(args.label):
-            raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
-        print(lab.add_pod(namespace, name, args.node, labels=labels or None))
-        return 0
-    if args.lab_command in ("apply", "get", "delete"):
-        return _run_lab_object_command(lab, args)
-    if args.lab_command == "graph":
-        from meshgress.lab.observe import lab_graph
-
-        return _write_graph(lab_graph(lab), args)
-    if args.lab_command == "demo":
-        return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
-            else 0
-    raise AssertionError(args.lab_command)
+    return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) else 0
 
 
 def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
@@ -329,6 +343,22 @@ def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
                         *(["-A"] if args.all_namespaces else [])]
     argv = lab.kubectl_argv(kubectl_args)
     os.execvp(argv[0], argv)
+
+
+_LAB_COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
+    "up": _lab_up, "kubectl": _lab_kubectl, "down": _lab_down, "status": _lab_status,
+    "exec": _lab_exec, "agent": _lab_agent, "gateway": _lab_gateway, "link": _lab_link,
+    "add-node": _lab_add_node, "remove-node": _lab_remove_node, "add-pod": _lab_add_pod,
+    "apply": _run_lab_object_command, "get": _run_lab_object_command,
+    "delete": _run_lab_object_command,
+    "graph": _lab_graph, "demo": _lab_demo,
+}
+
+
+def _run_lab(args: argparse.Namespace) -> int:
+    from meshgress.lab.lab import Lab
+
+    return _LAB_COMMANDS[args.lab_command](Lab(args.name), args)
 
 
 def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -502,34 +532,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_process(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from meshgress.assembly import run_agent, run_gateway
+
+    return run_agent(args) if args.command == "agent" else run_gateway(args)
+
+
+def _run_object(args: argparse.Namespace) -> int:
+    return _run_object_command(args, args.datastore, getattr(args, "cluster_config", None),
+                               args.kubeconfig)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "lab": _run_lab, "agent": _run_process, "gateway": _run_process, "status": _run_status,
+    "wg-config": _run_wg_config, "explain": _run_explain, "apply": _run_object,
+    "get": _run_object, "delete": _run_object, "graph": _run_graph,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "lab":
-            return _run_lab(args)
-        if args.command == "agent":
-            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from meshgress.assembly import run_agent
-
-            return run_agent(args)
-        if args.command == "gateway":
-            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from meshgress.assembly import run_gateway
-
-            return run_gateway(args)
-        if args.command == "status":
-            return _run_status(args)
-        if args.command == "wg-config":
-            return _run_wg_config(args)
-        if args.command == "explain":
-            return _run_explain(args)
-        if args.command in ("apply", "get", "delete"):
-            return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
-                                                                     None), args.kubeconfig)
-        if args.command == "graph":
-            return _run_graph(args)
+        return _COMMANDS[args.command](args)
     except ManifestError as exc:
         print(exc, file=sys.stderr)  # already in kubectl's words
         return 1
@@ -541,7 +567,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":
