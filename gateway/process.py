@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.claims import ORPHAN_GRACE_SECONDS, ClaimPlan, plan_claims
+from gateway.claims import ORPHAN_GRACE_SECONDS, ClaimLimits, ClaimPlan, plan_claims
 from gateway.compute import (
     SlotDataplane,
     SlotInfo,
@@ -433,9 +433,11 @@ class Gateway:
             slot: record.lease for slot, record in state.records.items()}
         plan = plan_claims(holder=self.identity, held=set(self.leases.held()), leases=leases,
                            servable=sorted(state.servable), now=now,
-                           max_slots=self.config.max_slots, free_since=self._free_since,
-                           orphan_grace=self.config.orphan_grace,
-                           orphans_allowed=now - self.started_at >= self.config.startup_grace)
+                           free_since=self._free_since,
+                           limits=ClaimLimits(
+                               max_slots=self.config.max_slots,
+                               orphan_grace=self.config.orphan_grace,
+                               orphans_allowed=now - self.started_at >= self.config.startup_grace))
         state.claims = plan
         self._free_since = dict(plan.free_since)
         ok = True
