@@ -480,7 +480,8 @@ class Gateway:
         if record is not None and info is not None and state.own is not None \
                 and state.own.internal_ip is not None:
             wanted = slot_lease_annotations(
-                public_key=self.public_key, internal_ip=state.own.internal_ip,
+                holder=self.identity, public_key=self.public_key,
+                internal_ip=state.own.internal_ip,
                 egress_ip=info.egress_ip, node=self.config.node_name,
                 number=state.numbers.get(slot))
             stale = slot_annotations_to_clear(record.annotations, wanted)
@@ -650,7 +651,7 @@ class Gateway:
             if mine is None or not mine.ready:
                 continue
             wanted = slot_lease_annotations(
-                public_key=self.public_key, internal_ip=own.internal_ip,
+                holder=self.identity, public_key=self.public_key, internal_ip=own.internal_ip,
                 egress_ip=s.egress_ip, node=self.config.node_name, number=s.number)
             record = state.records.get(s.slot)
             current = record.annotations if record else {}

@@ -57,8 +57,9 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                            "up and loses its carrier")
     status = lab_sub.add_parser("status", help="what the lab has and whether it runs")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    exe = lab_sub.add_parser("exec", help="run a command inside a lab node or the outside host")
-    exe.add_argument("target", help="a node name, `outside`, or a pod as NAMESPACE/NAME")
+    exe = lab_sub.add_parser(
+        "exec", help="run a command inside a lab node, a pod, the outside or the monitoring host")
+    exe.add_argument("target", help="a node name, `outside`, `monitor`, or a pod as NAMESPACE/NAME")
     exe.add_argument("exec_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
     agent = lab_sub.add_parser("agent", help="stop, start or restart a node's agent")
@@ -220,6 +221,8 @@ def _print_status(status: dict[str, object]) -> None:
     outside: dict[str, object] = status["outside"]  # type: ignore[assignment]
     print(f"  outside  {outside['address']}  echo tcp/udp {outside['tcpEchoPort']}  "
           f"{'running' if outside['running'] else 'DOWN'}")
+    monitor: dict[str, object] = status["monitor"]  # type: ignore[assignment]
+    print(f"  monitor  {monitor['address']}  may scrape every node's endpoints")
     for pod in status.get("pods") or []:  # type: ignore[attr-defined]
         print(f"  pod {pod['namespace']}/{pod['name']:<16} on {pod['node']:<6} {pod['address']}")
     for slot in status.get("slots") or []:  # type: ignore[attr-defined]

@@ -4,8 +4,10 @@ From the cluster's egress decisions (`meshgress.egress.compute_egress`), the slo
 published on leases and the health the prober measured, `compute_steering` derives this
 node's share:
 
-- one WireGuard interface per slot that has a holder (peer = the holder's slot key and
-  endpoint, allowed-ips 0.0.0.0/0), carrying the node's probe address;
+- one WireGuard interface per slot (peer = the holder's slot key and endpoint,
+  allowed-ips 0.0.0.0/0), carrying the node's probe address; a slot without a holder
+  keeps its interface without a peer and without a route to it, so a takeover changes a
+  peer in place instead of starting a tunnel (with wireguard-go, a process) from scratch;
 - per slot a routing table whose default route is that interface, selected by an
   `ip rule` on the slot's fwmark; and a drop table (`blackhole default`) for FailClosed;
 - nftables additions to the node's table: per policy a set of its local pods and a set of
@@ -203,13 +205,14 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
         check = gw.gateway.health_check
         for slot, _ip in gw.slots:
             holder = inputs.holders.get(slot)
-            if holder is None:
-                continue
             devices.append(Device(
                 slot.node_interface, private_key=inputs.private_key, listen_port=0,
                 mtu=inputs.mtu,
                 peers=[Peer(holder.public_key, endpoint=holder.endpoint,
-                            allowed_ips=[ALL_IPV4], persistent_keepalive=0)]))
+                            allowed_ips=[ALL_IPV4], persistent_keepalive=0)]
+                if holder is not None else []))
+            if holder is None:
+                continue
             tenures[slot.node_interface] = holder.tenure
             probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
                                       check.timeout_ms, check.failure_threshold,

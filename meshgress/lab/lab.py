@@ -2,9 +2,9 @@
 
 `Lab.up` builds the topology computed in `topology.py`: an underlay bridge in its own
 namespace, one namespace per node with a veth port on that bridge, an "outside" host with
-the echo service, and the cluster's Node and Namespace objects in its datastore: a file
-datastore, or (`datastore="kube"`) a real kube-apiserver in a control-plane namespace of
-the lab, whose part lives in `kube.py`. Each
+the echo service, a monitoring host the agents let scrape them, and the cluster's Node and
+Namespace objects in its datastore: a file datastore, or (`datastore="kube"`) a real kube-
+apiserver in a control-plane namespace of the lab, whose part lives in `kube.py`. Each
 node gets a mount namespace of its own, held open by an anchor process, with a private
 `/var/run/wireguard` (wireguard-go's socket folder is global otherwise) and its own state
 directory bound onto `/var/lib/meshgress`, so node processes use production paths and
@@ -44,6 +44,7 @@ from meshgress.lab import netns
 from meshgress.lab.topology import (
     ECHO_PORT,
     LAB_KUBE_NAMESPACES,
+    MONITOR_ADDRESS,
     OUTSIDE_ADDRESS,
     UNDERLAY_CIDR,
     LabNode,
@@ -255,11 +256,13 @@ class Lab:
         return topology
 
     def _build_network(self, topology: LabTopology) -> None:
-        for name in (topology.underlay_netns, topology.outside_netns):
+        for name in (topology.underlay_netns, topology.outside_netns, topology.monitor_netns):
             netns.add_netns(name)
         netns.ip_batch(topology.underlay_netns, [f"link add {topology.bridge} type bridge",
                                                  f"link set {topology.bridge} up"])
         self._attach(topology, "outside", topology.outside_netns, OUTSIDE_ADDRESS,
+                     default_route=False)
+        self._attach(topology, "monitor", topology.monitor_netns, MONITOR_ADDRESS,
                      default_route=False)
         for node in topology.nodes:
             self._build_node(topology, node)
@@ -467,6 +470,7 @@ class Lab:
             *self._datastore_args(record, "agent"),
             "--cluster-config", str(self.cluster_config_path),
             "--node-grace", "5", "--resync-interval", "5",
+            "--metrics-allow-from", f"{MONITOR_ADDRESS}/32",
             *self._wireguard_log_args(f"{node}-agent")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-agent"))
         record.agents[node] = pid
@@ -782,6 +786,7 @@ class Lab:
                 "udpEchoPort": ECHO_PORT,
                 "running": record.echo_pid is not None and netns.pid_alive(record.echo_pid),
             },
+            "monitor": {"address": str(MONITOR_ADDRESS), "netns": topology.monitor_netns},
         }
 
     def _datastore_status(self, record: LabRecord) -> dict[str, Any]:
@@ -810,16 +815,16 @@ class Lab:
 
     def exec_argv(self, target: str, command: list[str]) -> list[str]:
         """The argv that runs `command` inside TARGET: a node (its network and mount
-        namespaces) or `outside`."""
+        namespaces), `outside` or `monitor` (the monitoring host)."""
         if not command:
             raise LabError("lab exec: give a command after `--`")
         record = self.load_record()
         if record is None or not record.complete:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
         topology = self.topology()
-        if target == "outside":
-            return ["nsenter", f"--net={netns.netns_path(topology.outside_netns)}", "--",
-                    *command]
+        hosts = {"outside": topology.outside_netns, "monitor": topology.monitor_netns}
+        if target in hosts:
+            return ["nsenter", f"--net={netns.netns_path(hosts[target])}", "--", *command]
         if target in {n.name for n in topology.nodes}:
             # The node's name and datastore come along, so `meshgress status` just works
             # (on kube as the lab's admin, as an operator on the node would run it).
@@ -834,7 +839,7 @@ class Lab:
                 raise LabError(f"lab exec: no pod {target} in the lab")
             return ["nsenter", f"--net={netns.netns_path(self.pod_netns(namespace, name))}",
                     "--", *command]
-        names = ", ".join(["outside", *(n.name for n in topology.nodes), "NAMESPACE/POD"])
+        names = ", ".join([*hosts, *(n.name for n in topology.nodes), "NAMESPACE/POD"])
         raise LabError(f"lab exec: unknown target {target!r} (one of: {names})")
 
 

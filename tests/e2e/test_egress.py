@@ -804,8 +804,8 @@ for target in sys.argv[1:]:
 def reach(name, where, targets):
     """Which of `targets` (HOST:PORT) answer /healthz from `where`: a lab node, a pod
     (NAMESPACE/NAME) or `outside`. {target: "ok" or why not}."""
-    if where == "outside":
-        argv = ["nsenter", f"--net=/run/netns/mg-{name}-outside"]
+    if where in ("outside", "monitor"):
+        argv = ["nsenter", f"--net=/run/netns/mg-{name}-{where}"]
     elif "/" in where:
         argv = ["nsenter", f"--net={pod_netns(name, where)}"]
     else:
@@ -819,7 +819,8 @@ def reach(name, where, targets):
 def test_metrics_and_health_answer_the_nodes_only(egress_lab):
     """The agents' (:9820) and the gateways' (:9821) endpoints listen on loopback and the
     node's InternalIP only, and the nodes' tables keep pods and the outside host away from
-    them; the node itself (probes) and the other nodes (Prometheus) reach them."""
+    them; the node itself (probes), the other nodes and the monitoring host (allowed with
+    --metrics-allow-from) reach them."""
     name = egress_lab
     node1, node2, gw1 = "192.0.2.11", "192.0.2.12", "192.0.2.101"
     agents = [f"{node1}:9820", f"{node2}:9820", f"{gw1}:9820"]
@@ -834,6 +835,7 @@ def test_metrics_and_health_answer_the_nodes_only(egress_lab):
     assert reach(name, "gw1", ["127.0.0.1:9821", *gateway]) == dict.fromkeys(
         ["127.0.0.1:9821", *gateway], "ok")
     assert reach(name, "node2", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
+    assert reach(name, "monitor", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
     for where in ("payments/app-node1", "web/app-node2", "outside"):
         got = reach(name, where, ["169.254.1.1:9820", *agents, *gateway] if "/" in where
                     else agents + gateway)

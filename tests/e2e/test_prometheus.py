@@ -4,14 +4,14 @@ every query of every dashboard panel against the lab's real series, and fires th
 slot-unhealthy alert when the gateway holding a slot is killed, then resolves it once a
 standby has taken the slot over.
 
-The server runs in the lab's outside namespace, which sits on the underlay like a
-monitoring host (it reaches every node's InternalIP), with its own config and data
-folder, and is stopped by its PID (`lab down` would stop it too, as it stops every
-process in the lab's namespaces). Scrapes and rule evaluations run every second. The
-rules are the shipped file except one test-only change, made in a copy:
-`MeshgressEgressSlotUnhealthy` waits `for: 1s` instead of 2 minutes, because a standby
-takes a dead holder's slot over within seconds (the shipped 2 minutes is there so that
-such a failover never pages anyone).
+The server runs on the lab's monitoring host, which sits on the underlay outside the
+cluster and is let through the agents' endpoint guard by --metrics-allow-from (the outside
+host is not), with its own config and data folder, and is stopped by its PID (`lab down`
+would stop it too, as it stops every process in the lab's namespaces). Scrapes and rule
+evaluations run every second. The rules are the shipped file except one test-only change,
+made in a copy: `MeshgressEgressSlotUnhealthy` waits `for: 1s` instead of 2 minutes,
+because a standby takes a dead holder's slot over within seconds (the shipped 2 minutes is
+there so that such a failover never pages anyone).
 """
 
 import json
@@ -155,7 +155,7 @@ def prometheus(prom_lab, tmp_path_factory):
         AGENT_JOB: [f"{n['underlayAddress']}:{AGENT_PORT}" for n in nodes],
         GATEWAY_JOB: [f"{n['underlayAddress']}:{GATEWAY_PORT}" for n in nodes
                       if n["role"] == "gateway"]}
-    server = Prometheus(f"mg-{name}-outside", tmp_path_factory.mktemp("prometheus"), targets,
+    server = Prometheus(f"mg-{name}-monitor", tmp_path_factory.mktemp("prometheus"), targets,
                         rules_for_test(TEST_FOR))
     started = time.monotonic()
     server.start()

@@ -634,7 +634,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
 
         status = wait_until("EgressGateway Ready", gateway_ready, timeout=5)
         assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
-            ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady")]
+            ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady"),
+            ("EgressIPConflict", "False", "NoConflict"), ("InvalidSpec", "False", "Valid")]
         [slot] = status["slots"]
         assert {k: slot[k] for k in ("ip", "index", "holder", "node", "publicKey",
                                      "endpoint", "ready")} == {
@@ -645,7 +646,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
         assert status["observedGeneration"] == 1
         policy = world.store.get(Kind.EGRESS_POLICY, "team-a")["status"]
         assert [(c["type"], c["status"], c["reason"]) for c in policy["conditions"]] == [
-            ("Accepted", "True", "Accepted"), ("Conflict", "False", "NoConflict")]
+            ("Accepted", "True", "Accepted"), ("Conflict", "False", "NoConflict"),
+            ("InvalidSpec", "False", "Valid")]
         assert policy["selectedPods"] == 1 and policy["observedGeneration"] == 1
 
         # fencing: another holder owns the lease now (as after a partition longer than the

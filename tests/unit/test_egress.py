@@ -236,12 +236,12 @@ def test_buckets_spread_over_slots_and_a_failure_moves_only_its_own_buckets():
     assert compute_buckets(SLOTS, frozenset(), MARKS) is None
 
 
-def steering(healthy, failure_policy="FailClosed", kept=None, node_name=""):
+def steering(healthy, failure_policy="FailClosed", kept=None, node_name="", held=SLOTS):
     key = generate_private_key()
     holders = {slot: SlotHolder(slot, f"gw{slot.index + 1}/1", public_key(generate_private_key()),
                                 f"192.0.2.10{slot.index + 1}:5190{slot.index}",
                                 f"192.0.2.20{slot.index + 1}", f"gw{slot.index + 1}")
-               for slot in SLOTS}
+               for slot in held}
     m = model(gateways=(gateway(failurePolicy=failure_policy),))
     return compute_steering(SteeringInputs(
         model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
@@ -269,6 +269,16 @@ def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules()
     assert set(sets["egress_healthy"]) == {slot_mark(0), slot_mark(1)}
     assert (DROP_MARK, 51820) in state.rules and (slot_mark(0), 51821) in state.rules
     assert (51821, SLOTS[0].node_interface) in state.routes and (51820, None) in state.routes
+
+
+def test_a_slot_without_a_holder_keeps_its_tunnel_without_a_peer_or_a_route_to_it():
+    """A takeover then changes a peer in place instead of starting a tunnel."""
+    state = steering(healthy=(), held=SLOTS[:1])
+    assert [(d.name, len(d.peers)) for d in state.devices] == [
+        (SLOTS[0].node_interface, 1), (SLOTS[1].node_interface, 0)]
+    assert all(mark != slot_mark(1) for mark, _ in state.rules)
+    assert all(interface != SLOTS[1].node_interface for _, interface in state.routes)
+    assert [t.slot for t in state.probe_targets] == [SLOTS[0]]
 
 
 @pytest.mark.parametrize(("failure_policy", "mark"), [("FailClosed", DROP_MARK),
