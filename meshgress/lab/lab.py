@@ -658,14 +658,17 @@ class Lab:
                 labels: dict[str, str] | None = None,
                 record: LabRecord | None = None) -> str:
         """Create a pod the way kubelet and a runtime would: the Pod object first, then
-        a network namespace wired by the real CNI plugin on its node. Returns its IP."""
+        a network namespace wired by the real CNI plugin on its node. Returns its IP.
+        A pod that cannot be wired leaves nothing behind (object and namespace go)."""
         record = record or self.load_record()
         if record is None:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
         pod_ns = self.pod_netns(namespace, name)
-        container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
         store = self._store(record)
         try:
+            if any(p["metadata"]["namespace"] == namespace and p["metadata"]["name"] == name
+                   for p in store.list(Kind.POD).items):
+                raise LabError(f"pod {namespace}/{name} already exists")
             store.apply({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": namespace,
@@ -674,27 +677,41 @@ class Lab:
                 "spec": {"nodeName": node, "containers": [{"name": "app", "image": "none"}]},
                 "status": {"phase": "Pending"},
             })
-            netns.add_netns(pod_ns)
-            env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container_id,
-                   "CNI_NETNS": str(netns.netns_path(pod_ns)), "CNI_IFNAME": POD_IFNAME,
-                   "CNI_PATH": str(self.cni_bin_dir),
-                   "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
-            argv = self._node_argv(record, node, [
-                "env", *(f"{k}={v}" for k, v in env.items()),
-                str(self.cni_bin_dir / PLUGIN_NAME)])
-            config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress",
-                                 "type": PLUGIN_NAME, "socket": f"{NODE_RUN_DIR}/cni.sock"})
-            proc = netns.run(argv, input_text=config, check=False, timeout=30)
-            if proc.returncode != 0:
-                raise LabError(f"CNI ADD of pod {namespace}/{name} on {node} failed: "
-                               f"{proc.stdout.strip()} {proc.stderr.strip()}")
-            address = str(json.loads(proc.stdout)["ips"][0]["address"]).split("/")[0]
-            store.patch_status(Kind.POD, name, {
-                "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
-                "hostIP": str(self._topology(record).node(node).underlay_address),
-            }, namespace=namespace)
+            try:
+                address = self._wire_pod(record, store, namespace=namespace, name=name,
+                                         node=node, pod_ns=pod_ns)
+            except BaseException:
+                netns.delete_netns(pod_ns)
+                store.delete(Kind.POD, name, namespace)
+                raise
         finally:
             store.close()
+        return address
+
+    def _wire_pod(self, record: LabRecord, store: LabStore, *, namespace: str, name: str,
+                  node: str, pod_ns: str) -> str:
+        """The runtime's part: the pod's network namespace, CNI ADD on its node, and the
+        Pod's status as kubelet reports it."""
+        container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
+        netns.add_netns(pod_ns)
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container_id,
+               "CNI_NETNS": str(netns.netns_path(pod_ns)), "CNI_IFNAME": POD_IFNAME,
+               "CNI_PATH": str(self.cni_bin_dir),
+               "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
+        argv = self._node_argv(record, node, [
+            "env", *(f"{k}={v}" for k, v in env.items()),
+            str(self.cni_bin_dir / PLUGIN_NAME)])
+        config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress",
+                             "type": PLUGIN_NAME, "socket": f"{NODE_RUN_DIR}/cni.sock"})
+        proc = netns.run(argv, input_text=config, check=False, timeout=30)
+        if proc.returncode != 0:
+            raise LabError(f"CNI ADD of pod {namespace}/{name} on {node} failed: "
+                           f"{proc.stdout.strip()} {proc.stderr.strip()}")
+        address = str(json.loads(proc.stdout)["ips"][0]["address"]).split("/")[0]
+        store.patch_status(Kind.POD, name, {
+            "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
+            "hostIP": str(self._topology(record).node(node).underlay_address),
+        }, namespace=namespace)
         return address
 
     def pods(self) -> list[dict[str, Any]]:
