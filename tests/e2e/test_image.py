@@ -24,7 +24,7 @@ from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.lab import AGENT_METRICS_PORT, Lab
 from meshgress.lab.netns import call_in_netns
 from meshgress.licences import PythonDistribution, canonical_name, compute_violations
-from tests.conftest import run_meshgress
+from tests.conftest import lab
 from tests.run_owned import is_crashed_runs, owned
 
 BUILD_IMAGE = Path(__file__).resolve().parents[1] / "infra" / "build-image"
@@ -153,10 +153,6 @@ EOF
 # --- the agent of a lab node, run from the image -------------------------------------------
 
 
-def lab(name, *args, **kw):
-    return run_meshgress("lab", "--name", name, *args, **kw)
-
-
 def in_lab(name, target, *command, check=True, timeout=60):
     return lab(name, "exec", target, "--", *command, check=check, timeout=timeout)
 
@@ -184,7 +180,14 @@ def run_agent_container(image, lab_obj: Lab, node: str, netns_name: str,
     PID and IPC namespaces, only `capabilities`, no privilege escalation, read-only root."""
     built, podman = image
     state, run = lab_obj.node_dir(node) / "state", lab_obj.node_run_dir(node)
-    datastore, cluster = lab_obj.datastore_dir, lab_obj.cluster_config_path
+    cluster = lab_obj.cluster_config_path
+    record = lab_obj.load_record()
+    assert record is not None
+    # How the lab's own agent reaches the datastore: the file datastore's folder (bound at
+    # the same path), or the API server with a kubeconfig in the node's state folder.
+    datastore_args = lab_obj._datastore_args(record, "agent")
+    datastore_volumes = [] if record.datastore == "kube" else [
+        "--volume", f"{lab_obj.datastore_dir}:{lab_obj.datastore_dir}"]
     name = f"{owned(CONTAINER_PREFIX)}{secrets.token_hex(3)}"
     podman("run", "--detach", "--name", name,
            "--network", f"ns:/run/netns/{netns_name}", "--pid", "private", "--ipc", "private",
@@ -194,8 +197,8 @@ def run_agent_container(image, lab_obj: Lab, node: str, netns_name: str,
            "--volume", f"{state}:/var/lib/meshgress", "--volume", f"{run}:/run/meshgress",
            # Pods' network namespaces, as the CNI plugin names them (new ones appear too).
            "--volume", "/run/netns:/run/netns:rslave",
-           "--volume", f"{datastore}:{datastore}", "--volume", f"{cluster}:{cluster}:ro",
-           built["id"], "meshgress", "agent", "--node", node, "--datastore", str(datastore),
+           *datastore_volumes, "--volume", f"{cluster}:{cluster}:ro",
+           built["id"], "meshgress", "agent", "--node", node, *datastore_args,
            "--cluster-config", str(cluster), "--node-grace", "5", "--resync-interval", "5")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -231,10 +234,20 @@ def wait_until_gone(netns_name: str, ifname: str, timeout: float = 20) -> None:
     raise AssertionError(f"{ifname} in {netns_name} still exists after {timeout} s")
 
 
-def route_device(netns_name: str, address: str) -> str:
-    out = subprocess.run(["ip", "-n", netns_name, "-j", "route", "get", address],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)[0]["dev"]
+def wait_for_route_through(netns_name: str, address: str, device: str,
+                           timeout: float = 30) -> None:
+    """Until `address` is routed through `device` (a peer's pods are unreachable, not
+    routed elsewhere, until the agent has its handshake under way)."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        proc = subprocess.run(["ip", "-n", netns_name, "-j", "route", "get", address],
+                              capture_output=True, text=True, check=False)
+        seen = proc.stdout + proc.stderr
+        if proc.returncode == 0 and json.loads(proc.stdout)[0].get("dev") == device:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{address} not routed through {device} in {netns_name}: {seen}")
 
 
 @pytest.mark.e2e
@@ -264,7 +277,7 @@ def test_agent_from_the_image_meshes_a_lab_node_and_wires_its_pods(image, lab_na
         # is in the container's private /var/run/wireguard), and carries node2's pods.
         sockets = podman("exec", container, "ls", "/var/run/wireguard").stdout.split()
         assert sockets == [f"{WIREGUARD_INTERFACE}.sock"]
-        assert route_device(node1, b) == WIREGUARD_INTERFACE
+        wait_for_route_through(node1, b, WIREGUARD_INTERFACE)
         in_lab(lab_name, "payments/app-node1", "ping", "-c", "2", "-W", "2", b)
         in_lab(lab_name, "web/app-node2", "ping", "-c", "2", "-W", "2", a)
 
@@ -278,6 +291,7 @@ def test_agent_from_the_image_meshes_a_lab_node_and_wires_its_pods(image, lab_na
         container = run_agent_container(image, lab_obj, "node1", node1,
                                         ("NET_ADMIN", "NET_RAW", "SYS_ADMIN"))
         containers.append(container)
+        wait_for_route_through(node1, b, WIREGUARD_INTERFACE)
         lab(lab_name, "add-pod", "payments/late-node1", "--node", "node1")
         late = pod_ip(lab_name, "payments/late-node1")
         in_lab(lab_name, "payments/late-node1", "ping", "-c", "2", "-W", "2", b)
