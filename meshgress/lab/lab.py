@@ -7,7 +7,8 @@ Namespace objects in its datastore: a file datastore, or (`datastore="kube"`) a 
 apiserver in a control-plane namespace of the lab, whose part lives in `kube.py`. Each
 node gets a mount namespace of its own, held open by an anchor process, with a private
 `/var/run/wireguard` (wireguard-go's socket folder is global otherwise) and its own state
-directory bound onto `/var/lib/meshgress`, so node processes use production paths and
+and run directories bound onto `/var/lib/meshgress` and `/run/meshgress` (host folders, so
+an agent in a container can bind them too), so node processes use production paths and
 interface names unchanged. `Lab.down` removes every namespace, process and file the lab
 made; it finds them by the lab's name prefix, so it also cleans up after a crashed or
 killed `up`.
@@ -73,7 +74,7 @@ DATASTORES = ("file", "kube")
 
 ANCHOR_SCRIPT = """set -e
 mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{wg}"
-mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{run}"
+mount --bind "{node_run}" "{run}"
 mount --bind "{state}" "{node_state}"
 : > "{ready}"
 exec sleep infinity
@@ -149,6 +150,11 @@ class Lab:
 
     def node_dir(self, node: str) -> Path:
         return self.state_dir / "nodes" / node
+
+    def node_run_dir(self, node: str) -> Path:
+        """The node's /run/meshgress (the CNI socket), bound there in its mount namespace:
+        a folder on the host, so an agent in a container can bind it as well."""
+        return self.node_dir(node) / "run"
 
     def log_path(self, what: str) -> Path:
         return self.state_dir / "logs" / f"{what}.log"
@@ -361,6 +367,7 @@ class Lab:
         node_dir = self.node_dir(node.name)
         state = node_dir / "state"
         state.mkdir(parents=True, exist_ok=True)
+        self.node_run_dir(node.name).mkdir(mode=0o755, exist_ok=True)
         ready = node_dir / "anchor.ready"
         ready.unlink(missing_ok=True)
         # Mount points must exist on the host before a private mount can sit on them.
@@ -368,7 +375,8 @@ class Lab:
         Path(NODE_STATE_DIR).mkdir(parents=True, exist_ok=True)
         Path(NODE_RUN_DIR).mkdir(parents=True, exist_ok=True)
         script = ANCHOR_SCRIPT.format(wg=WIREGUARD_SOCKET_DIR, run=NODE_RUN_DIR, state=state,
-                                      node_state=NODE_STATE_DIR, ready=ready)
+                                      node_state=NODE_STATE_DIR, ready=ready,
+                                      node_run=self.node_run_dir(node.name))
         argv = ["nsenter", f"--net={netns.netns_path(node.netns)}",
                 "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script]
         return netns.spawn_detached(argv, self.log_path(f"{node.name}-anchor"))
