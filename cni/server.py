@@ -35,6 +35,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 from types import FrameType
@@ -148,13 +149,15 @@ def _remove_stale_socket(path: Path) -> None:
         path.unlink()
 
 
-def serve(socket_path: Path | str, service: CniService, stop: threading.Event) -> None:
+def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
+          on_listening: Callable[[], None] | None = None) -> None:
     """Serve CNI requests on `socket_path` until `stop` is set, then finish those in flight.
 
     Opens `service` first (idempotent). The socket is created mode 0600: only root (the
-    container runtime) may talk to the agent. Do not set `stop` from a signal handler of
-    the thread blocked here (Event.set would need a lock that thread may hold); set it
-    from another thread.
+    container runtime) may talk to the agent. `on_listening` runs once the socket accepts
+    requests (the agent writes the runtime's conflist then). Do not set `stop` from a
+    signal handler of the thread blocked here (Event.set would need a lock that thread may
+    hold); set it from another thread.
     """
     path = Path(socket_path)
     service.open()
@@ -174,6 +177,8 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event) -
         worker.start()
     log.info("CNI server listening on %s (pod CIDR %s)", path, service.pod_cidr)
     try:
+        if on_listening is not None:
+            on_listening()
         # Wake up now and then: a signal delivered to another thread does not interrupt a
         # plain wait, and the main thread runs Python signal handlers only when it wakes.
         while not stop.wait(0.5):

@@ -572,9 +572,16 @@ class Lab:
         self._wait_slots(record)
 
     def _start_gateway(self, record: LabRecord, node: str) -> int:
+        identity: list[str] = []
+        if record.datastore == "kube":
+            from meshgress.lab.kube import GATEWAY, component_pod_name
+
+            # As in the chart: the lease holder is the pod its token is bound to, which the
+            # chart's admission policy holds every lease write to.
+            identity = ["--identity", component_pod_name(GATEWAY, node)]
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "gateway", "--node", node,
-            *self._datastore_args(record, "gateway"),
+            *self._datastore_args(record, "gateway"), *identity,
             "--cluster-config", str(self.cluster_config_path),
             *self._wireguard_log_args(f"{node}-gateway")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))

@@ -260,6 +260,10 @@ def test_on_kube_each_process_authenticates_as_its_own_service_account(kube_lab_
         assert user["extra"]["authentication.kubernetes.io/pod-name"] == [
             f"meshgress-{component}-{node}"]
         assert "system:masters" not in user["groups"]
+        if component == "gateway":
+            # Its lease identity is the pod its token is bound to: the chart's admission
+            # policy refuses a lease write under any other name.
+            assert argv[argv.index("--identity") + 1] == f"meshgress-gateway-{node}"
     # The agents published their keys on their own Nodes, under those identities.
     store = lab_store(name)
     try:
