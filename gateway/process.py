@@ -67,7 +67,7 @@ from gateway.garp import announce
 from gateway.leases import LeaseKeeper, slot_name
 from gateway.metrics import GatewayMetrics, SlotSample
 from gateway.options import DEFAULT_STATE_DIR
-from gateway.probe import ProbeResponder
+from gateway.probe import ProbeResponder, ProbeSocket
 from gateway.rules import SlotRules, compute_gateway_ruleset
 from gateway.status import (
     REPORTING_CONTROLLER,
@@ -578,12 +578,12 @@ class Gateway:
         except NotWireGuardDeviceError:
             self.kernel.delete_link(name)
 
-    def _probe_interfaces(self, slots: list[SlotDataplane]) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
+    def _probe_interfaces(self, slots: list[SlotDataplane]) -> dict[str, ProbeSocket]:
+        out: dict[str, ProbeSocket] = {}
         for s in slots:
             index = self.kernel.link_index(s.interface)
             if index is not None:
-                out[s.interface] = (index, s.mark)
+                out[s.interface] = ProbeSocket(index, s.mark, s.egress_ip)
         return out
 
     def _apply_plan(self, plan: DataplanePlan, slots: list[SlotDataplane],
@@ -595,8 +595,8 @@ class Gateway:
             self.leases.forget_address(address)
             ok &= step("remove-ip", partial(k.delete_egress_address, address))
             log.info("egress ip removed ip=%s interface=%s", address.ip, address.interface)
-        for name in plan.add_probe_addresses:
-            ok &= step("probe-address", partial(k.add_probe_address, name))
+        for name in plan.add_interface_addresses:
+            ok &= step("interface-address", partial(k.add_interface_address, name))
         for name in plan.set_rp_filter:
             ok &= step("rp-filter", partial(k.set_rp_filter, name, RP_FILTER_LOOSE))
         for route in plan.add_routes:

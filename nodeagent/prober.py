@@ -1,10 +1,10 @@
 """Health of every egress slot, probed from this node through the slot's own tunnel.
 
-Failover must be sub-second and must reflect the path this node's packets really take,
-so each node measures it itself: every interval it sends one UDP datagram per slot from
-its probe address, bound to the slot's tunnel interface, to the gateway's probe
-responder, and waits `timeout` for the echo. `failure_threshold` misses in a row make a
-slot unhealthy; one answer makes it healthy again.
+Failover must be sub-second and must reflect the path this node's packets really take, so
+each node measures it itself: every interval it sends one UDP datagram per slot from its
+probe address, bound to the slot's tunnel interface, to the gateway's probe responder at
+the slot's egress IP, and waits `timeout` for the echo. `failure_threshold` misses in a
+row make a slot unhealthy; one answer makes it healthy again.
 
 A round in which the slot's tunnel received anything (its rx packet counter moved: only
 the holder's key can produce packets there, so the holder is alive and reachable) counts
@@ -13,7 +13,7 @@ echoes past the timeout, and taking its flows away then would be a false failove
 only keeps a healthy slot healthy; only an echo makes a slot healthy.
 
 A slot whose holder runs on this very node (a gateway node's own agent) cannot be probed
-through its tunnel: the probe address is then this node's own, and the kernel delivers the
+through its tunnel: the egress IP is then this node's own, and the kernel delivers the
 probe locally. Such a slot is checked where it lives instead: it answers a round when the
 gateway's slot interface exists and the slot's egress IP is up on this node — the gateway
 keeps that IP up only while it renews the slot's lease, so a gateway that dies or stops
@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshgress.kernel.rtnl import Rtnl
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT, SlotId
+from meshgress.slots import PROBE_PORT, SlotId
 from nodeagent.steering import ProbeTarget
 
 log = logging.getLogger("meshgress.prober")
@@ -152,7 +152,7 @@ class SlotProber:
             if state.sock is None:
                 continue
             try:
-                state.sock.sendto(payload, (str(PROBE_ADDRESS), PROBE_PORT))
+                state.sock.sendto(payload, (str(state.target.address), PROBE_PORT))
             except OSError:
                 continue
             state.sent += 1

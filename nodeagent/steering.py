@@ -78,12 +78,15 @@ class LocalPod:
 class ProbeTarget:
     slot: SlotId
     interface: str
+    address: ipaddress.IPv4Address
+    """Where the probe goes through the tunnel: the slot's egress IP, which is up only on
+    its holder's node (so the echo also shows the holder has it)."""
     interval_ms: int
     timeout_ms: int
     failure_threshold: int
     local: LocalHolder | None = None
     """Set when the slot's holder runs on this very node: a probe cannot go through the
-    tunnel then (the probe address is this node's own, so the kernel delivers it locally),
+    tunnel then (the egress IP is this node's own, so the kernel delivers it locally),
     so the slot is checked where it lives instead."""
 
 
@@ -178,16 +181,6 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
     return (view.policy.priority if view.policy else 0, view.name)
 
 
-def _local_holder(slot: SlotId, holder: SlotHolder, node_name: str) -> LocalHolder | None:
-    if not node_name or holder.node != node_name:
-        return None
-    try:
-        egress_ip = ipaddress.IPv4Address(holder.egress_ip)
-    except ValueError:
-        return None
-    return LocalHolder(slot.gateway_interface, egress_ip)
-
-
 def compute_steering(inputs: SteeringInputs) -> SteeringState:
     model = inputs.model
     all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
@@ -203,7 +196,9 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
         if gw.gateway is None:
             continue
         check = gw.gateway.health_check
-        for slot, _ip in gw.slots:
+        for slot, egress_ip in gw.slots:
+            if not isinstance(egress_ip, ipaddress.IPv4Address):
+                continue  # gateways serve IPv4 egress IPs only: nobody holds this slot
             holder = inputs.holders.get(slot)
             devices.append(Device(
                 slot.node_interface, private_key=inputs.private_key, listen_port=0,
@@ -214,9 +209,10 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
             if holder is None:
                 continue
             tenures[slot.node_interface] = holder.tenure
-            probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
-                                      check.timeout_ms, check.failure_threshold,
-                                      _local_holder(slot, holder, inputs.node_name)))
+            held_here = (LocalHolder(slot.gateway_interface, egress_ip)
+                         if inputs.node_name and holder.node == inputs.node_name else None)
+            probes.append(ProbeTarget(slot, slot.node_interface, egress_ip, check.interval_ms,
+                                      check.timeout_ms, check.failure_threshold, held_here))
             rules.append((marks[slot], slot_table(numbers[slot])))
             routes.append((slot_table(numbers[slot]), slot.node_interface))
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)

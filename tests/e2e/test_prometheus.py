@@ -41,7 +41,8 @@ SLOT_ALERT = "MeshgressEgressSlotUnhealthy"
 TEST_FOR = {SLOT_ALERT: "1s"}
 """Test-only `for:` overrides, applied to a copy of the rules (see the module docstring)."""
 
-prom_lab = pytest.fixture(scope="module")(_egress_lab)
+prom_lab = pytest.fixture(scope="module", params=["file"])(_egress_lab)
+"""What Prometheus sees does not depend on the datastore: the file lab is enough."""
 
 
 def lab(name, *args, **kw):

@@ -61,7 +61,7 @@ from meshgress.datastore import LEASE_NAMESPACE, Kind
 from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nft_model import ruleset_commands
 from meshgress.lab.netns import pid_alive
-from meshgress.slots import LEASE_DURATION_SECONDS, PROBE_ADDRESS, PROBE_PORT, SlotId, gateway_port
+from meshgress.slots import LEASE_DURATION_SECONDS, PROBE_PORT, SlotId, gateway_port
 from nodeagent.firewall import FirewallSpec, compute_ruleset
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer
@@ -577,8 +577,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
 
         world.point_node_at(SLOT0)
 
-        # (4) the probe is answered through the tunnel
-        assert udp_exchange(world.ns["node1"], PROBE_SOURCE, (str(PROBE_ADDRESS), PROBE_PORT),
+        # (4) the probe (to the egress IP) is answered through the tunnel
+        assert udp_exchange(world.ns["node1"], PROBE_SOURCE, (EGRESS_IPS[0], PROBE_PORT),
                             b"probe-1") == b"probe-1"
 
         # (2) an allowed pod leaves with the egress IP; the reply comes back the same way

@@ -209,7 +209,7 @@ def served(*slots) -> ObservedDataplane:
         egress_addresses=frozenset(EgressAddress(s.external_interface, s.egress_ip)
                                    for s in slots),
         slot_interfaces=frozenset(s.interface for s in slots),
-        probe_addresses=frozenset(s.interface for s in slots),
+        interface_addresses=frozenset(s.interface for s in slots),
         routes=frozenset(RouteEntry(s.table, s.interface) for s in slots),
         rules=frozenset(RuleEntry(s.mark, s.table) for s in slots),
         rp_filter={s.interface: 2 for s in slots})
@@ -221,7 +221,7 @@ def test_a_fresh_slot_gets_everything_in_order():
                                  rp_filter={S0.interface: 0})
     plan = plan_dataplane([S0], observed)
     assert plan == DataplanePlan(
-        add_probe_addresses=(S0.interface,), set_rp_filter=(S0.interface,),
+        add_interface_addresses=(S0.interface,), set_rp_filter=(S0.interface,),
         add_routes=(RouteEntry(52076, S0.interface),), add_rules=(RuleEntry(0x800000, 52076),),
         add_addresses=(EgressAddress("eth0", addr("192.0.2.50")),))
     assert plan.describe() == [
