@@ -160,15 +160,23 @@ def compute_host_mac(container_id: str, ifname: str) -> str:
     return compute_mac(_attachment_digest("host-mac", container_id, ifname))
 
 
+def compute_host_link_claim(key: AttachmentKey, recorded_ifname: str = "") -> HostLinkClaim:
+    """The claim on the veth the attachment uses: the name its allocation records (claimed
+    by name alone if it is not this version's hash) or else its hash's."""
+    own = HostLinkClaim(compute_host_ifname(key.container_id, key.ifname),
+                        compute_host_mac(key.container_id, key.ifname))
+    if recorded_ifname and recorded_ifname != own.name:
+        return HostLinkClaim(recorded_ifname, own.mac, by_name=True)
+    return own
+
+
 def compute_host_link_claims(key: AttachmentKey, recorded_ifname: str = ""
                              ) -> tuple[HostLinkClaim, ...]:
     """The host veths that may be this attachment's: the one named by its hash and, if its
     allocation records another name (an earlier version's hash), that one by name."""
-    own = HostLinkClaim(compute_host_ifname(key.container_id, key.ifname),
-                        compute_host_mac(key.container_id, key.ifname))
-    if recorded_ifname and recorded_ifname != own.name:
-        return own, HostLinkClaim(recorded_ifname, own.mac, by_name=True)
-    return (own,)
+    own = compute_host_link_claim(key)
+    recorded = compute_host_link_claim(key, recorded_ifname)
+    return (own,) if recorded == own else (own, recorded)
 
 
 def compute_mac(seed: bytes) -> str:
@@ -300,17 +308,16 @@ def compute_wiring_plan(
 ) -> WiringPlan:
     """Host MAC derived from the attachment (its claim); a name other than this version's
     hash is one an earlier version recorded, claimed by name."""
-    key = attachment.key
+    claim = compute_host_link_claim(attachment.key, attachment.host_ifname)
     return WiringPlan(
-        host_ifname=attachment.host_ifname,
+        host_ifname=claim.name,
         pod_ifname=attachment.ifname,
         ip=attachment.ip,
         gateway=IPv4Address(POD_GATEWAY_IPV4),
-        host_mac=compute_host_mac(key.container_id, key.ifname),
+        host_mac=claim.mac,
         pod_mac=pod_mac,
         mtu=mtu,
-        host_claim_by_name=(
-            attachment.host_ifname != compute_host_ifname(key.container_id, key.ifname)),
+        host_claim_by_name=claim.by_name,
     )
 
 

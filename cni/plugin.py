@@ -43,8 +43,10 @@ shim hung up first (its timeout passed while the agent was stalled, or the runti
 it): whatever the runtime hears, the node agrees. A shim acknowledges every answer; the
 agent waits for it only where it matters. The agent still serves shims of the previous
 request version (`LEGACY_REQUEST_MAGIC`: the same frame, no acknowledgement), so a shim
-installed before an upgrade keeps working; this shim reports an agent that predates the
-acknowledgement (it rejects the request) as 106.
+installed before an upgrade keeps working. An agent that predates the acknowledgement
+rejects this shim's requests ("bad request", 6, naming the request's first bytes): the
+shim is installed with its agent (`cni.install`, run before the agent starts), so the two
+meet only if an old agent still runs after a new shim was installed.
 
 Network configuration keys read here: `socket` (agent socket path, default
 /run/meshgress/cni.sock) and `timeout` (seconds, default 30).

@@ -45,6 +45,7 @@ from cni.model import (
     WiringPlan,
     compute_check_problems,
     compute_host_ifname,
+    compute_host_link_claim,
     compute_host_link_claims,
     compute_mac,
     compute_result,
@@ -423,7 +424,7 @@ class CniService:
                     f"{request.ifname}",
                 )
             attachment = _attachment(allocation)
-            claim = compute_host_link_claims(request.key, allocation.host_ifname)[-1]
+            claim = compute_host_link_claim(request.key, allocation.host_ifname)
             problems = list(compute_check_problems(request, attachment.ip, attachment.host_ifname))
             problems += self._wiring.check_pod(claim, request.ifname, attachment.ip, netns_fd)
         if problems:
