@@ -27,13 +27,14 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cni import plugin
@@ -56,50 +57,77 @@ json_values = st.recursive(
     | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=6,
 )
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`valid` three times in four, else any JSON value."""
+    return st.one_of(valid, valid, valid, json_values)
+
+
+# Each example starts from a valid invocation and breaks a few things in it (often none):
+# most examples then get far enough to allocate and wire, where a failure has something to
+# undo, and every part is still of every type and shape now and then.
+
 _string_lists = st.lists(st.text(max_size=12), max_size=3)
 _dns = st.fixed_dictionaries({}, optional={
-    "nameservers": _string_lists | json_values, "domain": st.text(max_size=8) | json_values,
-    "search": _string_lists, "options": _string_lists})
+    "nameservers": _mostly(_string_lists), "domain": _mostly(st.text(max_size=8)),
+    "search": _mostly(_string_lists), "options": _mostly(_string_lists)})
+_interfaces = st.lists(st.fixed_dictionaries(
+    {"name": st.text(max_size=8)}, optional={"sandbox": st.text(max_size=8)}), max_size=3)
 _prev_result = st.fixed_dictionaries({}, optional={
     "cniVersion": st.sampled_from(["1.0.0", "0.4.0"]),
-    "interfaces": st.lists(st.fixed_dictionaries({"name": st.text(max_size=8)}, optional={
-        "sandbox": st.text(max_size=8)}), max_size=3) | json_values,
-    "ips": st.lists(st.fixed_dictionaries({"address": st.text(max_size=18)}), max_size=2)
-    | json_values,
-    "routes": st.lists(st.fixed_dictionaries({"dst": st.text(max_size=18)}), max_size=2)
-    | json_values,
-    "dns": _dns | json_values,
-}) | json_values
+    "interfaces": _mostly(_interfaces),
+    "ips": _mostly(st.lists(st.fixed_dictionaries({"address": st.text(max_size=18)}),
+                            max_size=2)),
+    "routes": _mostly(st.lists(st.fixed_dictionaries({"dst": st.text(max_size=18)}),
+                               max_size=2)),
+    "dns": _mostly(_dns),
+})
+_CONFIG_KEYS: dict[str, st.SearchStrategy[Any]] = {
+    "mtu": st.integers(68, 65535),
+    "dns": _dns,
+    "prevResult": _prev_result,
+    "timeout": st.floats(2, 10),
+    "cni.dev/valid-attachments": st.lists(st.fixed_dictionaries({
+        "containerID": st.sampled_from(["ctr1", "x"]), "ifname": st.just("eth0")}),
+        max_size=2),
+    "runtimeConfig": json_values,
+}
+def _faults(names: list[Any]) -> st.SearchStrategy[list[Any]]:
+    """Which of `names` to break: none in half the examples, else one or two."""
+    return st.sampled_from([0, 0, 1, 2]).flatmap(
+        lambda n: st.lists(st.sampled_from(names), min_size=n, max_size=n, unique=True))
 
 
-configs = st.fixed_dictionaries(
-    {"cniVersion": st.sampled_from(["1.1.0", "1.0.0", "0.4.0"])
-     | st.sampled_from(["0.3.1", "", "2.0.0", "1.0"]) | json_values},
-    optional={
-        "name": st.text(max_size=8), "type": st.just("meshgress-cni"),
-        "mtu": st.integers(0, 70000) | json_values, "dns": _dns | json_values,
-        "prevResult": _prev_result, "timeout": st.floats(0.05, 3) | json_values,
-        "cni.dev/valid-attachments": st.lists(st.fixed_dictionaries({
-            "containerID": st.text(max_size=8), "ifname": st.text(max_size=8)}), max_size=3)
-        | json_values,
-        "runtimeConfig": json_values,
-    },
-)
+_BAD_VERSIONS = st.sampled_from(["0.3.1", "", "2.0.0", "1.0", "1.1.0 "])
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "cniVersion": draw(st.sampled_from(["1.1.0", "1.0.0", "0.4.0"])),
+        "name": "fuzz", "type": "meshgress-cni"}
+    for key, valid in _CONFIG_KEYS.items():
+        if draw(st.booleans()):
+            config[key] = draw(valid)
+    for key in draw(_faults(["cniVersion", *_CONFIG_KEYS])):
+        config[key] = draw(json_values | _BAD_VERSIONS)
+    return config
 
 
 @st.composite
 def stdins(draw: st.DrawFn, socket_path: str | None = None) -> bytes:
-    config = draw(configs)
+    config = draw(configs())
     if socket_path is not None and draw(st.booleans()):
         config["socket"] = socket_path
     text = json.dumps(config, indent=draw(st.sampled_from([None, 2])))
-    depth = draw(st.none() | st.integers(2, 3000))
-    if depth is not None:  # a deeply nested value, written out (json.dumps would recurse)
+    if draw(st.integers(0, 7)) == 0:  # a deeply nested value, written out
+        depth = draw(st.integers(2, 3000))  # (json.dumps would recurse)
         nested = '{"k": ' * (depth // 2) + "[" * (depth - depth // 2) + "0"
         nested += "]" * (depth - depth // 2) + "}" * (depth // 2)
         text = text[:-1].rstrip() + f', "deep": {nested}}}'
     data = text.encode()
-    how = draw(st.sampled_from(["as is"] * 6 + ["cut", "flip", "wrap", "garbage", "not utf-8"]))
+    how = draw(st.sampled_from(["as is"] * 15 + ["cut", "flip", "wrap", "garbage", "not utf-8"]))
     if how == "cut":
         data = data[:draw(st.integers(0, len(data)))]
     elif how == "flip":
@@ -115,31 +143,37 @@ def stdins(draw: st.DrawFn, socket_path: str | None = None) -> bytes:
     return data
 
 
+_COMMANDS = st.sampled_from(p.COMMANDS + ("ADD",) * 4)
+"""ADD, the command with the most to undo, half the time."""
 _env_bytes = st.binary(max_size=24).filter(lambda v: b"\0" not in v)
+_HOSTILE = _env_bytes | st.sampled_from(
+    [b"\xff\xfe", b"a/b", b"a b", b"..", b"x:y", b"\xc3\xa4", b"-lead", b"=;=", b"a\nb"])
 
 
 @st.composite
 def environments(draw: st.DrawFn, pod_netns: str) -> dict[bytes, bytes]:
-    def pick(name: bytes, *valid: bytes) -> None:
-        choice = draw(st.sampled_from(["valid"] * 4 + ["absent", "empty", "hostile", "long"]))
-        if choice == "valid":
-            env[name] = draw(st.sampled_from(valid))
-        elif choice == "empty":
+    env = {
+        b"CNI_COMMAND": draw(_COMMANDS).encode(),
+        b"CNI_CONTAINERID": draw(st.sampled_from([b"ctr1", b"0a_b.c-d", b"x" * 64])),
+        b"CNI_IFNAME": draw(st.sampled_from([b"eth0", b"net1", b"a" * 15])),
+        b"CNI_NETNS": pod_netns.encode(),
+        b"CNI_ARGS": draw(st.sampled_from(
+            [b"K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", b"IgnoreUnknown=1;K8S_POD_NAME=q", b""])),
+        b"CNI_PATH": b"/usr/lib/cni",
+    }
+    for name in draw(_faults(sorted(env))):
+        how = draw(st.sampled_from(["absent", "empty", "hostile", "long", "other netns"]))
+        if how == "absent":
+            del env[name]
+        elif how == "empty":
             env[name] = b""
-        elif choice == "hostile":
-            env[name] = draw(_env_bytes | st.sampled_from(
-                [b"\xff\xfe", b"a/b", b"a b", b"..", b"x:y", b"\xc3\xa4", b"-lead", b"=;="]))
-        elif choice == "long":
+        elif how == "hostile":
+            env[name] = draw(_HOSTILE)
+        elif how == "long":
             env[name] = draw(st.sampled_from([b"a" * 16, b"b" * 1025, b"c" * 5000]))
-
-    env: dict[bytes, bytes] = {}
-    pick(b"CNI_COMMAND", *(c.encode() for c in p.COMMANDS))
-    pick(b"CNI_CONTAINERID", b"ctr1", b"0a_b.c-d", b"x" * 64)
-    pick(b"CNI_IFNAME", b"eth0", b"net1", b"a" * 15)
-    pick(b"CNI_NETNS", pod_netns.encode(), b"/proc/self/ns/net", b"/run/netns/mgt-none",
-         b"/dev/null", b"/")
-    pick(b"CNI_ARGS", b"K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", b"IgnoreUnknown=1", b"")
-    pick(b"CNI_PATH", b"/usr/lib/cni", b"")
+        else:  # the node's own, one that is gone, files that are no namespace
+            env[name] = draw(st.sampled_from(
+                [b"/proc/self/ns/net", b"/run/netns/mgt-none", b"/dev/null", b"/"]))
     return env
 
 
@@ -147,15 +181,18 @@ def environments(draw: st.DrawFn, pod_netns: str) -> dict[bytes, bytes]:
 
 
 def assert_spec_answer(code: int, stdout: bytes) -> dict[str, Any] | None:
-    """Exit 0: nothing or a JSON object; otherwise exactly the spec's error object."""
+    """Exit 0: nothing or a JSON object; otherwise exactly the spec's error object.
+    (The outcome is reported as a hypothesis event: --hypothesis-show-statistics.)"""
     text = stdout.decode()
     if code == 0:
+        event("exit 0")
         if not text.strip():
             return None
         answer = json.loads(text)
         assert isinstance(answer, dict) and isinstance(answer.get("cniVersion"), str), text
         return answer
     error = json.loads(text)
+    event(f"error {error.get('code')}")
     assert set(error) == {"cniVersion", "code", "msg", "details"}, text
     assert isinstance(error["cniVersion"], str) and error["cniVersion"], text
     assert error["code"] in CODES, text
@@ -216,6 +253,11 @@ class FuzzedNode:
         assert code == 0, out
 
     def assert_nothing_left(self) -> None:
+        # A shim that timed out has left the agent mid-ADD: wait until it has undone it.
+        deadline = time.monotonic() + 30
+        while self.service.in_flight:
+            assert time.monotonic() < deadline, "a request never finished"
+            time.sleep(0.001)
         assert self.wiring.is_empty(), (self.wiring.links, self.wiring.namespaces)
         assert self.service._ipam.allocations() == []
 
@@ -228,10 +270,25 @@ def fuzzed_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzedNode
     from cni.service import CniService
     from cni.wiring import FakeWiring
 
+    class CountingService(CniService):
+        """Counts the requests being handled, so a check can wait for the agent."""
+
+        in_flight = 0
+        _counting = threading.Lock()
+
+        def handle(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+            with self._counting:
+                self.in_flight += 1
+            try:
+                return super().handle(*args, **kwargs)
+            finally:
+                with self._counting:
+                    self.in_flight -= 1
+
     directory = tmp_path_factory.mktemp("node")
     wiring = FakeWiring()
-    service = CniService(IPv4Network("198.18.0.0/24"), directory / "state", wiring=wiring,
-                         pod_ready_hook=_fuzzed_ready_hook)
+    service = CountingService(IPv4Network("198.18.0.0/24"), directory / "state", wiring=wiring,
+                              pod_ready_hook=_fuzzed_ready_hook)
     path = str(directory / "cni.sock")
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(path, service, stop), daemon=True)
@@ -258,9 +315,16 @@ def test_the_request_path_answers_anything_and_a_failed_add_leaves_nothing(
         pod_netns, fuzzed_node, data):
     env = data.draw(environments(pod_netns))
     stdin = data.draw(stdins(fuzzed_node.socket))
-    code, stdout = plugin.run(env, stdin)
+    failure = data.draw(st.sampled_from(
+        [None, None, OSError(5, "Input/output error"), ZeroDivisionError("a bug")]))
+    fuzzed_node.wiring.fail_add = failure  # raised once the veth exists
+    try:
+        code, stdout = plugin.run(env, stdin)
+    finally:
+        fuzzed_node.wiring.fail_add = None
     answer = assert_spec_answer(code, stdout)
     if code == 0 and env.get(b"CNI_COMMAND") == b"ADD":
+        assert failure is None
         assert answer is not None and answer["ips"][-1]["address"].startswith("198.18.0.")
         fuzzed_node.clean_up(env)
     fuzzed_node.assert_nothing_left()
@@ -338,15 +402,14 @@ def test_the_server_answers_any_frame(pod_netns, fuzzed_node, data):
 
 
 @settings(FUZZ, max_examples=200)
-@given(raw=st.fixed_dictionaries({}, optional={
-    "command": st.sampled_from(p.COMMANDS) | json_values,
-    "containerID": st.sampled_from(["ctr1", ""]) | json_values,
-    "ifname": st.sampled_from(["eth0", ""]) | json_values,
-    "netns": st.just("/run/netns/x") | json_values,
-    "args": st.just("K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p") | json_values,
-    "path": json_values,
-    "stdin": st.builds(json.dumps, configs) | json_values,
-}), with_fd=st.booleans())
+@given(raw=st.fixed_dictionaries({
+    "command": _mostly(_COMMANDS),
+    "containerID": _mostly(st.sampled_from(["ctr1", "ctr2"])),
+    "ifname": _mostly(st.sampled_from(["eth0", "net1"])),
+    "netns": _mostly(st.just("/run/netns/x")),
+    "args": _mostly(st.just("K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p")),
+    "stdin": _mostly(st.builds(json.dumps, configs())),
+}, optional={"path": json_values}), with_fd=st.booleans())
 def test_the_service_answers_fields_of_any_type(fuzzed_node, pod_netns, raw, with_fd):
     fd = os.open(pod_netns, os.O_RDONLY) if with_fd else None
     try:
