@@ -553,17 +553,18 @@ def _recv_response(sock: _socket.socket) -> tuple[int, bytes]:
         data += more
     if len(data) > 12 + length:
         raise ValueError("agent sent more than one answer")
-    try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
-        sock.send(ACK)
-    except OSError:  # the agent no longer listens: its answer stands
-        pass
     return exit_code, data[12:]
 
 
 def call_agent(
-    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None
+    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None, *,
+    emit_to: int | None = None,
 ) -> tuple[int, bytes]:
-    """Send one request frame (with the namespace fd, if any); return (exit, stdout)."""
+    """Send one request frame (with the namespace fd, if any); return (exit, stdout).
+
+    Once the whole answer is here it is acknowledged. With `emit_to`, it is first written
+    there (and b"" returned in its place): the runtime holds the answer before the agent
+    hears that it was taken, so a shim killed in between fails on both sides."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         # Kernel timeouts on a blocking socket: no poll() before every call. A zero
@@ -586,7 +587,7 @@ def call_agent(
                 sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
                 if sent < len(frame):  # sendall(b"") would still send, and may hit EPIPE
                     sock.sendall(frame[sent:])
-            return _recv_response(sock)
+            exit_code, stdout = _recv_response(sock)
         except (BlockingIOError, TimeoutError):  # EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO expired
             raise CniError(
                 ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
@@ -595,12 +596,23 @@ def call_agent(
             raise CniError(ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
         except OSError as exc:
             raise _unreachable(command, path, str(exc)) from None
+        if emit_to is not None:
+            _write_all(emit_to, stdout)
+            stdout = b""
+        try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
+            sock.send(ACK)
+        except OSError:  # the agent no longer listens: its answer stands
+            pass
+        return exit_code, stdout
     finally:
         sock.close()
 
 
-def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
-    """One plugin invocation: (exit code, bytes for stdout)."""
+def run(environ: dict[bytes, bytes], stdin: bytes, emit_to: int | None = None
+        ) -> tuple[int, bytes]:
+    """One plugin invocation: (exit code, bytes for stdout). With `emit_to`, the agent's
+    answer is written there before it is acknowledged (see `call_agent`), and b"" is
+    returned in its place; answers of the shim's own are returned."""
     command = environ.get(b"CNI_COMMAND", b"")
     if command == b"VERSION":
         return 0, VERSION_JSON.encode()
@@ -617,7 +629,7 @@ def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
             if command in _NETNS_COMMANDS:
                 netns_fd = _open_netns(environ.get(b"CNI_NETNS", b""))
             frame = encode_request(values, stdin)
-            return call_agent(*address, command, frame, netns_fd)
+            return call_agent(*address, command, frame, netns_fd, emit_to=emit_to)
         except CniError:
             validate(_text_environ(environ), stdin)  # the invocation's own fault comes first
             raise
@@ -638,23 +650,23 @@ def _read_stdin() -> bytes:
     return b"".join(chunks)
 
 
-def _write_stdout(data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     if data and not data.endswith(b"\n"):
         data += b"\n"
     view = memoryview(data)
     while view:
-        view = view[posix.write(1, view):]
+        view = view[posix.write(fd, view):]
 
 
 def main() -> int:
     stdin = b""
     try:
         stdin = _read_stdin()
-        code, output = run(posix.environ, stdin)
+        code, output = run(posix.environ, stdin, emit_to=1)
     except Exception as exc:  # a bug: the runtime still gets the spec's error object
         error = CniError(ERR_INTERNAL, f"meshgress-cni failed: {type(exc).__name__}: {exc}")
         code, output = 1, error.to_json(requested_version(stdin)).encode()
-    _write_stdout(output)
+    _write_all(1, output)
     return code
 
 

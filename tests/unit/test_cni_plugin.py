@@ -7,6 +7,7 @@ no root; what the shim sends (including the namespace file descriptor) is record
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
@@ -431,14 +432,38 @@ def test_hostile_input_gets_a_clear_non_retryable_error(plugin, real_agent, tmp_
     assert out["code"] == code, out
 
 
-def test_the_shim_acknowledges_the_answer(plugin, fake_agent, tmp_path):
-    acknowledged: list[bytes] = []
-    done = threading.Event()
+def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agent, tmp_path):
+    """Killed between the two, the shim has failed for the runtime and for the agent. Its
+    stdout is a full pipe here, so the answer cannot be written until the test reads: no
+    acknowledgement may come before that."""
+    acknowledged = threading.Event()
+    sent: list[bytes] = []
     agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
-    agent.after_reply = lambda data: (acknowledged.append(data), done.set())
+    agent.after_reply = lambda data: (sent.append(data), acknowledged.set())
     netns = tmp_path / "pod-netns"
     netns.touch()
-    code, out, _ = call(plugin, env(CNI_NETNS=str(netns)), conf(agent.path))
-    assert (code, out) == (0, {"cniVersion": "1.0.0"})
-    assert done.wait(10)
-    assert acknowledged == [p.ACK]
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    shim = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=write_end,
+                            env=env(CNI_NETNS=str(netns)))
+    os.close(write_end)
+    try:
+        assert shim.stdin is not None
+        shim.stdin.write(conf(agent.path).encode())
+        shim.stdin.close()
+        assert not acknowledged.wait(1.0), "acknowledged before the answer was written"
+        with os.fdopen(read_end, "rb") as output:
+            data = output.read()
+        assert acknowledged.wait(10)
+        assert shim.wait(10) == 0
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    assert json.loads(data[filler:]) == {"cniVersion": "1.0.0"}
+    assert sent == [p.ACK]
