@@ -181,18 +181,19 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
     return (view.policy.priority if view.policy else 0, view.name)
 
 
-def compute_steering(inputs: SteeringInputs) -> SteeringState:
-    model = inputs.model
-    all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
-    numbers = assign_slot_numbers(all_slots, inputs.kept_numbers)
-    marks = {slot: slot_mark(n) for slot, n in numbers.items()}
+@dataclass
+class _SlotTunnels:
+    devices: list[Device] = field(default_factory=list)
+    probes: list[ProbeTarget] = field(default_factory=list)
+    tenures: dict[str, str] = field(default_factory=dict)
+    rules: list[tuple[int, int]] = field(default_factory=list)
+    routes: list[tuple[int, str | None]] = field(default_factory=list)
 
-    devices: list[Device] = []
-    probes: list[ProbeTarget] = []
-    tenures: dict[str, str] = {}
-    rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE)]
-    routes: list[tuple[int, str | None]] = [(DROP_TABLE, None)]
-    for gw in model.gateways.values():
+
+def _slot_tunnels(inputs: SteeringInputs, numbers: Mapping[SlotId, int]) -> _SlotTunnels:
+    """Per slot: its tunnel, and while it has a holder, its probe, table and rule."""
+    out = _SlotTunnels()
+    for gw in inputs.model.gateways.values():
         if gw.gateway is None:
             continue
         check = gw.gateway.health_check
@@ -200,7 +201,7 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
             if not isinstance(egress_ip, ipaddress.IPv4Address):
                 continue  # gateways serve IPv4 egress IPs only: nobody holds this slot
             holder = inputs.holders.get(slot)
-            devices.append(Device(
+            out.devices.append(Device(
                 slot.node_interface, private_key=inputs.private_key, listen_port=0,
                 mtu=inputs.mtu,
                 peers=[Peer(holder.public_key, endpoint=holder.endpoint,
@@ -208,13 +209,27 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
                 if holder is not None else []))
             if holder is None:
                 continue
-            tenures[slot.node_interface] = holder.tenure
+            out.tenures[slot.node_interface] = holder.tenure
             held_here = (LocalHolder(slot.gateway_interface, egress_ip)
                          if inputs.node_name and holder.node == inputs.node_name else None)
-            probes.append(ProbeTarget(slot, slot.node_interface, egress_ip, check.interval_ms,
-                                      check.timeout_ms, check.failure_threshold, held_here))
-            rules.append((marks[slot], slot_table(numbers[slot])))
-            routes.append((slot_table(numbers[slot]), slot.node_interface))
+            out.probes.append(ProbeTarget(slot, slot.node_interface, egress_ip,
+                                          check.interval_ms, check.timeout_ms,
+                                          check.failure_threshold, held_here))
+            out.rules.append((slot_mark(numbers[slot]), slot_table(numbers[slot])))
+            out.routes.append((slot_table(numbers[slot]), slot.node_interface))
+    return out
+
+
+def compute_steering(inputs: SteeringInputs) -> SteeringState:
+    model = inputs.model
+    all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
+    numbers = assign_slot_numbers(all_slots, inputs.kept_numbers)
+    marks = {slot: slot_mark(n) for slot, n in numbers.items()}
+
+    tunnels = _slot_tunnels(inputs, numbers)
+    devices, probes, tenures = tunnels.devices, tunnels.probes, tunnels.tenures
+    rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE), *tunnels.rules]
+    routes: list[tuple[int, str | None]] = [(DROP_TABLE, None), *tunnels.routes]
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)
 
     pods_by_key = {(p.namespace, p.name): p for p in inputs.local_pods}
