@@ -15,6 +15,7 @@ import time
 import pytest
 
 from meshgress.datastore import Conflict, Invalid, Kind
+from meshgress.lab.kube import GATEWAY, component_pod_name
 from meshgress.lab.lab import Lab
 from meshgress.slots import LEASE_DURATION_SECONDS
 from tests.conftest import (
@@ -550,7 +551,6 @@ def _object_command(name, *args):
     """`kubectl ARGS` as the lab's admin on kube (from the host, through the export line's
     kubeconfig); `meshgress ARGS` on the lab's file datastore."""
     from meshgress.lab.controlplane import binary_path
-    from meshgress.lab.lab import Lab
 
     the_lab = Lab(str(name))
     if name.datastore == "kube":
@@ -682,7 +682,13 @@ def solo_holder(s):
     lease = s.get_lease("egress-solo-0")
     if lease is None or lease.holder is None or lease.expired(time.time()):
         return None
-    return lease.holder.split("/")[0]  # the lab's gateways are NODE/PID
+    return holder_node(lease.holder)
+
+
+def holder_node(identity):
+    """The node of a lab gateway's holder identity: NODE/PID on file; on kube its Pod's
+    name, meshgress-gateway-NODE (as the chart's --identity=$(POD_NAME))."""
+    return identity.split("/")[0].removeprefix(component_pod_name(GATEWAY, ""))
 
 
 def flap_round(name, victim, *, carrier):
