@@ -686,6 +686,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
         print(gw.logs())
         print(world.diagnose())
         raise
+    finally:
+        world.stop_all()  # a failure above must not leave it holding slots for the next test
 
 
 # --- two gateways: one slot each, kill -9 takeover, SIGTERM drain to a standby -------------
