@@ -92,6 +92,12 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                          help="kubectl's arguments")
 
 
+def _cluster_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster-config", type=Path,
+                        default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                        help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+
+
 def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
                      in_lab: bool = False) -> None:
     """apply/get/delete: for the file datastore (or, under `lab`, the lab's datastore,
@@ -375,19 +381,21 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     gateway = sub.add_parser("gateway", help="run an egress gateway (on a gateway node)")
     add_gateway_arguments(gateway)
     gateway.add_argument("--log-level", default="INFO")
-    status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
+    status = sub.add_parser(
+        "status", help="this node's mesh and egress slots, checked against the cluster; "
+                       "exits 1 on any problem")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
     add_tool_datastore_arguments(status)
-    status.add_argument("--wireguard-backend", default="auto")
-    status.add_argument("--json", action="store_true")
+    _cluster_config_option(status)
+    status.add_argument("--wireguard-backend", default="auto",
+                        help="auto, kernel or userspace (default: auto)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
     explain.add_argument("pod", metavar="NAMESPACE/NAME")
     explain.add_argument("--to", metavar="IP", help="a destination address")
     add_tool_datastore_arguments(explain)
-    explain.add_argument("--cluster-config", type=Path,
-                         default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
-                         help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+    _cluster_config_option(explain)
     wg = sub.add_parser("wg-config", help="export the live mesh interface as a wg-quick file")
     wg.add_argument("--interface", default=WIREGUARD_INTERFACE)
     wg.add_argument("--wireguard-backend", default="auto")
@@ -396,6 +404,7 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
     from nodeagent.host import NodeHost
     from nodeagent.status import collect_status, format_status
     from wireguard.backend import detect_backend
@@ -403,10 +412,12 @@ def _run_status(args: argparse.Namespace) -> int:
     if not args.node or not args.datastore:
         raise UsageError("status: give --node and --datastore (or set $MESHGRESS_NODE and "
                          "$MESHGRESS_DATASTORE)")
+    cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
+               else DEFAULT_CLUSTER_CONFIG)
     store = open_datastore(args.datastore, args.kubeconfig)
     try:
         report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
-                                NodeHost().underlay_mtu)
+                                NodeHost().underlay_mtu, cluster=cluster)
     finally:
         store.close()
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))

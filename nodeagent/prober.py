@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshgress.kernel.rtnl import Rtnl
@@ -107,17 +107,7 @@ class SlotProber:
                     for s, st in self._slots.items()}
 
     def _open(self, state: _SlotState) -> socket.socket | None:
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
-                            state.target.interface.encode())
-            sock.bind((self._source, 0))
-            sock.setblocking(False)
-            return sock
-        except OSError as exc:
-            log.debug("probe socket for %s: %s", state.target.interface, exc)
-            return None
+        return open_probe_socket(state.target.interface, self._source)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -131,7 +121,10 @@ class SlotProber:
             timeout = min(s.target.timeout_ms for _, s in states) / 1000
             answered = self._probe_round(states, started + timeout)
             received = _rx_packets()
-            answered |= _served_here([s for _, s in states if s.target.local], received)
+            local = [s for _, s in states if s.target.local]
+            answered |= served_here([s.target for s in local], received)
+            for state in local:
+                state.sent += 1
             if self._record_round(states, answered, received):
                 self._on_change()
             self._stop.wait(max(0.0, started + interval - time.monotonic()))
@@ -220,9 +213,11 @@ def _missed(slot: SlotId, state: _SlotState) -> bool:
     return True
 
 
-def _served_here(states: list[_SlotState], interfaces: dict[str, int]) -> set[SlotId]:
-    """The locally held slots whose gateway interface exists and egress IP is up here."""
-    if not states:
+def served_here(targets: list[ProbeTarget], interfaces: Mapping[str, int]) -> set[SlotId]:
+    """The slots held on this node (`target.local`) whose gateway interface is among
+    `interfaces` and whose egress IP is up here."""
+    local = [t for t in targets if t.local is not None]
+    if not local:
         return set()
     try:
         with Rtnl() as rtnl:
@@ -230,14 +225,67 @@ def _served_here(states: list[_SlotState], interfaces: dict[str, int]) -> set[Sl
     except OSError as exc:
         log.debug("reading this node's addresses: %s", exc)
         return set()
-    served = set()
-    for state in states:
-        holder = state.target.local
-        if holder is not None and holder.gateway_interface in interfaces \
-                and holder.egress_ip in local_ips:
-            served.add(state.target.slot)
-            state.sent += 1
-    return served
+    return {t.slot for t in local if t.local is not None
+            and t.local.gateway_interface in interfaces and t.local.egress_ip in local_ips}
+
+
+def open_probe_socket(interface: str, source: str) -> socket.socket | None:
+    """A UDP socket bound to `interface` (so the probe takes the slot's tunnel whatever
+    the routing tables say) and to the node's probe address; None when it cannot be made
+    (the interface is gone, say)."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as exc:
+        log.debug("probe socket for %s: %s", interface, exc)
+        return None
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        log.debug("probe socket for %s: %s", interface, exc)
+        return None
+    return sock
+
+
+def probe_once(targets: Sequence[ProbeTarget], source: str, *, timeout: float = 0.3,
+               attempts: int = 3) -> set[SlotId]:
+    """The slots that answer now: one probe per attempt through each remote slot's tunnel
+    (an echo within `timeout` answers), and the local check for slots held here. For a
+    one-off look (`meshgress status`); the agent's prober keeps its own sockets."""
+    answered = served_here(list(targets), _rx_packets())
+    remote = [t for t in targets if t.local is None]
+    sockets = {t.slot: open_probe_socket(t.interface, source) for t in remote}
+    try:
+        for attempt in range(attempts):
+            payload = os.urandom(4) + struct.pack("!I", attempt)
+            sel = selectors.DefaultSelector()
+            for target in remote:
+                sock = sockets[target.slot]
+                if sock is None or target.slot in answered:
+                    continue
+                try:
+                    sock.sendto(payload, (str(target.address), PROBE_PORT))
+                except OSError:
+                    continue
+                sel.register(sock, selectors.EVENT_READ, target.slot)
+            deadline = time.monotonic() + timeout
+            while sel.get_map() and time.monotonic() < deadline:
+                for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                    assert isinstance(key.fileobj, socket.socket)
+                    if _drain_for(key.fileobj, payload):
+                        answered.add(key.data)
+                        sel.unregister(key.fileobj)
+            sel.close()
+            if all(t.slot in answered for t in remote):
+                break
+    finally:
+        for sock in sockets.values():
+            if sock is not None:
+                sock.close()
+    return answered
 
 
 def _rx_packets() -> dict[str, int]:

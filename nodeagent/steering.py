@@ -30,7 +30,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshgress.api import FailurePolicy
+from meshgress.api import FailurePolicy, HealthCheck
 from meshgress.cluster import SlotHolder
 from meshgress.egress import EgressModel, PolicyView, ranges_to_cidrs
 from meshgress.kernel.nft_model import Hook as NftHook
@@ -181,6 +181,16 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
     return (view.policy.priority if view.policy else 0, view.name)
 
 
+def probe_target(slot: SlotId, egress_ip: ipaddress.IPv4Address, holder: SlotHolder,
+                 node_name: str, check: HealthCheck) -> ProbeTarget:
+    """How this node checks a held slot: through its tunnel, or where it lives when the
+    holder runs on this very node."""
+    held_here = (LocalHolder(slot.gateway_interface, egress_ip)
+                 if node_name and holder.node == node_name else None)
+    return ProbeTarget(slot, slot.node_interface, egress_ip, check.interval_ms,
+                       check.timeout_ms, check.failure_threshold, held_here)
+
+
 @dataclass
 class _SlotTunnels:
     devices: list[Device] = field(default_factory=list)
@@ -210,11 +220,8 @@ def _slot_tunnels(inputs: SteeringInputs, numbers: Mapping[SlotId, int]) -> _Slo
             if holder is None:
                 continue
             out.tenures[slot.node_interface] = holder.tenure
-            held_here = (LocalHolder(slot.gateway_interface, egress_ip)
-                         if inputs.node_name and holder.node == inputs.node_name else None)
-            out.probes.append(ProbeTarget(slot, slot.node_interface, egress_ip,
-                                          check.interval_ms, check.timeout_ms,
-                                          check.failure_threshold, held_here))
+            out.probes.append(probe_target(slot, egress_ip, holder, inputs.node_name,
+                                           check))
             out.rules.append((slot_mark(numbers[slot]), slot_table(numbers[slot])))
             out.routes.append((slot_table(numbers[slot]), slot.node_interface))
     return out
