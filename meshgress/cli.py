@@ -113,7 +113,9 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
                           "namespaces, leases")
     # Not `name`: under `lab`, args.name is the lab's.
     get.add_argument("object_name", nargs="?", metavar="NAME")
-    get.add_argument("-o", "--output", choices=("wide", "yaml", "json", "name"), default="wide")
+    get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"),
+                     default="table", help="as kubectl: a table (default), wide, yaml, json "
+                                           "or name")
     get.add_argument("-n", "--namespace", default=None)
     get.add_argument("-A", "--all-namespaces", action="store_true")
     delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
@@ -347,7 +349,7 @@ def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
         kubectl_args = ["delete", args.resource, args.object_name]
     else:
         kubectl_args = ["get", args.resource, *([args.object_name] if args.object_name else []),
-                        *(["-o", args.output] if args.output != "wide" else []),
+                        *(["-o", args.output] if args.output != "table" else []),
                         *(["-n", args.namespace] if args.namespace else []),
                         *(["-A"] if args.all_namespaces else [])]
     argv = lab.kubectl_argv(kubectl_args)
