@@ -244,10 +244,15 @@ def compute_conflist(
     cni_version: str = "1.0.0",
     mtu: int | None = None,
     timeout: float | None = None,
+    delete_queue: str | None = None,
     chain: Sequence[dict[str, Any]] = (PORTMAP,),
 ) -> dict[str, Any]:
-    """The network configuration list: meshgress-cni first, then `chain` (e.g. portmap)."""
+    """The network configuration list: meshgress-cni first, then `chain` (e.g. portmap).
+    `delete_queue`: the agent's deletion queue, where the plugin records a DEL while the
+    agent is away (the plugin's default when not named)."""
     plugin: dict[str, Any] = {"type": PLUGIN_NAME, "socket": socket_path}
+    if delete_queue is not None:
+        plugin["deleteQueue"] = delete_queue
     if mtu is not None:
         plugin["mtu"] = mtu
     if timeout is not None:
@@ -255,13 +260,14 @@ def compute_conflist(
     return {"cniVersion": cni_version, "name": name, "plugins": [plugin, *map(dict, chain)]}
 
 
-def write_conflist(conf_dir: Path | str, socket_path: str = p.DEFAULT_SOCKET) -> Path | None:
-    """`<conf_dir>/10-meshgress.conflist` naming the agent's socket, written under a
-    temporary name (which no runtime reads: it ends in .tmp) and renamed over the old one;
-    nothing is written when it already says this. Other files in `conf_dir` are never
-    touched. Returns the path when it was written."""
+def write_conflist(conf_dir: Path | str, socket_path: str = p.DEFAULT_SOCKET,
+                   delete_queue: str | None = None) -> Path | None:
+    """`<conf_dir>/10-meshgress.conflist` naming the agent's socket (and its deletion
+    queue), written under a temporary name (which no runtime reads: it ends in .tmp) and
+    renamed over the old one; nothing is written when it already says this. Other files in
+    `conf_dir` are never touched. Returns the path when it was written."""
     target = Path(conf_dir) / CONFLIST_NAME
-    text = json.dumps(compute_conflist(socket_path), indent=2) + "\n"
+    text = json.dumps(compute_conflist(socket_path, delete_queue=delete_queue), indent=2) + "\n"
     try:
         if target.read_text() == text:
             return None

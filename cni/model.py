@@ -12,7 +12,10 @@ functions from values to frozen values, so it is tested without root:
 - `compute_result` builds the spec's Result for the requested cniVersion, appending to a
   `prevResult` when meshgress is not first in a chain;
 - `parse_valid_attachments` and `plan_gc` decide which allocations and host interfaces a
-  GC removes.
+  GC removes;
+- `compute_pod_namespace` and `compute_pod_socket_problem` decide what the shim's file
+  descriptors are worth: a pod's namespace, and an rtnetlink socket the agent may
+  configure it through only if it lives in that very namespace.
 
 Purely computational, no side effects.
 """
@@ -92,6 +95,34 @@ class CniRequest:
 
 
 @dataclass(frozen=True)
+class PodNamespace:
+    """What the shim passes for ADD and CHECK: the container's network namespace (an open
+    fd) and an rtnetlink socket it created inside it, through which the agent configures
+    the pod's side without entering the namespace. `netlink_fd` is None when the shim is
+    older than the agent and sent the namespace alone."""
+
+    netns_fd: int
+    netlink_fd: int | None
+
+
+@dataclass(frozen=True)
+class SocketFacts:
+    """What the kernel says about a file descriptor the shim sent as a netlink socket."""
+
+    is_socket: bool
+    family: int = 0
+    protocol: int = 0
+    namespace: tuple[int, int] | None = None
+    """Device and inode of the socket's network namespace; None if the kernel would not
+    say (SIOCGSKNS refused)."""
+    namespace_error: str = ""
+
+
+AF_NETLINK = 16
+NETLINK_ROUTE = 0
+
+
+@dataclass(frozen=True)
 class HostLinkClaim:
     """How one attachment recognises its host veth among the node's interfaces.
 
@@ -146,6 +177,32 @@ def _attachment_digest(purpose: str, container_id: str, ifname: str) -> bytes:
     ('abc' + 'eth0' and 'abce' + 'th0' are different attachments)."""
     text = f"{purpose}:{len(container_id)}:{container_id}:{len(ifname)}:{ifname}"
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+def compute_pod_namespace(magic: bytes, fds: list[int]) -> PodNamespace | None:
+    """The file descriptors of a request as the pod's namespace: this shim's requests
+    carry the namespace and a netlink socket (exactly two), older shims' the namespace
+    alone (exactly one). Any other count: none (ADD and CHECK then refuse)."""
+    if magic == p.REQUEST_MAGIC:
+        return PodNamespace(fds[0], fds[1]) if len(fds) == 2 else None
+    return PodNamespace(fds[0], None) if len(fds) == 1 else None
+
+
+def compute_pod_socket_problem(facts: SocketFacts, netns: tuple[int, int]) -> str | None:
+    """Why the socket the shim sent must not be used for the pod's namespace `netns`
+    (device and inode), or None: it must be an rtnetlink socket, in that namespace."""
+    if not facts.is_socket:
+        return "the file descriptor sent as the pod's netlink socket is not a socket"
+    if facts.family != AF_NETLINK or facts.protocol != NETLINK_ROUTE:
+        return (f"the socket sent for the pod is not an rtnetlink socket (address family "
+                f"{facts.family}, protocol {facts.protocol})")
+    if facts.namespace is None:
+        return ("the kernel does not tell which network namespace the pod's netlink socket "
+                f"lives in ({facts.namespace_error or 'SIOCGSKNS refused'})")
+    if facts.namespace != netns:
+        return ("the netlink socket sent for the pod lives in another network namespace "
+                "than CNI_NETNS")
+    return None
 
 
 def compute_host_ifname(container_id: str, ifname: str) -> str:
@@ -279,7 +336,8 @@ def check_dns(value: object, where: str) -> None:
 
 def check_config_fields(config: Mapping[str, Any]) -> None:
     """The configuration keys meshgress uses, checked before anything is done with them:
-    mtu, dns, and the prevResult an ADD appends to (lists of objects, a DNS object)."""
+    mtu, dns, the prevResult an ADD appends to (lists of objects, a DNS object), and the
+    shim's deleteQueue (as the shim checks it)."""
     mtu = config.get("mtu")
     if mtu is not None and (
         isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
@@ -287,6 +345,8 @@ def check_config_fields(config: Mapping[str, Any]) -> None:
         raise _config_error(f"'mtu' must be an integer in 68..65535, not {_brief(mtu)}")
     if config.get("dns") is not None:
         check_dns(config["dns"], "'dns'")
+    if "deleteQueue" in config:
+        p.compute_delete_queue(dict(config))
     if "prevResult" not in config:
         return
     prev = config["prevResult"]

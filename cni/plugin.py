@@ -6,20 +6,34 @@ most of its cost (~10 ms on a small VM); everything here is arranged to add as l
 possible to that:
 
 - it is one flat module that imports nothing but the interpreter's built-in `posix`,
-  `_socket` and `sys` on the happy path (no `cni` package, no `json`, not even `_json`,
-  whose shared object costs ~0.4 ms to load), so `cni.install` can install it as a single
-  pre-compiled file. It is therefore also the one definition of what the shim and the
-  agent agree on (error codes, versions, the spec's syntax rules, the wire format);
-  `cni.protocol` re-exports it for the agent;
+  `_socket` and `sys` on the happy path of DEL, GC and STATUS (no `cni` package, no
+  `json`, not even `_json`, whose shared object costs ~0.4 ms to load), so `cni.install`
+  can install it as a single pre-compiled file. It is therefore also the one definition
+  of what the shim and the agent agree on (error codes, versions, the spec's syntax rules,
+  the wire format, the deletion queue's entries); `cni.protocol` re-exports it for the
+  agent;
 - it answers VERSION itself;
 - for the other commands it does not decode the network configuration: it finds the two
   keys it needs (`socket`, `timeout`) with a scan that gives up on anything unusual
-  (`compute_quick_address`), opens the container's network namespace, passes the open
-  file descriptor to the agent over the unix socket (SCM_RIGHTS: the agent never resolves
-  the runtime's path in its own mount namespace), sends the raw environment and stdin
-  bytes in a trivial binary frame, waits (blocking socket with SO_RCVTIMEO/SO_SNDTIMEO),
-  acknowledges the answer, writes it verbatim and exits with the agent's status. The agent
-  validates the request, with the same codes;
+  (`compute_quick_address`), sends the raw environment and stdin bytes in a trivial
+  binary frame over the unix socket, waits (blocking socket with
+  SO_RCVTIMEO/SO_SNDTIMEO), acknowledges the answer, writes it verbatim and exits with
+  the agent's status. The agent validates the request, with the same codes;
+- for ADD and CHECK it opens the container's network namespace and creates an rtnetlink
+  socket inside it (`open_pod_netlink`: setns(2) there and back, which the runtime's root
+  may do), and passes both file descriptors with the request (SCM_RIGHTS). The agent
+  configures the pod's side of the veth through that socket, so it never enters a pod's
+  namespace itself (no CAP_SYS_ADMIN) and never resolves the runtime's path in its own
+  mount namespace. Python 3.11 has no `os.setns`: libc's is called through the bare
+  `_ctypes` extension (~0.6-1.5 ms to load, against ~4 ms for the `ctypes` package),
+  imported only by these two commands;
+- when the agent cannot be reached (no socket, connection refused or dropped), DEL is
+  recorded in the agent's deletion queue instead (`queue_delete`: one file per
+  attachment, written under a temporary name and renamed, in the folder the network
+  configuration names as `deleteQueue`) and reported as done: the agent replays every
+  queued DEL before it serves an ADD, so a pod is never stuck terminating while its agent
+  restarts or is gone. The folder is the agent's (it creates it); without it, or when it
+  holds `MAX_QUEUED_DELETES` entries, DEL fails with "try again later" as before;
 - when anything goes wrong locally (no quick answer, the namespace cannot be opened, the
   agent cannot be reached or answers nonsense), it validates the invocation fully, as the
   agent would, before reporting: a broken invocation gets its own code (4 environment,
@@ -33,7 +47,9 @@ Wire format, one request and one response per connection (integers big-endian):
 
   request:  REQUEST_MAGIC, u32 body length, body = the values of CNI_COMMAND,
             CNI_CONTAINERID, CNI_IFNAME, CNI_NETNS, CNI_ARGS and CNI_PATH, each followed by
-            a NUL byte (environment values cannot contain one), then stdin as given
+            a NUL byte (environment values cannot contain one), then stdin as given;
+            for ADD and CHECK two file descriptors come with it, the namespace's and the
+            rtnetlink socket's, in that order
   response: RESPONSE_MAGIC, u32 exit status, u32 length, that many bytes for stdout
   then:     ACK, one byte from the shim once it holds the whole response
 
@@ -41,20 +57,31 @@ The acknowledgement is what lets an ADD be all or nothing for the runtime: the a
 keeps a successful ADD only if the shim acknowledged its answer, and undoes it when the
 shim hung up first (its timeout passed while the agent was stalled, or the runtime killed
 it): whatever the runtime hears, the node agrees. A shim acknowledges every answer; the
-agent waits for it only where it matters. The agent still serves shims of the previous
-request version (`LEGACY_REQUEST_MAGIC`: the same frame, no acknowledgement), so a shim
-installed before an upgrade keeps working. An agent that predates the acknowledgement
-rejects this shim's requests ("bad request", 6, naming the request's first bytes): the
-shim is installed with its agent (`cni.install`, run before the agent starts), so the two
-meet only if an old agent still runs after a new shim was installed.
+agent waits for it only where it matters.
+
+Shims of earlier request versions still meet this agent during an upgrade (a runtime may
+start the old binary just before the agent's init container replaces it):
+`NETNS_ONLY_REQUEST_MAGIC` (acknowledges, sends the namespace only) and
+`LEGACY_REQUEST_MAGIC` (the same, without acknowledgement). Their DEL, GC and STATUS are
+served; their ADD and CHECK, which would need the agent to enter the namespace, are
+answered "try again later" naming the cause, and the runtime's retry runs the current
+binary. An agent older than this shim rejects its requests ("bad request", 6, naming the
+request's first bytes): the shim is installed with its agent (`cni.install`, run before
+the agent starts), so the two meet only if an old agent still runs after a new shim was
+installed.
 
 Network configuration keys read here: `socket` (agent socket path, default
-/run/meshgress/cni.sock) and `timeout` (seconds, default 30).
+/run/meshgress/cni.sock), `timeout` (seconds, default 30) and `deleteQueue` (the agent's
+deletion queue folder, default /var/lib/meshgress/cni/delete-queue).
 """
 
 import _socket
 import posix
 import sys
+
+TYPE_CHECKING = False  # what mypy takes as true: `typing` would cost ~2 ms to import
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # --- CNI spec 1.1 well-known error codes -------------------------------------------------
 ERR_INCOMPATIBLE_VERSION = 1
@@ -109,6 +136,9 @@ VERSION_JSON = (
 DEFAULT_SOCKET = "/run/meshgress/cni.sock"
 DEFAULT_TIMEOUT = 30.0
 """Seconds the shim waits for the agent (ADD includes the pod-ready hook)."""
+DEFAULT_DELETE_QUEUE = "/var/lib/meshgress/cni/delete-queue"
+"""The agent's deletion queue: `cni` under the agent's state folder (which the chart keeps
+at /var/lib/meshgress on the node), `delete-queue` in it."""
 MAX_FRAME = 16 * 1024 * 1024
 """The largest request body or response the other side accepts."""
 MAX_CONFIG = 8 * 1024 * 1024
@@ -128,12 +158,33 @@ MAX_JSON_DEPTH = 64
 ones nest about 5 deep): JSON decoders and encoders recurse, and Python's would otherwise
 fail with RecursionError somewhere near 1000, possibly only while the answer is encoded."""
 IFNAMSIZ = 16
+CLONE_NEWNET = 0x40000000
+
+# --- the deletion queue ------------------------------------------------------------------
+QUEUE_ENTRY_PREFIX = "del-"
+"""Queued DELs are files `del-<digest of the attachment>`: one per attachment, so a DEL
+the runtime repeats while the agent is away replaces its entry instead of adding one."""
+QUEUE_TEMP_PREFIX = ".del-"
+"""A queue entry being written (`.del-<digest>.<pid>.tmp`), renamed into place when whole."""
+QUEUE_ENTRY_VERSION = 1
+MAX_QUEUED_DELETES = 1024
+"""Entries the queue may hold; a DEL beyond that fails with "try again later". Far above
+a node's pods (the kubelet's default is 110), so only a node whose agent stays away
+while pods keep coming and going reaches it."""
+MAX_QUEUE_ENTRY = 64 * 1024
+"""The largest entry file the agent reads: one holds at most a container id, an interface
+name, a namespace path and a pod's name and namespace, each bounded above."""
 
 # --- wire format -------------------------------------------------------------------------
-REQUEST_MAGIC = b"MGC\x03"
-"""Starts every request of a shim that acknowledges the answer (see the module docstring)."""
+REQUEST_MAGIC = b"MGC\x04"
+"""Starts every request of this shim: it acknowledges the answer, and its ADD and CHECK
+carry the namespace and an rtnetlink socket in it (see the module docstring)."""
+NETNS_ONLY_REQUEST_MAGIC = b"MGC\x03"
+"""A shim of the previous version: it acknowledges, and sends the namespace only."""
 LEGACY_REQUEST_MAGIC = b"MGC\x02"
-"""The same request from a shim that does not acknowledge (installed before this version)."""
+"""A shim of the version before: the namespace only, and no acknowledgement."""
+REQUEST_MAGICS = (REQUEST_MAGIC, NETNS_ONLY_REQUEST_MAGIC, LEGACY_REQUEST_MAGIC)
+ACKNOWLEDGING_MAGICS = (REQUEST_MAGIC, NETNS_ONLY_REQUEST_MAGIC)
 RESPONSE_MAGIC = b"MGC\x82"
 ACK = b"\x06"
 """What the shim sends once it holds the whole response."""
@@ -461,8 +512,22 @@ def compute_agent_address(config: dict[str, object]) -> tuple[str, float]:
     return path, float(timeout)
 
 
+def compute_delete_queue(config: dict[str, object]) -> str:
+    """The agent's deletion queue folder named by the network configuration."""
+    folder = config.get("deleteQueue", DEFAULT_DELETE_QUEUE)
+    if not isinstance(folder, str) or not folder.startswith("/") or "\0" in folder:
+        raise CniError(ERR_INVALID_CONFIG,
+                       f"'deleteQueue' must be an absolute path, not {folder!r}")
+    return folder
+
+
 def validate(env: dict[str, str], stdin: bytes) -> tuple[str, float]:
-    """Check the invocation as the agent would; return the agent's address and timeout.
+    """Check the invocation as the agent would; return the agent's address and timeout."""
+    return compute_agent_address(validate_config(env, stdin))
+
+
+def validate_config(env: dict[str, str], stdin: bytes) -> dict[str, object]:
+    """Check the invocation as the agent would; return the network configuration.
 
     The order decides which code a doubly broken invocation gets: command (4), decode (6,
     7: size, syntax, nesting), version (1, 7), environment (4), then the shim's own keys (7).
@@ -493,7 +558,9 @@ def validate(env: dict[str, str], stdin: bytes) -> tuple[str, float]:
         check_ifname(ifname)
     check_netns_path(env.get("CNI_NETNS", ""))
     check_pod_identity(parse_cni_args(env.get("CNI_ARGS", "")))
-    return compute_agent_address(config)
+    compute_agent_address(config)
+    compute_delete_queue(config)
+    return config
 
 
 def requested_version(stdin: bytes) -> str:
@@ -531,9 +598,73 @@ def _open_netns(path: bytes) -> int:
         ) from None
 
 
+class _LibcSetns:
+    """libc's setns(2), for interpreters without `os.setns` (3.11), through the bare
+    `_ctypes` extension: the `ctypes` package would cost ~4 ms more to import."""
+
+    def __init__(self) -> None:
+        import _ctypes  # noqa: PLC0415 (ADD and CHECK only)
+
+        class Int(_ctypes._SimpleCData):  # type: ignore[type-arg]  # generic in stubs only
+            _type_ = "i"
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = Int
+
+        class Libc:
+            _handle = _ctypes.dlopen(None)  # type: ignore[arg-type]  # the program itself
+
+        # What CDLL does for a name: any object with a `_handle` serves.
+        self._function = Function(("setns", Libc()))  # type: ignore[arg-type]
+        self._get_errno = _ctypes.get_errno
+
+    def __call__(self, fd: int, nstype: int) -> None:
+        if self._function(fd, nstype) != 0:
+            code = self._get_errno()
+            raise OSError(code, posix.strerror(code))
+
+
+def open_pod_netlink(netns_fd: int) -> int:
+    """An rtnetlink socket inside the network namespace `netns_fd` refers to (its fd).
+
+    A socket belongs for life to the namespace it was created in, so the calling thread
+    enters the pod's namespace to create it and returns to its own at once; nothing else
+    happens meanwhile. The agent configures the pod's side through it and checks that it
+    is what it claims to be, in the namespace the request names."""
+    home = posix.open(b"/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        native = getattr(posix, "setns", None)  # Python 3.12+
+        setns = native if native is not None else _LibcSetns()
+        try:
+            setns(netns_fd, CLONE_NEWNET)
+        except OSError as exc:
+            if exc.errno == 22:  # EINVAL: the file is no network namespace
+                raise CniError(ERR_INVALID_ENV, "CNI_NETNS is not a network namespace",
+                               str(exc)) from None
+            raise CniError(ERR_IO, "cannot enter the container's network namespace",
+                           str(exc)) from None
+        try:
+            sock = _socket.socket(_socket.AF_NETLINK,
+                                  _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, 0)  # NETLINK_ROUTE
+        finally:
+            try:
+                setns(home, CLONE_NEWNET)
+            except OSError as exc:  # never seen: returning needs what entering needed
+                raise CniError(ERR_IO, "cannot return from the container's network "
+                               "namespace", str(exc)) from None
+        return sock.detach()
+    finally:
+        posix.close(home)
+
+
+class AgentUnreachable(CniError):
+    """The agent's socket is missing, refuses, or the agent hung up without answering."""
+
+
 def _unreachable(command: bytes, path: str, reason: str) -> CniError:
     code = ERR_NOT_AVAILABLE if command == b"STATUS" else ERR_TRY_AGAIN_LATER
-    return CniError(code, f"meshgress agent not reachable at {path}", reason)
+    return AgentUnreachable(code, f"meshgress agent not reachable at {path}", reason)
 
 
 def _recv_response(sock: _socket.socket) -> tuple[int, bytes]:
@@ -556,67 +687,147 @@ def _recv_response(sock: _socket.socket) -> tuple[int, bytes]:
     return exit_code, data[12:]
 
 
-def call_agent(
-    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None, *,
-    emit_to: int | None = None,
-) -> tuple[int, bytes]:
-    """Send one request frame (with the namespace fd, if any); return (exit, stdout).
-
-    Once the whole answer is here it is acknowledged. With `emit_to`, it is first written
-    there (and b"" returned in its place): the runtime holds the answer before the agent
-    hears that it was taken, so a shim killed in between fails on both sides."""
+def connect_agent(path: str, timeout: float, command: bytes) -> _socket.socket:
+    """A connection to the agent, with kernel timeouts of `timeout` seconds on a blocking
+    socket (no poll() before every call)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
-        # Kernel timeouts on a blocking socket: no poll() before every call. A zero
-        # timeval would mean "forever", hence at least 1 us; at most ~31 years.
+        # A zero timeval would mean "forever", hence at least 1 us; at most ~31 years.
         timeout = timeout if timeout < 1e9 else 1e9
         seconds = int(timeout)
         micros = max(int((timeout - seconds) * 1e6), 0 if seconds else 1)
         timeval = seconds.to_bytes(8, sys.byteorder) + micros.to_bytes(8, sys.byteorder)
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, timeval)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise _unreachable(command, path, str(exc)) from None
-        try:
-            if netns_fd is None:
-                sock.sendall(frame)
-            else:
-                fds = netns_fd.to_bytes(4, sys.byteorder, signed=True)
-                sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-                if sent < len(frame):  # sendall(b"") would still send, and may hit EPIPE
-                    sock.sendall(frame[sent:])
-            exit_code, stdout = _recv_response(sock)
-        except (BlockingIOError, TimeoutError):  # EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO expired
-            raise CniError(
-                ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
-            ) from None
-        except ValueError as exc:
-            raise CniError(ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
-        except OSError as exc:
-            raise _unreachable(command, path, str(exc)) from None
-        if emit_to is not None:
-            _write_all(emit_to, stdout)
-            stdout = b""
-        try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
-            sock.send(ACK)
-        except OSError:  # the agent no longer listens: its answer stands
-            pass
-        return exit_code, stdout
-    finally:
+        sock.connect(path)
+    except OSError as exc:
         sock.close()
+        raise _unreachable(command, path, str(exc)) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-def run(environ: dict[bytes, bytes], stdin: bytes, emit_to: int | None = None
-        ) -> tuple[int, bytes]:
+def call_agent(
+    sock: _socket.socket, path: str, timeout: float, command: bytes, frame: bytes, *,
+    fds: list[int], emit_to: int | None = None,
+) -> tuple[int, bytes]:
+    """Send one request frame (with the file descriptors `fds`) on the connection `sock`
+    (`connect_agent`); return (exit, stdout).
+
+    Once the whole answer is here it is acknowledged. With `emit_to`, it is first written
+    there (and b"" returned in its place): the runtime holds the answer before the agent
+    hears that it was taken, so a shim killed in between fails on both sides."""
+    try:
+        if not fds:
+            sock.sendall(frame)
+        else:
+            rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+            sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+            if sent < len(frame):  # sendall(b"") would still send, and may hit EPIPE
+                sock.sendall(frame[sent:])
+        exit_code, stdout = _recv_response(sock)
+    except (BlockingIOError, TimeoutError):  # EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO expired
+        raise CniError(
+            ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
+        ) from None
+    except ValueError as exc:
+        raise CniError(ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
+    except OSError as exc:
+        raise _unreachable(command, path, str(exc)) from None
+    if emit_to is not None:
+        _write_all(emit_to, stdout)
+        stdout = b""
+    try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
+        sock.send(ACK)
+    except OSError:  # the agent no longer listens: its answer stands
+        pass
+    return exit_code, stdout
+
+
+# --- the deletion queue ----------------------------------------------------------------
+
+
+def compute_queue_entry_name(container_id: str, ifname: str) -> str:
+    """`del-` and a digest of the attachment: the same for every DEL of it, distinct for
+    any two (each part prefixed with its length, so no two pairs share an input)."""
+    from _blake2 import blake2b  # noqa: PLC0415 (a queued DEL only; built in, ~0.05 ms)
+
+    text = f"{len(container_id)}:{container_id}:{len(ifname)}:{ifname}"
+    digest = blake2b(text.encode("utf-8", "surrogateescape"), digest_size=20)
+    return QUEUE_ENTRY_PREFIX + digest.hexdigest()
+
+
+def encode_queue_entry(container_id: str, ifname: str, netns: str, args: dict[str, str]
+                       ) -> bytes:
+    """A queued DEL as the agent reads it back: a JSON object naming the attachment (the
+    agent finds everything else in its own records) and, for its logs, the pod."""
+    from _json import encode_basestring_ascii as quote  # noqa: PLC0415 (a queued DEL only)
+
+    fields = {"containerID": container_id, "ifname": ifname, "netns": netns,
+              "podNamespace": args.get("K8S_POD_NAMESPACE", ""),
+              "podName": args.get("K8S_POD_NAME", "")}
+    body = ", ".join(f"{quote(key)}: {quote(value)}" for key, value in fields.items())
+    return f'{{"version": {QUEUE_ENTRY_VERSION}, {body}}}\n'.encode()
+
+
+def queue_delete(env: dict[str, str], config: dict[str, object], unreachable: CniError
+                 ) -> None:
+    """Record a validated DEL in the agent's deletion queue; raise `unreachable` (with
+    the reason the DEL could not be queued either) when it cannot be."""
+    folder = compute_delete_queue(config)
+    container_id, ifname = env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", "")
+    name = compute_queue_entry_name(container_id, ifname)
+
+    def refuse(reason: str) -> CniError:
+        return CniError(unreachable.code, unreachable.msg,
+                        f"{unreachable.details}; the DEL was not queued: {reason}")
+
+    try:
+        names = posix.listdir(folder)
+    except OSError as exc:  # the agent makes it: no agent has run here with this folder
+        raise refuse(f"no deletion queue at {folder} ({exc.strerror})") from None
+    queued = sum(1 for entry in names if entry.startswith(QUEUE_ENTRY_PREFIX))
+    if name not in names and queued >= MAX_QUEUED_DELETES:
+        raise refuse(f"the deletion queue {folder} is full ({queued} entries)")
+    data = encode_queue_entry(container_id, ifname, env.get("CNI_NETNS", ""),
+                              parse_cni_args(env.get("CNI_ARGS", "")))
+    temporary = f"{folder}/{QUEUE_TEMP_PREFIX}{name[len(QUEUE_ENTRY_PREFIX):]}." \
+                f"{posix.getpid()}.tmp"
+    try:
+        fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL
+                        | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            posix.close(fd)
+        posix.rename(temporary, f"{folder}/{name}")
+    except OSError as exc:
+        try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
+            posix.unlink(temporary)
+        except OSError:
+            pass
+        raise refuse(f"cannot write to {folder} ({exc.strerror})") from None
+
+
+# --- one invocation ----------------------------------------------------------------------
+
+
+def run(environ: dict[bytes, bytes], stdin: bytes, emit_to: int | None = None, *,
+        pod_socket: "Callable[[int], int] | None" = None) -> tuple[int, bytes]:
     """One plugin invocation: (exit code, bytes for stdout). With `emit_to`, the agent's
     answer is written there before it is acknowledged (see `call_agent`), and b"" is
-    returned in its place; answers of the shim's own are returned."""
+    returned in its place; answers of the shim's own are returned.
+
+    `pod_socket` makes the second file descriptor of ADD and CHECK from the first (default
+    `open_pod_netlink`); tests whose kernel is faked, and whose namespaces are therefore
+    plain files, pass a stand-in."""
     command = environ.get(b"CNI_COMMAND", b"")
     if command == b"VERSION":
         return 0, VERSION_JSON.encode()
-    netns_fd = None
+    make_pod_socket = open_pod_netlink if pod_socket is None else pod_socket
+    fds: list[int] = []
     try:
         try:
             address = compute_quick_address(stdin) if command in _AGENT_COMMANDS else None
@@ -627,15 +838,25 @@ def run(environ: dict[bytes, bytes], stdin: bytes, emit_to: int | None = None
                 validate(_text_environ(environ), stdin)  # says which
                 raise CniError(ERR_INVALID_ENV, "the invocation is too large")
             if command in _NETNS_COMMANDS:
-                netns_fd = _open_netns(environ.get(b"CNI_NETNS", b""))
+                fds.append(_open_netns(environ.get(b"CNI_NETNS", b"")))
             frame = encode_request(values, stdin)
-            return call_agent(*address, command, frame, netns_fd, emit_to=emit_to)
-        except CniError:
-            validate(_text_environ(environ), stdin)  # the invocation's own fault comes first
+            sock = connect_agent(*address, command)
+            try:
+                if command in _NETNS_COMMANDS:  # once the agent is there to take it
+                    fds.append(make_pod_socket(fds[0]))
+                return call_agent(sock, *address, command, frame, fds=fds, emit_to=emit_to)
+            finally:
+                sock.close()
+        except CniError as exc:
+            env = _text_environ(environ)
+            config = validate_config(env, stdin)  # the invocation's own fault comes first
+            if command == b"DEL" and isinstance(exc, AgentUnreachable):
+                queue_delete(env, config, exc)
+                return 0, b""
             raise
         finally:
-            if netns_fd is not None:
-                posix.close(netns_fd)
+            for fd in fds:
+                posix.close(fd)
     except CniError as exc:
         return 1, exc.to_json(requested_version(stdin)).encode()
 

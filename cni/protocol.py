@@ -10,6 +10,9 @@ tests and adds what only the agent needs:
 - `dumps`, compact JSON without importing `json`;
 - `frame_length`, the bounded length of a frame.
 
+The deletion queue's entries are written by the shim (`encode_queue_entry`, named by
+`compute_queue_entry_name`) and read back by the agent (`cni.deletion_queue`).
+
 Purely computational: no I/O happens here.
 """
 
@@ -17,8 +20,10 @@ import _json
 
 from cni.plugin import (
     ACK,
+    ACKNOWLEDGING_MAGICS,
     COMMANDS,
     COMMANDS_SINCE_1_1,
+    DEFAULT_DELETE_QUEUE,
     DEFAULT_SOCKET,
     DEFAULT_TIMEOUT,
     ERR_AGENT_PROTOCOL,
@@ -49,8 +54,15 @@ from cni.plugin import (
     MAX_JSON_DEPTH,
     MAX_NETNS_PATH,
     MAX_POD_NAME,
+    MAX_QUEUE_ENTRY,
+    MAX_QUEUED_DELETES,
+    NETNS_ONLY_REQUEST_MAGIC,
+    QUEUE_ENTRY_PREFIX,
+    QUEUE_ENTRY_VERSION,
+    QUEUE_TEMP_PREFIX,
     REQUEST_FIELDS,
     REQUEST_MAGIC,
+    REQUEST_MAGICS,
     REQUIRED_ENV,
     RESPONSE_MAGIC,
     SUPPORTED_VERSIONS,
@@ -64,9 +76,12 @@ from cni.plugin import (
     check_netns_path,
     check_pod_identity,
     check_version,
+    compute_delete_queue,
     compute_error_json,
+    compute_queue_entry_name,
     decode_request,
     decode_response_header,
+    encode_queue_entry,
     encode_request,
     encode_response,
     loads,
@@ -75,20 +90,23 @@ from cni.plugin import (
 )
 
 __all__ = [
-    "ACK", "COMMANDS", "COMMANDS_SINCE_1_1", "DEFAULT_SOCKET", "DEFAULT_TIMEOUT", "ERROR_NAMES",
-    "ERR_AGENT_PROTOCOL", "ERR_ANTISPOOF_UNAVAILABLE", "ERR_CHECK_FAILED", "ERR_DECODE",
-    "ERR_HOOK_FAILED", "ERR_IFNAME_IN_USE", "ERR_INCOMPATIBLE_VERSION", "ERR_INTERNAL",
-    "ERR_INVALID_CONFIG", "ERR_INVALID_ENV", "ERR_IO", "ERR_IPAM_EXHAUSTED",
-    "ERR_NOT_AVAILABLE", "ERR_NOT_AVAILABLE_LIMITED", "ERR_TRY_AGAIN_LATER",
-    "ERR_UNKNOWN_CONTAINER", "ERR_UNSUPPORTED_FIELD", "ERR_WIRING", "IFNAMSIZ",
-    "LATEST_VERSION", "LEGACY_REQUEST_MAGIC", "MAX_CONFIG", "MAX_CONTAINER_ID", "MAX_ENV_VALUE",
-    "MAX_FRAME", "MAX_JSON_DEPTH", "MAX_NETNS_PATH", "MAX_POD_NAME", "REQUEST_FIELDS",
-    "REQUEST_MAGIC", "REQUIRED_ENV", "RESPONSE_MAGIC", "SUPPORTED_VERSIONS", "VERSION_JSON",
-    "CniError", "check_config_size", "check_container_id", "check_env_sizes", "check_ifname",
-    "check_json_depth", "check_netns_path", "check_pod_identity", "check_version",
-    "compute_error_json", "compute_version_json", "decode_request", "decode_response_header",
-    "dumps", "encode_request", "encode_response", "frame_length", "loads", "parse_cni_args",
-    "parse_version",
+    "ACK", "ACKNOWLEDGING_MAGICS", "COMMANDS", "COMMANDS_SINCE_1_1", "DEFAULT_DELETE_QUEUE",
+    "DEFAULT_SOCKET", "DEFAULT_TIMEOUT", "ERROR_NAMES", "ERR_AGENT_PROTOCOL",
+    "ERR_ANTISPOOF_UNAVAILABLE", "ERR_CHECK_FAILED", "ERR_DECODE", "ERR_HOOK_FAILED",
+    "ERR_IFNAME_IN_USE", "ERR_INCOMPATIBLE_VERSION", "ERR_INTERNAL", "ERR_INVALID_CONFIG",
+    "ERR_INVALID_ENV", "ERR_IO", "ERR_IPAM_EXHAUSTED", "ERR_NOT_AVAILABLE",
+    "ERR_NOT_AVAILABLE_LIMITED", "ERR_TRY_AGAIN_LATER", "ERR_UNKNOWN_CONTAINER",
+    "ERR_UNSUPPORTED_FIELD", "ERR_WIRING", "IFNAMSIZ", "LATEST_VERSION", "LEGACY_REQUEST_MAGIC",
+    "MAX_CONFIG", "MAX_CONTAINER_ID", "MAX_ENV_VALUE", "MAX_FRAME", "MAX_JSON_DEPTH",
+    "MAX_NETNS_PATH", "MAX_POD_NAME", "MAX_QUEUED_DELETES", "MAX_QUEUE_ENTRY",
+    "NETNS_ONLY_REQUEST_MAGIC", "QUEUE_ENTRY_PREFIX", "QUEUE_ENTRY_VERSION", "QUEUE_TEMP_PREFIX",
+    "REQUEST_FIELDS", "REQUEST_MAGIC", "REQUEST_MAGICS", "REQUIRED_ENV", "RESPONSE_MAGIC",
+    "SUPPORTED_VERSIONS", "VERSION_JSON", "CniError", "check_config_size", "check_container_id",
+    "check_env_sizes", "check_ifname", "check_json_depth", "check_netns_path",
+    "check_pod_identity", "check_version", "compute_delete_queue", "compute_error_json",
+    "compute_queue_entry_name", "compute_version_json", "decode_request",
+    "decode_response_header", "dumps", "encode_queue_entry", "encode_request",
+    "encode_response", "frame_length", "loads", "parse_cni_args", "parse_version",
 ]
 
 ERROR_NAMES = {

@@ -4,15 +4,20 @@ Connections are served by a fixed set of worker threads that each block in accep
 listening socket (pod operations of different pods run concurrently; the kernel and the
 IPAM lock serialise what must be serialised). No thread is started and no hand-off is
 made per request: each costs ~0.1 ms of wake-ups on a pod's ADD path. One request and one
-response per connection, in the binary framing of `cni.plugin`. The container's network
-namespace arrives as a file descriptor with the request (SCM_RIGHTS) and is closed when
-the answer is sent. Every request gets an answer: the spec's error object for anything
-malformed, never a closed connection (which the shim would report as "try again later").
+response per connection, in the binary framing of `cni.plugin`. Every request gets an
+answer: the spec's error object for anything malformed, never a closed connection (which
+the shim would report as "try again later").
+
+For ADD and CHECK the container's network namespace and an rtnetlink socket the shim
+created inside it arrive as file descriptors with the request (SCM_RIGHTS), and are closed
+when the answer is sent; the service checks the socket before it uses it. Before it
+listens, and once it listens, the server has the service replay the DELs the shim queued
+while nobody listened (`CniService.replay_deletions`; every request does so too).
 
 The connection is the service's `Caller`: the shim hanging up is how the agent learns
 that it gave up (its timeout passed, or the runtime killed it), checked with a poll(2)
-that costs microseconds; and a shim that acknowledges answers (`p.REQUEST_MAGIC`) tells
-the agent that it holds a successful ADD's answer, without which the ADD is undone.
+that costs microseconds; and a shim that acknowledges answers (`p.ACKNOWLEDGING_MAGICS`)
+tells the agent that it holds a successful ADD's answer, without which the ADD is undone.
 
 API for the agent (and the lab):
 
@@ -48,7 +53,7 @@ from pathlib import Path
 from types import FrameType
 
 from cni import protocol as p
-from cni.model import PodAttachment
+from cni.model import PodAttachment, compute_pod_namespace
 from cni.service import CniService, PodHook
 
 __all__ = ["CniService", "PodAttachment", "PodHook", "main", "serve"]
@@ -87,7 +92,7 @@ def _recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
             raise ConnectionError("client closed the connection mid-request")
         buffer += data
         if needed is None and len(buffer) >= 8:
-            if buffer[:4] not in (p.REQUEST_MAGIC, p.LEGACY_REQUEST_MAGIC):
+            if buffer[:4] not in p.REQUEST_MAGICS:
                 raise ValueError(f"not a meshgress-cni request: {bytes(buffer[:8])!r}")
             needed = 8 + p.frame_length(bytes(buffer[4:8]))
     if len(buffer) > needed:
@@ -154,7 +159,7 @@ def _serve_connection(sock: socket.socket, service: CniService) -> None:
     try:
         try:
             frame, fds = _recv_frame(sock)
-            connection = _ShimConnection(sock, acknowledges=frame[:4] == p.REQUEST_MAGIC)
+            connection = _ShimConnection(sock, acknowledges=frame[:4] in p.ACKNOWLEDGING_MAGICS)
             request = _parse_request(frame)
         except _NoRequest:
             return
@@ -166,7 +171,7 @@ def _serve_connection(sock: socket.socket, service: CniService) -> None:
                 p.LATEST_VERSION))
         else:
             try:
-                answer = service.handle(request, fds[0] if len(fds) == 1 else None,
+                answer = service.handle(request, compute_pod_namespace(frame[:4], fds),
                                         connection)
             except Exception as exc:  # handle() answers everything; this is a last resort
                 log.exception("CNI server: request failed")
@@ -214,6 +219,7 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
     """
     path = Path(socket_path)
     service.open()
+    service.replay_deletions()  # before any ADD: no queued pod's address is handed out
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     _remove_stale_socket(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -230,6 +236,7 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
         worker.start()
     log.info("CNI server listening on %s (pod CIDR %s)", path, service.pod_cidr)
     try:
+        service.replay_deletions()  # what a shim queued while the socket was being made
         if on_listening is not None:
             on_listening()
         # Wake up now and then: a signal delivered to another thread does not interrupt a
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pod-cidr", required=True, type=IPv4Network,
                         help="this node's pod CIDR, e.g. 198.18.0.0/24")
     parser.add_argument("--state-dir", required=True, help="directory for allocations")
+    parser.add_argument("--delete-queue", default=None,
+                        help="where the shim queues DELs while the server is away "
+                             "(default: STATE_DIR/delete-queue)")
     parser.add_argument("--mtu", type=int, default=None, help="default pod veth MTU")
     parser.add_argument("--no-gateway-address", action="store_true",
                         help="do not add 169.254.1.1/32 to the loopback (proxy ARP only)")
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = CniService(args.pod_cidr, args.state_dir, own_gateway=not args.no_gateway_address,
-                         mtu=args.mtu)
+                         mtu=args.mtu, delete_queue=args.delete_queue)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:

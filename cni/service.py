@@ -20,6 +20,15 @@ Guarantees:
   `pod_removed_hook` and releasing the address, so no packet of the pod leaves unsteered
   and no address is reused while its old veth still exists.
 - GC runs alone (a shared/exclusive lock), so it never removes an ADD in progress.
+- A DEL the shim queued while the agent was away (`cni.deletion_queue`) is run before
+  any request is served: `replay_deletions`, which the server calls before it listens,
+  again once it listens, and which every request calls first. Until it ran, the pod's
+  address stays allocated; an entry is removed once its DEL succeeded, and one that is
+  not a well-formed entry is removed and counted, never acted on.
+- The pod's side is configured only through the netlink socket the shim created in the
+  pod's namespace, after checking that it is one and lives there (`Wiring.
+  pod_socket_problem`); a shim older than the agent, which sends none, is told to try
+  again (its retry runs the binary the agent's init container installed).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,12 +46,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cni import protocol as p
+from cni.deletion_queue import (
+    DeletionQueueFolder,
+    QueueEntryRejected,
+    parse_queue_entry,
+    plan_queue,
+)
 from cni.ipam import Allocation, Ipam
 from cni.model import (
     AttachmentKey,
     CniRequest,
     HostLinkClaim,
     PodAttachment,
+    PodNamespace,
     WiringPlan,
     compute_check_problems,
     compute_host_ifname,
@@ -141,6 +158,8 @@ class CniService:
     wiring: the kernel adapter (default: netlink in the calling thread's namespace).
     own_gateway: add the pods' gateway 169.254.1.1/32 to the node's loopback on open().
     mtu: default MTU of pod veths (a network configuration's "mtu" overrides it).
+    delete_queue: the folder where the shim queues DELs while the agent is away (default
+        `<state_dir>/delete-queue`; the conflist names it to the shim), created here.
     """
 
     def __init__(
@@ -154,9 +173,21 @@ class CniService:
         own_gateway: bool = True,
         mtu: int | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        delete_queue: Path | str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.deletion_queue = DeletionQueueFolder(
+            delete_queue if delete_queue is not None else self.state_dir / "delete-queue")
+        self.deletion_queue.ensure()
+        self._replay_lock = threading.Lock()
+        self._replay_failures: dict[str, str] = {}
+        self.queued_deletes_replayed = 0
+        """Queued DELs run and removed."""
+        self.queued_deletes_rejected = 0
+        """Files of the deletion queue removed unread or unrun: not well-formed entries."""
+        self.queued_deletes_pending = 0
+        """Entries left after the latest replay (their DEL failed; retried next time)."""
         self.pod_ready_hook = pod_ready_hook
         self.pod_removed_hook = pod_removed_hook
         self.own_gateway = own_gateway
@@ -206,22 +237,25 @@ class CniService:
 
     # --- dispatch ---------------------------------------------------------------------
 
-    def handle(self, raw: Mapping[str, Any], netns_fd: int | None = None,
+    def handle(self, raw: Mapping[str, Any], pod: PodNamespace | None = None,
                caller: Caller | None = None) -> tuple[int, str]:
-        """Answer one shim request: (exit code, stdout text).
+        """Answer one shim request: (exit code, stdout text). `pod`: the namespace and
+        netlink socket the shim sent (ADD and CHECK need them).
 
-        With a `caller`, a successful ADD is answered through `caller.confirm` (and kept
-        only if the shim acknowledged it); the transport sends the returned answer only
-        if `confirm` was not called. Without one (tests, embedding), the answer is
-        returned and the ADD kept.
+        Every DEL still queued runs first (`replay_deletions`). With a `caller`, a
+        successful ADD is answered through `caller.confirm` (and kept only if the shim
+        acknowledged it); the transport sends the returned answer only if `confirm` was
+        not called. Without one (tests, embedding), the answer is returned and the ADD
+        kept.
         """
+        self.replay_deletions()
         command = raw.get("command")
         command = command if command in p.COMMANDS else "invalid"  # a bounded metric label
         version: str | None = None
         try:
             request = parse_request(raw)
             version = request.cni_version
-            output = self._dispatch(request, netns_fd, caller)
+            output = self._dispatch(request, pod, caller)
         except p.CniError as exc:
             self.requests_total[(command, exc.code)] += 1
             log.info("CNI %s %.64s failed: code %d: %s %.512s", command,
@@ -235,14 +269,14 @@ class CniService:
         self.requests_total[(command, 0)] += 1
         return 0, output
 
-    def _dispatch(self, request: CniRequest, netns_fd: int | None,
+    def _dispatch(self, request: CniRequest, pod: PodNamespace | None,
                   caller: Caller | None = None) -> str:
         if request.command == "ADD":
-            return self.add(request, netns_fd, caller)
+            return self.add(request, pod, caller)
         if request.command == "DEL":
             self.delete(request)
         elif request.command == "CHECK":
-            self.check(request, netns_fd)
+            self.check(request, pod)
         elif request.command == "GC":
             self.gc(request)
         elif request.command == "STATUS":
@@ -275,13 +309,13 @@ class CniService:
 
     # --- commands ---------------------------------------------------------------------
 
-    def add(self, request: CniRequest, netns_fd: int | None,
+    def add(self, request: CniRequest, pod: PodNamespace | None,
             caller: Caller | None = None) -> str:
         """Wire the attachment; return the Result as JSON text (see `handle` for `caller`)."""
-        if netns_fd is None:
-            raise p.CniError(p.ERR_INVALID_ENV, "ADD needs the container's network namespace")
+        self._require_pod_namespace(request, pod)
+        assert pod is not None
         ipam = self._require_ready()
-        self._refuse_node_namespace(request, netns_fd)
+        self._refuse_foreign_namespaces(request, pod)
         problem = self._wiring.antispoof_problem()
         if problem:
             raise p.CniError(p.ERR_ANTISPOOF_UNAVAILABLE, "refusing to wire pods", problem)
@@ -298,7 +332,7 @@ class CniService:
             try:
                 output = _encode_result(request, plan)
                 _check_caller(caller, "before the pod was wired")
-                self._wire(plan, netns_fd)
+                self._wire(plan, pod)
                 _check_caller(caller, "before the pod-ready hook")
                 if self.pod_ready_hook is not None:
                     hooked = True
@@ -323,19 +357,38 @@ class CniService:
                      request.container_id[:12], attachment.ip, attachment.host_ifname)
             return output
 
-    def _refuse_node_namespace(self, request: CniRequest, netns_fd: int) -> None:
-        if self._wiring.is_node_namespace(netns_fd):
+    @staticmethod
+    def _require_pod_namespace(request: CniRequest, pod: PodNamespace | None) -> None:
+        if pod is None:
+            raise p.CniError(p.ERR_INVALID_ENV, f"{request.command} needs the container's "
+                             "network namespace and a netlink socket in it")
+        if pod.netlink_fd is None:
+            raise p.CniError(
+                p.ERR_TRY_AGAIN_LATER,
+                "the meshgress-cni binary that called is older than the agent: it sends no "
+                "netlink socket for the container's network namespace",
+                "the agent's init container installs the current binary; the runtime's "
+                "retry runs it",
+            )
+
+    def _refuse_foreign_namespaces(self, request: CniRequest, pod: PodNamespace) -> None:
+        """Neither the node's own namespace nor a socket of another namespace than it."""
+        if self._wiring.is_node_namespace(pod.netns_fd):
             raise p.CniError(
                 p.ERR_INVALID_ENV,
                 f"CNI_NETNS {request.netns} is the node's own network namespace, not a "
                 "container's: refusing to wire it",
             )
+        problem = self._wiring.pod_socket_problem(pod)
+        if problem is not None:
+            raise p.CniError(p.ERR_INVALID_ENV, f"refusing the request for CNI_NETNS "
+                             f"{request.netns}: {problem}")
 
-    def _wire(self, plan: WiringPlan, netns_fd: int) -> None:
+    def _wire(self, plan: WiringPlan, pod: PodNamespace) -> None:
         """add_pod; an interface of the host veth's name is replaced only if it is this
         attachment's (left by an earlier ADD of it), never if it is anyone else's."""
         try:
-            self._wiring.add_pod(plan, netns_fd)
+            self._wiring.add_pod(plan, pod)
             return
         except HostLinkExists as exists:
             link = exists.link
@@ -348,7 +401,7 @@ class CniService:
                     f"{plan.host_mac}",
                 ) from None
             self._wiring.delete_host_link(link)
-        self._wiring.add_pod(plan, netns_fd)
+        self._wiring.add_pod(plan, pod)
 
     def _call_ready_hook(self, attachment: PodAttachment) -> None:
         assert self.pod_ready_hook is not None
@@ -391,7 +444,9 @@ class CniService:
             log.exception("pod-removed hook failed for %s", attachment)
 
     def delete(self, request: CniRequest) -> None:
-        key = request.key
+        self._delete(request.key)
+
+    def _delete(self, key: AttachmentKey) -> None:
         with self._attachment_lock(key), self._any_ipam() as ipam:
             allocation = ipam.lookup(key) if ipam is not None else None
             claims = compute_host_link_claims(key, allocation.host_ifname if allocation else "")
@@ -410,11 +465,11 @@ class CniService:
                 if ipam is not None:
                     ipam.release(key)
 
-    def check(self, request: CniRequest, netns_fd: int | None) -> None:
-        if netns_fd is None:
-            raise p.CniError(p.ERR_INVALID_ENV, "CHECK needs the container's network namespace")
+    def check(self, request: CniRequest, pod: PodNamespace | None) -> None:
+        self._require_pod_namespace(request, pod)
+        assert pod is not None
         ipam = self._require_ready()
-        self._refuse_node_namespace(request, netns_fd)
+        self._refuse_foreign_namespaces(request, pod)
         with self._attachment_lock(request.key):
             allocation = ipam.lookup(request.key)
             if allocation is None:
@@ -426,7 +481,7 @@ class CniService:
             attachment = _attachment(allocation)
             claim = compute_host_link_claim(request.key, allocation.host_ifname)
             problems = list(compute_check_problems(request, attachment.ip, attachment.host_ifname))
-            problems += self._wiring.check_pod(claim, request.ifname, attachment.ip, netns_fd)
+            problems += self._wiring.check_pod(claim, request.ifname, attachment.ip, pod)
         if problems:
             raise p.CniError(
                 p.ERR_CHECK_FAILED,
@@ -469,6 +524,76 @@ class CniService:
             raise p.CniError(p.ERR_NOT_AVAILABLE, "anti-spoofing unavailable", problem)
         if not os.access(self._ipam_dir, os.W_OK):
             raise p.CniError(p.ERR_NOT_AVAILABLE, f"state directory {self._ipam_dir} not writable")
+
+    # --- the deletion queue ------------------------------------------------------------
+
+    def replay_deletions(self) -> None:
+        """Run every DEL the shim queued while the agent could not be reached, oldest
+        first; remove each entry once its DEL succeeded, and every file that is not a
+        well-formed entry (counted, logged). A DEL that fails stays queued for the next
+        call. Never raises: a request is served whatever the queue holds."""
+        with self._replay_lock:
+            try:
+                files = self.deletion_queue.scan(time.time())
+            except OSError as exc:
+                log.warning("CNI deletion queue %s cannot be read: %s",
+                            self.deletion_queue.path, exc)
+                return
+            if not files:
+                self.queued_deletes_pending = 0
+                return
+            plan = plan_queue(files)
+            self._replay_failures = {name: message for name, message
+                                     in self._replay_failures.items() if name in plan.replay}
+            for name, reason in plan.discard:
+                self._reject_queued(name, reason)
+            pending = 0
+            for name in plan.replay:
+                pending += not self._replay_one(name)
+            self.queued_deletes_pending = pending
+
+    def _reject_queued(self, name: str, reason: str, inode: int | None = None) -> None:
+        try:
+            removed = self.deletion_queue.remove(name, inode)
+        except OSError as exc:
+            log.warning("CNI deletion queue: cannot remove %s (%s): %s", name[:80], reason,
+                        exc)
+            return
+        if removed:
+            self.queued_deletes_rejected += 1
+            log.warning("CNI deletion queue: removed %.80s: %s", name, reason)
+
+    def _replay_one(self, name: str) -> bool:
+        """Replay one entry; False if it stays queued (its DEL failed)."""
+        read = self.deletion_queue.read(name)
+        if read is None:
+            return True  # gone meanwhile, or replaced by something that is no file
+        data, inode = read
+        try:
+            entry = parse_queue_entry(name, data)
+        except QueueEntryRejected as exc:
+            self._reject_queued(name, str(exc), inode)
+            return True
+        try:
+            self._delete(entry.key)
+        except Exception as exc:  # a kernel refusal included: kept and retried
+            message = exc.msg if isinstance(exc, p.CniError) else repr(exc)
+            if self._replay_failures.get(name) != message:
+                log.warning("CNI deletion queue: DEL of %s/%s (%s %s) failed, kept: %s",
+                            entry.pod_namespace, entry.pod_name, entry.key.container_id[:12],
+                            entry.key.ifname, message)
+            self._replay_failures[name] = message
+            return False
+        self._replay_failures.pop(name, None)
+        try:
+            if self.deletion_queue.remove(name, inode):
+                self.queued_deletes_replayed += 1
+        except OSError as exc:  # run again next time: DEL is idempotent
+            log.warning("CNI deletion queue: cannot remove %s: %s", name, exc)
+        log.info("CNI DEL %s/%s %s (%s) replayed from the deletion queue",
+                 entry.pod_namespace, entry.pod_name, entry.key.container_id[:12],
+                 entry.key.ifname)
+        return True
 
 
 class _ReadOnlyIpam(Ipam):

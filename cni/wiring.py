@@ -25,14 +25,16 @@ weakens it to loose, which lets any routable source through. `antispoof_problem`
 that and the service refuses ADD (and reports STATUS not ready) rather than wire pods
 without protection.
 
-Entering a pod's namespace: the pod side needs a netlink socket in the pod's namespace (a
-socket stays bound to the namespace it was created in). The request thread itself enters
-the namespace (setns(2); Python 3.11 has no os.setns, so libc's via ctypes), creates the
-socket and returns to the node's namespace at once, before anything else: ~25 us, against
-~80 us (more under load) for handing the job to a dedicated thread and waiting for it.
-Nothing else a request thread does depends on its namespace (the node-side socket was
-made at home; sysctls are set over netlink), and a thread that cannot return raises
-`StrandedInPod`, which ends it (see there).
+Reaching into a pod's namespace: the pod side is configured through a netlink socket in
+the pod's namespace (a socket stays bound to the namespace it was created in). The agent
+does not enter pod namespaces (setns(2) would need CAP_SYS_ADMIN): the plugin shim,
+which the runtime runs as root on the host, creates the socket inside the namespace and
+passes it with the namespace's fd (`cni.model.PodNamespace`). Everything the pod side
+needs — link state, the address, routes, any per-interface setting — is a netlink request
+on that socket, and the veth's peer is created straight into the namespace by its fd
+(IFLA_NET_NS_FD), which needs only CAP_NET_ADMIN. The socket is taken at its word only
+after `pod_socket_problem` checked it: an rtnetlink socket (SO_DOMAIN, SO_PROTOCOL) whose
+namespace, as the kernel tells it (SIOCGSKNS), is the one the namespace fd names.
 
 Never harming what is not ours: the service refuses a "pod" namespace that is the node's
 own (`is_node_namespace`); routes are created, never replaced (an existing route to the
@@ -51,6 +53,8 @@ import errno
 import itertools
 import logging
 import os
+import socket
+import stat
 import threading
 import weakref
 from collections.abc import Sequence
@@ -60,9 +64,17 @@ from pathlib import Path
 from typing import Protocol
 
 from cni import protocol as p
-from cni.model import HostLinkClaim, WiringPlan
+from cni.model import (
+    AF_NETLINK,
+    NETLINK_ROUTE,
+    HostLinkClaim,
+    PodNamespace,
+    SocketFacts,
+    WiringPlan,
+    compute_pod_socket_problem,
+)
 from meshgress.kernel import sysctl
-from meshgress.kernel.netns import CLONE_NEWNET, setns
+from meshgress.kernel.netns import socket_namespace
 from meshgress.kernel.rtnetlink import (
     IPV4_DEVCONF_FORWARDING,
     IPV4_DEVCONF_PROXY_ARP,
@@ -116,7 +128,10 @@ class Wiring(Protocol):
     def is_node_namespace(self, netns_fd: int) -> bool:
         """Whether `netns_fd` refers to the network namespace the node's side lives in."""
         ...
-    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
+    def pod_socket_problem(self, pod: PodNamespace) -> str | None:
+        """Why the pod's netlink socket must not be used for its namespace, or None."""
+        ...
+    def add_pod(self, plan: WiringPlan, pod: PodNamespace) -> None:
         """Create the veth pair, configure both sides, add the routes (create-only).
 
         Raises HostLinkExists (the node has an interface of the host side's name; nothing
@@ -131,7 +146,7 @@ class Wiring(Protocol):
         """Delete this very interface (by index); False if it is gone already."""
         ...
     def check_pod(
-        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, pod: PodNamespace
     ) -> list[str]: ...
     def host_links(self) -> list[str]: ...
 
@@ -160,17 +175,6 @@ def _route_conflict(existing: Route | None, wanted: Route, where: str) -> p.CniE
         "meshgress does not replace it",
         holder,
     )
-
-
-class StrandedInPod(SystemExit):
-    """This thread entered a pod's network namespace and could not return to the node's.
-
-    Everything it would do from here could land in the pod, so it must stop: derived from
-    SystemExit, it passes every `except Exception` (the request fails, the connection is
-    closed, the shim reports "try again later") and ends the thread quietly; the server
-    serves on with its other workers. Logged when raised. Never seen in practice: returning
-    needs only the capability the thread just used to enter.
-    """
 
 
 class NetlinkWiring:
@@ -296,27 +300,25 @@ class NetlinkWiring:
             raise RuntimeError("NetlinkWiring used before open()")
         return namespace_identity(netns_fd) == self._home_identity
 
-    def _pod_rtnl(self, netns_fd: int) -> Rtnl:
-        """A netlink socket in the namespace `netns_fd` refers to, made by this thread."""
-        home = self._home_fd
-        if home is None:
-            raise RuntimeError("NetlinkWiring used before open()")
-        setns(netns_fd, CLONE_NEWNET)
-        try:
-            return Rtnl()
-        finally:
-            try:
-                setns(home, CLONE_NEWNET)
-            except OSError as exc:
-                log.critical("CNI thread %s cannot return to the node's network namespace "
-                             "(%s); it stops", threading.current_thread().name, exc)
-                raise StrandedInPod(f"cannot return to the node's namespace: {exc}") from exc
+    def pod_socket_problem(self, pod: PodNamespace) -> str | None:
+        if pod.netlink_fd is None:
+            return "no netlink socket for the pod's namespace"
+        return compute_pod_socket_problem(read_socket_facts(pod.netlink_fd),
+                                          namespace_identity(pod.netns_fd))
 
-    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
+    @staticmethod
+    def _pod_rtnl(pod: PodNamespace) -> Rtnl:
+        """The pod's netlink socket (checked by `pod_socket_problem`), as an Rtnl of its
+        own: a duplicate, so the server closes the fd it received as it does every other."""
+        if pod.netlink_fd is None:
+            raise p.CniError(p.ERR_INVALID_ENV, "no netlink socket for the pod's namespace")
+        return Rtnl(sock=socket.socket(fileno=os.dup(pod.netlink_fd)))
+
+    def add_pod(self, plan: WiringPlan, pod: PodNamespace) -> None:
         host = self.host
         try:
             link = host.create_veth(plan.host_ifname, plan.host_mac, plan.pod_ifname,
-                                    plan.pod_mac, netns_fd, mtu=plan.mtu, up=False)
+                                    plan.pod_mac, pod.netns_fd, mtu=plan.mtu, up=False)
         except NetlinkError as exc:
             if exc.errno != errno.EEXIST:
                 raise
@@ -338,15 +340,15 @@ class NetlinkWiring:
             set_arp_proxy_delay_message(link.index, HOST_VETH_PROXY_DELAY_MS),
             set_up_message(link.index),
         ], [_route(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK)], "the node's main table")
-        with self._pod_rtnl(netns_fd) as pod:
+        with self._pod_rtnl(pod) as inside:
             # The host side's IFLA_LINK is the peer's index in the pod's namespace.
             pod_index = link.peer_index
             if not pod_index:
-                pod_link = pod.get_link(plan.pod_ifname)
+                pod_link = inside.get_link(plan.pod_ifname)
                 if pod_link is None:
                     raise NetlinkError(errno.ENODEV, f"{plan.pod_ifname} missing in the pod")
                 pod_index = pod_link.index
-            _apply(pod, [
+            _apply(inside, [
                 set_up_message(pod_index),
                 address_message(pod_index, plan.ip, 32),
             ], [
@@ -368,7 +370,7 @@ class NetlinkWiring:
         )
 
     def check_pod(
-        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, pod: PodNamespace
     ) -> list[str]:
         problems: list[str] = []
         host = self.host
@@ -391,8 +393,8 @@ class NetlinkWiring:
                 actual = self._read_sysctl(section, host_ifname, key)
                 if actual != value:
                     problems.append(f"{section}/{host_ifname}/{key} is {actual}, expected {value}")
-        with self._pod_rtnl(netns_fd) as pod:
-            pod_link = pod.get_link(pod_ifname)
+        with self._pod_rtnl(pod) as inside:
+            pod_link = inside.get_link(pod_ifname)
             if pod_link is None:
                 problems.append(f"interface {pod_ifname} is missing in the container")
                 return problems
@@ -400,10 +402,10 @@ class NetlinkWiring:
                 problems.append(f"interface {pod_ifname} is down in the container")
             if not any(
                 a.index == pod_link.index and a.address == ip and a.prefixlen == 32
-                for a in pod.addresses()
+                for a in inside.addresses()
             ):
                 problems.append(f"address {ip}/32 is missing on {pod_ifname} in the container")
-            routes = pod.routes(table=RT_TABLE_MAIN, oif=pod_link.index)
+            routes = inside.routes(table=RT_TABLE_MAIN, oif=pod_link.index)
             if not any(r.dst == IPv4Network(self._gateway) for r in routes):
                 problems.append(
                     f"route {self._gateway} dev {pod_ifname} is missing in the container"
@@ -411,6 +413,24 @@ class NetlinkWiring:
             if not any(r.dst.prefixlen == 0 and r.gateway == self._gateway for r in routes):
                 problems.append(f"default route via {self._gateway} is missing in the container")
         return problems
+
+
+def read_socket_facts(fd: int) -> SocketFacts:
+    """What the kernel says about `fd` as a socket: its family and protocol
+    (SO_DOMAIN, SO_PROTOCOL) and the network namespace it lives in (SIOCGSKNS)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return SocketFacts(is_socket=False)
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        try:
+            ns_fd = socket_namespace(sock.fileno())
+        except OSError as exc:
+            return SocketFacts(True, family, protocol, None, str(exc))
+    try:
+        return SocketFacts(True, family, protocol, namespace_identity(ns_fd))
+    finally:
+        os.close(ns_fd)
 
 
 def namespace_identity(fd: int) -> tuple[int, int]:
@@ -532,10 +552,23 @@ class FakeWiring:
     def is_node_namespace(self, netns_fd: int) -> bool:
         return namespace_identity(netns_fd) == self.node_id
 
-    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
+    def pod_socket_problem(self, pod: PodNamespace) -> str | None:
+        """A real socket is read as the kernel tells it (a real shim's, in a real
+        namespace); a stand-in file "lives in" the namespace its own file names, so a
+        test's stand-in socket is a second fd of the namespace's stand-in file."""
+        if pod.netlink_fd is None:
+            return "no netlink socket for the pod's namespace"
+        if stat.S_ISSOCK(os.fstat(pod.netlink_fd).st_mode):
+            facts = read_socket_facts(pod.netlink_fd)
+        else:
+            facts = SocketFacts(True, AF_NETLINK, NETLINK_ROUTE,
+                                namespace_identity(pod.netlink_fd))
+        return compute_pod_socket_problem(facts, namespace_identity(pod.netns_fd))
+
+    def add_pod(self, plan: WiringPlan, pod_namespace: PodNamespace) -> None:
         with self._lock:
             self.log.append(f"add {plan.host_ifname}")
-            pod_id = namespace_identity(netns_fd)
+            pod_id = namespace_identity(pod_namespace.netns_fd)
             pod = self.namespaces.setdefault(pod_id, FakeNamespace())
             if plan.host_ifname in self.node.links:
                 raise HostLinkExists(self.node.links[plan.host_ifname])
@@ -591,7 +624,7 @@ class FakeWiring:
             return True
 
     def check_pod(
-        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, pod_namespace: PodNamespace
     ) -> list[str]:
         link = self.node.links.get(claim.name)
         if link is None:
@@ -602,7 +635,7 @@ class FakeWiring:
         route = self.node.routes.get(IPv4Network(ip))
         if route is None or route.oif != link.index:
             problems.append(f"host route {ip}/32 dev {claim.name} is missing")
-        pod = self.namespaces.get(namespace_identity(netns_fd), FakeNamespace())
+        pod = self.namespaces.get(namespace_identity(pod_namespace.netns_fd), FakeNamespace())
         if pod_ifname not in pod.links:
             problems.append(f"interface {pod_ifname} is missing in the container")
         elif pod.addresses.get(pod_ifname) != ip:

@@ -25,7 +25,7 @@ from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster
 from meshgress.datastore import Datastore, DatastoreError
 from meshgress.datastore.file import FileDatastore
 from meshgress.datastore.options import KUBE
-from meshgress.prometheus import parse_listen_addresses
+from meshgress.prometheus import Exposition, parse_listen_addresses
 from nodeagent.agent import Agent, AgentConfig, AgentPorts, PodHook
 from nodeagent.steering import LocalPod
 from wireguard.errors import WireGuardError
@@ -38,22 +38,41 @@ class StartError(RuntimeError):
 
 
 class CniPodNetwork:
-    """The agent's PodNetwork: CNI requests on a unix socket, allocations under the
-    agent's state folder. With `conf_dir`, the runtime's conflist is written there once
-    the socket listens (the runtime then sees the network ready) and left in place when
-    the agent stops: a restarting agent keeps the node's pods and their network, and an
-    ADD in the gap is retried by the kubelet."""
+    """The agent's PodNetwork: CNI requests on a unix socket, allocations and the deletion
+    queue under the agent's state folder. With `conf_dir`, the runtime's conflist is
+    written there once the socket listens (the runtime then sees the network ready) and
+    left in place when the agent stops: a restarting agent keeps the node's pods and their
+    network, an ADD in the gap is retried by the kubelet, and a DEL in the gap is queued by
+    the plugin and run when the agent is back."""
 
     def __init__(self, socket_path: Path, state_dir: Path, conf_dir: Path | None = None
                  ) -> None:
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.conf_dir = conf_dir
+        self.delete_queue = state_dir / "delete-queue"
+        self._service: CniService | None = None
 
     def _write_conflist(self) -> None:
         if self.conf_dir is not None:
-            written = write_conflist(self.conf_dir, str(self.socket_path))
+            written = write_conflist(self.conf_dir, str(self.socket_path),
+                                     str(self.delete_queue))
             log.info("CNI configuration %s", written or "is current")
+
+    def render_metrics(self, page: Exposition) -> None:
+        service = self._service
+        if service is None:
+            return
+        page.metric("meshgress_cni_queued_deletes_replayed_total", "counter",
+                    "DELs the plugin queued while the agent was away, run since the agent "
+                    "started.", [("", service.queued_deletes_replayed)])
+        page.metric("meshgress_cni_queued_deletes_rejected_total", "counter",
+                    "Files of the CNI deletion queue removed because they were no "
+                    "well-formed entry (see the agent's log).",
+                    [("", service.queued_deletes_rejected)])
+        page.metric("meshgress_cni_queued_deletes_pending", "gauge",
+                    "Queued DELs that failed when last run and wait for the next try.",
+                    [("", service.queued_deletes_pending)])
 
     def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
         ipam = Ipam(pod_cidr, self.state_dir / "ipam")
@@ -70,7 +89,9 @@ class CniPodNetwork:
 
         service = CniService(pod_cidr, self.state_dir,
                              pod_ready_hook=lambda a: on_ready(pod(a)),
-                             pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu)
+                             pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu,
+                             delete_queue=self.delete_queue)
+        self._service = service
         serve_cni(self.socket_path, service, stop, on_listening=self._write_conflist)
 
 

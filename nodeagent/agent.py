@@ -91,6 +91,10 @@ class PodNetwork(Protocol):
         """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD."""
         ...
 
+    def render_metrics(self, page: prometheus.Exposition) -> None:
+        """Its own metrics, for the agent's scrape."""
+        ...
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -512,6 +516,7 @@ class Agent:
                             policy_flows={name: counters.get(policy_flows_counter(name),
                                                              (0, 0))[0]
                                           for name in selected})
+        self.ports.pods.render_metrics(page)
 
     def _slot_samples(self, counters: dict[str, tuple[int, int]]) -> list[SlotSample]:
         steering = self.state.steering

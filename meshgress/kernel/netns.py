@@ -2,8 +2,11 @@
 
 A netlink or nftables socket is bound to the network namespace of the thread that opens
 it, and setns(2) moves only the calling thread. So code that must act on another
-namespace — a pod's, in the CNI server; a throwaway one, in tests — opens its sockets in
-a thread that entered that namespace, and keeps using them from anywhere.
+namespace — a throwaway one, in tests and the lab — opens its sockets in a thread that
+entered that namespace, and keeps using them from anywhere. Entering needs
+CAP_SYS_ADMIN; a process without it can still be handed such a socket by one that has it
+(the CNI plugin does so for the agent) and ask the kernel which namespace it lives in
+(`socket_namespace`).
 
 Python 3.11 has no `os.setns`; libc's is called through ctypes (3.12+ uses the
 standard one).
@@ -12,6 +15,7 @@ standard one).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
+SIOCGSKNS = 0x894C
+"""ioctl on a socket: an fd of the network namespace it lives in (Linux 4.9+)."""
 NETNS_RUN_DIR = Path("/run/netns")
 
 T = TypeVar("T")
@@ -35,6 +41,12 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     if _libc.setns(fd, nstype) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def socket_namespace(sock_fd: int) -> int:
+    """An open fd of the network namespace the socket `sock_fd` lives in, for the caller
+    to close. Needs CAP_NET_ADMIN over that namespace; OSError otherwise."""
+    return fcntl.ioctl(sock_fd, SIOCGSKNS)
 
 
 def netns_path(netns: str) -> Path:

@@ -2,9 +2,10 @@
 
 A socket is bound for its whole life to the network namespace it was created in: the
 calling thread's, or `netns` (a path or a name under /run/netns), which it enters only
-for the moment of creating the socket. Requests on one socket are serialised by a lock, so
-it may be shared between threads; callers that want concurrency (the CNI server) keep one
-per thread.
+for the moment of creating the socket, or that of a socket made elsewhere and handed over
+(`sock`: another process created it inside a namespace this one may not enter). Requests
+on one socket are serialised by a lock, so it may be shared between threads; callers that
+want concurrency (the CNI server) keep one per thread.
 
 Several requests go to the kernel in one write (`batch`), which applies them in order and
 answers each; errors are `NetlinkError`, an OSError carrying the errno and the kernel's
@@ -52,6 +53,12 @@ def _error_text(code: int, flags: int, body: bytes) -> str:
 def _open_socket(strict_dumps: bool, flags: int = 0) -> tuple[socket.socket, bool]:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | flags,
                          socket.NETLINK_ROUTE)
+    return sock, _configure(sock, strict_dumps, bind=True)
+
+
+def _configure(sock: socket.socket, strict_dumps: bool, *, bind: bool) -> bool:
+    """Extended acknowledgements, strict dumps if asked (whether the kernel took them),
+    and a port id of the kernel's choosing."""
     with contextlib.suppress(OSError):  # older kernels: errors come without a message
         sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_EXT_ACK, 1)
     strict = False
@@ -59,8 +66,9 @@ def _open_socket(strict_dumps: bool, flags: int = 0) -> tuple[socket.socket, boo
         with contextlib.suppress(OSError):
             sock.setsockopt(rt.SOL_NETLINK, rt.NETLINK_GET_STRICT_CHK, 1)
             strict = True
-    sock.bind((0, 0))
-    return sock, strict
+    if bind:
+        sock.bind((0, 0))
+    return strict
 
 
 class Rtnl:
@@ -69,10 +77,17 @@ class Rtnl:
     `strict_dumps`: ask the kernel (4.20 and later) to check dump requests strictly and
     to filter by what their header says (a route dump by table and protocol, say); the
     caller must still filter itself, since older kernels ignore the header and dump all.
-    `strict_dumps_on` tells whether the kernel accepted."""
+    `strict_dumps_on` tells whether the kernel accepted.
 
-    def __init__(self, *, strict_dumps: bool = False, netns: str | None = None) -> None:
-        if netns is None:
+    `sock`: an rtnetlink socket made elsewhere, taken over (closed with this object); it
+    is not bound here (the kernel binds it on the first request, and one another process
+    bound already works as it is)."""
+
+    def __init__(self, *, strict_dumps: bool = False, netns: str | None = None,
+                 sock: socket.socket | None = None) -> None:
+        if sock is not None:
+            self._sock, self.strict_dumps_on = sock, _configure(sock, strict_dumps, bind=False)
+        elif netns is None:
             self._sock, self.strict_dumps_on = _open_socket(strict_dumps)
         else:
             self._sock, self.strict_dumps_on = in_network_namespace(

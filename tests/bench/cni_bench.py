@@ -200,7 +200,9 @@ def meshgress_server(workdir: Path) -> Iterator[Plugin]:
                 raise RuntimeError(f"CNI server did not start: {log_text}")
             time.sleep(0.02)
         yield Plugin("meshgress", launcher, {"cniVersion": "1.0.0", "name": "mgbench",
-                                             "type": "meshgress-cni", "socket": str(socket_path)})
+                                             "type": "meshgress-cni", "socket": str(socket_path),
+                                             "deleteQueue": str(workdir / "state" /
+                                                                "delete-queue")})
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -243,17 +243,37 @@ class CniNode:
     server_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     pod_cidr: str = "198.18.0.0/24"
+    capabilities: tuple[str, ...] | None = None
+    """The only capabilities the server keeps (setpriv: effective, permitted, inheritable,
+    ambient and bounding sets), as the chart's agent container has them; None: all."""
+
+    @property
+    def delete_queue(self) -> Path:
+        """The server's deletion queue (its default, under its state folder)."""
+        return self.state_dir / "delete-queue"
 
     def start(self, *, wait: bool = True) -> None:
         self.socket.unlink(missing_ok=True)
+        confine: list[str] = []
+        if self.capabilities is not None:
+            caps = ",".join(f"+{cap}" for cap in self.capabilities)
+            confine = ["setpriv", f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
+                       f"--bounding-set=-all,{caps}", "--no-new-privs"]
         self.process = spawn(
-            ["nsenter", f"--net={NETNS_DIR / self.netns}", sys.executable, "-m", "cni.server",
-             "--socket", str(self.socket), "--pod-cidr", self.pod_cidr,
+            ["nsenter", f"--net={NETNS_DIR / self.netns}", *confine, sys.executable, "-m",
+             "cni.server", "--socket", str(self.socket), "--pod-cidr", self.pod_cidr,
              "--state-dir", str(self.state_dir), "--log-level", "INFO", *self.server_args],
             log=self.log, marker=str(self.socket),
         )
         if wait:
             wait_for_socket(self.socket, self.process, self.log)
+
+    def capability_sets(self) -> dict[str, int]:
+        """The server process's capability sets from /proc (CapEff, CapBnd, ...)."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return {key: int(value, 16) for key, value in
+                (line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))}
 
     def stop(self) -> None:
         if self.process is not None:
@@ -262,7 +282,7 @@ class CniNode:
 
     def conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
         return {"cniVersion": version, "name": "mgtest", "type": "meshgress-cni",
-                "socket": str(self.socket), **extra}
+                "socket": str(self.socket), "deleteQueue": str(self.delete_queue), **extra}
 
     def call(self, command: str, container_id: str = "", netns: str = "", *,
              ifname: str = "eth0", args: str = "", conf: dict[str, Any] | None = None,
@@ -300,13 +320,14 @@ def cni_node_factory(
     """Start CNI servers in fresh node namespaces; all stopped (and removed) after."""
     nodes: list[CniNode] = []
 
-    def make(*server_args: str, start: bool = True, pod_cidr: str = "198.18.0.0/24") -> CniNode:
+    def make(*server_args: str, start: bool = True, pod_cidr: str = "198.18.0.0/24",
+             capabilities: tuple[str, ...] | None = None) -> CniNode:
         n = len(nodes)
         node = CniNode(
             netns=netns_factory("node"), socket=tmp_path / f"node{n}" / "cni.sock",
             state_dir=tmp_path / f"node{n}" / "state", plugin=cni_plugin,
             log=tmp_path / f"node{n}" / "server.log", server_args=list(server_args),
-            pod_cidr=pod_cidr,
+            pod_cidr=pod_cidr, capabilities=capabilities,
         )
         node.socket.parent.mkdir(parents=True, exist_ok=True)
         nodes.append(node)

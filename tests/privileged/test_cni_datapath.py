@@ -178,7 +178,8 @@ def test_tuning_and_portmap_chain_after_meshgress(cni_node, netns_factory):
         "cniVersion": "1.0.0",
         "name": "mgchain",
         "plugins": [
-            {"type": "meshgress-cni", "socket": str(cni_node.socket)},
+            {"type": "meshgress-cni", "socket": str(cni_node.socket),
+             "deleteQueue": str(cni_node.delete_queue)},
             {"type": "tuning", "sysctl": {"net.core.somaxconn": "1234"}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],

@@ -141,7 +141,7 @@ def podman(cni_node_factory) -> Iterator[tuple[Callable[..., str], CniNode, str]
     network_dir.mkdir()
     install_plugin(plugin_dir)
     conflist = compute_conflist(
-        str(node.socket), name=NETWORK,
+        str(node.socket), name=NETWORK, delete_queue=str(node.delete_queue),
         chain=({"type": "tuning", "sysctl": {"net.core.somaxconn": "1111"}},
                {"type": "portmap", "capabilities": {"portMappings": True}}),
     )

@@ -314,10 +314,55 @@ def test_agent_unreachable(cni_node, netns_factory):
     pod = netns_factory("pod")
     cni_node.stop()
     assert cni_node.call("ADD", "ctr-x", pod).code == p.ERR_TRY_AGAIN_LATER
-    assert cni_node.call("DEL", "ctr-x", pod).code == p.ERR_TRY_AGAIN_LATER
+    assert cni_node.call("CHECK", "ctr-x", pod).code == p.ERR_TRY_AGAIN_LATER
     status = cni_node.call("STATUS", conf=cni_node.conf("1.1.0"))
     assert status.code == p.ERR_NOT_AVAILABLE
     assert str(cni_node.socket) in status.json["msg"]
+    # DEL is queued instead (see below); without the queue folder it cannot be.
+    no_queue = cni_node.call("DEL", "ctr-x", pod,
+                             conf=cni_node.conf(deleteQueue=str(cni_node.state_dir / "none")))
+    assert no_queue.code == p.ERR_TRY_AGAIN_LATER
+    assert "no deletion queue" in no_queue.json["details"]
+
+
+def test_a_del_while_the_agent_is_down_succeeds_and_runs_before_any_new_add(
+        cni_node_factory, netns_factory):
+    """A DEL used to fail with "try again later" while the agent restarted (and forever
+    once it was uninstalled): the pod stayed terminating. The shim queues it and reports
+    success; the restarted server runs it before it serves anything, so the pod's
+    address, host veth and route are gone by the first ADD, which may get that address."""
+    node = cni_node_factory(pod_cidr="198.18.9.0/30")  # two usable addresses
+    gone, stays = netns_factory("gone"), netns_factory("stays")
+    first = node.call("ADD", "ctr-gone", gone, args=K8S_ARGS)
+    assert first.exit == 0, first.stdout
+    kept = node.call("ADD", "ctr-stays", stays)
+    assert kept.exit == 0, kept.stdout
+    freed = address_of(first.json)
+    host_if = compute_host_ifname("ctr-gone", "eth0")
+    node.stop()
+
+    deleted = node.call("DEL", "ctr-gone", gone, args=K8S_ARGS)
+    assert (deleted.exit, deleted.stdout) == (0, "")
+    assert len(list(node.delete_queue.iterdir())) == 1
+    assert node.call("DEL", "ctr-gone", gone, args=K8S_ARGS).exit == 0  # still one entry
+    assert len(list(node.delete_queue.iterdir())) == 1
+    # Nothing runs while nobody is there: the address stays taken, so nobody can get it.
+    assert str(freed) in allocation_files(node)
+    assert host_if in host_links(node)
+
+    node.start()  # returns once the socket accepts connections: before any ADD
+    assert host_if not in host_links(node)
+    assert ip_json(node.netns, "route", "show", f"{freed}/32") == []
+    assert allocation_files(node) == [str(address_of(kept.json))]
+    assert list(node.delete_queue.iterdir()) == []
+    log = node.log.read_text()
+    assert log.index("replayed from the deletion queue") < log.rindex("CNI server listening")
+    again = node.call("ADD", "ctr-new", netns_factory("new"))
+    assert again.exit == 0, again.stdout
+    assert address_of(again.json) == freed
+    # DEL stays idempotent: the runtime may repeat it once the agent is back.
+    assert node.call("DEL", "ctr-gone", gone).exit == 0
+    assert compute_host_ifname("ctr-new", "eth0") in host_links(node)
 
 
 def test_add_with_a_missing_namespace_is_unknown_container(cni_node):

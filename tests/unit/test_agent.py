@@ -96,6 +96,9 @@ class RecordingPods:
         self.serving.set()
         stop.wait()
 
+    def render_metrics(self, page: Any) -> None:
+        """No metrics of its own."""
+
 
 def node(name: str, address: str, cidr: str, **annotations: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Node",

@@ -66,8 +66,12 @@ def test_the_agents_pod_network_writes_the_conflist_when_the_server_listens(
     pods.serve(ipaddress.IPv4Network("198.18.0.0/24"), 1420, on_ready=lambda pod: None,
                on_removed=lambda pod: None, stop=threading.Event())
     assert order == ["none before listening", "written"]
-    assert json.loads((conf_dir / CONFLIST_NAME).read_text()) == compute_conflist(
-        str(socket_path))
+    conflist = json.loads((conf_dir / CONFLIST_NAME).read_text())
+    assert conflist == compute_conflist(str(socket_path),
+                                        delete_queue=str(tmp_path / "state" / "delete-queue"))
+    # The plugin queues DELs where the agent's service replays them, and the folder exists.
+    assert conflist["plugins"][0]["deleteQueue"] == str(pods.delete_queue)
+    assert pods.delete_queue.is_dir()
     assert (conf_dir / "99-other.conf").read_text() == "{}"
 
 
@@ -79,3 +83,30 @@ def test_without_a_conf_dir_no_conflist_is_written(tmp_path: Path,
         ipaddress.IPv4Network("198.18.0.0/24"), 1420, on_ready=lambda pod: None,
         on_removed=lambda pod: None, stop=threading.Event())
     assert not list(tmp_path.rglob("*.conflist"))
+
+
+def test_the_deletion_queue_shows_on_the_agents_metrics_page(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni import protocol as p
+    from meshgress.prometheus import Exposition
+
+    def fake_serve(path, service, stop, on_listening=None):
+        folder = service.deletion_queue.path
+        name = p.compute_queue_entry_name("ctr1", "eth0")
+        (folder / name).write_bytes(p.encode_queue_entry("ctr1", "eth0", "", {}))
+        (folder / "del-garbage").write_text("not json")
+        service.replay_deletions()
+
+    monkeypatch.setattr(assembly, "serve_cni", fake_serve)
+    pods = assembly.CniPodNetwork(tmp_path / "cni.sock", tmp_path / "state")
+    before = Exposition()
+    pods.render_metrics(before)
+    assert before.render() == "\n"  # nothing to say before the CNI server exists
+    pods.serve(ipaddress.IPv4Network("198.18.0.0/24"), 1420, on_ready=lambda pod: None,
+               on_removed=lambda pod: None, stop=threading.Event())
+    page = Exposition()
+    pods.render_metrics(page)
+    samples = [line for line in page.render().splitlines() if not line.startswith("#")]
+    assert samples == ["meshgress_cni_queued_deletes_replayed_total 1",
+                       "meshgress_cni_queued_deletes_rejected_total 1",
+                       "meshgress_cni_queued_deletes_pending 0"]

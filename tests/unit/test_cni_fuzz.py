@@ -1,13 +1,18 @@
 """Fuzzing the CNI request path: whatever a runtime (or anything else) sends, the answer is
 the spec's, and a failed ADD leaves nothing behind.
 
-Four entry points, each with hypothesis (derandomized, no example database: the same
+Six entry points, each with hypothesis (derandomized, no example database: the same
 examples on every run, a few seconds each):
 
-- the shim (`cni.plugin.run`: environment bytes + stdin bytes), with the agent away;
+- the shim (`cni.plugin.run`: environment bytes + stdin bytes), with the agent away (a
+  valid DEL is then queued: the entry must read back as that DEL);
 - the shim against the real server and service (kernel faked by `FakeWiring`);
-- the server's frame decoding (`_serve_connection`), raw bytes on a unix socket;
-- `CniService.handle` with request fields of any JSON type.
+- the server's frame decoding (`_serve_connection`), raw bytes on a unix socket, with no,
+  one or two file descriptors;
+- `CniService.handle` with request fields of any JSON type;
+- the deletion queue's entries (`parse_queue_entry`): bytes of any kind, and entries the
+  shim wrote with a few bytes changed;
+- the agent's replay of a queue folder holding such files.
 
 What is generated: environments from the CNI variables with valid, hostile (not UTF-8,
 too long, separators, spaces) and absent values (never a NUL byte: an environment cannot
@@ -18,7 +23,9 @@ deeply nested, cut short, byte-flipped or not JSON at all.
 What is checked: no exception escapes; exit 0 comes with nothing or a JSON object, any
 other exit with exactly the spec's error object (cniVersion, code, msg, details) and a code
 the spec or meshgress defines; after a failed ADD (and once successful ones are deleted),
-no veth, route or address (`FakeWiring.is_empty`) and no allocation remain.
+no veth, route or address (`FakeWiring.is_empty`) and no allocation remain; a queue entry
+is either the DEL it claims to be or rejected with a reason, and a replay removes every
+file that is not an entry and never acts on one.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,6 +100,7 @@ _CONFIG_KEYS: dict[str, st.SearchStrategy[Any]] = {
         "containerID": st.sampled_from(["ctr1", "x"]), "ifname": st.just("eth0")}),
         max_size=2),
     "runtimeConfig": json_values,
+    "deleteQueue": st.sampled_from(["/run/mgt-cni-fuzz-no-queue", "relative/queue"]),
 }
 def _faults(names: list[Any]) -> st.SearchStrategy[list[Any]]:
     """Which of `names` to break: none in half the examples, else one or two."""
@@ -211,27 +220,56 @@ def pod_netns(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def stand_in_socket(netns_fd: int) -> int:
+    """The netlink socket the shim would make inside a namespace, for a faked kernel whose
+    namespaces are plain files: a second fd of the same file (see `FakeWiring`)."""
+    return os.dup(netns_fd)
+
+
+@dataclass
+class AgentAway:
+    socket: str
+    queue: Path
+
+
 @pytest.fixture(scope="module")
-def agent_away(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The shim's default socket pointed at a path where nobody listens."""
-    path = str(tmp_path_factory.mktemp("away") / "nobody.sock")
-    saved = plugin.DEFAULT_SOCKET
-    plugin.DEFAULT_SOCKET = path
-    yield path
-    plugin.DEFAULT_SOCKET = saved
+def agent_away(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentAway]:
+    """The shim's default socket pointed at a path where nobody listens, and its default
+    deletion queue at an empty folder of the test's."""
+    directory = tmp_path_factory.mktemp("away")
+    away = AgentAway(str(directory / "nobody.sock"), directory / "delete-queue")
+    away.queue.mkdir()
+    saved = plugin.DEFAULT_SOCKET, plugin.DEFAULT_DELETE_QUEUE
+    plugin.DEFAULT_SOCKET, plugin.DEFAULT_DELETE_QUEUE = away.socket, str(away.queue)
+    yield away
+    plugin.DEFAULT_SOCKET, plugin.DEFAULT_DELETE_QUEUE = saved
 
 
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_the_shim_answers_anything_with_the_spec_s_json(pod_netns, agent_away, data):
+    from cni.deletion_queue import parse_queue_entry
+
     env = data.draw(environments(pod_netns))
-    stdin = data.draw(stdins(agent_away))
-    code, stdout = plugin.run(env, stdin)
-    answer = assert_spec_answer(code, stdout)
-    if env.get(b"CNI_COMMAND") == b"VERSION":
-        assert code == 0 and answer is not None and "supportedVersions" in answer
-    else:
-        assert code != 0  # nobody to answer but the shim itself
+    stdin = data.draw(stdins(agent_away.socket))
+    try:
+        code, stdout = plugin.run(env, stdin, pod_socket=stand_in_socket)
+        answer = assert_spec_answer(code, stdout)
+        entries = sorted(agent_away.queue.iterdir())
+        if env.get(b"CNI_COMMAND") == b"VERSION":
+            assert code == 0 and answer is not None and "supportedVersions" in answer
+        elif code == 0:  # nobody to answer but the shim itself: a DEL it queued
+            assert env.get(b"CNI_COMMAND") == b"DEL" and answer is None
+            (entry,) = entries
+            queued = parse_queue_entry(entry.name, entry.read_bytes())
+            assert queued.key.container_id.encode() == env[b"CNI_CONTAINERID"]
+            assert queued.key.ifname.encode("utf-8", "surrogateescape") == env[b"CNI_IFNAME"]
+            assert queued.netns.encode("utf-8", "surrogateescape") == env.get(b"CNI_NETNS", b"")
+        if code != 0:
+            assert entries == []
+    finally:
+        for entry in agent_away.queue.iterdir():
+            entry.unlink()
 
 
 # --- the shim, the server and the service ---------------------------------------------------
@@ -319,7 +357,7 @@ def test_the_request_path_answers_anything_and_a_failed_add_leaves_nothing(
         [None, None, OSError(5, "Input/output error"), ZeroDivisionError("a bug")]))
     fuzzed_node.wiring.fail_add = failure  # raised once the veth exists
     try:
-        code, stdout = plugin.run(env, stdin)
+        code, stdout = plugin.run(env, stdin, pod_socket=stand_in_socket)
     finally:
         fuzzed_node.wiring.fail_add = None
     answer = assert_spec_answer(code, stdout)
@@ -338,10 +376,12 @@ def frames(draw: st.DrawFn, pod_netns: str) -> bytes:
     env = draw(environments(pod_netns))
     values = [env.get(name, b"") for name in plugin.REQUEST_ENV]
     frame = p.encode_request(values, draw(stdins()))
-    how = draw(st.sampled_from(["as is"] * 4 + ["legacy", "magic", "length", "cut", "fields",
-                                               "empty"]))
+    how = draw(st.sampled_from(["as is"] * 4 + ["legacy", "netns only", "magic", "length",
+                                               "cut", "fields", "empty"]))
     if how == "legacy":
         frame = p.LEGACY_REQUEST_MAGIC + frame[4:]
+    elif how == "netns only":
+        frame = p.NETNS_ONLY_REQUEST_MAGIC + frame[4:]
     elif how == "magic":
         frame = draw(st.binary(min_size=4, max_size=4)) + frame[4:]
     elif how == "length":
@@ -358,7 +398,7 @@ def frames(draw: st.DrawFn, pod_netns: str) -> bytes:
 
 def _complete(frame: bytes) -> bool:
     """Whether the server has all it waits for (else the client ends its side)."""
-    return (len(frame) >= 8 and frame[:4] in (p.REQUEST_MAGIC, p.LEGACY_REQUEST_MAGIC)
+    return (len(frame) >= 8 and frame[:4] in p.REQUEST_MAGICS
             and 8 + int.from_bytes(frame[4:8], "big") <= len(frame))
 
 
@@ -368,13 +408,13 @@ def test_the_server_answers_any_frame(pod_netns, fuzzed_node, data):
     from cni.server import _serve_connection
 
     frame = data.draw(frames(pod_netns))
-    send_fd = data.draw(st.booleans())
+    fds_sent = data.draw(st.sampled_from([0, 1, 2, 2]))  # 2: the namespace and its socket
     client, server = socket.socketpair()
     worker = threading.Thread(target=_serve_connection, args=(server, fuzzed_node.service))
     with client, server, open(pod_netns, "rb") as netns:
         worker.start()
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                      netns.fileno().to_bytes(4, "little"))] if send_fd else []
+        rights = netns.fileno().to_bytes(4, "little") * fds_sent
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if fds_sent else []
         client.sendmsg([frame], ancillary)
         if not _complete(frame):
             client.shutdown(socket.SHUT_WR)
@@ -411,13 +451,96 @@ def test_the_server_answers_any_frame(pod_netns, fuzzed_node, data):
     "stdin": _mostly(st.builds(json.dumps, configs())),
 }, optional={"path": json_values}), with_fd=st.booleans())
 def test_the_service_answers_fields_of_any_type(fuzzed_node, pod_netns, raw, with_fd):
+    from cni.model import PodNamespace
+
     fd = os.open(pod_netns, os.O_RDONLY) if with_fd else None
     try:
-        code, stdout = fuzzed_node.service.handle(raw, fd)
+        pod = PodNamespace(fd, fd) if fd is not None else None
+        code, stdout = fuzzed_node.service.handle(raw, pod)
     finally:
         if fd is not None:
             os.close(fd)
     answer = assert_spec_answer(code, stdout.encode())
     if code == 0 and answer is not None and "ips" in answer:
         fuzzed_node.service.handle({**raw, "command": "DEL"})
+    fuzzed_node.assert_nothing_left()
+
+
+# --- the deletion queue ------------------------------------------------------------------------
+
+
+@st.composite
+def queue_files(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A file of the queue folder: an entry the shim wrote, as is or with bytes changed,
+    cut or stored under another name, or bytes of any kind under any name."""
+    container = draw(st.sampled_from(["ctr1", "0a_b.c-d", "x" * 64, "-bad", ""]))
+    ifname = draw(st.sampled_from(["eth0", "a" * 15, "a" * 16, "a/b", "\udcff"]))
+    netns = draw(st.sampled_from(["", "/run/netns/p", "/" * 5000, "\x00", '"\\']))
+    args = draw(st.dictionaries(st.sampled_from(["K8S_POD_NAMESPACE", "K8S_POD_NAME"]),
+                                st.sampled_from(["ns", "p" * 300, ""]), max_size=2))
+    name = p.compute_queue_entry_name(container, ifname)
+    data = p.encode_queue_entry(container, ifname, netns, args)
+    how = draw(st.sampled_from(["as is"] * 3 + ["flip", "cut", "renamed", "any bytes",
+                                               "any json"]))
+    if how == "flip":
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+    elif how == "cut":
+        data = data[:draw(st.integers(0, len(data)))]
+    elif how == "renamed":
+        name = draw(st.sampled_from(["del-0", "del-" + "f" * 40, ".del-x.1.tmp", "other"]))
+    elif how == "any bytes":
+        data = draw(st.binary(max_size=200))
+    elif how == "any json":
+        data = json.dumps(draw(json_values)).encode()
+    return name, data
+
+
+@settings(FUZZ, max_examples=300)
+@given(file=queue_files())
+def test_a_queue_entry_is_the_del_it_claims_or_is_rejected(file):
+    from cni.deletion_queue import QueueEntryRejected, parse_queue_entry
+
+    name, data = file
+    try:
+        entry = parse_queue_entry(name, data)
+    except QueueEntryRejected as exc:
+        event("rejected")
+        assert str(exc)
+        return
+    event("accepted")
+    # Accepted: exactly what the shim writes for that attachment, under its name.
+    assert name == p.compute_queue_entry_name(*entry.key.__dict__.values())
+    p.check_container_id(entry.key.container_id)
+    p.check_ifname(entry.key.ifname)
+    p.check_netns_path(entry.netns)
+
+
+@settings(FUZZ, max_examples=60)
+@given(files=st.lists(queue_files(), max_size=6))
+def test_a_replay_removes_what_is_no_entry_and_never_raises(fuzzed_node, files):
+    from cni.deletion_queue import QueueEntryRejected, parse_queue_entry
+
+    service = fuzzed_node.service
+    folder = service.deletion_queue.path
+    written = {}
+    for name, data in files:
+        (folder / name).write_bytes(data)
+        written[name] = data
+    replayed, rejected = service.queued_deletes_replayed, service.queued_deletes_rejected
+    valid = set()
+    for name, data in written.items():
+        try:
+            parse_queue_entry(name, data)
+            valid.add(name)
+        except QueueEntryRejected:
+            pass
+    service.replay_deletions()  # raises nothing, whatever the folder holds
+    left = sorted(path.name for path in folder.iterdir())
+    # A fresh temporary file is a write in progress; everything else is gone.
+    assert all(name.startswith(p.QUEUE_TEMP_PREFIX) for name in left), left
+    assert service.queued_deletes_replayed - replayed == len(valid)
+    assert service.queued_deletes_rejected - rejected == len(written) - len(valid) - len(left)
+    for name in left:
+        (folder / name).unlink()
     fuzzed_node.assert_nothing_left()

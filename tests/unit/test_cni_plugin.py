@@ -1,7 +1,11 @@
 """The plugin binary as a runtime runs it: a subprocess with CNI env vars and stdin.
 
-The agent is faked by a unix socket served from a thread of the test, so these tests need
-no root; what the shim sends (including the namespace file descriptor) is recorded.
+The agent is faked by a unix socket served from a thread of the test (or is the real
+server with the kernel faked); what the shim sends (including the file descriptors) is
+recorded. An ADD or CHECK that reaches an agent has the shim enter the container's
+network namespace to create a netlink socket there (setns(2), as the runtime's root):
+those tests need root (marked `privileged`) and use real namespaces, the test's own or
+one a `unshare --net` child holds. The rest, DEL's deletion queue included, need none.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -28,11 +33,27 @@ from hypothesis import strategies as st
 from cni import plugin as plugin_module
 from cni import protocol as p
 from cni.install import install_plugin
+from meshgress.kernel.netns import socket_namespace
 
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory) -> Path:
     return install_plugin(tmp_path_factory.mktemp("bin"))
+
+
+def describe_fd(fd: int) -> tuple[Any, ...]:
+    """("socket", family, protocol, its namespace's inode) or ("file", inode)."""
+    status = os.fstat(fd)
+    if not stat.S_ISSOCK(status.st_mode):
+        return ("file", status.st_ino)
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        namespace = socket_namespace(sock.fileno())
+    try:
+        return ("socket", family, protocol, os.fstat(namespace).st_ino)
+    finally:
+        os.close(namespace)
 
 
 @dataclass
@@ -42,7 +63,8 @@ class FakeAgent:
     path: Path
     answer: Callable[[dict[str, Any]], bytes | None]
     requests: list[dict[str, Any]] = field(default_factory=list)
-    fd_inodes: list[list[int]] = field(default_factory=list)
+    fds: list[list[tuple[Any, ...]]] = field(default_factory=list)
+    """What each request's file descriptors were (`describe_fd`)."""
     release: threading.Event = field(default_factory=threading.Event)
     after_reply: Callable[[bytes], None] | None = None
     """Given what the shim sends after the reply (its acknowledgement), if set."""
@@ -59,7 +81,7 @@ class FakeAgent:
                 for level, kind, cdata in ancdata:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.frombytes(cdata)
-                inodes = [os.fstat(fd).st_ino for fd in fds]
+                described = [describe_fd(fd) for fd in fds]
                 for fd in fds:
                     os.close(fd)
                 while len(data) < 8 or len(data) < 8 + int.from_bytes(data[4:8], "big"):
@@ -68,7 +90,7 @@ class FakeAgent:
                 fields, stdin = p.decode_request(data[8:])
                 request = {**fields, "stdin": stdin.decode()}
                 self.requests.append(request)
-                self.fd_inodes.append(inodes)
+                self.fds.append(described)
                 reply = self.answer(request)
                 if reply is None:
                     self.release.wait(10)
@@ -111,10 +133,41 @@ def call(plugin: Path, env: dict[str, str], stdin: bytes | str) -> tuple[int, di
     return proc.returncode, (json.loads(out) if out.strip() else None), out
 
 
+NO_QUEUE = "/run/mgt-cni-no-such-queue"
+"""A deletion queue that does not exist: the shim must never queue into the node's real
+one (its default) during a test."""
+
+
 def conf(socket_path: Path | str = "/run/mgt-cni-nonexistent.sock", version: str = "1.0.0",
          **extra: Any) -> str:
     return json.dumps({"cniVersion": version, "name": "n", "type": "meshgress-cni",
-                       "socket": str(socket_path), **extra})
+                       "socket": str(socket_path), "deleteQueue": NO_QUEUE, **extra})
+
+
+@pytest.fixture
+def as_root() -> None:
+    """The shim enters a namespace for an ADD or CHECK that reaches an agent."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root: the shim enters the container's network "
+                    "namespace (setns) to make the netlink socket it sends")
+
+
+@pytest.fixture
+def other_netns(as_root) -> Iterator[str]:
+    """A network namespace other than the test's: held by a `unshare --net` child, named
+    by its /proc path (nothing is left behind once the child is gone)."""
+    child = subprocess.Popen(["unshare", "--net", "--", "sleep", "600"])
+    path = f"/proc/{child.pid}/ns/net"
+    own = os.stat("/proc/self/ns/net").st_ino
+    try:
+        deadline = time.monotonic() + 10
+        while os.stat(path).st_ino == own:  # until unshare(2) has run in the child
+            assert time.monotonic() < deadline, "unshare --net did not make a namespace"
+            time.sleep(0.01)
+        yield path
+    finally:
+        child.kill()
+        child.wait()
 
 
 def env(command: str = "ADD", **overrides: str) -> dict[str, str]:
@@ -154,6 +207,7 @@ def test_version_is_answered_locally(plugin):
         (env(), conf(version="0.3.1"), p.ERR_INCOMPATIBLE_VERSION),
         (env("GC"), conf(version="1.0.0"), p.ERR_INCOMPATIBLE_VERSION),
         (env(CNI_NETNS="/run/netns/mgt-cni-no-such-ns"), conf(), p.ERR_UNKNOWN_CONTAINER),
+        (env("DEL"), conf(deleteQueue="queue"), p.ERR_INVALID_CONFIG),
         (env(), conf(), p.ERR_TRY_AGAIN_LATER),
         (env("DEL", CNI_NETNS=""), conf(), p.ERR_TRY_AGAIN_LATER),
         (env("STATUS"), conf(version="1.1.0"), p.ERR_NOT_AVAILABLE),
@@ -162,7 +216,8 @@ def test_version_is_answered_locally(plugin):
          "ifname too long", "bad container id", "bad CNI_ARGS", "bad json", "not utf-8",
          "empty stdin", "config not an object", "no cniVersion", "relative socket",
          "negative timeout", "version too old", "GC needs 1.1", "netns gone",
-         "agent unreachable", "DEL with agent unreachable", "STATUS with agent unreachable"],
+         "relative deleteQueue", "agent unreachable",
+         "DEL with agent unreachable and no queue", "STATUS with agent unreachable"],
 )
 def test_error_codes(plugin, environment, stdin, code):
     exit_code, out, raw = call(plugin, environment, stdin)
@@ -183,29 +238,43 @@ def test_errors_echo_the_requested_version(plugin):
 # --- talking to the agent ---------------------------------------------------------------
 
 
-def test_request_carries_env_config_and_the_namespace_fd(plugin, fake_agent, tmp_path):
-    netns_file = tmp_path / "fake-netns"
-    netns_file.write_text("")
+@pytest.mark.privileged
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_request_carries_env_config_the_namespace_and_a_netlink_socket_in_it(
+        plugin, fake_agent, other_netns, command):
+    """The socket is made inside the container's namespace, not the shim's own."""
     agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
     stdin = conf(agent.path)
-    code, out, _ = call(plugin, env(CNI_NETNS=str(netns_file)), stdin)
+    code, out, _ = call(plugin, env(command, CNI_NETNS=other_netns), stdin)
     assert (code, out) == (0, {"cniVersion": "1.0.0"})
     (request,) = agent.requests
-    assert request == {"command": "ADD", "containerID": "ctr1", "ifname": "eth0",
-                       "netns": str(netns_file), "args": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
+    assert request == {"command": command, "containerID": "ctr1", "ifname": "eth0",
+                       "netns": other_netns, "args": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
                        "path": "/usr/lib/cni", "stdin": stdin}
-    assert agent.fd_inodes == [[netns_file.stat().st_ino]]
+    pod_inode = os.stat(other_netns).st_ino
+    assert pod_inode != os.stat("/proc/self/ns/net").st_ino
+    assert agent.fds == [[("file", pod_inode),
+                          ("socket", socket.AF_NETLINK, socket.NETLINK_ROUTE, pod_inode)]]
 
 
-def test_del_sends_no_namespace(plugin, fake_agent):
+@pytest.mark.parametrize("command", ["DEL", "GC", "STATUS"])
+def test_commands_without_a_namespace_send_no_file_descriptor(plugin, fake_agent, command):
     agent = fake_agent(ok(""))
-    code, out, raw = call(plugin, env("DEL", CNI_NETNS="/run/netns/gone-already"),
-                          conf(agent.path))
+    code, out, raw = call(plugin, env(command, CNI_NETNS="/run/netns/gone-already"),
+                          conf(agent.path, version="1.1.0"))
     assert (code, out, raw) == (0, None, "")
-    assert agent.fd_inodes == [[]]
+    assert agent.fds == [[]]
 
 
-def test_agent_errors_are_printed_verbatim(plugin, fake_agent):
+def test_an_add_sends_nothing_into_a_namespace_while_the_agent_is_away(plugin):
+    """The namespace is entered only once the agent is there to take the socket: with
+    the agent away the shim needs no privilege to say so (nor `_ctypes`)."""
+    code, out, _ = call(plugin, env(), conf())
+    assert (code, out["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+
+
+@pytest.mark.privileged
+def test_agent_errors_are_printed_verbatim(plugin, fake_agent, as_root):
     error = p.CniError(p.ERR_IPAM_EXHAUSTED, "pod CIDR 198.18.0.0/30 is exhausted").to_json("1.0.0")
     agent = fake_agent(ok(error, exit_code=1))
     code, out, _ = call(plugin, env(), conf(agent.path))
@@ -228,7 +297,8 @@ def test_agent_errors_are_printed_verbatim(plugin, fake_agent):
     ids=["agent hangs", "garbage frame", "an answer in JSON", "bad exit status",
          "answer cut short", "two answers", "hangs up"],
 )
-def test_a_misbehaving_agent(plugin, fake_agent, answer, code):
+@pytest.mark.privileged
+def test_a_misbehaving_agent(plugin, fake_agent, as_root, answer, code):
     agent = fake_agent(answer)
     exit_code, out, _ = call(plugin, env(), conf(agent.path, timeout=0.5))
     assert exit_code != 0
@@ -246,17 +316,25 @@ def test_the_shim_is_one_module_that_imports_only_builtins():
     assert set(out) <= {"_socket"}, out
 
 
-def test_the_happy_path_loads_no_json_decoder(plugin, fake_agent):
-    """A good ADD is forwarded as raw bytes: `_json` (a shared object) is never loaded."""
-    agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
+@pytest.mark.privileged
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_the_happy_path_loads_no_json_decoder(plugin, fake_agent, as_root, command):
+    """A good request is forwarded as raw bytes: `_json` (a shared object) is never
+    loaded; ADD loads the bare `_ctypes` for setns(2) on Python 3.11 (not the `ctypes`
+    package, ~4 ms), DEL nothing of the kind."""
+    agent = fake_agent(ok('{"cniVersion": "1.0.0"}' if command == "ADD" else ""))
     python = plugin.read_text().splitlines()[0][2:].split()[0]
     proc = subprocess.run([python, "-I", "-S", "-X", "importtime", str(plugin)],
-                          input=conf(agent.path).encode(), env=env(), capture_output=True,
-                          timeout=30)
+                          input=conf(agent.path).encode(), env=env(command),
+                          capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()}
     assert "_socket" in imported
     assert "_json" not in imported and "json" not in imported
+    assert "ctypes" not in imported
+    has_setns = subprocess.run([python, "-I", "-S", "-c", "import os; print(hasattr(os, 'setns'))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert ("_ctypes" in imported) == (command == "ADD" and has_setns == "False")
 
 
 # --- the quick scan for the agent's address ---------------------------------------------
@@ -346,10 +424,12 @@ def real_agent(tmp_path) -> Iterator[Path]:
          "DEL without container id", "version too old", "GC needs 1.1", "no cniVersion",
          "bad mtu"],
 )
+@pytest.mark.privileged
+@pytest.mark.usefixtures("as_root")
 def test_a_reachable_agent_reports_what_the_shim_would(plugin, real_agent, environment,
                                                        config, code):
     settings = {"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
-                "socket": str(real_agent), **config}
+                "socket": str(real_agent), "deleteQueue": NO_QUEUE, **config}
     stdin = json.dumps({k: v for k, v in settings.items() if v is not None})
     exit_code, out, raw = call(plugin, environment, stdin)
     assert exit_code == 1, raw
@@ -361,26 +441,30 @@ def test_a_reachable_agent_reports_what_the_shim_would(plugin, real_agent, envir
     assert local["code"] == (p.ERR_TRY_AGAIN_LATER if agent_only else code), local
 
 
-def test_invalid_json_the_quick_scan_lets_through_is_rejected_by_the_agent(plugin, real_agent):
+@pytest.mark.privileged
+def test_invalid_json_the_quick_scan_lets_through_is_rejected_by_the_agent(plugin, real_agent,
+                                                                           as_root):
     stdin = '{"cniVersion": "1.0.0", "socket": "' + str(real_agent) + '", "mtu": }'
     assert plugin_module.compute_quick_address(stdin.encode()) is not None
     exit_code, out, _ = call(plugin, env(), stdin)
     assert (exit_code, out["code"]) == (1, p.ERR_DECODE)
 
 
-def test_an_add_through_the_real_server(plugin, real_agent, tmp_path):
-    netns = tmp_path / "pod-netns"  # the fake kernel's stand-in for a pod's namespace
-    netns.touch()
-    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
-                        "socket": str(real_agent)})
-    exit_code, out, _ = call(plugin, env(CNI_NETNS=str(netns)), stdin)
-    assert exit_code == 0
+@pytest.mark.privileged
+def test_an_add_through_the_real_server(plugin, real_agent, other_netns):
+    stdin = conf(real_agent)
+    exit_code, out, _ = call(plugin, env(CNI_NETNS=other_netns), stdin)
+    assert exit_code == 0, out
     assert out["ips"][0]["address"] == "198.18.0.1/32"
+    exit_code, out, _ = call(plugin, env("CHECK", CNI_NETNS=other_netns),
+                             conf(real_agent, prevResult=out))
+    assert exit_code == 0, out
     exit_code, out, raw = call(plugin, env("DEL"), stdin)
     assert (exit_code, raw) == (0, "")
 
 
-def test_the_agents_own_namespace_is_refused_as_a_pods(plugin, real_agent):
+@pytest.mark.privileged
+def test_the_agents_own_namespace_is_refused_as_a_pods(plugin, real_agent, as_root):
     """The shim runs on the node: /proc/self/ns/net is the node's network namespace."""
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
                         "socket": str(real_agent)})
@@ -394,7 +478,7 @@ def test_the_agents_own_namespace_is_refused_as_a_pods(plugin, real_agent):
 
 def _conf_for(agent: Path, **extra: Any) -> str:
     return json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
-                       "socket": str(agent), **extra})
+                       "socket": str(agent), "deleteQueue": NO_QUEUE, **extra})
 
 
 @pytest.mark.parametrize(
@@ -419,20 +503,20 @@ def _conf_for(agent: Path, **extra: Any) -> str:
          "100 KB pod name", "100 KB container id", "netns path too long", "dns a string",
          "prevResult interfaces a number", "mtu a string"],
 )
-def test_hostile_input_gets_a_clear_non_retryable_error(plugin, real_agent, tmp_path, case):
+@pytest.mark.privileged
+def test_hostile_input_gets_a_clear_non_retryable_error(plugin, real_agent, other_netns, case):
     """Deep nesting used to end in a traceback (shim) or a dropped connection (agent:
     "agent not reachable", 11); a frame over the agent's limit in 11 too."""
     make_stdin, environment, code = case
-    netns = tmp_path / "pod-netns"
-    netns.touch()
-    exit_code, out, raw = call(plugin, env(**{"CNI_NETNS": str(netns), **environment}),
+    exit_code, out, raw = call(plugin, env(**{"CNI_NETNS": other_netns, **environment}),
                                make_stdin(real_agent))
     assert exit_code == 1, raw
     assert out is not None and set(out) == {"cniVersion", "code", "msg", "details"}, raw
     assert out["code"] == code, out
 
 
-def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agent, tmp_path):
+@pytest.mark.privileged
+def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agent, as_root):
     """Killed between the two, the shim has failed for the runtime and for the agent. Its
     stdout is a full pipe here, so the answer cannot be written until the test reads: no
     acknowledgement may come before that."""
@@ -440,8 +524,6 @@ def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agen
     sent: list[bytes] = []
     agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
     agent.after_reply = lambda data: (sent.append(data), acknowledged.set())
-    netns = tmp_path / "pod-netns"
-    netns.touch()
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     filler = 0
@@ -449,8 +531,7 @@ def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agen
         while True:
             filler += os.write(write_end, b"x" * 4096)
     os.set_blocking(write_end, True)
-    shim = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=write_end,
-                            env=env(CNI_NETNS=str(netns)))
+    shim = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=write_end, env=env())
     os.close(write_end)
     try:
         assert shim.stdin is not None
@@ -467,3 +548,105 @@ def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agen
             shim.wait()
     assert json.loads(data[filler:]) == {"cniVersion": "1.0.0"}
     assert sent == [p.ACK]
+
+
+# --- DEL while the agent is away: the deletion queue -------------------------------------------
+
+
+@pytest.fixture
+def queue(tmp_path) -> Path:
+    """A deletion queue as the agent leaves it: an existing, empty folder."""
+    folder = tmp_path / "delete-queue"
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+def queued(folder: Path) -> dict[str, Any]:
+    """The entries of the queue, read back as the agent reads them."""
+    from cni.deletion_queue import parse_queue_entry
+
+    return {path.name: parse_queue_entry(path.name, path.read_bytes())
+            for path in sorted(folder.iterdir())}
+
+
+def test_a_del_while_the_agent_is_away_is_queued_and_reported_done(plugin, queue):
+    """The runtime would otherwise keep the pod terminating until the agent is back (and
+    forever after the agent was uninstalled)."""
+    environment = env("DEL", CNI_NETNS="/run/netns/pod-1",
+                      CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-1")
+    code, _, raw = call(plugin, environment, conf(deleteQueue=str(queue)))
+    assert (code, raw) == (0, "")
+    (name, entry), = queued(queue).items()
+    assert name == p.compute_queue_entry_name("ctr1", "eth0")
+    assert (entry.key.container_id, entry.key.ifname, entry.netns, entry.pod_namespace,
+            entry.pod_name) == ("ctr1", "eth0", "/run/netns/pod-1", "team-a", "web-1")
+    assert stat.S_IMODE((queue / name).stat().st_mode) == 0o600
+    # The runtime repeating the DEL (containerd does, at stop and at removal) replaces it.
+    assert call(plugin, environment, conf(deleteQueue=str(queue)))[0] == 0
+    assert list(queued(queue)) == [name]
+    assert call(plugin, env("DEL", CNI_CONTAINERID="ctr2", CNI_NETNS=""),
+                conf(deleteQueue=str(queue)))[0] == 0
+    assert len(queued(queue)) == 2
+
+
+def test_a_del_is_queued_when_the_agent_hangs_up_without_answering(plugin, fake_agent, queue):
+    """An agent that stops (or dies) while it holds the request: the DEL runs again
+    when it is back, which an idempotent DEL allows."""
+    agent = fake_agent(lambda request: b"")
+    code, _, raw = call(plugin, env("DEL"), conf(agent.path, deleteQueue=str(queue)))
+    assert (code, raw) == (0, "")
+    assert len(agent.requests) == 1
+    assert list(queued(queue)) == [p.compute_queue_entry_name("ctr1", "eth0")]
+
+
+@pytest.mark.parametrize(
+    ("environment", "config", "code"),
+    [
+        (env("DEL", CNI_CONTAINERID="-bad"), {}, p.ERR_INVALID_ENV),
+        (env("DEL", CNI_IFNAME=""), {}, p.ERR_INVALID_ENV),
+        (env("DEL"), {"cniVersion": "0.3.1"}, p.ERR_INCOMPATIBLE_VERSION),
+        (env("DEL"), {"timeout": -1}, p.ERR_INVALID_CONFIG),
+        (env("ADD"), {}, p.ERR_TRY_AGAIN_LATER),
+        (env("CHECK"), {}, p.ERR_TRY_AGAIN_LATER),
+        (env("GC"), {"cniVersion": "1.1.0"}, p.ERR_TRY_AGAIN_LATER),
+        (env("STATUS"), {"cniVersion": "1.1.0"}, p.ERR_NOT_AVAILABLE),
+    ],
+    ids=["bad container id", "no ifname", "version too old", "bad timeout", "ADD", "CHECK",
+         "GC", "STATUS"],
+)
+def test_only_a_valid_del_is_queued(plugin, queue, environment, config, code):
+    exit_code, out, raw = call(plugin, environment, conf(deleteQueue=str(queue), **config))
+    assert exit_code == 1, raw
+    assert out["code"] == code, out
+    assert list(queue.iterdir()) == []
+
+
+def test_a_del_the_agent_does_not_answer_in_time_is_not_queued(plugin, fake_agent, queue):
+    """The agent is there and busy with it: "try again later", as before."""
+    agent = fake_agent(lambda request: None)
+    code, out, _ = call(plugin, env("DEL"), conf(agent.path, timeout=0.3,
+                                                 deleteQueue=str(queue)))
+    assert (code, out["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+    assert "did not answer" in out["msg"]
+    assert list(queue.iterdir()) == []
+
+
+def test_without_the_queue_folder_a_del_is_not_queued(plugin, tmp_path):
+    """The agent makes the folder: the shim never creates one (on the wrong path, say)."""
+    missing = tmp_path / "no-queue"
+    code, out, _ = call(plugin, env("DEL"), conf(deleteQueue=str(missing)))
+    assert (code, out["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+    assert f"no deletion queue at {missing}" in out["details"]
+    assert not missing.exists()
+
+
+def test_a_full_queue_refuses_new_entries_and_takes_repeats(plugin, queue):
+    for n in range(p.MAX_QUEUED_DELETES - 1):
+        (queue / f"del-{n:040x}").write_text("{}")
+    assert call(plugin, env("DEL"), conf(deleteQueue=str(queue)))[0] == 0
+    code, out, _ = call(plugin, env("DEL", CNI_CONTAINERID="ctr2"), conf(deleteQueue=str(queue)))
+    assert (code, out["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+    assert "is full" in out["details"]
+    assert call(plugin, env("DEL"), conf(deleteQueue=str(queue)))[0] == 0  # ctr1's, again
+    assert len(list(queue.iterdir())) == p.MAX_QUEUED_DELETES
+    assert not [path for path in queue.iterdir() if path.name.endswith(".tmp")]

@@ -4,15 +4,18 @@ what the runtime hears is what the node keeps.
 - An ADD whose shim gave up (its timeout passed while the agent was stalled in the
   pod-ready hook) is undone once the agent gets going again, not completed behind the
   runtime's back.
-- A shim of the previous request version (no acknowledgement) is still served.
+- A shim of an earlier request version (namespace only, with or without acknowledgement)
+  has its DEL served and its ADD told to try again, naming the cause.
 - 200 ADDs at once, each calling the node agent's own pod-ready hook (which reads the
   store and recomputes steering over every local pod), all succeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
 import socket
 import threading
 import time
@@ -79,6 +82,13 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
         thread.join(10)
 
 
+def run_shim(env: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
+    """The shim, in this process, against a faked kernel: namespaces are plain files, so
+    the stand-in for the netlink socket made inside one is a second fd of its file (what
+    `FakeWiring` takes for a socket of that namespace)."""
+    return plugin.run(env, stdin, pod_socket=os.dup)
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -95,7 +105,7 @@ def test_an_add_the_shim_gave_up_on_is_undone_when_the_stalled_hook_returns(star
         release.wait(30)
 
     server = start_server(stalled_hook, removed.append)
-    code, out = plugin.run(server.env("ADD", "ctr-slow"), server.config(timeout=0.3))
+    code, out = run_shim(server.env("ADD", "ctr-slow"), server.config(timeout=0.3))
     assert (code, json.loads(out)["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
     assert entered.is_set()
     assert server.wiring.peers  # still wired while the hook is stuck
@@ -106,7 +116,7 @@ def test_an_add_the_shim_gave_up_on_is_undone_when_the_stalled_hook_returns(star
     assert server.service._ipam is not None and server.service._ipam.allocations() == []
     assert [a.container_id for a in removed] == ["ctr-slow"]
     # The runtime's retry gets a fresh, complete ADD.
-    code, out = plugin.run(server.env("ADD", "ctr-slow"), server.config())
+    code, out = run_shim(server.env("ADD", "ctr-slow"), server.config())
     assert code == 0, out
 
 
@@ -121,11 +131,11 @@ def test_an_add_queued_behind_a_stalled_one_is_dropped_if_its_shim_left(start_se
         release.wait(30)
 
     server = start_server(hook)
-    first = threading.Thread(target=plugin.run, args=(server.env("ADD", "ctr-a"),
+    first = threading.Thread(target=run_shim, args=(server.env("ADD", "ctr-a"),
                                                      server.config(timeout=30)))
     first.start()
     wait_until(lambda: calls == ["ctr-a"])
-    code, _ = plugin.run(server.env("ADD", "ctr-a"), server.config(timeout=0.3))
+    code, _ = run_shim(server.env("ADD", "ctr-a"), server.config(timeout=0.3))
     assert code == 1
     release.set()
     first.join(10)
@@ -135,23 +145,45 @@ def test_an_add_queued_behind_a_stalled_one_is_dropped_if_its_shim_left(start_se
     assert server.service.requests_total[("ADD", p.ERR_TRY_AGAIN_LATER)] == 1
 
 
-def test_a_shim_of_the_previous_version_is_still_served(start_server):
-    server = start_server()
-    env = server.env("ADD", "ctr-old")
+def _old_shim(server: Server, magic: bytes, command: str, container: str) -> tuple[int, Any]:
+    """A request as a shim of an earlier version sends it: the namespace's fd only."""
+    env = server.env(command, container)
     values = [env.get(name, b"") for name in plugin.REQUEST_ENV]
     frame = bytearray(p.encode_request(values, server.config()))
-    frame[:4] = p.LEGACY_REQUEST_MAGIC
+    frame[:4] = magic
     with socket.socket(socket.AF_UNIX) as sock, open(env[b"CNI_NETNS"], "rb") as netns:
         sock.connect(str(server.path))
-        sock.sendmsg([bytes(frame)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       netns.fileno().to_bytes(4, "little"))])
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, netns.fileno().to_bytes(4, "little"))]
+        sock.sendmsg([bytes(frame)], rights if command == "ADD" else [])
         answer = b""
-        while chunk := sock.recv(65536):
+        while len(answer) < 12 or len(answer) < 12 + p.decode_response_header(answer[:12])[1]:
+            chunk = sock.recv(65536)
+            assert chunk, answer
             answer += chunk
+        if magic == p.NETNS_ONLY_REQUEST_MAGIC:
+            with contextlib.suppress(OSError):  # the agent waits only after a good ADD
+                sock.send(p.ACK)
     exit_code, length = p.decode_response_header(answer[:12])
-    assert exit_code == 0, answer
-    assert json.loads(answer[12:12 + length])["ips"][0]["address"] == "198.18.0.1/32"
-    assert server.wiring.peers  # kept: such a shim cannot acknowledge
+    out = answer[12:12 + length]
+    return exit_code, (json.loads(out) if out else None)
+
+
+@pytest.mark.parametrize("magic", [p.NETNS_ONLY_REQUEST_MAGIC, p.LEGACY_REQUEST_MAGIC],
+                         ids=["acknowledging", "legacy"])
+def test_a_shim_of_an_earlier_version_is_told_to_retry_its_add_and_served_its_del(
+        start_server, magic):
+    """Such a shim expects the agent to enter the namespace itself, which it no longer
+    can (no CAP_SYS_ADMIN): its ADD gets "try again later" saying why, and the runtime's
+    retry runs the binary the agent's init container installed meanwhile."""
+    server = start_server()
+    code, error = _old_shim(server, magic, "ADD", "ctr-old")
+    assert (code, error["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+    assert "older than the agent" in error["msg"]
+    assert server.wiring.is_empty()
+    code, out = run_shim(server.env("ADD", "ctr-old"), server.config())
+    assert code == 0, out
+    assert _old_shim(server, magic, "DEL", "ctr-old") == (0, None)
+    assert server.wiring.is_empty()
 
 
 # --- 200 concurrent ADDs through the node agent's own hook --------------------------------
@@ -196,7 +228,7 @@ def test_two_hundred_concurrent_adds_with_the_agents_hook_all_succeed(start_serv
         def add(n: int) -> tuple[int, bytes]:
             env = server.env("ADD", f"ctr-{n}")
             env[b"CNI_ARGS"] = f"K8S_POD_NAMESPACE=billing;K8S_POD_NAME=pod-{n}".encode()
-            return plugin.run(env, server.config())
+            return run_shim(env, server.config())
 
         with ThreadPoolExecutor(pods) as pool:
             results = list(pool.map(add, range(pods)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -17,6 +18,7 @@ from cni.ipam import Allocation, Ipam
 from cni.model import (
     AttachmentKey,
     PodAttachment,
+    PodNamespace,
     compute_host_ifname,
     compute_host_mac,
 )
@@ -28,7 +30,8 @@ CIDR = IPv4Network("198.18.0.0/24")
 
 class Namespaces:
     """Stand-ins for pod network namespaces: one open file per name (the fake tells
-    namespaces apart by the file an fd refers to, as the kernel does)."""
+    namespaces apart by the file an fd refers to, as the kernel does; a stand-in for a
+    netlink socket in a namespace is an fd of the same file)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -100,10 +103,13 @@ def handle(namespaces) -> Callable[..., tuple[int, Any]]:
     """service.handle with each container in its own namespace (unless `fd` is given)."""
 
     def call(service: CniService, raw: dict[str, Any], fd: int | str | None = "auto",
-             caller: Any = None) -> tuple[int, Any]:
+             caller: Any = None, *, socket_fd: int | str | None = "same") -> tuple[int, Any]:
         if fd == "auto":
             fd = namespaces.fd(str(raw.get("containerID")))
-        code, out = service.handle(raw, fd, caller)  # type: ignore[arg-type]
+        pod = None
+        if isinstance(fd, int):
+            pod = PodNamespace(fd, fd if socket_fd == "same" else socket_fd)  # type: ignore[arg-type]
+        code, out = service.handle(raw, pod, caller)
         return code, (json.loads(out) if out else None)
 
     return call
@@ -179,6 +185,42 @@ def test_add_refuses_without_anti_spoofing(service, wiring, handle):
 
 def test_add_needs_the_namespace_fd(service, handle):
     assert handle(service, request("ADD"), fd=None)[1]["code"] == p.ERR_INVALID_ENV
+
+
+def test_a_shim_that_sends_no_netlink_socket_is_told_to_try_again(service, wiring, handle):
+    """A shim older than the agent sends the namespace alone, expecting the agent to enter
+    it; the runtime's retry runs the binary the agent's init container installed."""
+    for command in ("ADD", "CHECK"):
+        code, error = handle(service, request(command), socket_fd=None)
+        assert (code, error["code"]) == (1, p.ERR_TRY_AGAIN_LATER)
+        assert "older than the agent" in error["msg"]
+    assert_nothing_left(service, wiring)
+    assert wiring.log == []
+
+
+def test_a_netlink_socket_of_another_namespace_is_refused(service, wiring, handle,
+                                                          namespaces, node_fd):
+    """The agent configures the pod's side through the socket it was given: one that lives
+    elsewhere (another pod's namespace, the node's) would have it wire the wrong place."""
+    for other in (namespaces.fd("someone-else"), node_fd):
+        code, error = handle(service, request("ADD"), socket_fd=other)
+        assert (code, error["code"]) == (1, p.ERR_INVALID_ENV), error
+        assert "another network namespace" in error["msg"]
+        code, error = handle(service, request("CHECK"), socket_fd=other)
+        assert (code, error["code"]) == (1, p.ERR_INVALID_ENV), error
+    assert_nothing_left(service, wiring)
+    assert wiring.log == []
+
+
+@pytest.mark.parametrize("kind", ["unix socket", "udp socket"])
+def test_a_socket_that_is_not_rtnetlink_is_refused(service, wiring, handle, kind):
+    family, type_ = ((socket.AF_UNIX, socket.SOCK_STREAM) if kind == "unix socket"
+                     else (socket.AF_INET, socket.SOCK_DGRAM))
+    with socket.socket(family, type_) as other:
+        code, error = handle(service, request("ADD"), socket_fd=other.fileno())
+    assert (code, error["code"]) == (1, p.ERR_INVALID_ENV), error
+    assert "not an rtnetlink socket" in error["msg"]
+    assert_nothing_left(service, wiring)
 
 
 def test_del_unwires_before_the_hook_and_release_and_is_idempotent(service, wiring, events,
@@ -420,3 +462,101 @@ def test_an_acknowledged_add_is_kept_and_answered_through_the_caller(service, wi
     assert [json.loads(text) for text in caller.confirmed] == [result]
     assert caller.checks == 3
     assert [a.key.container_id for a in allocations(service)] == ["c1"]
+
+
+# --- the deletion queue: DELs the shim recorded while the agent was away ---------------------
+
+
+def queue_del(service: CniService, container: str, ifname: str = "eth0",
+              args: dict[str, str] | None = None) -> Path:
+    """What the shim writes when the agent cannot be reached (`cni.plugin.queue_delete`)."""
+    name = p.compute_queue_entry_name(container, ifname)
+    path = service.deletion_queue.path / name
+    path.write_bytes(p.encode_queue_entry(container, ifname, f"/run/netns/{container}",
+                                          args or {"K8S_POD_NAMESPACE": "ns",
+                                                   "K8S_POD_NAME": container}))
+    return path
+
+
+def test_a_queued_del_runs_before_the_next_request_and_frees_the_address_for_it(
+        tmp_path, wiring, handle):
+    """Two addresses, both taken: the pod whose DEL was queued gives its address back
+    before the next ADD is served, and that ADD gets it."""
+    removed: list[str] = []
+    svc = CniService(IPv4Network("198.18.0.0/30"), tmp_path / "state", wiring=wiring,
+                     pod_removed_hook=lambda a: removed.append(a.container_id))
+    svc.open()
+    first = handle(svc, request("ADD", "gone"))[1]["ips"][0]["address"]
+    handle(svc, request("ADD", "stays"))
+    assert handle(svc, request("ADD", "new"))[1]["code"] == p.ERR_IPAM_EXHAUSTED
+    entry = queue_del(svc, "gone")
+    code, result = handle(svc, request("ADD", "new"))
+    assert code == 0, result
+    assert result["ips"][0]["address"] == first
+    assert removed == ["gone"]
+    assert compute_host_ifname("gone", "eth0") not in wiring.links
+    assert not entry.exists()
+    assert (svc.queued_deletes_replayed, svc.queued_deletes_rejected,
+            svc.queued_deletes_pending) == (1, 0, 0)
+
+
+def test_a_queued_del_that_fails_stays_queued_and_runs_once_it_can(tmp_path, wiring, handle):
+    before = CniService(CIDR, tmp_path / "state", wiring=wiring)
+    before.open()
+    handle(before, request("ADD", "c1"))
+    # The agent restarts; its service is not open yet, so a DEL of a wired pod cannot run.
+    svc = CniService(CIDR, tmp_path / "state", wiring=wiring)
+    entry = queue_del(svc, "c1")
+    svc.replay_deletions()
+    assert entry.exists()
+    assert (svc.queued_deletes_replayed, svc.queued_deletes_pending) == (0, 1)
+    assert [a.key.container_id for a in allocations(svc)] == ["c1"]  # never reused meanwhile
+    svc.open()
+    assert handle(svc, request("STATUS", version="1.1.0")) == (0, None)
+    assert not entry.exists()
+    assert_nothing_left(svc, wiring)
+    assert (svc.queued_deletes_replayed, svc.queued_deletes_pending) == (1, 0)
+
+
+def test_a_queued_del_of_an_unknown_attachment_is_done_at_once(service, wiring):
+    entry = queue_del(service, "never-added")
+    service.replay_deletions()
+    assert not entry.exists()
+    assert service.queued_deletes_replayed == 1
+    assert wiring.log == []
+
+
+def test_what_is_no_well_formed_entry_is_removed_counted_and_never_acted_on(
+        service, wiring, handle, tmp_path, caplog):
+    handle(service, request("ADD", "victim"))
+    folder = service.deletion_queue.path
+    elsewhere = tmp_path / "precious"
+    elsewhere.write_text("keep me")
+    victim = p.compute_queue_entry_name("victim", "eth0")
+    good_bytes = p.encode_queue_entry("victim", "eth0", "", {})
+    (folder / "del-garbage").write_bytes(b"\xff\x00{")
+    (folder / "del-0123").write_bytes(good_bytes)  # a valid DEL under the wrong name
+    (folder / "del-deep").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "del-huge").write_bytes(b" " * (p.MAX_QUEUE_ENTRY + 1))
+    (folder / "del-version").write_text('{"version": 2, "containerID": "victim"}')
+    (folder / "del-types").write_text('{"version": 1, "containerID": ["victim"]}')
+    (folder / "del-badid").write_text('{"version": 1, "containerID": "-x", "ifname": "eth0"}')
+    (folder / (victim + "x")).symlink_to(elsewhere)
+    (folder / "del-dir").mkdir()
+    (folder / "del-dir" / "inside").write_text("x")
+    os.mkfifo(folder / "del-fifo")
+    (folder / "stray.json").write_text("{}")
+    stale = folder / ".del-abc.1.tmp"
+    stale.write_text("{")
+    os.utime(stale, (1, 1))
+    fresh = folder / ".del-def.2.tmp"
+    fresh.write_text("{")
+    with caplog.at_level("WARNING", logger="meshgress.cni"):
+        assert handle(service, request("STATUS", version="1.1.0")) == (0, None)
+    assert sorted(path.name for path in folder.iterdir()) == [fresh.name]
+    assert service.queued_deletes_rejected == 12
+    assert service.queued_deletes_replayed == 0
+    assert elsewhere.read_text() == "keep me"
+    assert compute_host_ifname("victim", "eth0") in wiring.links  # nothing acted on
+    assert [a.key.container_id for a in allocations(service)] == ["victim"]
+    assert len([r for r in caplog.records if "deletion queue: removed" in r.message]) == 12
