@@ -8,6 +8,7 @@ the end, and a crashed run's containers are removed by the next run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from cni.install import PLUGIN_NAME
+from cni.model import compute_host_ifname
 from meshgress.kernel_ids import WIREGUARD_INTERFACE
-from meshgress.lab.lab import AGENT_METRICS_PORT, Lab
+from meshgress.lab.lab import AGENT_METRICS_PORT, POD_IFNAME, Lab
 from meshgress.lab.netns import call_in_netns
 from meshgress.licences import PythonDistribution, canonical_name, compute_violations
 from tests.conftest import lab
@@ -195,8 +198,6 @@ def run_agent_container(image, lab_obj: Lab, node: str, netns_name: str,
            "--security-opt", "no-new-privileges", "--read-only",
            "--device", "/dev/net/tun", "--tmpfs", "/var/run/wireguard",
            "--volume", f"{state}:/var/lib/meshgress", "--volume", f"{run}:/run/meshgress",
-           # Pods' network namespaces, as the CNI plugin names them (new ones appear too).
-           "--volume", "/run/netns:/run/netns:rslave",
            *datastore_volumes, "--volume", f"{cluster}:{cluster}:ro",
            built["id"], "meshgress", "agent", "--node", node, *datastore_args,
            "--cluster-config", str(cluster), "--node-grace", "5", "--resync-interval", "5")
@@ -250,13 +251,44 @@ def wait_for_route_through(netns_name: str, address: str, device: str,
     raise AssertionError(f"{address} not routed through {device} in {netns_name}: {seen}")
 
 
+def node_del(lab_obj: Lab, node: str, pod: str) -> subprocess.CompletedProcess[str]:
+    """The runtime's DEL of a lab pod on `node`: the installed plugin, in the node's
+    network and mount namespaces, with the configuration the lab's ADD used (no
+    `deleteQueue`: the plugin's default, /var/lib/meshgress/cni/delete-queue)."""
+    namespace, name = pod.split("/")
+    record = lab_obj.load_record()
+    assert record is not None
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": lab_container_id(lab_obj, pod),
+           "CNI_NETNS": "", "CNI_IFNAME": POD_IFNAME, "CNI_PATH": str(lab_obj.cni_bin_dir),
+           "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
+    argv = lab_obj._node_argv(record, node, ["env", *(f"{k}={v}" for k, v in env.items()),
+                                             str(lab_obj.cni_bin_dir / PLUGIN_NAME)])
+    config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress", "type": PLUGIN_NAME,
+                         "socket": "/run/meshgress/cni.sock"})
+    return subprocess.run(argv, input=config, capture_output=True, text=True, timeout=30,
+                          check=False)
+
+
+def lab_container_id(lab_obj: Lab, pod: str) -> str:
+    """The container id the lab's ADD gave the pod (`Lab._wire_pod`)."""
+    return hashlib.sha256(f"{lab_obj.name}/{pod}".encode()).hexdigest()
+
+
+def host_links(netns_name: str) -> list[str]:
+    out = subprocess.run(["ip", "-n", netns_name, "-j", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    return [link["ifname"] for link in json.loads(out)]
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(BUILD_TIMEOUT + 300)
 def test_agent_from_the_image_meshes_a_lab_node_and_wires_its_pods(image, lab_name):
-    """The image's agent replaces a lab node's agent. With NET_ADMIN and NET_RAW only it
-    builds the node's mesh (the node's pods reach the other node's pods through the
-    container's wireguard-go), but cannot wire a new pod: the CNI half enters the pod's
-    network namespace (setns), which needs CAP_SYS_ADMIN. With SYS_ADMIN added it does."""
+    """The image's agent replaces a lab node's agent, with NET_ADMIN and NET_RAW only, as
+    the chart runs it: it builds the node's mesh (the node's pods reach the other node's
+    pods through the container's wireguard-go) and wires new pods (the plugin hands it a
+    netlink socket made inside the pod's namespace: it never enters one, which would need
+    CAP_SYS_ADMIN). A pod deleted while the container is gone is deleted for the runtime at
+    once (the plugin queues the DEL) and for the node when the container is back."""
     _, podman = image
     lab(lab_name, "up", "--nodes", "2", "--gateway-nodes", "0")
     lab_obj = Lab(lab_name)
@@ -281,21 +313,31 @@ def test_agent_from_the_image_meshes_a_lab_node_and_wires_its_pods(image, lab_na
         in_lab(lab_name, "payments/app-node1", "ping", "-c", "2", "-W", "2", b)
         in_lab(lab_name, "web/app-node2", "ping", "-c", "2", "-W", "2", a)
 
-        denied = lab(lab_name, "add-pod", "payments/denied-node1", "--node", "node1",
-                     check=False)
-        assert denied.returncode != 0
-        assert "Operation not permitted" in denied.stdout + denied.stderr
-
-        remove_container(image, container)
-        wait_until_gone(node1, WIREGUARD_INTERFACE)
-        container = run_agent_container(image, lab_obj, "node1", node1,
-                                        ("NET_ADMIN", "NET_RAW", "SYS_ADMIN"))
-        containers.append(container)
-        wait_for_route_through(node1, b, WIREGUARD_INTERFACE)
         lab(lab_name, "add-pod", "payments/late-node1", "--node", "node1")
         late = pod_ip(lab_name, "payments/late-node1")
         in_lab(lab_name, "payments/late-node1", "ping", "-c", "2", "-W", "2", b)
         in_lab(lab_name, "payments/app-node2", "ping", "-c", "2", "-W", "2", late)
+
+        # The container goes; the runtime deletes the pod meanwhile.
+        remove_container(image, container)
+        wait_until_gone(node1, WIREGUARD_INTERFACE)
+        late_veth = compute_host_ifname(lab_container_id(lab_obj, "payments/late-node1"),
+                                        POD_IFNAME)
+        deleted = node_del(lab_obj, "node1", "payments/late-node1")
+        assert (deleted.returncode, deleted.stdout) == (0, ""), deleted
+        queue = lab_obj.node_dir("node1") / "state" / "cni" / "delete-queue"
+        assert len(list(queue.iterdir())) == 1
+        assert late_veth in host_links(node1)  # nobody to run it yet
+        container = run_agent_container(image, lab_obj, "node1", node1,
+                                        ("NET_ADMIN", "NET_RAW"))
+        containers.append(container)
+        # The agent reports ready when its CNI thread starts, which may be a moment before
+        # that thread has replayed the queue: hence a deadline, not a bare look.
+        wait_until_gone(node1, late_veth)
+        assert list(queue.iterdir()) == []
+        allocations = lab_obj.node_dir("node1") / "state" / "cni" / "ipam"
+        assert not (allocations / late).exists()
+        in_lab(lab_name, "payments/app-node1", "ping", "-c", "2", "-W", "2", b)
     finally:
         for name in containers:
             remove_container(image, name)

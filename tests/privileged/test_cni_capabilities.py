@@ -3,8 +3,8 @@
 The real server runs in its node namespace under `setpriv`, every other capability gone
 from all its sets (as `drop: [ALL]`, `add: [NET_ADMIN, NET_RAW]` leave a container), and
 the real plugin binary, run as the runtime runs it (root on the host), wires pods through
-it. The agent used to enter each pod's namespace itself (setns(2): CAP_SYS_ADMIN); now the
-shim hands it a netlink socket made inside the namespace, which the agent uses only after
+it. The agent never enters a pod's namespace (setns(2) would need CAP_SYS_ADMIN): the shim
+hands it a netlink socket made inside the namespace, which the agent uses only after
 checking that it is one and lives in the namespace the request names.
 """
 

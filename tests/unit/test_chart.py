@@ -175,7 +175,7 @@ def _args(container: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_the_agent_runs_on_every_node_with_three_capabilities_and_loopback_probes(
+def test_the_agent_runs_on_every_node_with_two_capabilities_and_loopback_probes(
         rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     daemonset = find(rendered[name], "DaemonSet", "meshgress-agent")
     pod = daemonset["spec"]["template"]["spec"]
@@ -187,8 +187,7 @@ def test_the_agent_runs_on_every_node_with_three_capabilities_and_loopback_probe
     assert pod["terminationGracePeriodSeconds"] <= 30
     agent = _container(pod, "agent")
     security = agent["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"],
-                                        "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert not security.get("privileged") and security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
     args = _args(agent)
