@@ -31,6 +31,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from cni import protocol as p
+from meshgress.kernel.rtnl import SocketFacts
 from meshgress.kernel_ids import POD_GATEWAY_IPV4, POD_HOST_VETH_PREFIX
 
 HOST_IFNAME_HASH_CHARS = 11
@@ -106,23 +107,6 @@ class PodNamespace:
 
 
 @dataclass(frozen=True)
-class SocketFacts:
-    """What the kernel says about a file descriptor the shim sent as a netlink socket."""
-
-    is_socket: bool
-    family: int = 0
-    protocol: int = 0
-    namespace: tuple[int, int] | None = None
-    """Device and inode of the socket's network namespace; None if the kernel would not
-    say (SIOCGSKNS refused)."""
-    namespace_error: str = ""
-
-
-AF_NETLINK = 16
-NETLINK_ROUTE = 0
-
-
-@dataclass(frozen=True)
 class HostLinkClaim:
     """How one attachment recognises its host veth among the node's interfaces.
 
@@ -193,7 +177,7 @@ def compute_pod_socket_problem(facts: SocketFacts, netns: tuple[int, int]) -> st
     (device and inode), or None: it must be an rtnetlink socket, in that namespace."""
     if not facts.is_socket:
         return "the file descriptor sent as the pod's netlink socket is not a socket"
-    if facts.family != AF_NETLINK or facts.protocol != NETLINK_ROUTE:
+    if not facts.is_rtnetlink:
         return (f"the socket sent for the pod is not an rtnetlink socket (address family "
                 f"{facts.family}, protocol {facts.protocol})")
     if facts.namespace is None:

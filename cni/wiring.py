@@ -65,16 +65,13 @@ from typing import Protocol
 
 from cni import protocol as p
 from cni.model import (
-    AF_NETLINK,
-    NETLINK_ROUTE,
     HostLinkClaim,
     PodNamespace,
-    SocketFacts,
     WiringPlan,
     compute_pod_socket_problem,
 )
 from meshgress.kernel import sysctl
-from meshgress.kernel.netns import socket_namespace
+from meshgress.kernel.netns import namespace_identity
 from meshgress.kernel.rtnetlink import (
     IPV4_DEVCONF_FORWARDING,
     IPV4_DEVCONF_PROXY_ARP,
@@ -91,7 +88,13 @@ from meshgress.kernel.rtnetlink import (
     set_ipv4_conf_message,
     set_up_message,
 )
-from meshgress.kernel.rtnl import NetconfWatch, NetlinkError, Rtnl
+from meshgress.kernel.rtnl import (
+    NetconfWatch,
+    NetlinkError,
+    Rtnl,
+    SocketFacts,
+    read_socket_facts,
+)
 from meshgress.kernel_ids import POD_GATEWAY_IPV4, POD_HOST_VETH_PREFIX, ROUTE_PROTOCOL
 
 log = logging.getLogger("meshgress.cni")
@@ -415,31 +418,6 @@ class NetlinkWiring:
         return problems
 
 
-def read_socket_facts(fd: int) -> SocketFacts:
-    """What the kernel says about `fd` as a socket: its family and protocol
-    (SO_DOMAIN, SO_PROTOCOL) and the network namespace it lives in (SIOCGSKNS)."""
-    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-        return SocketFacts(is_socket=False)
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-        try:
-            ns_fd = socket_namespace(sock.fileno())
-        except OSError as exc:
-            return SocketFacts(True, family, protocol, None, str(exc))
-    try:
-        return SocketFacts(True, family, protocol, namespace_identity(ns_fd))
-    finally:
-        os.close(ns_fd)
-
-
-def namespace_identity(fd: int) -> tuple[int, int]:
-    """What tells namespaces apart: the device and inode of an fd referring to one (its
-    nsfs inode, also through a bind mount such as /run/netns/NAME)."""
-    status = os.fstat(fd)
-    return status.st_dev, status.st_ino
-
-
 def _apply(rtnl: Rtnl, messages: Sequence[Message], routes: Sequence[Route], where: str) -> None:
     """`messages`, then `routes` created (never replaced), in one write. A route that
     exists already is fine only if it is meshgress's through the same interface."""
@@ -561,8 +539,7 @@ class FakeWiring:
         if stat.S_ISSOCK(os.fstat(pod.netlink_fd).st_mode):
             facts = read_socket_facts(pod.netlink_fd)
         else:
-            facts = SocketFacts(True, AF_NETLINK, NETLINK_ROUTE,
-                                namespace_identity(pod.netlink_fd))
+            facts = SocketFacts.of_rtnetlink(namespace_identity(pod.netlink_fd))
         return compute_pod_socket_problem(facts, namespace_identity(pod.netns_fd))
 
     def add_pod(self, plan: WiringPlan, pod_namespace: PodNamespace) -> None:

@@ -10,7 +10,9 @@ package is the one copy:
   requests and replies for links, addresses, routes, rules and IPv4 device settings;
 - `rtnl`: `Rtnl`, one NETLINK_ROUTE socket that sends those messages (batched, with
   extended-ack errors), and its two notification watches, `NetconfWatch` and `LinkWatch`;
+  `read_socket_facts`, what a socket handed over by another process really is;
 - `netns`: entering a network namespace from a thread (setns), and running code there;
+  which namespace a socket lives in, and what tells namespaces apart;
 - `sysctl`: reading and ensuring /proc/sys values;
 - `nft_model`: the generic nftables model (sets, maps, counters, chains, rules) and the
   pure plan that diffs it against `nft -j list table`;

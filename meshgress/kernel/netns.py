@@ -49,6 +49,13 @@ def socket_namespace(sock_fd: int) -> int:
     return fcntl.ioctl(sock_fd, SIOCGSKNS)
 
 
+def namespace_identity(fd: int) -> tuple[int, int]:
+    """What tells namespaces apart: the device and inode of an fd referring to one (its
+    nsfs inode, also through a bind mount such as /run/netns/NAME)."""
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
+
+
 def netns_path(netns: str) -> Path:
     """A namespace given as a path, or as a name under /run/netns (as `ip netns` names)."""
     return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns

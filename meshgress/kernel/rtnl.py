@@ -23,16 +23,63 @@ import errno
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from meshgress.kernel import rtnetlink as rt
-from meshgress.kernel.netns import in_network_namespace
+from meshgress.kernel.netns import in_network_namespace, namespace_identity, socket_namespace
 from meshgress.kernel.rtnetlink import Address, Link, Message, Netconf, Route, Rule
 
 _RECV_SIZE = 1 << 16
+
+
+@dataclass(frozen=True)
+class SocketFacts:
+    """What the kernel says about a file descriptor another process handed over as an
+    rtnetlink socket (`read_socket_facts`), before it is used as one."""
+
+    is_socket: bool
+    family: int = 0
+    """SO_DOMAIN."""
+    protocol: int = 0
+    """SO_PROTOCOL."""
+    namespace: tuple[int, int] | None = None
+    """Device and inode of the socket's network namespace; None if the kernel would not
+    say (SIOCGSKNS refused)."""
+    namespace_error: str = ""
+
+    @property
+    def is_rtnetlink(self) -> bool:
+        return (self.is_socket and self.family == socket.AF_NETLINK
+                and self.protocol == socket.NETLINK_ROUTE)
+
+    @classmethod
+    def of_rtnetlink(cls, namespace: tuple[int, int]) -> SocketFacts:
+        """An rtnetlink socket living in `namespace` (for fakes that model one)."""
+        return cls(True, socket.AF_NETLINK, socket.NETLINK_ROUTE, namespace)
+
+
+def read_socket_facts(fd: int) -> SocketFacts:
+    """What the kernel says about `fd` as a socket: its family and protocol
+    (SO_DOMAIN, SO_PROTOCOL) and the network namespace it lives in (SIOCGSKNS, which
+    needs CAP_NET_ADMIN over that namespace)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return SocketFacts(is_socket=False)
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        try:
+            ns_fd = socket_namespace(sock.fileno())
+        except OSError as exc:
+            return SocketFacts(True, family, protocol, None, str(exc))
+    try:
+        return SocketFacts(True, family, protocol, namespace_identity(ns_fd))
+    finally:
+        os.close(ns_fd)
 
 
 class NetlinkError(OSError):
