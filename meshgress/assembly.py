@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cni.install import write_conflist
 from cni.ipam import Ipam
+from cni.metrics import render_deletion_queue_metrics
 from cni.model import PodAttachment
 from cni.server import serve as serve_cni
 from cni.service import CniService
@@ -63,16 +64,9 @@ class CniPodNetwork:
         service = self._service
         if service is None:
             return
-        page.metric("meshgress_cni_queued_deletes_replayed_total", "counter",
-                    "DELs the plugin queued while the agent was away, run since the agent "
-                    "started.", [("", service.queued_deletes_replayed)])
-        page.metric("meshgress_cni_queued_deletes_rejected_total", "counter",
-                    "Files of the CNI deletion queue removed because they were no "
-                    "well-formed entry (see the agent's log).",
-                    [("", service.queued_deletes_rejected)])
-        page.metric("meshgress_cni_queued_deletes_pending", "gauge",
-                    "Queued DELs that failed when last run and wait for the next try.",
-                    [("", service.queued_deletes_pending)])
+        render_deletion_queue_metrics(page, replayed=service.queued_deletes_replayed,
+                                      rejected=service.queued_deletes_rejected,
+                                      pending=service.queued_deletes_pending)
 
     def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
         ipam = Ipam(pod_cidr, self.state_dir / "ipam")

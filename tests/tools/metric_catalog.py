@@ -3,8 +3,8 @@ from their own renderers — so the alert rules, the dashboard and the metrics r
 README.md can be checked against the code rather than against a list someone keeps by hand.
 
 The metrics are rendered by hand (the loop's by `meshgress.runtime.LoopMetrics`, the
-rest by `nodeagent.metrics` and `gateway.metrics`); some appear only when there is
-something to count (a slot, a peer, an error), so the renderers are fed one of
+rest by `nodeagent.metrics`, `cni.metrics` and `gateway.metrics`); some appear only when
+there is something to count (a slot, a peer, an error), so the renderers are fed one of
 everything. `exported_metrics` (series, for checking queries) and `metric_families` (one
 entry per metric as documented, for the reference) are purely computational.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cni.metrics import render_deletion_queue_metrics
 from gateway.leases import LeaseMetrics
 from gateway.metrics import GatewayMetrics
 from gateway.metrics import SlotSample as GatewaySlot
@@ -54,6 +55,8 @@ def _agent_text() -> str:
         slots=[AgentSlot(gateway="egw", index=0, healthy=True, probes_sent=1,
                          probes_answered=1, failovers=0, flows=1, tx_bytes=1, rx_bytes=1)],
         selected_pods={"payments": 1}, policy_flows={"payments": 1})
+    # The CNI server half's, which the agent's page shows after its own.
+    render_deletion_queue_metrics(page, replayed=1, rejected=1, pending=1)
     return page.render()
 
 
