@@ -66,14 +66,14 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
                              pod_ready_hook=pod_ready_hook, pod_removed_hook=pod_removed_hook,
                              wiring=wiring)
         path = directory / "cni.sock"
-        stop = threading.Event()
-        thread = threading.Thread(target=serve, args=(path, service, stop), daemon=True)
+        stop, listening = threading.Event(), threading.Event()
+        # Until it listens: its socket file exists from bind(), and a connection between
+        # bind() and listen() is refused.
+        thread = threading.Thread(target=serve, args=(path, service, stop, listening.set),
+                                  daemon=True)
         thread.start()
         stops.append((stop, thread))
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "the CNI server did not start"
-            time.sleep(0.01)
+        assert listening.wait(10), "the CNI server did not start"
         return Server(path, service, wiring, directory)
 
     yield start
