@@ -27,7 +27,7 @@ from meshgress.kernel_ids import WIREGUARD_INTERFACE
 from meshgress.lab.lab import AGENT_METRICS_PORT, POD_IFNAME, Lab
 from meshgress.lab.netns import call_in_netns
 from meshgress.licences import PythonDistribution, canonical_name, compute_violations
-from tests.conftest import lab
+from tests.conftest import eventually, lab
 from tests.run_owned import is_crashed_runs, owned
 
 BUILD_IMAGE = Path(__file__).resolve().parents[1] / "infra" / "build-image"
@@ -332,11 +332,14 @@ def test_agent_from_the_image_meshes_a_lab_node_and_wires_its_pods(image, lab_na
                                         ("NET_ADMIN", "NET_RAW"))
         containers.append(container)
         # The agent reports ready when its CNI thread starts, which may be a moment before
-        # that thread has replayed the queue: hence a deadline, not a bare look.
+        # that thread has replayed the queue, and a replayed DEL removes the veth first,
+        # then frees the address and the entry: hence deadlines, not bare looks.
         wait_until_gone(node1, late_veth)
-        assert list(queue.iterdir()) == []
         allocations = lab_obj.node_dir("node1") / "state" / "cni" / "ipam"
-        assert not (allocations / late).exists()
+        assert eventually(lambda: not list(queue.iterdir())
+                          and not (allocations / late).exists(), timeout=20), \
+            (list(queue.iterdir()), (allocations / late).exists())
+        wait_for_route_through(node1, b, WIREGUARD_INTERFACE)
         in_lab(lab_name, "payments/app-node1", "ping", "-c", "2", "-W", "2", b)
     finally:
         for name in containers:
