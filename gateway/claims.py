@@ -37,8 +37,9 @@ ORPHAN_GRACE_SECONDS = LEASE_RENEW_SECONDS / 2
 
 A gateway with room reacts within one pass of the lease expiring or being released (its
 loop wakes up then; well under 0.1 s), so half a renewal interval lets it win reliably,
-while a lone survivor takes a dead gateway's slot about LEASE_DURATION_SECONDS + 0.5 s
-after that gateway's last renewal."""
+while a lone survivor takes a dead gateway's slot LEASE_DURATION_SECONDS + 0.5 s after
+that gateway's last renewal: an expired lease counts as unheld from the moment it expired,
+so a pass that runs late on a busy node does not push the takeover further out."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,15 @@ class ClaimPlan:
 def lease_is_free(lease: Lease | None, now: float) -> bool:
     """Nobody holds the slot: no lease yet, released, or expired. Purely computational."""
     return lease is None or lease.expired(now)
+
+
+def freed_at(lease: Lease | None, now: float) -> float:
+    """When a free slot became free, as far as its lease tells: the expiry of an expired
+    lease; `now` for a released or missing one (their moment is not recorded). Purely
+    computational."""
+    if lease is None or lease.holder is None:
+        return now
+    return min(now, lease.renew_time + lease.duration_seconds)
 
 
 def claim_order(holder: str, slot: SlotId) -> str:
@@ -128,7 +138,7 @@ def plan_claims(*, holder: str, held: Collection[SlotId],
             adopt.append(slot)
         elif lease_is_free(lease, now):
             free.append(slot)
-            new_free_since[slot] = free_since.get(slot, now)
+            new_free_since[slot] = free_since.get(slot, freed_at(lease, now))
         else:
             assert lease is not None
             wake_at(lease.renew_time + lease.duration_seconds)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from gateway.claims import ORPHAN_GRACE_SECONDS
 from meshgress.datastore import Conflict, Invalid, Kind
 from meshgress.lab.kube import GATEWAY, component_pod_name
 from meshgress.lab.lab import Lab
@@ -749,11 +750,14 @@ def test_a_gateway_that_loses_its_link_hands_its_slots_over(three_gateway_lab):
     `solo` (192.0.2.203, which web's policy uses), so web's egress comes back only when
     another gateway takes that slot over. Its holder loses its underlay link for 6 s —
     `ip link set eth0 down` in its node, then, for the next holder, the switch side of its
-    cable (carrier lost). Each time: the slot is released at once and taken over while the
-    link is still down, web's probe streams are back on 192.0.2.203 within the lease
-    duration + 1 s, flows on the other gateways' slots lose nothing, and once the link is
-    back (its default route restored by the lab, as a network manager would) the old
-    holder is a clean standby: no egress IP, no slot interface, rule or route left."""
+    cable (carrier lost). Each time: the slot is taken over while the link is still down
+    (released at once on the file datastore, which the cut-off node still reaches; after
+    its lease expires on kube: at most the lease duration after its last renewal, plus the
+    orphan grace, since the other gateways are full, plus one pass), web's probe streams
+    are back on 192.0.2.203 within 1.5 s of the takeover, flows on the other gateways'
+    slots lose nothing, and once the link is back (its default route restored by the lab,
+    as a network manager would) the old holder is a clean standby: no egress IP, no slot
+    interface, rule or route left."""
     name = three_gateway_lab
     s = store(name)
     try:
@@ -769,12 +773,16 @@ def test_a_gateway_that_loses_its_link_hands_its_slots_over(three_gateway_lab):
     assert eventually(lambda: len(set(slot_holders(name).values()) - {None}) == 3, timeout=30)
     for pod in ("web/app-node1", "web/app-node2"):
         assert eventually(lambda pod=pod: seen_from(name, pod) == SOLO_IP)
-    budget = LEASE_DURATION_SECONDS + 1
+    takeover_budget = LEASE_DURATION_SECONDS + ORPHAN_GRACE_SECONDS + 0.5
     report = []
     for carrier in (False, True):
         victim = slot_holders(name)[SOLO_IP]
         results, before, taker, taken_after = flap_round(name, victim, carrier=carrier)
-        gaps = check_round(results, before, victim, budget)
+        assert taken_after <= takeover_budget, (taker, taken_after)
+        # From the takeover to traffic: the taker's data plane, its announcement (one more
+        # write on kube), the nodes' watch, a handshake, a probe and a bucket move. Measured
+        # 0.3 s on the file datastore and up to 0.85 s on kube with the machine loaded.
+        gaps = check_round(results, before, victim, budget=taken_after + 1.5)
         report.append(f"{'carrier lost' if carrier else 'link down'} on {victim}: "
                       f"{taker} held {SOLO_IP} {taken_after:.2f} s after the link went "
                       f"down; web gaps {sorted(round(g * 1000) for g in gaps)} ms")

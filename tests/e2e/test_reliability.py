@@ -29,7 +29,9 @@ from tests.e2e.test_egress import (
 
 pytestmark = pytest.mark.e2e
 
-egress_lab = pytest.fixture(scope="module")(_egress_lab)
+# The file datastore: it is where an invalid or unreadable object can land (on kube the API
+# server refuses what the parser refuses).
+egress_lab = pytest.fixture(scope="module", params=["file"])(_egress_lab)
 
 NEW_FLOWS = """
 import json, socket, sys, time

@@ -78,13 +78,30 @@ def test_no_takeover_beyond_capacity_while_starting_up():
     assert p.next_check is None
 
 
-def test_an_expired_lease_counts_as_free_from_when_it_was_first_seen_so():
+def test_an_expired_lease_counts_as_free_from_its_expiry():
     expired = lease(OTHER, renewed=NOW - 3.5)
     first = plan(held=[A], leases={A: lease(ME), B: expired})
-    assert first.free_since == {B: NOW} and first.orphans == ()
+    assert first.free_since == {B: NOW - 0.5} and first.orphans == ()
+    assert first.next_check == NOW + 0.5  # the grace (1 s) ends 1 s after the expiry
     later = plan(held=[A], leases={A: lease(ME), B: expired}, free_since=first.free_since,
-                 now=NOW + 1.0)
+                 now=NOW + 0.5)
     assert later.orphans == (B,)
+
+
+def test_a_pass_that_runs_late_does_not_delay_the_takeover():
+    """The full gateway's first look at the slot comes 2 s after the lease expired: the
+    grace has passed already, it takes the slot on that pass."""
+    expired = lease(OTHER, renewed=NOW - 5)
+    p = plan(held=[A], leases={A: lease(ME), B: expired})
+    assert p.orphans == (B,)
+
+
+def test_a_released_lease_counts_as_free_from_when_it_was_first_seen_so():
+    released = lease(None, renewed=NOW - 10)
+    first = plan(held=[A], leases={A: lease(ME), B: released})
+    assert first.free_since == {B: NOW} and first.orphans == ()
+    assert plan(held=[A], leases={A: lease(ME), B: released}, free_since=first.free_since,
+                now=NOW + 1.0).orphans == (B,)
 
 
 def test_a_slot_held_by_someone_else_is_left_alone_until_its_lease_would_expire():
