@@ -110,3 +110,8 @@ def test_the_deletion_queue_shows_on_the_agents_metrics_page(
     assert samples == ["meshgress_cni_queued_deletes_replayed_total 1",
                        "meshgress_cni_queued_deletes_rejected_total 1",
                        "meshgress_cni_queued_deletes_pending 0"]
+    # The catalogue behind the metrics reference, the alert rules' and the dashboard's
+    # checks knows them too.
+    from tests.tools.metric_catalog import agent_metrics
+    catalogue = agent_metrics()
+    assert [line.split()[0] for line in samples if line.split()[0] not in catalogue] == []
