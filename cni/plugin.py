@@ -464,23 +464,34 @@ def compute_quick_address(stdin: bytes) -> tuple[str, float] | None:
         after = parts[i + 1].strip(_WHITESPACE)
         if not after.startswith(":") or before.rstrip(_WHITESPACE)[-1:] not in ("{", ","):
             continue  # a value, not a key
-        if key == "socket":
-            if after != ":" or i + 2 >= len(parts):
-                return None  # not a string
-            path = parts[i + 2]
-            if not path.startswith("/"):
-                return None
+        value = _quick_socket(parts, i, after) if key == "socket" else _quick_timeout(after)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            path = value
         else:
-            number = after[1:].split(",", 1)[0].split("}", 1)[0].strip(_WHITESPACE)
-            if not number or not _NUMBER_CHARS.issuperset(number):
-                return None
-            try:
-                timeout = float(number)
-            except ValueError:
-                return None
-            if not timeout > 0:
-                return None
+            timeout = value
     return path, timeout
+
+
+def _quick_socket(parts: list[str], i: int, after: str) -> str | None:
+    """The string after key `parts[i]` if it is a plain absolute path, else None."""
+    if after != ":" or i + 2 >= len(parts):
+        return None  # not a string
+    path = parts[i + 2]
+    return path if path.startswith("/") else None
+
+
+def _quick_timeout(after: str) -> float | None:
+    """The number at the start of `after` (": 5, ...") if it is a positive one, else None."""
+    number = after[1:].split(",", 1)[0].split("}", 1)[0].strip(_WHITESPACE)
+    if not number or not _NUMBER_CHARS.issuperset(number):
+        return None
+    try:
+        timeout = float(number)
+    except ValueError:
+        return None
+    return timeout if timeout > 0 else None
 
 
 def _decode_config(stdin: bytes) -> dict[str, object]:

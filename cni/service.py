@@ -162,7 +162,7 @@ class CniService:
         `<state_dir>/delete-queue`; the conflist names it to the shim), created here.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - options are keyword-only, each with a default
         self,
         pod_cidr: IPv4Network | None,
         state_dir: Path | str,
