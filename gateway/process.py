@@ -217,7 +217,7 @@ class Gateway:
                                   Kind.EGRESS_POLICY, Kind.LEASE)),
             log=log, metrics=LoopMetrics("meshgress_gateway_", "meshgress_gateway_errors_total"),
             resync_interval=config.resync_interval, retry_interval=config.retry_interval,
-            coalesce=0.05)
+            coalesce=0.05, wall_clock=clock)
         self.stop = self.loop.stop
         self.leases = LeaseKeeper(store, ports.kernel, identity=self.identity,
                                   lease_duration=config.lease_duration,

@@ -60,7 +60,7 @@ class CniPodNetwork:
         service = CniService(pod_cidr, self.state_dir,
                              pod_ready_hook=lambda a: on_ready(pod(a)),
                              pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu)
-        serve_cni(self.socket_path, service, stop)
+        serve_cni(self.socket_path, service, stop, signal_wake=None)  # the agent's CNI thread
 
 
 def _cluster(args: argparse.Namespace) -> ClusterConfig:

@@ -15,14 +15,15 @@ only keeps a healthy slot healthy; only an echo makes a slot healthy.
 A change pokes the agent's loop, which moves only that slot's buckets. A slot never
 answered is not healthy (fail closed).
 
-Runs on its own thread; its only I/O is its sockets and /proc/thread-self/net/dev.
+Runs on its own thread; its only I/O is its sockets and /proc/thread-self/net/dev. With
+no slot to probe (none has a holder) the thread sleeps until it is given one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -60,6 +61,7 @@ class SlotProber:
         self._lock = threading.Lock()
         self._slots: dict[SlotId, _SlotState] = {}
         self._stop = threading.Event()
+        self._targets_changed = threading.Event()
         self._seq = 0
         self._token = os.urandom(4)
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
@@ -70,6 +72,7 @@ class SlotProber:
 
     def stop(self) -> None:
         self._stop.set()
+        self._targets_changed.set()
         self._thread.join(timeout=5)
         with self._lock:
             for state in self._slots.values():
@@ -86,6 +89,7 @@ class SlotProber:
                         state.sock.close()
             for slot, target in wanted.items():
                 self._slots.setdefault(slot, _SlotState(target))
+        self._targets_changed.set()
 
     def healthy(self) -> frozenset[SlotId]:
         with self._lock:
@@ -116,14 +120,14 @@ class SlotProber:
             with self._lock:
                 states = list(self._slots.items())
             if not states:
-                self._stop.wait(0.1)
+                self._targets_changed.wait()
+                self._targets_changed.clear()
                 continue
             interval = min(s.target.interval_ms for _, s in states) / 1000
             timeout = min(s.target.timeout_ms for _, s in states) / 1000
             self._seq += 1
             payload = self._token + struct.pack("!I", self._seq)
-            sel = selectors.DefaultSelector()
-            waiting: dict[SlotId, _SlotState] = {}
+            waiting: dict[socket.socket, SlotId] = {}
             for slot, state in states:
                 if state.sock is None:
                     state.sock = self._open(state)
@@ -132,24 +136,26 @@ class SlotProber:
                 try:
                     state.sock.sendto(payload, (str(PROBE_ADDRESS), PROBE_PORT))
                     state.sent += 1
-                    sel.register(state.sock, selectors.EVENT_READ, slot)
-                    waiting[slot] = state
+                    waiting[state.sock] = slot
                 except OSError:
                     pass
             answered: set[SlotId] = set()
             deadline = started + timeout
-            while waiting.keys() - answered and time.monotonic() < deadline:
-                for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
+            while waiting and time.monotonic() < deadline:
+                try:
+                    readable, _, _ = select.select(list(waiting), [], [],
+                                                   max(0.0, deadline - time.monotonic()))
+                except (OSError, ValueError):
+                    break  # set_targets closed a socket: the next round reopens
+                for sock in readable:
                     try:
                         while True:
-                            data = sock.recv(64)
-                            if data == payload:
-                                answered.add(key.data)
-                    except (BlockingIOError, OSError):
+                            if sock.recv(64) == payload:
+                                answered.add(waiting[sock])
+                    except OSError:  # BlockingIOError: drained
                         pass
-            sel.close()
+                    if waiting[sock] in answered:
+                        del waiting[sock]
             received = _rx_packets()
             changed = False
             with self._lock:
