@@ -1,7 +1,7 @@
 """CPU time of processes and their threads, from /proc: what the idle test and the
 benchmarks measure meshgress's processes with.
 
-A process's share of a core over a window is (utime + stime at the end − at the start)
+A process's share of a core over a window is (utime + stime at the end minus at the start)
 / the window's length, as /proc/<pid>/stat counts them (clock ticks). Threads are listed
 by their kernel thread id: a Python process's threads all carry its name in the kernel
 (`py-spy dump --pid PID` shows which id is which Python thread).

@@ -72,7 +72,7 @@ class ChangeWatch:
                 self.changes.append(f"{event.type} {event.kind} "
                                     f"{meta.get('namespace', '')}/{meta.get('name')}")
                 self.last_change = time.monotonic()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
 
     def close(self) -> None:
