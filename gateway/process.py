@@ -77,6 +77,7 @@ from gateway.status import (
 )
 from gateway.uplink import ChangeWatch, UplinkView, UplinkWatcher, compute_uplink_fault
 from meshgress import prometheus
+from meshgress.binaries import WIREGUARD_GO_ON_PATH, describe_wireguard_go
 from meshgress.cluster import (
     ENDPOINT_ANNOTATION,
     NodeInfo,
@@ -125,6 +126,8 @@ class GatewayConfig:
     wireguard_backend: str | None = None
     wireguard_log: Path | None = None
     wireguard_log_level: str | None = None
+    wireguard_go: str = WIREGUARD_GO_ON_PATH
+    """The wireguard-go program (userspace backend)."""
     identity: str | None = None
     metrics_address: str | None = None
     flow_log: Path | None = None
@@ -190,8 +193,11 @@ class GatewayPorts:
     @classmethod
     def real(cls, config: GatewayConfig) -> GatewayPorts:
         wireguard = detect_backend(config.wireguard_backend, log_path=config.wireguard_log,
-                                   log_level=config.wireguard_log_level)
-        log.info("wireguard backend=%s", wireguard.kind)
+                                   log_level=config.wireguard_log_level,
+                                   wireguard_go=config.wireguard_go)
+        log.info("wireguard backend=%s%s", wireguard.kind,
+                 f" program={describe_wireguard_go(config.wireguard_go)}"
+                 if wireguard.kind == "userspace" else "")
         watch: ChangeWatch | None = None
         try:
             watch = LinkWatch()

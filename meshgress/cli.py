@@ -44,6 +44,10 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     up.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
     up.add_argument("--gateway-nodes", type=int, default=2,
                     help="dedicated egress gateway nodes (default 2)")
+    up.add_argument("--wireguard-go", metavar="PATH",
+                    help="the wireguard-go the agents and gateways run (default: the current "
+                         "release `make binaries` caches when it is there, else wireguard-go "
+                         "on PATH)")
     _datastore_option(up)
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
@@ -236,7 +240,7 @@ def _run_lab(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
     if args.lab_command == "up":
         topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
-                          datastore=args.datastore)
+                          datastore=args.datastore, wireguard_go=args.wireguard_go)
         if args.datastore == "kube":
             kube = lab.kube()
             print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
