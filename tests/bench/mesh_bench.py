@@ -1,45 +1,58 @@
-"""Pod-to-pod throughput and latency across the meshgress WireGuard mesh, against a
-hand-configured wireguard-go tunnel between two bare namespaces.
+"""Pod-to-pod throughput and latency across the meshgress WireGuard mesh, against the
+same datapath built by hand.
 
-Run as root:  .venv/bin/python tests/bench/mesh_bench.py [--rounds 4] [--seconds 10]
-                  [--pings 200] [--json FILE]
+Run as root:  .venv/bin/python tests/bench/mesh_bench.py [--rounds 3] [--seconds 10]
+                  [--pings 500] [--wireguard-go PATH] [--also-wireguard-go PATH]
+                  [--json FILE]
 
-meshgress ("mesh"): a lab of two worker nodes and no gateway nodes
-(`meshgress lab --name b<pid> up --nodes 2 --gateway-nodes 0`); `iperf3 -s` runs in the
+meshgress ("mesh"): a lab of two worker nodes and no gateway nodes (`meshgress lab --name
+b<pid> up --nodes 2 --gateway-nodes 0 --wireguard-go PATH`); `iperf3 -s` runs in the
 network namespace of pod payments/app-node2 and the client in pod payments/app-node1, so
 every packet takes the production path: pod veth → node (routing, the `inet meshgress`
-leak guard) → meshgress0 (wireguard-go, MTU as the agent computed it: 1500 - 60 = 1440) →
+table) → meshgress0 (wireguard-go, MTU as the agent computed it: 1500 - 60 = 1440) →
 underlay veth → the lab's bridge → the other node, and back out through its pod veth. The
 node agents keep running meanwhile, as they would.
 
-Baseline: throwaway namespaces `mgb-mesh-<pid>-<rand>-{sw,a,b,pa,pb}` shaped like the
-lab — a bridge in `sw`; `a` (192.0.2.1/24) and `b` (192.0.2.2/24) each on it with a veth;
-in `a` and `b` the same wireguard-go binary started the way the agent starts it
-(foreground, LOG_LEVEL=error, in a private mount namespace so its /var/run/wireguard is
-its own), configured by hand with `wg set` (keys from `wg genkey`): `wg0`, the same MTU,
-198.18.250.1/24 and .2/24; and behind each a pod namespace (`pa`: 198.18.250.66/32, `pb`:
-.130/32) wired by hand the way the CNI plugin wires one (routed veth with the same MTU,
-default route via 169.254.1.1 answered by proxy ARP, rp_filter strict, forwarding on) —
-but no nftables, no agent. Three setups use that one tunnel:
-- "bare": iperf3 and ping in `a` and `b` themselves (no pod veth, no forwarding);
-- "pods": in `pa` and `pb`, the lab's topology by hand;
-- "pods+nft": the same, with the lab node's own `inet meshgress` table (read from the
-  running lab with `nft list table`, cluster range and interface names rewritten to the
-  baseline's) loaded into `a` and `b` for each of its samples and deleted after it.
-So mesh/bare is meshgress against plain wireguard-go; mesh/pods is what meshgress itself
-adds to the same topology; pods+nft/pods is the share of that due to the nftables table
-(leak guard, and a NAT chain and a ct-mark rule that turn conntrack on for every packet);
-mesh/pods+nft the rest (the agents' CPU, the lab); pods/bare the cost of the pod hop.
+The baseline ("hand"): the same datapath built by this script with `ip`, `wg` and `nft`,
+no meshgress code running. Throwaway namespaces `mgb-mesh-<pid>-<rand>-{sw,a,b,pa,pb}`
+shaped like the lab: a bridge in `sw`; nodes `a` (192.0.2.1/24) and `b` (192.0.2.2/24),
+each on it with a veth; in `a` and `b` the same wireguard-go program started the way the
+agent starts it (foreground, in a private mount namespace so /var/run/wireguard is its
+own), configured with `wg set` (keys from `wg genkey`): `wg0`, the same MTU, one peer
+each; and behind each node a pod (`pa`: 198.18.250.66/32, `pb`: .130/32) wired the way
+the CNI plugin wires one: a routed veth with the same MTU, a /32 route to the pod,
+default route via 169.254.1.1 (on the node's loopback) answered by proxy ARP, rp_filter
+strict, forwarding on.
+
+Connection tracking is on in both, as kube-proxy has it on every Kubernetes node: each
+node of both datapaths gets the same stand-in for kube-proxy's nftables (KUBE_PROXY: NAT
+hooks with a Service map lookup, the masquerade-by-mark rule, a forward filter on
+conntrack state) for each of its samples, removed after it. So mesh/hand is what
+meshgress costs on top of a routed CNI with kube-proxy: its own table's rules, its
+processes, nothing else.
+
+Setups, all sampled in every round:
+- mesh: the lab, as above;
+- hand: the hand-built datapath (the target's baseline: mesh/hand >= 0.95 for TCP
+  throughput, rtt p50 and p99 within 10 %);
+- hand+mg: hand with the lab node's own `inet meshgress` table loaded as well (read from
+  the running lab, cluster range and interface names rewritten to the baseline's): the
+  breakdown, hand+mg/hand the table's cost, mesh/hand+mg what is left (the agents, the
+  lab's other differences);
+- bare: iperf3 and ping between the baseline's nodes `a` and `b` themselves, no pod hops,
+  no nftables: the old bare-tunnel line (mesh/bare), and hand/bare the pod hops' cost;
+- hand@NAME, with `--also-wireguard-go PATH`: a second hand-built datapath running that
+  program (NAME its version): the two wireguard-go releases side by side.
 
 Measurements, in rounds: each round samples every setup once, in an order rotated from
 round to round (so none always runs first or last on this shared, noisy machine): TCP
 throughput (iperf3, one stream, `--seconds` long, the first second omitted from the
 result), then latency (`--pings` pings at 10 ms intervals; p50/p99 of the per-packet
 rtt). Every tunnel is warmed up (handshake done) before the first sample. Reported: every
-sample, the medians, the ratios of the medians and the median of the per-round ratios
-(throughput mesh/bare: target ≥ 0.95), and the CPU the lab's two node agents used during
-each mesh throughput sample (share of one core, both together): on two cores it competes
-with wireguard-go and iperf3.
+sample, the medians, the ratios of the medians and the median of the per-round ratios,
+the CPU the lab's two node agents used during each mesh throughput sample (share of one
+core, both together), the load average before every round; and last one JSON line
+({"bench": "mesh", ...}) with the ratios and figures.
 
 Everything is removed afterwards, also on failure: iperf3 servers and the baseline's
 processes are stopped by PID, its namespaces deleted, the lab taken down. Leftovers of a
@@ -79,8 +92,46 @@ LEFTOVER_BARE = re.compile(rf"^{BARE_PREFIX}(\d+)-")
 LAB_NAME = re.compile(r"^b(\d+)$")
 IPERF_PORT = 5201
 BARE_NET = "198.18.250"
+ALT_NET = "198.18.251"
 UNDERLAY = "192.0.2"
-SETUPS = ("mesh", "pods+nft", "pods", "bare")
+RTT_TARGET = 1.10
+THROUGHPUT_TARGET = 0.95
+
+KUBE_PROXY = """table ip kube-proxy-standin {
+	map service-ips {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 198.19.0.10 . tcp . 443 : goto service-kubernetes }
+	}
+	chain service-kubernetes {
+		meta mark set meta mark | 0x4000
+		meta l4proto tcp dnat to 192.0.2.1:6443
+	}
+	chain services {
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump services
+	}
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		jump services
+	}
+	chain nat-postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark & 0x4000 == 0x4000 masquerade
+	}
+	chain filter-forward {
+		type filter hook forward priority filter; policy accept;
+		ct state invalid drop
+		ct state established,related accept
+	}
+}
+"""
+"""What kube-proxy's nftables mode puts on every node, reduced to what every packet meets:
+NAT hooks (which switch connection tracking on for every packet) looking Services up in a
+verdict map (one Service, 198.19.0.10:443, that no benchmark packet matches), the
+masquerade of marked packets, and the forward filter on conntrack state."""
 
 
 def run(argv: list[str], *, check: bool = True, timeout: float = 120,
@@ -132,39 +183,44 @@ class Endpoints:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     background: list[int] = field(default_factory=list)
     """PIDs whose CPU time is reported alongside (the lab's node agents)."""
-    ruleset: str | None = None
-    """nftables text loaded into `ruleset_netns` for each sample of this setup, and its
-    table deleted again afterwards."""
+    rulesets: tuple[str, ...] = ()
+    """nftables tables loaded into `ruleset_netns` for each sample of this setup, and
+    deleted again afterwards."""
     ruleset_netns: list[str] = field(default_factory=list)
+    """The setup's two node namespaces."""
     live_table: str | None = None
     """The lab only: node1's `inet meshgress` table as the agent programmed it."""
+    wireguard_go: str = ""
 
     @contextlib.contextmanager
     def sample(self) -> Iterator[None]:
-        if self.ruleset is None:
-            yield
-            return
+        tables = [table for ruleset in self.rulesets
+                  for table in re.findall(r"^table (\w+) (\S+) \{", ruleset, re.MULTILINE)]
         for ns in self.ruleset_netns:
-            run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "-f", "-"],
-                input_text=self.ruleset)
+            for ruleset in self.rulesets:
+                run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "-f", "-"],
+                    input_text=ruleset)
         try:
             yield
         finally:
             for ns in self.ruleset_netns:
-                run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "delete", "table", "inet",
-                     "meshgress"], check=False)
+                for family, name in tables:
+                    run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "delete", "table",
+                         family, name], check=False)
 
 
 @contextlib.contextmanager
-def meshgress_lab(name: str) -> Iterator[Endpoints]:
+def meshgress_lab(name: str, wireguard_go: str) -> Iterator[Endpoints]:
     lab = [*MESHGRESS, "lab", "--name", name]
     try:
-        run([*lab, "up", "--nodes", "2", "--gateway-nodes", "0"], timeout=240)
+        run([*lab, "up", "--nodes", "2", "--gateway-nodes", "0", "--wireguard-go",
+             wireguard_go], timeout=240)
         status = json.loads(run([*lab, "status", "--json"]).stdout)
         pods = {(p["namespace"], p["name"]): p for p in status["pods"]}
         client = pods[("payments", "app-node1")]
         server = pods[("payments", "app-node2")]
         node_ns = next(n["netns"] for n in status["nodes"] if n["name"] == "node1")
+        nodes = [n["netns"] for n in status["nodes"] if n["name"] in ("node1", "node2")]
         link = json.loads(run(["ip", "-n", node_ns, "-j", "link", "show", "meshgress0"]).stdout)
         record = json.loads((LAB_ROOT / name / "lab.json").read_text())
         table = run(["nsenter", f"--net={NETNS_DIR / node_ns}", "nft", "list", "table",
@@ -172,7 +228,9 @@ def meshgress_lab(name: str) -> Iterator[Endpoints]:
         yield Endpoints("mesh", ["nsenter", f"--net={NETNS_DIR / client['netns']}"],
                         ["nsenter", f"--net={NETNS_DIR / server['netns']}"],
                         server["address"], int(link[0]["mtu"]),
-                        background=sorted(record["agents"].values()), live_table=table)
+                        background=sorted(record["agents"].values()), live_table=table,
+                        rulesets=(KUBE_PROXY,), ruleset_netns=nodes,
+                        wireguard_go=record.get("wireguard_go") or wireguard_go)
     finally:
         run([*lab, "down"], check=False, timeout=120)
 
@@ -224,9 +282,11 @@ def _wire_pod(node: str, pod: str, host_if: str, address: str, mtu: int) -> None
 
 
 @contextlib.contextmanager
-def bare_tunnel(prefix: str, mtu: int) -> Iterator[tuple[Endpoints, Endpoints]]:
-    """The baseline tunnel; yields two ways across it: between the tunnel namespaces
-    themselves ("bare") and between a pod behind each ("pods")."""
+def bare_tunnel(prefix: str, mtu: int, wireguard_go: str, net: str = BARE_NET
+                ) -> Iterator[tuple[Endpoints, Endpoints]]:
+    """The hand-built datapath; yields two ways across it: between the tunnel namespaces
+    themselves ("bare", no tables) and between a pod behind each ("hand", with the
+    kube-proxy stand-in)."""
     sw, a, b, pa, pb = (f"{prefix}{n}" for n in ("sw", "a", "b", "pa", "pb"))
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     procs: list[subprocess.Popen[bytes]] = []
@@ -272,7 +332,7 @@ def bare_tunnel(prefix: str, mtu: int) -> Iterator[tuple[Endpoints, Endpoints]]:
             inside = ["nsenter", f"--target={anchors[ns]}", "--net", "--mount", "--"]
             log = workdir / f"{ns}.wireguard-go.log"
             with log.open("wb") as out:
-                wg_go = subprocess.Popen([*inside, "wireguard-go", "wg0"], env=env,
+                wg_go = subprocess.Popen([*inside, wireguard_go, "wg0"], env=env,
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(wg_go)
@@ -285,17 +345,19 @@ def bare_tunnel(prefix: str, mtu: int) -> Iterator[tuple[Endpoints, Endpoints]]:
             run([*inside, "wg", "set", "wg0", "private-key", str(workdir / f"{ns}.key"),
                  "listen-port", "51820", "peer", keys[other],
                  "endpoint", f"{UNDERLAY}.{other_i}:51820",
-                 "allowed-ips", f"{BARE_NET}.{other_i}/32,{BARE_NET}.{POD_HOST[other_i]}/32"])
+                 "allowed-ips", f"{net}.{other_i}/32,{net}.{POD_HOST[other_i]}/32"])
             run(["ip", "-n", ns, "-batch", "-"], input_text=(
-                f"address add {BARE_NET}.{i}/24 dev wg0\nlink set wg0 mtu {mtu}\n"
+                f"address add {net}.{i}/24 dev wg0\nlink set wg0 mtu {mtu}\n"
                 "link set wg0 up\n"))
         for i, (ns, pod) in enumerate(((a, pa), (b, pb)), start=1):
-            _wire_pod(ns, pod, f"pod{i}", f"{BARE_NET}.{POD_HOST[i]}", mtu)
+            _wire_pod(ns, pod, f"pod{i}", f"{net}.{POD_HOST[i]}", mtu)
         yield (Endpoints("bare", ["nsenter", f"--net={NETNS_DIR / a}"],
-                         ["nsenter", f"--net={NETNS_DIR / b}"], f"{BARE_NET}.2", mtu, procs),
-               Endpoints("pods", ["nsenter", f"--net={NETNS_DIR / pa}"],
-                         ["nsenter", f"--net={NETNS_DIR / pb}"], f"{BARE_NET}.{POD_HOST[2]}",
-                         mtu, procs, ruleset_netns=[a, b]))
+                         ["nsenter", f"--net={NETNS_DIR / b}"], f"{net}.2", mtu, procs,
+                         wireguard_go=wireguard_go),
+               Endpoints("hand", ["nsenter", f"--net={NETNS_DIR / pa}"],
+                         ["nsenter", f"--net={NETNS_DIR / pb}"], f"{net}.{POD_HOST[2]}",
+                         mtu, procs, rulesets=(KUBE_PROXY,), ruleset_netns=[a, b],
+                         wireguard_go=wireguard_go))
     finally:
         remove_bare([pb, pa, b, a, sw])
         stop(procs)
@@ -403,17 +465,36 @@ def remove_leftovers() -> None:
             run([*MESHGRESS, "lab", "--name", lab, "down"], check=False, timeout=120)
 
 
+def wireguard_go_version(program: str) -> str:
+    out = run([program, "--version"], check=False).stdout
+    found = re.search(r"v[\d.]+", out)
+    return found.group(0) if found else "?"
+
+
 def main() -> int:
+    from meshgress.binaries import default_wireguard_go
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; each samples every setup once, in a rotated order")
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration")
-    parser.add_argument("--pings", type=int, default=200)
+    parser.add_argument("--pings", type=int, default=500)
+    parser.add_argument("--wireguard-go", default=None, metavar="PATH",
+                        help="the wireguard-go of the lab and the baselines (default: what the "
+                             "agent runs by default: the cached current build, else PATH's)")
+    parser.add_argument("--also-wireguard-go", metavar="PATH",
+                        help="add a second hand-built datapath running this wireguard-go")
     parser.add_argument("--json", help="also write the samples to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the benchmark creates network namespaces: run it as root")
-    for tool in ("iperf3", "ping", "wg", "wireguard-go", "nsenter", "unshare", "ss"):
+    wireguard_go = shutil.which(args.wireguard_go or default_wireguard_go())
+    if wireguard_go is None:
+        sys.exit(f"no wireguard-go: {args.wireguard_go or default_wireguard_go()}")
+    also = shutil.which(args.also_wireguard_go) if args.also_wireguard_go else None
+    if args.also_wireguard_go and also is None:
+        sys.exit(f"--also-wireguard-go {args.also_wireguard_go}: no such program")
+    for tool in ("iperf3", "ping", "wg", "nsenter", "unshare", "ss", "nft"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed")
     remove_leftovers()
@@ -425,22 +506,37 @@ def main() -> int:
                  f"{orphans.strip() or 0} wireguard-go processes are orphaned (parent 1): "
                  "stop the ones that are no longer wanted, then run this again")
     pid = os.getpid()
-    lab_name = f"b{pid}"
     started = time.monotonic()
     load_before = loadavg()
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
-    pings: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
-    with meshgress_lab(lab_name) as mesh, \
-            bare_tunnel(f"{BARE_PREFIX}{pid}-{secrets.token_hex(2)}-", mesh.mtu) as (bare, pods):
+    loads: list[str] = []
+    samples: dict[str, list[dict[str, float]]] = {}
+    pings: dict[str, list[dict[str, float]]] = {}
+    versions = {wireguard_go: wireguard_go_version(wireguard_go)}
+    with contextlib.ExitStack() as stack:
+        mesh = stack.enter_context(meshgress_lab(f"b{pid}", wireguard_go))
+        bare, hand = stack.enter_context(bare_tunnel(
+            f"{BARE_PREFIX}{pid}-{secrets.token_hex(2)}-", mesh.mtu, wireguard_go))
         assert mesh.live_table is not None
-        pods_nft = dataclasses.replace(pods, name="pods+nft",
-                                       ruleset=baseline_ruleset(mesh.live_table))
-        setups = [mesh, pods_nft, pods, bare]
+        hand_mg = dataclasses.replace(
+            hand, name="hand+mg", rulesets=(*hand.rulesets, baseline_ruleset(mesh.live_table)))
+        setups = [mesh, hand, hand_mg, bare]
+        servers = [mesh, hand, bare]  # one iperf3 server per pair of endpoints
+        if also is not None:
+            versions[also] = wireguard_go_version(also)
+            _, alt = stack.enter_context(bare_tunnel(
+                f"{BARE_PREFIX}{pid}-{secrets.token_hex(2)}-", mesh.mtu, also, ALT_NET))
+            alt.name = f"hand@{versions[also]}"
+            setups.append(alt)
+            servers.append(alt)
         try:
-            for ep in (mesh, pods, bare):
+            for ep in servers:
                 start_server(ep)
+            for ep in setups:
+                samples[ep.name], pings[ep.name] = [], []
                 warm_up(ep)
             for r in range(args.rounds):
+                loads.append(loadavg())
+                print(f"round {r + 1}/{args.rounds}: load average {loads[-1]}", flush=True)
                 # A different order each round, so no setup always runs first or last.
                 order = setups[r % len(setups):] + setups[:r % len(setups)]
                 for ep in order:
@@ -448,72 +544,96 @@ def main() -> int:
                 for ep in order:
                     pings[ep.name].append(latency(ep, args.pings))
         finally:
-            stop(mesh.procs)
-            stop([p for p in bare.procs if "iperf3" in str(p.args)])
-    report(args, samples, pings, mtu=mesh.mtu, load_before=load_before,
-           wall=time.monotonic() - started)
+            for ep in setups:
+                stop([p for p in ep.procs if "iperf3" in str(p.args)])
+    names = [ep.name for ep in setups]
+    report(args, names, samples, pings, mtu=mesh.mtu, load_before=load_before, loads=loads,
+           wall=time.monotonic() - started,
+           programs={ep.name: f"{ep.wireguard_go} ({versions.get(ep.wireguard_go, '?')})"
+                     for ep in setups})
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": samples, "latency": pings},
                                               indent=2) + "\n")
     return 0
 
 
-def report(args: argparse.Namespace, samples: dict[str, list[dict[str, float]]],
+def report(args: argparse.Namespace, names: list[str],
+           samples: dict[str, list[dict[str, float]]],
            pings: dict[str, list[dict[str, float]]], *, mtu: int, load_before: str,
-           wall: float) -> None:
-    print("WireGuard mesh data path: mesh = meshgress lab, pod → pod across two nodes; "
-          "pods = the hand-made tunnel, pod → pod (routed veths, no nftables); pods+nft = "
-          "the same with the lab node's inet meshgress table loaded; bare = the hand-made "
-          "tunnel, end to end")
-    print(f"MTU {mtu}; wireguard-go {_version()}; {os.cpu_count()} CPUs, kernel "
-          f"{platform.release()}; load average {load_before} → {loadavg()}; {wall:.0f}s in all")
-    print(f"command: .venv/bin/python tests/bench/mesh_bench.py --rounds {args.rounds} "
-          f"--seconds {args.seconds} --pings {args.pings}")
+           loads: list[str], wall: float, programs: dict[str, str]) -> None:
     print()
-    header = f"{'round':<7}{'setup':<9}{'TCP Gbit/s':>11}{'retrans':>9}" \
+    print("WireGuard mesh data path, pod to pod across two nodes: mesh = the meshgress lab; "
+          "hand = the same datapath built by hand (pod veths, /32 routes, proxy ARP, "
+          "forwarding, wireguard-go, kube-proxy's conntrack); hand+mg = hand with the lab "
+          "node's inet meshgress table; bare = the hand-built tunnel end to end, no pod hops "
+          "and no nftables")
+    print(f"MTU {mtu}; {os.cpu_count()} CPUs, kernel {platform.release()}; load average "
+          f"{load_before} at start, {' / '.join(loads)} before each round, {loadavg()} at "
+          f"the end; {wall:.0f}s in all")
+    for name, program in programs.items():
+        print(f"  {name}: wireguard-go {program}")
+    print(f"command: .venv/bin/python {' '.join(sys.argv)}")
+    print()
+    width = max(9, *(len(n) + 2 for n in names))
+    header = f"{'round':<7}{'setup':<{width}}{'TCP Gbit/s':>11}{'retrans':>9}" \
              f"{'rtt p50':>10}{'rtt p99':>10}{'loss':>7}{'agents CPU':>12}"
     print(header)
     print("-" * len(header))
     for i in range(args.rounds):
-        for name in SETUPS:
+        for name in names:
             t, p = samples[name][i], pings[name][i]
-            print(f"{i + 1:<7}{name:<9}{t['gbps']:>11.3f}{t['retransmits']:>9.0f}"
+            print(f"{i + 1:<7}{name:<{width}}{t['gbps']:>11.3f}{t['retransmits']:>9.0f}"
                   f"{p['p50_ms']:>8.3f}ms{p['p99_ms']:>8.3f}ms{p['loss']:>6.1%}"
                   + (f"{t['agents_cpu']:>11.1%}" if name == "mesh" else f"{'-':>12}"))
     print("-" * len(header))
     med = {name: {"gbps": statistics.median(s["gbps"] for s in samples[name]),
-                  "p50": statistics.median(p["p50_ms"] for p in pings[name]),
-                  "p99": statistics.median(p["p99_ms"] for p in pings[name])}
-           for name in SETUPS}
-    for name in SETUPS:
-        print(f"{'median':<7}{name:<9}{med[name]['gbps']:>11.3f}{'':>9}"
-              f"{med[name]['p50']:>8.3f}ms{med[name]['p99']:>8.3f}ms")
+                  "p50_ms": statistics.median(p["p50_ms"] for p in pings[name]),
+                  "p99_ms": statistics.median(p["p99_ms"] for p in pings[name])}
+           for name in names}
+    for name in names:
+        print(f"{'median':<7}{name:<{width}}{med[name]['gbps']:>11.3f}{'':>9}"
+              f"{med[name]['p50_ms']:>8.3f}ms{med[name]['p99_ms']:>8.3f}ms")
     print()
-    print("ratios (throughput: median of medians, and the median of per-round pairs; "
-          "latency: above 1 = slower)")
-    for top, bottom, what in (
-            ("mesh", "bare", "meshgress against the bare tunnel"),
-            ("mesh", "pods", "what meshgress adds to the same topology"),
-            ("pods+nft", "pods", "of that, the inet meshgress table alone (no agents)"),
-            ("mesh", "pods+nft", "the rest (agents' CPU, the lab)"),
-            ("pods", "bare", "the pod veth hops and forwarding alone")):
-        ratio = med[top]["gbps"] / med[bottom]["gbps"]
-        paired = statistics.median(
-            x["gbps"] / y["gbps"] for x, y in zip(samples[top], samples[bottom], strict=True))
-        target = (f"  target >= 0.95: {'ok' if ratio >= 0.95 else 'MISSED'}"
-                  if (top, bottom) == ("mesh", "bare") else "")
-        print(f"  {top + '/' + bottom:<14} throughput {ratio:.3f} (pairs {paired:.3f})  "
-              f"latency p50 {med[top]['p50'] / med[bottom]['p50']:.3f}  p99 "
-              f"{med[top]['p99'] / med[bottom]['p99']:.3f}  — {what}{target}")
+    print("ratios (throughput: of the medians, and the median of per-round pairs; latency: "
+          "of the medians, above 1 = slower)")
+    pairs = [("mesh", "hand", "meshgress against the same datapath built by hand"),
+             ("mesh", "bare", "meshgress against the bare tunnel (no pod hops, no nftables)"),
+             ("hand+mg", "hand", "breakdown: the inet meshgress table's rules"),
+             ("mesh", "hand+mg", "breakdown: the rest (the agents, the lab)"),
+             ("hand", "bare", "the pod hops, forwarding and kube-proxy's conntrack alone")]
+    pairs += [(n, "hand", f"another wireguard-go in the hand-built datapath ({programs[n]})")
+              for n in names if n.startswith("hand@")]
+    ratios: dict[str, dict[str, float]] = {}
+    for top, bottom, what in pairs:
+        ratio = {"throughput": med[top]["gbps"] / med[bottom]["gbps"],
+                 "throughput_pairs": statistics.median(
+                     x["gbps"] / y["gbps"]
+                     for x, y in zip(samples[top], samples[bottom], strict=True)),
+                 "p50": med[top]["p50_ms"] / med[bottom]["p50_ms"],
+                 "p99": med[top]["p99_ms"] / med[bottom]["p99_ms"]}
+        ratios[f"{top}/{bottom}"] = ratio
+        target = ""
+        if (top, bottom) == ("mesh", "hand"):
+            target = (f"  targets (throughput >= {THROUGHPUT_TARGET}, rtt <= {RTT_TARGET}): "
+                      f"{'met' if targets_met(ratio) else 'MISSED'}")
+        print(f"  {top + '/' + bottom:<18} throughput {ratio['throughput']:.3f} (pairs "
+              f"{ratio['throughput_pairs']:.3f})  rtt p50 {ratio['p50']:.3f}  p99 "
+              f"{ratio['p99']:.3f}  - {what}{target}")
+    agents = [s["agents_cpu"] for s in samples["mesh"]]
+    print(f"  the two agents' CPU during the mesh throughput samples: median "
+          f"{statistics.median(agents):.2%} of a core")
+    print(json.dumps({
+        "bench": "mesh", "rounds": args.rounds, "seconds": args.seconds, "pings": args.pings,
+        "mtu": mtu, "load": {"start": load_before, "rounds": loads, "end": loadavg()},
+        "wireguard_go": programs, "median": med, "ratios": ratios,
+        "agents_cpu_median": statistics.median(agents),
+        "targets_met": targets_met(ratios["mesh/hand"]),
+    }, sort_keys=True))
 
 
-def _version() -> str:
-    with contextlib.suppress(Exception):
-        out = run(["wireguard-go", "--version"], check=False).stdout
-        found = re.search(r"v[\d.]+", out)
-        if found:
-            return found.group(0)
-    return "?"
+def targets_met(ratio: dict[str, float]) -> bool:
+    return ratio["throughput"] >= THROUGHPUT_TARGET and ratio["p50"] <= RTT_TARGET \
+        and ratio["p99"] <= RTT_TARGET
 
 
 if __name__ == "__main__":
