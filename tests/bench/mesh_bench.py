@@ -70,11 +70,9 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,12 +81,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from meshgress.lab.netns import pid_alive  # noqa: E402 - after the path is set
+from tests.bench.handbuilt import (  # noqa: E402
+    KUBE_PROXY,
+    NETNS_DIR,
+    HandBuilt,
+    delete_tables,
+    in_netns,
+    load_ruleset,
+    stop,
+)
+from tests.bench.handbuilt import remove_leftovers as remove_hand_built_leftovers  # noqa: E402
 
 MESHGRESS = [sys.executable, "-m", "meshgress.cli"]
-NETNS_DIR = Path("/run/netns")
 LAB_ROOT = Path(os.environ.get("MESHGRESS_LAB_ROOT", "/run/meshgress-lab"))
 BARE_PREFIX = "mgb-mesh-"
-LEFTOVER_BARE = re.compile(rf"^{BARE_PREFIX}(\d+)-")
 LAB_NAME = re.compile(r"^b(\d+)$")
 IPERF_PORT = 5201
 BARE_NET = "198.18.250"
@@ -96,43 +102,6 @@ ALT_NET = "198.18.251"
 UNDERLAY = "192.0.2"
 RTT_TARGET = 1.10
 THROUGHPUT_TARGET = 0.95
-
-KUBE_PROXY = """table ip kube-proxy-standin {
-	map service-ips {
-		type ipv4_addr . inet_proto . inet_service : verdict
-		elements = { 198.19.0.10 . tcp . 443 : goto service-kubernetes }
-	}
-	chain service-kubernetes {
-		meta mark set meta mark | 0x4000
-		meta l4proto tcp dnat to 192.0.2.1:6443
-	}
-	chain services {
-		ip daddr . meta l4proto . th dport vmap @service-ips
-	}
-	chain nat-prerouting {
-		type nat hook prerouting priority dstnat; policy accept;
-		jump services
-	}
-	chain nat-output {
-		type nat hook output priority -100; policy accept;
-		jump services
-	}
-	chain nat-postrouting {
-		type nat hook postrouting priority srcnat; policy accept;
-		meta mark & 0x4000 == 0x4000 masquerade
-	}
-	chain filter-forward {
-		type filter hook forward priority filter; policy accept;
-		ct state invalid drop
-		ct state established,related accept
-	}
-}
-"""
-"""What kube-proxy's nftables mode puts on every node, reduced to what every packet meets:
-NAT hooks (which switch connection tracking on for every packet) looking Services up in a
-verdict map (one Service, 198.19.0.10:443, that no benchmark packet matches), the
-masquerade of marked packets, and the forward filter on conntrack state."""
-
 
 def run(argv: list[str], *, check: bool = True, timeout: float = 120,
         input_text: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -142,20 +111,6 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 120,
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: "
                            f"{(proc.stderr or proc.stdout).strip()}")
     return proc
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop processes this run started, by PID: SIGTERM, then SIGKILL; reap them."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        if all(p.poll() is not None for p in procs):
-            return
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -194,19 +149,15 @@ class Endpoints:
 
     @contextlib.contextmanager
     def sample(self) -> Iterator[None]:
-        tables = [table for ruleset in self.rulesets
-                  for table in re.findall(r"^table (\w+) (\S+) \{", ruleset, re.MULTILINE)]
         for ns in self.ruleset_netns:
             for ruleset in self.rulesets:
-                run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "-f", "-"],
-                    input_text=ruleset)
+                load_ruleset(ns, ruleset)
         try:
             yield
         finally:
             for ns in self.ruleset_netns:
-                for family, name in tables:
-                    run(["nsenter", f"--net={NETNS_DIR / ns}", "nft", "delete", "table",
-                         family, name], check=False)
+                for ruleset in self.rulesets:
+                    delete_tables(ns, ruleset)
 
 
 @contextlib.contextmanager
@@ -235,50 +186,8 @@ def meshgress_lab(name: str, wireguard_go: str) -> Iterator[Endpoints]:
         run([*lab, "down"], check=False, timeout=120)
 
 
-def remove_bare(namespaces: list[str]) -> None:
-    """Delete the namespaces' links (wireguard-go exits when its TUN goes), stop what is
-    left in them by PID (only processes in namespaces this run created), delete them."""
-    for ns in namespaces:
-        out = run(["ip", "-n", ns, "-o", "link", "show"], check=False).stdout
-        for line in out.splitlines():
-            link = line.split(":")[1].strip().split("@")[0]
-            if link != "lo":
-                run(["ip", "-n", ns, "link", "del", link], check=False)
-    for ns in namespaces:
-        pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()
-                if p.isdigit()]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-                time.sleep(0.05)
-        run(["ip", "netns", "delete", ns], check=False)
-
-
 POD_HOST = {1: 66, 2: 130}
-"""The baseline's pod address per node: 198.18.250.66 behind a, .130 behind b."""
-
-
-def _wire_pod(node: str, pod: str, host_if: str, address: str, mtu: int) -> None:
-    """A routed veth as the CNI plugin wires one (cni/wiring.py), by hand: the pod has a
-    /32 and a default route via 169.254.1.1, which the node owns (on its loopback, as
-    `CniService(own_gateway=True)` does) and answers by proxy ARP on the host side."""
-    run(["ip", "netns", "add", pod])
-    run(["ip", "-n", pod, "link", "set", "lo", "up"])
-    run(["ip", "-n", node, "-batch", "-"], input_text=(
-        "address replace 169.254.1.1/32 dev lo\n"  # the node owns the gateway, as the CNI's
-        f"link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod}\n"
-        f"link set {host_if} up\n"
-        f"route add {address}/32 dev {host_if} scope link\n"))
-    run(["nsenter", f"--net={NETNS_DIR / node}", "sysctl", "-q", "-w",
-         "net.ipv4.ip_forward=1", f"net.ipv4.conf.{host_if}.proxy_arp=1",
-         f"net.ipv4.neigh.{host_if}.proxy_delay=0", f"net.ipv4.conf.{host_if}.rp_filter=1"])
-    run(["ip", "-n", pod, "-batch", "-"], input_text=(
-        f"address add {address}/32 dev eth0\nlink set eth0 up\n"
-        "route add 169.254.1.1 dev eth0 scope link\n"
-        "route add default via 169.254.1.1 dev eth0\n"))
+"""The baseline's pod address per node: .66 behind a, .130 behind b."""
 
 
 @contextlib.contextmanager
@@ -287,81 +196,24 @@ def bare_tunnel(prefix: str, mtu: int, wireguard_go: str, net: str = BARE_NET
     """The hand-built datapath; yields two ways across it: between the tunnel namespaces
     themselves ("bare", no tables) and between a pod behind each ("hand", with the
     kube-proxy stand-in)."""
-    sw, a, b, pa, pb = (f"{prefix}{n}" for n in ("sw", "a", "b", "pa", "pb"))
-    workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for ns in (sw, a, b):
-            run(["ip", "netns", "add", ns])
-            run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        run(["ip", "-n", sw, "-batch", "-"], input_text="link add br0 type bridge\n"
-                                                        "link set br0 up\n")
+    with HandBuilt(prefix) as built:
+        sw = built.bridge("sw")
+        a, b = built.netns("a"), built.netns("b")
         for i, ns in enumerate((a, b), start=1):
-            port = f"p{i}"
-            run(["ip", "-n", sw, "-batch", "-"], input_text=(
-                f"link add {port} type veth peer name eth0 netns {ns}\n"
-                f"link set {port} master br0\nlink set {port} up\n"))
-            run(["ip", "-n", ns, "-batch", "-"], input_text=(
-                f"address add {UNDERLAY}.{i}/24 dev eth0\nlink set eth0 up\n"))
-        anchors = {}
-        for ns in (a, b):
-            ready = workdir / f"{ns}.ready"
-            script = ("set -e; mount -t tmpfs -o mode=0755,size=1m mgb-mesh /var/run/wireguard; "
-                      f': > "{ready}"; exec sleep infinity')
-            anchor = subprocess.Popen(
-                ["nsenter", f"--net={NETNS_DIR / ns}", "unshare", "--mount", "--propagation",
-                 "private", "--", "sh", "-c", script],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
-            procs.append(anchor)
-            deadline = time.monotonic() + 10
-            while not ready.exists():
-                if anchor.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{ns}: private mount namespace did not come up")
-                time.sleep(0.02)
-            anchors[ns] = anchor.pid
-        keys = {}
-        for ns in (a, b):
-            private = run(["wg", "genkey"]).stdout.strip()
-            public = run(["wg", "pubkey"], input_text=private + "\n").stdout.strip()
-            (workdir / f"{ns}.key").write_text(private + "\n")
-            os.chmod(workdir / f"{ns}.key", 0o600)
-            keys[ns] = public
-        env = {**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"}
+            built.attach(sw, ns, f"p{i}", f"{UNDERLAY}.{i}/24")
+        keys = {ns: built.keypair(ns) for ns in (a, b)}
         for i, (ns, other, other_i) in enumerate(((a, b, 2), (b, a, 1)), start=1):
-            inside = ["nsenter", f"--target={anchors[ns]}", "--net", "--mount", "--"]
-            log = workdir / f"{ns}.wireguard-go.log"
-            with log.open("wb") as out:
-                wg_go = subprocess.Popen([*inside, wireguard_go, "wg0"], env=env,
-                                         stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(wg_go)
-            deadline = time.monotonic() + 20
-            while run([*inside, "wg", "show", "wg0"], check=False).returncode != 0:
-                if wg_go.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{ns}: wireguard-go did not start (exit "
-                                       f"{wg_go.poll()}): {log.read_text(errors='replace')}")
-                time.sleep(0.02)
-            run([*inside, "wg", "set", "wg0", "private-key", str(workdir / f"{ns}.key"),
-                 "listen-port", "51820", "peer", keys[other],
-                 "endpoint", f"{UNDERLAY}.{other_i}:51820",
-                 "allowed-ips", f"{net}.{other_i}/32,{net}.{POD_HOST[other_i]}/32"])
-            run(["ip", "-n", ns, "-batch", "-"], input_text=(
-                f"address add {net}.{i}/24 dev wg0\nlink set wg0 mtu {mtu}\n"
-                "link set wg0 up\n"))
-        for i, (ns, pod) in enumerate(((a, pa), (b, pb)), start=1):
-            _wire_pod(ns, pod, f"pod{i}", f"{net}.{POD_HOST[i]}", mtu)
-        yield (Endpoints("bare", ["nsenter", f"--net={NETNS_DIR / a}"],
-                         ["nsenter", f"--net={NETNS_DIR / b}"], f"{net}.2", mtu, procs,
+            built.wireguard(ns, "wg0", wireguard_go, key=keys[ns][0], port=51820, mtu=mtu,
+                            address=f"{net}.{i}/24", peer=keys[other][1],
+                            endpoint=f"{UNDERLAY}.{other_i}:51820",
+                            allowed_ips=f"{net}.{other_i}/32,{net}.{POD_HOST[other_i]}/32")
+        pa = built.pod(a, "pa", "pod1", f"{net}.{POD_HOST[1]}", mtu)
+        pb = built.pod(b, "pb", "pod2", f"{net}.{POD_HOST[2]}", mtu)
+        yield (Endpoints("bare", in_netns(a), in_netns(b), f"{net}.2", mtu, built.procs,
                          wireguard_go=wireguard_go),
-               Endpoints("hand", ["nsenter", f"--net={NETNS_DIR / pa}"],
-                         ["nsenter", f"--net={NETNS_DIR / pb}"], f"{net}.{POD_HOST[2]}",
-                         mtu, procs, rulesets=(KUBE_PROXY,), ruleset_netns=[a, b],
+               Endpoints("hand", in_netns(pa), in_netns(pb), f"{net}.{POD_HOST[2]}", mtu,
+                         built.procs, rulesets=(KUBE_PROXY,), ruleset_netns=[a, b],
                          wireguard_go=wireguard_go))
-    finally:
-        remove_bare([pb, pa, b, a, sw])
-        stop(procs)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -452,10 +304,7 @@ def baseline_ruleset(table: str) -> str:
 
 
 def remove_leftovers() -> None:
-    for name in sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else []:
-        match = LEFTOVER_BARE.match(name)
-        if match and not pid_alive(int(match.group(1))):
-            remove_bare([name])
+    remove_hand_built_leftovers(BARE_PREFIX)
     labs = {p.name for p in LAB_ROOT.iterdir()} if LAB_ROOT.exists() else set()
     labs |= {n.split("-")[1] for n in (os.listdir(NETNS_DIR) if NETNS_DIR.exists() else [])
              if n.startswith("mg-b")}
