@@ -918,7 +918,42 @@ def report(throughput: dict[str, Any], rounds: list[Round], args: argparse.Names
     print()
     if rounds:
         report_failover(rounds)
+    gaps = [r.gap_ms for r in rounds]
+    print(json.dumps({
+        "bench": "egress", "reps": args.reps, "seconds": args.seconds,
+        "load": {"start": load[0], "end": os.getloadavg()[0]},
+        "wireguard_go": throughput.get("wireguard_go"), "mtu": throughput.get("mtu"),
+        "median_mbps": {m: median(mbps[m]) for m in modes},
+        "ratios": {"gateway/hand": gw / hand, "gateway/hand_rounds": pairs,
+                   "gateway/direct_unencrypted": gw / direct, "gateway/mesh": gw / mesh},
+        "target_met": gw / hand >= THROUGHPUT_TARGET,
+        "failover": {"rounds": len(rounds), "gap_ms_median": median(gaps) if gaps else None,
+                     "gap_ms_worst": max(gaps, default=None),
+                     "gap_ms_best": min(gaps, default=None)},
+    }, sort_keys=True))
 
+
+def report_failover(rounds: list[Round]) -> None:
+    header = (f"{'round':>5} {'victim stream':<20}{'slot':<13}{'gw':<5}{'gap':>8}{'at kill':>9}"
+              f"{'lost':>6}{'died':>7}{'1st loss':>9}  {'ends on':<13}{'healthy':>8}"
+              f"{'alone':>6}{'ctrl':>5}{'takeover':>9}{'kill cmd':>9}")
+    print(f"failover: {len(rounds)} gateway kills, probes every {PROBE_INTERVAL * 1e3:.0f} ms; "
+          "gap = the victim stream's largest gap, at kill = its gap that began when the "
+          "gateway died; died = kill command start -> process gone; 1st loss = process gone "
+          "-> first unanswered probe; healthy = probes the healthy-slot stream lost (alone: "
+          "with no control-stream loss within 100 ms); ctrl = probes lost by the control "
+          f"stream ({CONTROL_POD}, no gateway); takeover = process gone -> survivor holds "
+          "the slot lease")
+    print(header)
+    print("-" * len(header))
+    for r in rounds:
+        print(f"{r.index:>5} {r.victim_pod:<20}{r.victim_ip:<13}{r.victim_node:<5}"
+              f"{r.gap_ms:>6.0f}ms{fmt_ms(r.kill_gap_ms):>9}{r.lost:>6}"
+              f"{fmt_s(r.died_after_s):>7}{fmt_ms(r.detect_ms, sign=True):>9}  "
+              f"{','.join(r.ended_on) or '-':<13}{r.healthy_lost:>8}{r.healthy_lost_alone:>6}"
+              f"{r.control_lost:>5}{fmt_s(r.takeover_s):>9}{r.kill_cmd_s:>8.1f}s"
+              f"{'' if r.recovered else '  NOT RECOVERED'}"
+              f"{'  (slots had moved)' if r.moved_before else ''}")
     gaps = [r.gap_ms for r in rounds]
     kill_gaps = [r.kill_gap_ms for r in rounds if r.kill_gap_ms is not None]
     detect = [r.detect_ms for r in rounds if r.detect_ms is not None]
@@ -948,44 +983,6 @@ def report(throughput: dict[str, Any], rounds: list[Round], args: argparse.Names
     print(f"slots left one-per-gateway on their own between rounds: {moved} times; "
           f"`lab gateway kill` command median {median([r.kill_cmd_s for r in rounds]):.1f} s; "
           f"reset between rounds median {median([r.reset_s for r in rounds]):.1f} s")
-
-    gaps = [r.gap_ms for r in rounds]
-    print(json.dumps({
-        "bench": "egress", "reps": args.reps, "seconds": args.seconds,
-        "load": {"start": load[0], "end": os.getloadavg()[0]},
-        "wireguard_go": throughput.get("wireguard_go"), "mtu": throughput.get("mtu"),
-        "median_mbps": {m: median(mbps[m]) for m in modes},
-        "ratios": {"gateway/hand": gw / hand, "gateway/hand_rounds": pairs,
-                   "gateway/direct_unencrypted": gw / direct, "gateway/mesh": gw / mesh},
-        "target_met": gw / hand >= THROUGHPUT_TARGET,
-        "failover": {"rounds": len(rounds), "gap_ms_median": median(gaps) if gaps else None,
-                     "gap_ms_worst": max(gaps, default=None),
-                     "gap_ms_best": min(gaps, default=None)},
-    }, sort_keys=True))
-
-
-
-def report_failover(rounds: list[Round]) -> None:
-    header = (f"{'round':>5} {'victim stream':<20}{'slot':<13}{'gw':<5}{'gap':>8}{'at kill':>9}"
-              f"{'lost':>6}{'died':>7}{'1st loss':>9}  {'ends on':<13}{'healthy':>8}"
-              f"{'alone':>6}{'ctrl':>5}{'takeover':>9}{'kill cmd':>9}")
-    print(f"failover: {len(rounds)} gateway kills, probes every {PROBE_INTERVAL * 1e3:.0f} ms; "
-          "gap = the victim stream's largest gap, at kill = its gap that began when the "
-          "gateway died; died = kill command start -> process gone; 1st loss = process gone "
-          "-> first unanswered probe; healthy = probes the healthy-slot stream lost (alone: "
-          "with no control-stream loss within 100 ms); ctrl = probes lost by the control "
-          f"stream ({CONTROL_POD}, no gateway); takeover = process gone -> survivor holds "
-          "the slot lease")
-    print(header)
-    print("-" * len(header))
-    for r in rounds:
-        print(f"{r.index:>5} {r.victim_pod:<20}{r.victim_ip:<13}{r.victim_node:<5}"
-              f"{r.gap_ms:>6.0f}ms{fmt_ms(r.kill_gap_ms):>9}{r.lost:>6}"
-              f"{fmt_s(r.died_after_s):>7}{fmt_ms(r.detect_ms, sign=True):>9}  "
-              f"{','.join(r.ended_on) or '-':<13}{r.healthy_lost:>8}{r.healthy_lost_alone:>6}"
-              f"{r.control_lost:>5}{fmt_s(r.takeover_s):>9}{r.kill_cmd_s:>8.1f}s"
-              f"{'' if r.recovered else '  NOT RECOVERED'}"
-              f"{'  (slots had moved)' if r.moved_before else ''}")
 
 
 def main() -> int:
