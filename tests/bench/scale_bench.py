@@ -575,6 +575,10 @@ def outer(args: argparse.Namespace) -> int:
             if ns.startswith(RUN):
                 remove_netns(ns)
     report(rows, args, time.monotonic() - started, load_before)
+    print(json.dumps({"bench": "scale", "runs": [
+        {"nodes": row["nodes"], "variant": row["variant"], "rss_peak_mb": row["rss_peak_mb"],
+         "total_s": {p["phase"]: p["total_s"] for p in row["phases"]},
+         "stopped": row["stopped"]} for row in rows]}, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
