@@ -16,9 +16,9 @@ PYTHON ?= python3
 # wireguard-tools recommends a kernel image otherwise.
 APT_PACKAGES := nftables libnftables1 wireguard-tools wireguard-go iproute2 iputils-ping \
 	tcpdump iperf3 conntrack util-linux procps podman runc containernetworking-plugins \
-	busybox-static uidmap qemu-system-x86 kmod prometheus graphviz
+	busybox-static uidmap qemu-system-x86 kmod prometheus graphviz debootstrap
 
-.PHONY: help setup apt venv binaries demo demo-kube test check bench lab-down clean
+.PHONY: help setup apt venv binaries image demo demo-kube test check bench lab-down clean
 
 help:
 	@echo "make demo   - build the lab (a cluster in network namespaces) and show what it proves"
@@ -26,6 +26,7 @@ help:
 	@echo "make test   - run the whole test suite (needs root: it makes network namespaces)"
 	@echo "make check  - ruff, mypy and the import contract"
 	@echo "make bench  - the benchmarks (not part of the tests)"
+	@echo "make image  - the container image, built offline (README \"Container image\")"
 
 setup: apt venv
 
@@ -54,6 +55,11 @@ $(STAMP): pyproject.toml
 # helm), built once from pinned sources into a cache keyed by version (tests/infra/README.md).
 binaries: venv
 	@$(PY) tests/infra/build-binaries --python $(PY)
+
+# The container image (Containerfile) on a locally debootstrapped base, with the
+# wireguard-go built above; cached (tests/infra/build-image). The image test builds it too.
+image: apt binaries
+	@$(PY) tests/infra/build-image
 
 demo: setup binaries
 	@$(VENV)/bin/meshgress lab demo --nodes 2 --gateway-nodes 2

@@ -29,16 +29,27 @@ compiled file's magic number no longer matches and the private home may list ano
 version's library, so the launcher re-executes the interpreter itself, plainly (`-IS`), on
 the shim's source: slower, still correct, until the next install.
 
+Every file is written beside its target under a temporary name and renamed over it, so
+a runtime running the plugin meanwhile sees the old file or the new one, never half of
+one. The install ends with a stamp (`installed.json`: a digest of what it installed and
+for which interpreter); `plugin_is_current` compares it, so the chart's init container
+(`--skip-if-current`) rewrites nothing on a node that already has this version.
+
 `compute_conflist` renders the network configuration list the runtime reads (kept as
 `cniVersion` 1.0.0 by default because podman 4 and containerd 1.6/1.7 speak at most that;
-GC and STATUS need 1.1.0).
+GC and STATUS need 1.1.0); `write_conflist` puts it in the runtime's configuration folder
+the same atomic way, touching no other file there. The node agent calls it once its CNI
+server listens (`meshgress agent --cni-conf-dir`): the runtime sees the network as ready
+only when ADDs can be served.
 
-Command line: `python -m cni.install --bin-dir /opt/cni/bin [--conf-dir /etc/cni/net.d]`.
+Command line: `python -m cni.install --bin-dir /opt/cni/bin [--skip-if-current]
+[--conf-dir /etc/cni/net.d]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -57,6 +68,10 @@ PRIVATE_PYTHON = "python3"
 DEFAULT_NETWORK_NAME = "meshgress"
 CONFLIST_NAME = "10-meshgress.conflist"
 PORTMAP: dict[str, Any] = {"type": "portmap", "capabilities": {"portMappings": True}}
+STAMP_NAME = "installed.json"
+"""In the private directory, written last: what the install put there."""
+INSTALL_FORMAT = 1
+"""Changes whenever the installed layout does, so an older layout is never current."""
 
 _COMPILE = """
 import marshal, py_compile, sys
@@ -112,6 +127,52 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def _interpreter_version(python: str) -> str:
+    """`sys.version` of `python`, which the compiled code object and the private home's
+    library paths depend on."""
+    return subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.version)"],
+                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+
+
+def compute_install_stamp(shim: bytes, encodings: bytes, bin_dir: Path, python: str,
+                          python_version: str) -> dict[str, Any]:
+    """What an install of `shim` (and the private `encodings`) into `bin_dir` for
+    `python` consists of; two installs with equal stamps lay down the same files."""
+    digest = hashlib.sha256()
+    for part in (shim, encodings, _LAUNCHER.encode(), _COMPILE.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return {"format": INSTALL_FORMAT, "binDir": str(bin_dir), "python": python,
+            "pythonVersion": python_version, "sha256": digest.hexdigest()}
+
+
+def _wanted_stamp(bin_dir: Path, python: str) -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    return compute_install_stamp((here / "plugin.py").read_bytes(),
+                                 (here / "shim_encodings.py").read_bytes(), bin_dir, python,
+                                 _interpreter_version(python))
+
+
+def _installed_files(bin_dir: Path) -> list[Path]:
+    private = bin_dir / f".{PLUGIN_NAME}"
+    base = private / SHIM_MODULE
+    return [bin_dir / PLUGIN_NAME, base.with_suffix(".py"), base.with_suffix(".code"),
+            private / PRIVATE_PYTHON, private / f"{PRIVATE_PYTHON}._pth",
+            private / "lib" / "encodings" / "__init__.py"]
+
+
+def plugin_is_current(bin_dir: Path | str, python: str | None = None) -> bool:
+    """True when `bin_dir` holds a complete install of this very plugin for `python`."""
+    bin_dir = Path(bin_dir)
+    python = python or _default_python()
+    try:
+        stamp = json.loads((bin_dir / f".{PLUGIN_NAME}" / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not all(path.exists() for path in _installed_files(bin_dir)):
+        return False
+    return bool(stamp == _wanted_stamp(bin_dir, python))
+
+
 def install_plugin(bin_dir: Path | str, python: str | None = None) -> Path:
     """Install the shim as `<bin_dir>/meshgress-cni`; return the executable's path.
 
@@ -122,6 +183,8 @@ def install_plugin(bin_dir: Path | str, python: str | None = None) -> Path:
     python = python or _default_python()
     private = bin_dir / f".{PLUGIN_NAME}"
     private.mkdir(parents=True, exist_ok=True)
+    # Gone until the install is whole: an interrupted one is never taken as current.
+    (private / STAMP_NAME).unlink(missing_ok=True)
     base = private / SHIM_MODULE
     source, code = base.with_suffix(".py"), base.with_suffix(".code")
     here = Path(__file__).resolve().parent
@@ -145,6 +208,8 @@ def install_plugin(bin_dir: Path | str, python: str | None = None) -> Path:
     _tmp(launcher).chmod(0o755)
     _tmp(launcher).replace(launcher)
     shutil.rmtree(private / "cni", ignore_errors=True)  # the layout of earlier versions
+    _write_atomically(private / STAMP_NAME,
+                      json.dumps(_wanted_stamp(bin_dir, python), sort_keys=True) + "\n")
     return launcher
 
 
@@ -166,6 +231,12 @@ def _replace_copy(source: Path, target: Path) -> None:
     _tmp(target).replace(target)
 
 
+def _write_atomically(target: Path, text: str, mode: int = 0o644) -> None:
+    _tmp(target).write_text(text)
+    _tmp(target).chmod(mode)
+    _tmp(target).replace(target)
+
+
 def compute_conflist(
     socket_path: str = p.DEFAULT_SOCKET,
     *,
@@ -184,6 +255,23 @@ def compute_conflist(
     return {"cniVersion": cni_version, "name": name, "plugins": [plugin, *map(dict, chain)]}
 
 
+def write_conflist(conf_dir: Path | str, socket_path: str = p.DEFAULT_SOCKET) -> Path | None:
+    """`<conf_dir>/10-meshgress.conflist` naming the agent's socket, written under a
+    temporary name (which no runtime reads: it ends in .tmp) and renamed over the old one;
+    nothing is written when it already says this. Other files in `conf_dir` are never
+    touched. Returns the path when it was written."""
+    target = Path(conf_dir) / CONFLIST_NAME
+    text = json.dumps(compute_conflist(socket_path), indent=2) + "\n"
+    try:
+        if target.read_text() == text:
+            return None
+    except OSError:
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(target, text)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cni.install", description="Install the meshgress CNI plugin."
@@ -192,14 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=None)
     parser.add_argument("--conf-dir", default=None, help="also write the conflist here")
     parser.add_argument("--socket", default=p.DEFAULT_SOCKET)
+    parser.add_argument("--skip-if-current", action="store_true",
+                        help="write nothing when the bin directory already holds this plugin "
+                             "for this interpreter")
     args = parser.parse_args(argv)
-    launcher = install_plugin(args.bin_dir, args.python)
-    print(launcher)
+    if args.skip_if_current and plugin_is_current(args.bin_dir, args.python):
+        print(f"{Path(args.bin_dir) / PLUGIN_NAME} is current")
+    else:
+        print(install_plugin(args.bin_dir, args.python))
     if args.conf_dir:
-        target = Path(args.conf_dir) / CONFLIST_NAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(compute_conflist(args.socket), indent=2) + "\n")
-        print(target)
+        target = write_conflist(args.conf_dir, args.socket)
+        print(target or f"{Path(args.conf_dir) / CONFLIST_NAME} is current")
     return 0
 
 

@@ -3,8 +3,12 @@
 Everything the server decides without touching the kernel or the disk lives here as
 functions from values to frozen values, so it is tested without root:
 
-- `parse_request` turns the shim's request into a validated `CniRequest`;
-- `compute_host_ifname` names a pod's host-side veth from its container id and ifname;
+- `parse_request` turns the shim's request into a validated `CniRequest`: everything an
+  ADD will use is checked here, before anything is allocated or wired;
+- `compute_host_ifname` and `compute_host_mac` name a pod's host-side veth and give it
+  its MAC address, both derived from the attachment (container id, ifname), and
+  `HostLinkClaim` recognises that veth by them: an interface whose name matches but whose
+  MAC does not belongs to someone else and is never replaced or deleted;
 - `compute_result` builds the spec's Result for the requested cniVersion, appending to a
   `prevResult` when meshgress is not first in a chain;
 - `parse_valid_attachments` and `plan_gc` decide which allocations and host interfaces a
@@ -88,6 +92,28 @@ class CniRequest:
 
 
 @dataclass(frozen=True)
+class HostLinkClaim:
+    """How one attachment recognises its host veth among the node's interfaces.
+
+    By name and MAC: both are derived from the attachment (`compute_host_ifname`,
+    `compute_host_mac`) with independent hashes, so another attachment's veth that got the
+    same name (44 bits) almost surely (46 more bits) has another MAC, and so does anything
+    else that happens to carry the name. The MAC is set in the same request that creates
+    the veth, so there is no moment at which our veth exists without it. `by_name`: the
+    name alone suffices; for a veth an earlier meshgress version made (with a random MAC)
+    under the name its allocation records.
+    """
+
+    name: str
+    mac: str
+    by_name: bool = False
+
+    def owns(self, name: str, mac: str, kind: str | None) -> bool:
+        return (name == self.name and kind == "veth"
+                and (self.by_name or mac.lower() == self.mac))
+
+
+@dataclass(frozen=True)
 class WiringPlan:
     """What the apply layer builds for one pod: both veth ends, address, routes."""
 
@@ -98,6 +124,12 @@ class WiringPlan:
     host_mac: str
     pod_mac: str
     mtu: int | None = None
+    host_claim_by_name: bool = False
+    """The host veth's name is one an earlier version recorded (see HostLinkClaim)."""
+
+    @property
+    def host_claim(self) -> HostLinkClaim:
+        return HostLinkClaim(self.host_ifname, self.host_mac, self.host_claim_by_name)
 
 
 @dataclass(frozen=True)
@@ -108,10 +140,43 @@ class GcPlan:
     delete_links: tuple[str, ...] = ()
 
 
+def _attachment_digest(purpose: str, container_id: str, ifname: str) -> bytes:
+    """sha256 of an unambiguous encoding of the attachment: each part prefixed with its
+    length, so no two (container id, ifname) pairs share an input, whatever they contain
+    ('abc' + 'eth0' and 'abce' + 'th0' are different attachments)."""
+    text = f"{purpose}:{len(container_id)}:{container_id}:{len(ifname)}:{ifname}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
 def compute_host_ifname(container_id: str, ifname: str) -> str:
-    """`mgc` + 11 hex chars of sha256(container id + ifname): stable, <= 15 bytes."""
-    digest = hashlib.sha256(f"{container_id}{ifname}".encode()).hexdigest()
-    return POD_HOST_VETH_PREFIX + digest[:HOST_IFNAME_HASH_CHARS]
+    """`mgc` + 11 hex chars of a hash of the attachment: stable, distinct, <= 15 bytes."""
+    digest = _attachment_digest("host-ifname", container_id, ifname)
+    return POD_HOST_VETH_PREFIX + digest.hex()[:HOST_IFNAME_HASH_CHARS]
+
+
+def compute_host_mac(container_id: str, ifname: str) -> str:
+    """The host veth's MAC: locally administered unicast, from a hash of the attachment
+    independent of the name's (what `HostLinkClaim` recognises the veth by)."""
+    return compute_mac(_attachment_digest("host-mac", container_id, ifname))
+
+
+def compute_host_link_claim(key: AttachmentKey, recorded_ifname: str = "") -> HostLinkClaim:
+    """The claim on the veth the attachment uses: the name its allocation records (claimed
+    by name alone if it is not this version's hash) or else its hash's."""
+    own = HostLinkClaim(compute_host_ifname(key.container_id, key.ifname),
+                        compute_host_mac(key.container_id, key.ifname))
+    if recorded_ifname and recorded_ifname != own.name:
+        return HostLinkClaim(recorded_ifname, own.mac, by_name=True)
+    return own
+
+
+def compute_host_link_claims(key: AttachmentKey, recorded_ifname: str = ""
+                             ) -> tuple[HostLinkClaim, ...]:
+    """The host veths that may be this attachment's: the one named by its hash and, if its
+    allocation records another name (an earlier version's hash), that one by name."""
+    own = compute_host_link_claim(key)
+    recorded = compute_host_link_claim(key, recorded_ifname)
+    return (own,) if recorded == own else (own, recorded)
 
 
 def compute_mac(seed: bytes) -> str:
@@ -130,14 +195,7 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
     stdin = raw.get("stdin")
     if not isinstance(stdin, str):
         raise p.CniError(p.ERR_DECODE, "request has no network configuration")
-    try:
-        config = json.loads(stdin)
-    except ValueError as exc:
-        raise p.CniError(
-            p.ERR_DECODE, "failed to decode the network configuration", str(exc)
-        ) from None
-    if not isinstance(config, dict):
-        raise p.CniError(p.ERR_INVALID_CONFIG, "network configuration is not a JSON object")
+    config = parse_config(stdin)
     version = p.check_version(command, config.get("cniVersion"))
     fields = {}
     for name in ("containerID", "ifname", "netns", "args", "path"):
@@ -151,18 +209,17 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
         if not fields[field_name]:
             raise p.CniError(p.ERR_INVALID_ENV, f"{env_name} must be set for {command}")
     # The shim forwards invocations unchecked, so this mirrors its `validate`, in its order.
+    p.check_env_sizes({"CNI_COMMAND": command, "CNI_CONTAINERID": fields["containerID"],
+                       "CNI_IFNAME": fields["ifname"], "CNI_NETNS": fields["netns"],
+                       "CNI_ARGS": fields["args"], "CNI_PATH": fields["path"]})
     if fields["containerID"] or command in ("ADD", "CHECK", "DEL"):
         p.check_container_id(fields["containerID"])
     if fields["ifname"] or command in ("ADD", "CHECK", "DEL"):
         p.check_ifname(fields["ifname"])
+    p.check_netns_path(fields["netns"])
     args = p.parse_cni_args(fields["args"])
-    mtu = config.get("mtu")
-    if mtu is not None and (
-        isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
-    ):
-        raise p.CniError(
-            p.ERR_INVALID_CONFIG, f"'mtu' must be an integer in 68..65535, not {mtu!r}"
-        )
+    p.check_pod_identity(args)
+    check_config_fields(config)
     return CniRequest(
         command=command,
         container_id=fields["containerID"],
@@ -175,17 +232,92 @@ def parse_request(raw: Mapping[str, Any]) -> CniRequest:
     )
 
 
+def parse_config(stdin: str) -> dict[str, Any]:
+    """The network configuration as a JSON object, of bounded size and nesting."""
+    if len(stdin) > p.MAX_CONFIG:  # characters: at least as many bytes
+        raise p.CniError(p.ERR_INVALID_CONFIG,
+                         f"network configuration is more than {p.MAX_CONFIG} bytes")
+    try:
+        config = json.loads(stdin)
+    except RecursionError:
+        raise p.CniError(p.ERR_DECODE, "failed to decode the network configuration",
+                         "JSON nested too deeply to decode") from None
+    except ValueError as exc:
+        raise p.CniError(
+            p.ERR_DECODE, "failed to decode the network configuration", str(exc)
+        ) from None
+    if not isinstance(config, dict):
+        raise p.CniError(p.ERR_INVALID_CONFIG, "network configuration is not a JSON object")
+    p.check_json_depth(config)
+    return config
+
+
+def _config_error(message: str) -> p.CniError:
+    return p.CniError(p.ERR_INVALID_CONFIG, message)
+
+
+def _check_string_list(value: object, where: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _config_error(f"{where} must be a list of strings, not {_brief(value)}")
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_dns(value: object, where: str) -> None:
+    """The spec's DNS object: nameservers, search, options (lists of strings), domain."""
+    if not isinstance(value, Mapping):
+        raise _config_error(f"{where} must be an object, not {_brief(value)}")
+    for key in ("nameservers", "search", "options"):
+        if key in value:
+            _check_string_list(value[key], f"{where}.{key}")
+    if "domain" in value and not isinstance(value["domain"], str):
+        raise _config_error(f"{where}.domain must be a string, not {_brief(value['domain'])}")
+
+
+def check_config_fields(config: Mapping[str, Any]) -> None:
+    """The configuration keys meshgress uses, checked before anything is done with them:
+    mtu, dns, and the prevResult an ADD appends to (lists of objects, a DNS object)."""
+    mtu = config.get("mtu")
+    if mtu is not None and (
+        isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535
+    ):
+        raise _config_error(f"'mtu' must be an integer in 68..65535, not {_brief(mtu)}")
+    if config.get("dns") is not None:
+        check_dns(config["dns"], "'dns'")
+    if "prevResult" not in config:
+        return
+    prev = config["prevResult"]
+    if not isinstance(prev, Mapping):
+        raise _config_error(f"'prevResult' must be an object, not {_brief(prev)}")
+    for key in ("interfaces", "ips", "routes"):
+        entries = prev.get(key)
+        if entries is not None and (
+            not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries)
+        ):
+            raise _config_error(f"prevResult.{key} must be a list of objects, not "
+                                f"{_brief(entries)}")
+    if prev.get("dns") is not None:
+        check_dns(prev["dns"], "prevResult.dns")
+
+
 def compute_wiring_plan(
-    attachment: PodAttachment, host_mac: str, pod_mac: str, mtu: int | None = None
+    attachment: PodAttachment, pod_mac: str, mtu: int | None = None
 ) -> WiringPlan:
+    """Host MAC derived from the attachment (its claim); a name other than this version's
+    hash is one an earlier version recorded, claimed by name."""
+    claim = compute_host_link_claim(attachment.key, attachment.host_ifname)
     return WiringPlan(
-        host_ifname=attachment.host_ifname,
+        host_ifname=claim.name,
         pod_ifname=attachment.ifname,
         ip=attachment.ip,
         gateway=IPv4Address(POD_GATEWAY_IPV4),
-        host_mac=host_mac,
+        host_mac=claim.mac,
         pod_mac=pod_mac,
         mtu=mtu,
+        host_claim_by_name=claim.by_name,
     )
 
 
@@ -203,7 +335,7 @@ def compute_result(
     routes: the default route via that gateway. 0.4.0 results carry ips[].version.
     """
     prev = dict(prev_result) if prev_result else {}
-    interfaces = [dict(i) for i in prev.get("interfaces", []) if isinstance(i, Mapping)]
+    interfaces = [dict(i) for i in prev.get("interfaces") or [] if isinstance(i, Mapping)]
     host_if: dict[str, Any] = {"name": plan.host_ifname, "mac": plan.host_mac}
     pod_if: dict[str, Any] = {"name": plan.pod_ifname, "mac": plan.pod_mac, "sandbox": sandbox}
     if plan.mtu is not None and (p.parse_version(cni_version) or (0, 0, 0)) >= (1, 1, 0):
@@ -217,8 +349,8 @@ def compute_result(
     }
     if cni_version == "0.4.0":
         ip_entry = {"version": "4", **ip_entry}
-    ips = [dict(i) for i in prev.get("ips", []) if isinstance(i, Mapping)] + [ip_entry]
-    routes = [dict(r) for r in prev.get("routes", []) if isinstance(r, Mapping)]
+    ips = [dict(i) for i in prev.get("ips") or [] if isinstance(i, Mapping)] + [ip_entry]
+    routes = [dict(r) for r in prev.get("routes") or [] if isinstance(r, Mapping)]
     routes.append({"dst": "0.0.0.0/0", "gw": str(plan.gateway)})
     result: dict[str, Any] = {
         "cniVersion": cni_version,
@@ -282,10 +414,16 @@ def plan_gc(
     valid: Iterable[AttachmentKey],
     allocated: Iterable[AttachmentKey],
     host_links: Iterable[str],
+    recorded_ifnames: Mapping[AttachmentKey, str] | None = None,
 ) -> GcPlan:
-    """Release allocations not in `valid`; delete prefixed host links no valid one owns."""
+    """Release allocations not in `valid`; delete prefixed host links no valid one owns.
+
+    A valid attachment owns the link named by its hash and the one its allocation records
+    (`recorded_ifnames`: an earlier version may have named it differently)."""
     valid_set = set(valid)
-    keep_links = {compute_host_ifname(k.container_id, k.ifname) for k in valid_set}
+    recorded = recorded_ifnames or {}
+    keep_links = {claim.name for k in valid_set
+                  for claim in compute_host_link_claims(k, recorded.get(k, ""))}
     release = tuple(sorted(k for k in set(allocated) if k not in valid_set))
     delete = tuple(
         sorted(

@@ -18,14 +18,16 @@ possible to that:
   file descriptor to the agent over the unix socket (SCM_RIGHTS: the agent never resolves
   the runtime's path in its own mount namespace), sends the raw environment and stdin
   bytes in a trivial binary frame, waits (blocking socket with SO_RCVTIMEO/SO_SNDTIMEO),
-  writes the agent's answer verbatim and exits with the agent's status. The agent
+  acknowledges the answer, writes it verbatim and exits with the agent's status. The agent
   validates the request, with the same codes;
 - when anything goes wrong locally (no quick answer, the namespace cannot be opened, the
   agent cannot be reached or answers nonsense), it validates the invocation fully, as the
   agent would, before reporting: a broken invocation gets its own code (4 environment,
   6 decode, 7 configuration, 1 version) even when the agent is down; only a valid one gets
   "try again later" (11), "plugin not available" (50) for STATUS, 3 for a namespace that
-  is gone or 106 for an answer it cannot understand.
+  is gone or 106 for an answer it cannot understand. Whatever the input, the answer is
+  the spec's error object: sizes and JSON nesting are bounded (`MAX_CONFIG`,
+  `MAX_ENV_VALUE`, `MAX_JSON_DEPTH`) before anything decodes or sends them.
 
 Wire format, one request and one response per connection (integers big-endian):
 
@@ -33,9 +35,18 @@ Wire format, one request and one response per connection (integers big-endian):
             CNI_CONTAINERID, CNI_IFNAME, CNI_NETNS, CNI_ARGS and CNI_PATH, each followed by
             a NUL byte (environment values cannot contain one), then stdin as given
   response: RESPONSE_MAGIC, u32 exit status, u32 length, that many bytes for stdout
+  then:     ACK, one byte from the shim once it holds the whole response
 
-The agent still answers the previous JSON framing (`cni.protocol`), so a shim installed
-before an upgrade keeps working; this shim reports an agent that predates it as 106.
+The acknowledgement is what lets an ADD be all or nothing for the runtime: the agent
+keeps a successful ADD only if the shim acknowledged its answer, and undoes it when the
+shim hung up first (its timeout passed while the agent was stalled, or the runtime killed
+it): whatever the runtime hears, the node agrees. A shim acknowledges every answer; the
+agent waits for it only where it matters. The agent still serves shims of the previous
+request version (`LEGACY_REQUEST_MAGIC`: the same frame, no acknowledgement), so a shim
+installed before an upgrade keeps working. An agent that predates the acknowledgement
+rejects this shim's requests ("bad request", 6, naming the request's first bytes): the
+shim is installed with its agent (`cni.install`, run before the agent starts), so the two
+meet only if an old agent still runs after a new shim was installed.
 
 Network configuration keys read here: `socket` (agent socket path, default
 /run/meshgress/cni.sock) and `timeout` (seconds, default 30).
@@ -73,7 +84,7 @@ ERR_IFNAME_IN_USE = 105
 ERR_AGENT_PROTOCOL = 106
 """The agent answered something the shim cannot understand."""
 ERR_INTERNAL = 107
-"""An unexpected failure inside the agent; the message says what."""
+"""An unexpected failure inside the agent (or the plugin); the message says what."""
 
 # --- versions and commands ---------------------------------------------------------------
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
@@ -99,13 +110,33 @@ DEFAULT_SOCKET = "/run/meshgress/cni.sock"
 DEFAULT_TIMEOUT = 30.0
 """Seconds the shim waits for the agent (ADD includes the pod-ready hook)."""
 MAX_FRAME = 16 * 1024 * 1024
+"""The largest request body or response the other side accepts."""
+MAX_CONFIG = 8 * 1024 * 1024
+"""The largest network configuration (stdin) accepted: far above any real one (a few KiB,
+with a prevResult), and with six environment values of at most MAX_ENV_VALUE it still
+fits a frame."""
+MAX_ENV_VALUE = 128 * 1024
+"""The largest CNI_* value accepted: Linux's own limit for one environment string."""
+MAX_CONTAINER_ID = 1024
+"""Runtimes use 64 hex characters; the spec sets no limit, the allocation record needs one."""
+MAX_NETNS_PATH = 4095
+"""PATH_MAX without the terminating NUL."""
+MAX_POD_NAME = 253
+"""K8S_POD_NAMESPACE and K8S_POD_NAME: Kubernetes' longest object name."""
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects accepted in a network configuration (real
+ones nest about 5 deep): JSON decoders and encoders recurse, and Python's would otherwise
+fail with RecursionError somewhere near 1000, possibly only while the answer is encoded."""
 IFNAMSIZ = 16
 
 # --- wire format -------------------------------------------------------------------------
-REQUEST_MAGIC = b"MGC\x02"
-"""Starts every request; its first byte is never 0, which starts every frame of the
-previous JSON protocol (a length below 16 MiB), so the agent tells them apart."""
+REQUEST_MAGIC = b"MGC\x03"
+"""Starts every request of a shim that acknowledges the answer (see the module docstring)."""
+LEGACY_REQUEST_MAGIC = b"MGC\x02"
+"""The same request from a shim that does not acknowledge (installed before this version)."""
 RESPONSE_MAGIC = b"MGC\x82"
+ACK = b"\x06"
+"""What the shim sends once it holds the whole response."""
 REQUEST_FIELDS = ("command", "containerID", "ifname", "netns", "args", "path")
 REQUEST_ENV = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_IFNAME", b"CNI_NETNS", b"CNI_ARGS",
                b"CNI_PATH")
@@ -186,9 +217,14 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 
 def check_container_id(value: str) -> str:
-    """The spec's rule: alphanumeric first, then alphanumerics, '_', '.' or '-'."""
+    """The spec's rule: alphanumeric first, then alphanumerics, '_', '.' or '-'; at most
+    MAX_CONTAINER_ID characters."""
     if not value:
         raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID is empty")
+    if len(value) > MAX_CONTAINER_ID:
+        raise CniError(ERR_INVALID_ENV,
+                       f"CNI_CONTAINERID is {len(value)} characters long, more than "
+                       f"{MAX_CONTAINER_ID}")
     if not (value[0].isascii() and value[0].isalnum()) or not all(
         c.isascii() and (c.isalnum() or c in "_.-") for c in value
     ):
@@ -200,11 +236,66 @@ def check_ifname(value: str) -> str:
     """A Linux interface name: 1..15 bytes, no '/', ':' or whitespace, not '.' or '..'."""
     if not value:
         raise CniError(ERR_INVALID_ENV, "CNI_IFNAME is empty")
-    if len(value.encode()) >= IFNAMSIZ:
+    try:
+        encoded = value.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as os.environ decodes them
+        raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {value!r} is not UTF-8") from None
+    if len(encoded) >= IFNAMSIZ:
         raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {value!r} is longer than 15 bytes")
     if value in (".", "..") or any(c in "/:" or c.isspace() for c in value):
         raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {value!r} is not a valid interface name")
     return value
+
+
+def check_netns_path(value: str) -> str:
+    """CNI_NETNS: a path no longer than PATH_MAX allows (empty is checked by REQUIRED_ENV)."""
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_NETNS_PATH:
+        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS is longer than {MAX_NETNS_PATH} bytes")
+    return value
+
+
+def check_pod_identity(args: dict[str, str]) -> None:
+    """K8S_POD_NAMESPACE and K8S_POD_NAME, which the agent records: bounded in length.
+    (Their syntax is the runtime's business: podman passes container names here.)"""
+    for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME"):
+        if len(args.get(key, "")) > MAX_POD_NAME:
+            raise CniError(ERR_INVALID_ENV,
+                           f"CNI_ARGS: {key} is longer than {MAX_POD_NAME} characters")
+
+
+def check_env_sizes(values: dict[str, str]) -> None:
+    """Every CNI_* value within MAX_ENV_VALUE (a runtime cannot pass more on Linux)."""
+    for name, value in values.items():
+        size = len(value.encode("utf-8", "surrogateescape"))  # the bytes the runtime passed
+        if size > MAX_ENV_VALUE:
+            raise CniError(ERR_INVALID_ENV,
+                           f"{name} is {size} bytes long, more than {MAX_ENV_VALUE}")
+
+
+def check_json_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise CniError(ERR_DECODE) if arrays and objects nest deeper than `limit`.
+
+    Iterative (the point is not to recurse) and only through containers."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise CniError(ERR_DECODE,
+                           f"network configuration nests deeper than {limit} levels")
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, dict | list))
+
+
+def check_config_size(stdin: bytes) -> None:
+    if len(stdin) > MAX_CONFIG:
+        raise CniError(ERR_INVALID_CONFIG,
+                       f"network configuration is {len(stdin)} bytes, more than {MAX_CONFIG}")
 
 
 # --- JSON without importing `json` (off the happy path) ----------------------------------
@@ -228,13 +319,16 @@ _WHITESPACE = " \t\n\r"
 
 
 def loads(text: str) -> object:
-    """Decode one JSON document; raise ValueError with the position on bad input."""
+    """Decode one JSON document; raise ValueError with the position on bad input, and on
+    nesting too deep for the decoder (which raises RecursionError)."""
     from _json import make_scanner  # noqa: PLC0415 (off the happy path)
 
     # typeshed types the context as a make_scanner; any object with these attributes works.
     scan = make_scanner(_DecodeContext())  # type: ignore[arg-type]
     try:
         obj, end = scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
     except Exception:  # the C scanner raises odd types on bad input; re-parse below
         obj, end = None, -1
     if end < 0 or text[end:].strip(_WHITESPACE):
@@ -339,6 +433,7 @@ def compute_quick_address(stdin: bytes) -> tuple[str, float] | None:
 
 
 def _decode_config(stdin: bytes) -> dict[str, object]:
+    check_config_size(stdin)
     try:
         text = stdin.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -349,6 +444,7 @@ def _decode_config(stdin: bytes) -> dict[str, object]:
         raise CniError(ERR_DECODE, "failed to decode the network configuration", str(exc)) from None
     if not isinstance(config, dict):
         raise CniError(ERR_INVALID_CONFIG, "network configuration is not a JSON object")
+    check_json_depth(config)
     return config
 
 
@@ -369,7 +465,7 @@ def validate(env: dict[str, str], stdin: bytes) -> tuple[str, float]:
     """Check the invocation as the agent would; return the agent's address and timeout.
 
     The order decides which code a doubly broken invocation gets: command (4), decode (6,
-    7), version (1, 7), environment (4), then the shim's own keys (7).
+    7: size, syntax, nesting), version (1, 7), environment (4), then the shim's own keys (7).
     """
     command = env.get("CNI_COMMAND", "")
     config: dict[str, object] | None = None
@@ -388,24 +484,28 @@ def validate(env: dict[str, str], stdin: bytes) -> tuple[str, float]:
     for name in REQUIRED_ENV[command]:
         if not env.get(name):
             raise CniError(ERR_INVALID_ENV, f"{name} must be set for {command}")
+    check_env_sizes({name.decode(): env.get(name.decode(), "") for name in REQUEST_ENV})
     container_id = env.get("CNI_CONTAINERID", "")
     ifname = env.get("CNI_IFNAME", "")
     if container_id or command in ("ADD", "CHECK", "DEL"):
         check_container_id(container_id)
     if ifname or command in ("ADD", "CHECK", "DEL"):
         check_ifname(ifname)
-    parse_cni_args(env.get("CNI_ARGS", ""))
+    check_netns_path(env.get("CNI_NETNS", ""))
+    check_pod_identity(parse_cni_args(env.get("CNI_ARGS", "")))
     return compute_agent_address(config)
 
 
 def requested_version(stdin: bytes) -> str:
     """The configuration's cniVersion, for error objects, even if the request is bad."""
+    if len(stdin) > MAX_CONFIG:
+        return LATEST_VERSION
     try:
         config = loads(stdin.decode())
-    except ValueError:  # includes UnicodeDecodeError
+    except ValueError:  # includes UnicodeDecodeError and nesting too deep
         return LATEST_VERSION
     version = config.get("cniVersion") if isinstance(config, dict) else None
-    return version if isinstance(version, str) else LATEST_VERSION
+    return version if isinstance(version, str) and version else LATEST_VERSION
 
 
 def _text_environ(environ: dict[bytes, bytes]) -> dict[str, str]:
@@ -457,9 +557,14 @@ def _recv_response(sock: _socket.socket) -> tuple[int, bytes]:
 
 
 def call_agent(
-    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None
+    path: str, timeout: float, command: bytes, frame: bytes, netns_fd: int | None, *,
+    emit_to: int | None = None,
 ) -> tuple[int, bytes]:
-    """Send one request frame (with the namespace fd, if any); return (exit, stdout)."""
+    """Send one request frame (with the namespace fd, if any); return (exit, stdout).
+
+    Once the whole answer is here it is acknowledged. With `emit_to`, it is first written
+    there (and b"" returned in its place): the runtime holds the answer before the agent
+    hears that it was taken, so a shim killed in between fails on both sides."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         # Kernel timeouts on a blocking socket: no poll() before every call. A zero
@@ -482,7 +587,7 @@ def call_agent(
                 sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
                 if sent < len(frame):  # sendall(b"") would still send, and may hit EPIPE
                     sock.sendall(frame[sent:])
-            return _recv_response(sock)
+            exit_code, stdout = _recv_response(sock)
         except (BlockingIOError, TimeoutError):  # EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO expired
             raise CniError(
                 ERR_TRY_AGAIN_LATER, f"meshgress agent did not answer within {timeout:g}s"
@@ -491,12 +596,23 @@ def call_agent(
             raise CniError(ERR_AGENT_PROTOCOL, "bad answer from the agent", str(exc)) from None
         except OSError as exc:
             raise _unreachable(command, path, str(exc)) from None
+        if emit_to is not None:
+            _write_all(emit_to, stdout)
+            stdout = b""
+        try:  # noqa: SIM105 (no contextlib: the shim imports built-in modules only)
+            sock.send(ACK)
+        except OSError:  # the agent no longer listens: its answer stands
+            pass
+        return exit_code, stdout
     finally:
         sock.close()
 
 
-def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
-    """One plugin invocation: (exit code, bytes for stdout)."""
+def run(environ: dict[bytes, bytes], stdin: bytes, emit_to: int | None = None
+        ) -> tuple[int, bytes]:
+    """One plugin invocation: (exit code, bytes for stdout). With `emit_to`, the agent's
+    answer is written there before it is acknowledged (see `call_agent`), and b"" is
+    returned in its place; answers of the shim's own are returned."""
     command = environ.get(b"CNI_COMMAND", b"")
     if command == b"VERSION":
         return 0, VERSION_JSON.encode()
@@ -506,10 +622,14 @@ def run(environ: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes]:
             address = compute_quick_address(stdin) if command in _AGENT_COMMANDS else None
             if address is None:
                 address = validate(_text_environ(environ), stdin)
+            values = [environ.get(name, b"") for name in REQUEST_ENV]
+            if len(stdin) > MAX_CONFIG or max(map(len, values)) > MAX_ENV_VALUE:
+                validate(_text_environ(environ), stdin)  # says which
+                raise CniError(ERR_INVALID_ENV, "the invocation is too large")
             if command in _NETNS_COMMANDS:
                 netns_fd = _open_netns(environ.get(b"CNI_NETNS", b""))
-            frame = encode_request([environ.get(name, b"") for name in REQUEST_ENV], stdin)
-            return call_agent(*address, command, frame, netns_fd)
+            frame = encode_request(values, stdin)
+            return call_agent(*address, command, frame, netns_fd, emit_to=emit_to)
         except CniError:
             validate(_text_environ(environ), stdin)  # the invocation's own fault comes first
             raise
@@ -530,17 +650,23 @@ def _read_stdin() -> bytes:
     return b"".join(chunks)
 
 
-def _write_stdout(data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     if data and not data.endswith(b"\n"):
         data += b"\n"
     view = memoryview(data)
     while view:
-        view = view[posix.write(1, view):]
+        view = view[posix.write(fd, view):]
 
 
 def main() -> int:
-    code, output = run(posix.environ, _read_stdin())
-    _write_stdout(output)
+    stdin = b""
+    try:
+        stdin = _read_stdin()
+        code, output = run(posix.environ, stdin, emit_to=1)
+    except Exception as exc:  # a bug: the runtime still gets the spec's error object
+        error = CniError(ERR_INTERNAL, f"meshgress-cni failed: {type(exc).__name__}: {exc}")
+        code, output = 1, error.to_json(requested_version(stdin)).encode()
+    _write_all(1, output)
     return code
 
 

@@ -16,6 +16,7 @@ Purely computational: no I/O happens here.
 import _json
 
 from cni.plugin import (
+    ACK,
     COMMANDS,
     COMMANDS_SINCE_1_1,
     DEFAULT_SOCKET,
@@ -40,7 +41,14 @@ from cni.plugin import (
     ERR_WIRING,
     IFNAMSIZ,
     LATEST_VERSION,
+    LEGACY_REQUEST_MAGIC,
+    MAX_CONFIG,
+    MAX_CONTAINER_ID,
+    MAX_ENV_VALUE,
     MAX_FRAME,
+    MAX_JSON_DEPTH,
+    MAX_NETNS_PATH,
+    MAX_POD_NAME,
     REQUEST_FIELDS,
     REQUEST_MAGIC,
     REQUIRED_ENV,
@@ -48,8 +56,13 @@ from cni.plugin import (
     SUPPORTED_VERSIONS,
     VERSION_JSON,
     CniError,
+    check_config_size,
     check_container_id,
+    check_env_sizes,
     check_ifname,
+    check_json_depth,
+    check_netns_path,
+    check_pod_identity,
     check_version,
     compute_error_json,
     decode_request,
@@ -62,17 +75,20 @@ from cni.plugin import (
 )
 
 __all__ = [
-    "COMMANDS", "COMMANDS_SINCE_1_1", "DEFAULT_SOCKET", "DEFAULT_TIMEOUT", "ERROR_NAMES",
+    "ACK", "COMMANDS", "COMMANDS_SINCE_1_1", "DEFAULT_SOCKET", "DEFAULT_TIMEOUT", "ERROR_NAMES",
     "ERR_AGENT_PROTOCOL", "ERR_ANTISPOOF_UNAVAILABLE", "ERR_CHECK_FAILED", "ERR_DECODE",
     "ERR_HOOK_FAILED", "ERR_IFNAME_IN_USE", "ERR_INCOMPATIBLE_VERSION", "ERR_INTERNAL",
     "ERR_INVALID_CONFIG", "ERR_INVALID_ENV", "ERR_IO", "ERR_IPAM_EXHAUSTED",
     "ERR_NOT_AVAILABLE", "ERR_NOT_AVAILABLE_LIMITED", "ERR_TRY_AGAIN_LATER",
     "ERR_UNKNOWN_CONTAINER", "ERR_UNSUPPORTED_FIELD", "ERR_WIRING", "IFNAMSIZ",
-    "LATEST_VERSION", "MAX_FRAME", "REQUEST_FIELDS", "REQUEST_MAGIC", "REQUIRED_ENV",
-    "RESPONSE_MAGIC", "SUPPORTED_VERSIONS", "VERSION_JSON", "CniError", "check_container_id",
-    "check_ifname", "check_version", "compute_error_json", "compute_version_json",
-    "decode_request", "decode_response_header", "dumps", "encode_request",
-    "encode_response", "frame_length", "loads", "parse_cni_args", "parse_version",
+    "LATEST_VERSION", "LEGACY_REQUEST_MAGIC", "MAX_CONFIG", "MAX_CONTAINER_ID", "MAX_ENV_VALUE",
+    "MAX_FRAME", "MAX_JSON_DEPTH", "MAX_NETNS_PATH", "MAX_POD_NAME", "REQUEST_FIELDS",
+    "REQUEST_MAGIC", "REQUIRED_ENV", "RESPONSE_MAGIC", "SUPPORTED_VERSIONS", "VERSION_JSON",
+    "CniError", "check_config_size", "check_container_id", "check_env_sizes", "check_ifname",
+    "check_json_depth", "check_netns_path", "check_pod_identity", "check_version",
+    "compute_error_json", "compute_version_json", "decode_request", "decode_response_header",
+    "dumps", "encode_request", "encode_response", "frame_length", "loads", "parse_cni_args",
+    "parse_version",
 ]
 
 ERROR_NAMES = {

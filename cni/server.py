@@ -6,7 +6,13 @@ IPAM lock serialise what must be serialised). No thread is started and no hand-o
 made per request: each costs ~0.1 ms of wake-ups on a pod's ADD path. One request and one
 response per connection, in the binary framing of `cni.plugin`. The container's network
 namespace arrives as a file descriptor with the request (SCM_RIGHTS) and is closed when
-the answer is sent.
+the answer is sent. Every request gets an answer: the spec's error object for anything
+malformed, never a closed connection (which the shim would report as "try again later").
+
+The connection is the service's `Caller`: the shim hanging up is how the agent learns
+that it gave up (its timeout passed, or the runtime killed it), checked with a poll(2)
+that costs microseconds; and a shim that acknowledges answers (`p.REQUEST_MAGIC`) tells
+the agent that it holds a successful ADD's answer, without which the ADD is undone.
 
 API for the agent (and the lab):
 
@@ -28,6 +34,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -35,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 from types import FrameType
@@ -79,9 +87,11 @@ def _recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
             raise ConnectionError("client closed the connection mid-request")
         buffer += data
         if needed is None and len(buffer) >= 8:
-            if buffer[:4] != p.REQUEST_MAGIC:
+            if buffer[:4] not in (p.REQUEST_MAGIC, p.LEGACY_REQUEST_MAGIC):
                 raise ValueError(f"not a meshgress-cni request: {bytes(buffer[:8])!r}")
             needed = 8 + p.frame_length(bytes(buffer[4:8]))
+    if len(buffer) > needed:
+        raise ValueError("more than one request on a connection")
     return bytes(buffer[:needed]), fds
 
 
@@ -94,6 +104,43 @@ def _parse_request(frame: bytes) -> dict[str, object]:
     return {**fields, "stdin": text}
 
 
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
+
+
+class _ShimConnection:
+    """The service's `Caller` on one connection."""
+
+    def __init__(self, sock: socket.socket, acknowledges: bool) -> None:
+        self._sock = sock
+        self._acknowledges = acknowledges
+        self.answered = False
+
+    def gave_up(self) -> bool:
+        """The shim hung up. It sends nothing between its request and the answer, so a
+        readable end of stream is the only thing there is to see."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLRDHUP)
+        return any(events & _HUNG_UP for _fd, events in poller.poll(0))
+
+    def confirm(self, stdout: str) -> bool:
+        if not self._acknowledges and self.gave_up():
+            return False
+        self.answered = True
+        try:
+            self._sock.sendall(p.encode_response(0, stdout))
+            if not self._acknowledges:
+                return True
+            return self._sock.recv(1) == p.ACK  # b"": hung up without taking the answer
+        except OSError:  # EPIPE/ECONNRESET: gone; EAGAIN: the client timeout passed
+            return False
+
+    def send(self, answer: tuple[int, str]) -> None:
+        if not self.answered:
+            self.answered = True
+            with contextlib.suppress(OSError):
+                self._sock.sendall(p.encode_response(*answer))
+
+
 def _serve_connection(sock: socket.socket, service: CniService) -> None:
     """Answer the one request of a connection."""
     # Kernel timeouts on the blocking socket rather than settimeout(), which would poll()
@@ -103,9 +150,11 @@ def _serve_connection(sock: socket.socket, service: CniService) -> None:
     fds: list[int] = []
     request: dict[str, object] = {}
     began = time.perf_counter()
+    connection = _ShimConnection(sock, acknowledges=False)
     try:
         try:
             frame, fds = _recv_frame(sock)
+            connection = _ShimConnection(sock, acknowledges=frame[:4] == p.REQUEST_MAGIC)
             request = _parse_request(frame)
         except _NoRequest:
             return
@@ -116,9 +165,14 @@ def _serve_connection(sock: socket.socket, service: CniService) -> None:
             answer = (1, p.CniError(p.ERR_DECODE, "bad request", str(exc)).to_json(
                 p.LATEST_VERSION))
         else:
-            answer = service.handle(request, fds[0] if fds else None)
-        with contextlib.suppress(OSError):
-            sock.sendall(p.encode_response(*answer))
+            try:
+                answer = service.handle(request, fds[0] if len(fds) == 1 else None,
+                                        connection)
+            except Exception as exc:  # handle() answers everything; this is a last resort
+                log.exception("CNI server: request failed")
+                answer = (1, p.CniError(p.ERR_INTERNAL, "request failed", repr(exc)).to_json(
+                    p.LATEST_VERSION))
+        connection.send(answer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("CNI %s %s answered (exit %d) in %.2f ms", request.get("command"),
                       request.get("containerID"), answer[0], (time.perf_counter() - began) * 1e3)
@@ -148,7 +202,8 @@ def _remove_stale_socket(path: Path) -> None:
         path.unlink()
 
 
-def serve(socket_path: Path | str, service: CniService, stop: threading.Event, *,
+def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
+          on_listening: Callable[[], None] | None = None, *,
           signal_wake: float | None = 0.5) -> None:
     """Serve CNI requests on `socket_path` until `stop` is set, then finish those in flight.
 
@@ -157,9 +212,10 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event, *
     thread): it then sleeps until `stop`.
 
     Opens `service` first (idempotent). The socket is created mode 0600: only root (the
-    container runtime) may talk to the agent. Do not set `stop` from a signal handler of
-    the thread blocked here (Event.set would need a lock that thread may hold); set it
-    from another thread.
+    container runtime) may talk to the agent. `on_listening` runs once the socket accepts
+    requests (the agent writes the runtime's conflist then). Do not set `stop` from a
+    signal handler of the thread blocked here (Event.set would need a lock that thread may
+    hold); set it from another thread.
     """
     path = Path(socket_path)
     service.open()
@@ -179,6 +235,8 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event, *
         worker.start()
     log.info("CNI server listening on %s (pod CIDR %s)", path, service.pod_cidr)
     try:
+        if on_listening is not None:
+            on_listening()
         # Wake up now and then: a signal delivered to another thread does not interrupt a
         # plain wait, and the main thread runs Python signal handlers only when it wakes.
         while not stop.wait(signal_wake):

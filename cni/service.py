@@ -7,7 +7,14 @@ the spec's Result or error. The transport (`cni.server`) only moves bytes.
 
 Guarantees:
 - ADD either completes (wiring, hook) or undoes everything it did and reports an error;
-  it is idempotent per (container id, ifname): the same address, freshly wired.
+  it is idempotent per (container id, ifname): the same address, freshly wired. The whole
+  request, the answer included, is checked and computed before the kernel is touched.
+  When the shim gave up waiting (its timeout passed, the runtime killed it), the ADD is
+  undone: the server's `Caller` tells, before each step, whether the shim is still there,
+  and at the end whether it acknowledged the answer (see `cni.plugin`'s wire format).
+- Nothing that is not this attachment's is harmed: the node's own network namespace is
+  refused as a pod's, an existing interface or route is replaced or deleted only when it
+  is recognisably this attachment's (`cni.model.HostLinkClaim`, `cni.wiring`).
 - DEL never needs the container's namespace (deleting the host veth removes its peer) and
   succeeds for unknown or half-built attachments; it removes the wiring before calling
   `pod_removed_hook` and releasing the address, so no packet of the pod leaves unsteered
@@ -26,16 +33,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cni import protocol as p
 from cni.ipam import Allocation, Ipam
 from cni.model import (
     AttachmentKey,
     CniRequest,
+    HostLinkClaim,
     PodAttachment,
+    WiringPlan,
     compute_check_problems,
     compute_host_ifname,
+    compute_host_link_claim,
+    compute_host_link_claims,
     compute_mac,
     compute_result,
     compute_wiring_plan,
@@ -43,12 +54,33 @@ from cni.model import (
     parse_valid_attachments,
     plan_gc,
 )
-from cni.wiring import NetlinkWiring, Wiring
+from cni.wiring import HostLinkExists, NetlinkWiring, Wiring
 
 log = logging.getLogger("meshgress.cni")
 
 PodHook = Callable[[PodAttachment], None]
 _KEY_LOCK_STRIPES = 64
+
+
+class Caller(Protocol):
+    """The shim waiting for a request's answer, as the transport sees it."""
+
+    def gave_up(self) -> bool:
+        """True once the shim is gone (it hung up: timed out or killed)."""
+        ...
+
+    def confirm(self, stdout: str) -> bool:
+        """Send the success answer; True once the shim acknowledged it, False if it hung
+        up first. Called by ADD while it still holds the attachment, so it can undo."""
+        ...
+
+
+class _GaveUp(p.CniError):
+    """The shim stopped waiting: what the ADD did is undone, and nobody hears of it."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(p.ERR_TRY_AGAIN_LATER,
+                         f"the plugin stopped waiting for the answer {step}; ADD undone")
 
 
 class _SharedExclusiveLock:
@@ -174,18 +206,26 @@ class CniService:
 
     # --- dispatch ---------------------------------------------------------------------
 
-    def handle(self, raw: Mapping[str, Any], netns_fd: int | None = None) -> tuple[int, str]:
-        """Answer one shim request: (exit code, stdout text)."""
-        command = str(raw.get("command"))
+    def handle(self, raw: Mapping[str, Any], netns_fd: int | None = None,
+               caller: Caller | None = None) -> tuple[int, str]:
+        """Answer one shim request: (exit code, stdout text).
+
+        With a `caller`, a successful ADD is answered through `caller.confirm` (and kept
+        only if the shim acknowledged it); the transport sends the returned answer only
+        if `confirm` was not called. Without one (tests, embedding), the answer is
+        returned and the ADD kept.
+        """
+        command = raw.get("command")
+        command = command if command in p.COMMANDS else "invalid"  # a bounded metric label
         version: str | None = None
         try:
             request = parse_request(raw)
             version = request.cni_version
-            output = self._dispatch(request, netns_fd)
+            output = self._dispatch(request, netns_fd, caller)
         except p.CniError as exc:
             self.requests_total[(command, exc.code)] += 1
-            log.info("CNI %s %s failed: code %d: %s %s", command, raw.get("containerID", ""),
-                     exc.code, exc.msg, exc.details)
+            log.info("CNI %s %.64s failed: code %d: %s %.512s", command,
+                     str(raw.get("containerID", "")), exc.code, exc.msg, exc.details)
             return 1, exc.to_json(version or _requested_version(raw))
         except Exception as exc:
             self.requests_total[(command, p.ERR_INTERNAL)] += 1
@@ -195,9 +235,10 @@ class CniService:
         self.requests_total[(command, 0)] += 1
         return 0, output
 
-    def _dispatch(self, request: CniRequest, netns_fd: int | None) -> str:
+    def _dispatch(self, request: CniRequest, netns_fd: int | None,
+                  caller: Caller | None = None) -> str:
         if request.command == "ADD":
-            return json.dumps(self.add(request, netns_fd))
+            return self.add(request, netns_fd, caller)
         if request.command == "DEL":
             self.delete(request)
         elif request.command == "CHECK":
@@ -234,28 +275,43 @@ class CniService:
 
     # --- commands ---------------------------------------------------------------------
 
-    def add(self, request: CniRequest, netns_fd: int | None) -> dict[str, Any]:
+    def add(self, request: CniRequest, netns_fd: int | None,
+            caller: Caller | None = None) -> str:
+        """Wire the attachment; return the Result as JSON text (see `handle` for `caller`)."""
         if netns_fd is None:
             raise p.CniError(p.ERR_INVALID_ENV, "ADD needs the container's network namespace")
         ipam = self._require_ready()
+        self._refuse_node_namespace(request, netns_fd)
         problem = self._wiring.antispoof_problem()
         if problem:
             raise p.CniError(p.ERR_ANTISPOOF_UNAVAILABLE, "refusing to wire pods", problem)
         with self._attachment_lock(request.key):
+            _check_caller(caller, "before the address was allocated")  # e.g. queued too long
             allocation, _created = ipam.allocate(
                 request.key, namespace=request.pod_namespace, name=request.pod_name,
                 netns=request.netns,
             )
             attachment = _attachment(allocation)
-            mtu = request.config.get("mtu", self.mtu)
-            plan = compute_wiring_plan(
-                attachment, compute_mac(self._random_bytes(6)), compute_mac(self._random_bytes(6)),
-                mtu,
-            )
+            plan = compute_wiring_plan(attachment, compute_mac(self._random_bytes(6)),
+                                       request.config.get("mtu", self.mtu))
+            hooked = False
             try:
-                self._wiring.add_pod(plan, netns_fd)
+                output = _encode_result(request, plan)
+                _check_caller(caller, "before the pod was wired")
+                self._wire(plan, netns_fd)
+                _check_caller(caller, "before the pod-ready hook")
+                if self.pod_ready_hook is not None:
+                    hooked = True
+                    self._call_ready_hook(attachment)
+                if caller is not None and not caller.confirm(output):
+                    raise _GaveUp("before it acknowledged the answer")
             except Exception as exc:
-                self._undo_add(attachment)
+                if hooked:
+                    self._call_removed_hook(attachment)
+                self._undo_add(attachment, plan)
+                if isinstance(exc, _GaveUp):
+                    log.warning("CNI ADD %s/%s %s: %s", attachment.namespace, attachment.name,
+                                request.container_id[:12], exc.msg)
                 if isinstance(exc, OSError):
                     raise p.CniError(
                         p.ERR_WIRING,
@@ -263,33 +319,68 @@ class CniService:
                         str(exc),
                     ) from None
                 raise
-            if self.pod_ready_hook is not None:
-                try:
-                    self.pod_ready_hook(attachment)
-                except Exception as exc:
-                    log.warning("pod-ready hook failed for %s: %s", attachment, exc)
-                    self._call_removed_hook(attachment)
-                    self._undo_add(attachment)
-                    raise p.CniError(
-                        p.ERR_HOOK_FAILED,
-                        f"pod-ready hook failed for pod {attachment.namespace}/{attachment.name}",
-                        str(exc),
-                    ) from None
             log.info("CNI ADD %s/%s %s -> %s on %s", attachment.namespace, attachment.name,
                      request.container_id[:12], attachment.ip, attachment.host_ifname)
-            return compute_result(
-                request.cni_version, plan, request.netns, request.prev_result,
-                request.config.get("dns"),
+            return output
+
+    def _refuse_node_namespace(self, request: CniRequest, netns_fd: int) -> None:
+        if self._wiring.is_node_namespace(netns_fd):
+            raise p.CniError(
+                p.ERR_INVALID_ENV,
+                f"CNI_NETNS {request.netns} is the node's own network namespace, not a "
+                "container's: refusing to wire it",
             )
 
-    def _undo_add(self, attachment: PodAttachment) -> None:
+    def _wire(self, plan: WiringPlan, netns_fd: int) -> None:
+        """add_pod; an interface of the host veth's name is replaced only if it is this
+        attachment's (left by an earlier ADD of it), never if it is anyone else's."""
         try:
-            self._wiring.remove_pod(attachment.host_ifname)
+            self._wiring.add_pod(plan, netns_fd)
+            return
+        except HostLinkExists as exists:
+            link = exists.link
+            if not plan.host_claim.owns(link.name, link.mac, link.kind):
+                raise p.CniError(
+                    p.ERR_WIRING,
+                    f"host interface {link.name} already exists and is not this "
+                    "attachment's: meshgress leaves it alone",
+                    f"a {link.kind} with MAC {link.mac}; this attachment's has MAC "
+                    f"{plan.host_mac}",
+                ) from None
+            self._wiring.delete_host_link(link)
+        self._wiring.add_pod(plan, netns_fd)
+
+    def _call_ready_hook(self, attachment: PodAttachment) -> None:
+        assert self.pod_ready_hook is not None
+        try:
+            self.pod_ready_hook(attachment)
+        except Exception as exc:
+            log.warning("pod-ready hook failed for %s: %s", attachment, exc)
+            raise p.CniError(
+                p.ERR_HOOK_FAILED,
+                f"pod-ready hook failed for pod {attachment.namespace}/{attachment.name}",
+                str(exc),
+            ) from None
+
+    def _undo_add(self, attachment: PodAttachment, plan: WiringPlan) -> None:
+        try:
+            self._remove_host_link(plan.host_claim)
         except OSError as exc:
             log.error("undoing ADD: cannot delete %s: %s", attachment.host_ifname, exc)
             return  # keep the allocation: the address must not be reused while wired
         if self._ipam is not None:
             self._ipam.release(attachment.key)
+
+    def _remove_host_link(self, claim: HostLinkClaim) -> bool:
+        """Delete the interface `claim` names if it is the claimant's; True if deleted."""
+        link = self._wiring.host_link(claim.name)
+        if link is None:
+            return False
+        if not claim.owns(link.name, link.mac, link.kind):
+            log.warning("CNI: not deleting %s: it is not this attachment's (a %s with MAC "
+                        "%s, expected %s)", link.name, link.kind, link.mac, claim.mac)
+            return False
+        return self._wiring.delete_host_link(link)
 
     def _call_removed_hook(self, attachment: PodAttachment) -> None:
         if self.pod_removed_hook is None:
@@ -303,16 +394,14 @@ class CniService:
         key = request.key
         with self._attachment_lock(key), self._any_ipam() as ipam:
             allocation = ipam.lookup(key) if ipam is not None else None
-            names = {compute_host_ifname(key.container_id, key.ifname)}
-            if allocation is not None and allocation.host_ifname:
-                names.add(allocation.host_ifname)
+            claims = compute_host_link_claims(key, allocation.host_ifname if allocation else "")
             if self._open:
-                for name in sorted(names):
+                for claim in claims:
                     try:
-                        self._wiring.remove_pod(name)
+                        self._remove_host_link(claim)
                     except OSError as exc:
                         raise p.CniError(
-                            p.ERR_WIRING, f"cannot delete host interface {name}", str(exc)
+                            p.ERR_WIRING, f"cannot delete host interface {claim.name}", str(exc)
                         ) from None
             elif allocation is not None:
                 raise p.CniError(p.ERR_TRY_AGAIN_LATER, "the agent's CNI service is starting")
@@ -325,6 +414,7 @@ class CniService:
         if netns_fd is None:
             raise p.CniError(p.ERR_INVALID_ENV, "CHECK needs the container's network namespace")
         ipam = self._require_ready()
+        self._refuse_node_namespace(request, netns_fd)
         with self._attachment_lock(request.key):
             allocation = ipam.lookup(request.key)
             if allocation is None:
@@ -334,10 +424,9 @@ class CniService:
                     f"{request.ifname}",
                 )
             attachment = _attachment(allocation)
+            claim = compute_host_link_claim(request.key, allocation.host_ifname)
             problems = list(compute_check_problems(request, attachment.ip, attachment.host_ifname))
-            problems += self._wiring.check_pod(
-                attachment.host_ifname, request.ifname, attachment.ip, netns_fd
-            )
+            problems += self._wiring.check_pod(claim, request.ifname, attachment.ip, netns_fd)
         if problems:
             raise p.CniError(
                 p.ERR_CHECK_FAILED,
@@ -354,17 +443,20 @@ class CniService:
             if ipam is not None:
                 ipam.prune()
                 allocations = {a.key: a for a in ipam.allocations()}
-            plan = plan_gc(valid, allocations, self._wiring.host_links())
+            recorded = {key: a.host_ifname for key, a in allocations.items()}
+            plan = plan_gc(valid, allocations, self._wiring.host_links(), recorded)
             for key in plan.release:
                 attachment = _attachment(allocations[key])
-                self._wiring.remove_pod(attachment.host_ifname)
+                for claim in compute_host_link_claims(key, recorded[key]):
+                    self._remove_host_link(claim)
                 self._call_removed_hook(attachment)
                 if ipam is not None:
                     ipam.release(key)
                 log.info("CNI GC released %s (%s/%s)", attachment.ip, key.container_id[:12],
                          key.ifname)
             for name in plan.delete_links:
-                if self._wiring.remove_pod(name):
+                link = self._wiring.host_link(name)
+                if link is not None and self._wiring.delete_host_link(link):
                     log.info("CNI GC deleted stale host interface %s", name)
 
     def status(self) -> None:
@@ -389,10 +481,32 @@ class _ReadOnlyIpam(Ipam):
         raise p.CniError(p.ERR_TRY_AGAIN_LATER, "this node's pod CIDR is not known yet")
 
 
+def _check_caller(caller: Caller | None, step: str) -> None:
+    if caller is not None and caller.gave_up():
+        raise _GaveUp(step)
+
+
+def _encode_result(request: CniRequest, plan: WiringPlan) -> str:
+    """The ADD's answer, computed before anything is wired: whatever it could fail on
+    fails while there is nothing to undo but the allocation."""
+    result = compute_result(request.cni_version, plan, request.netns, request.prev_result,
+                            request.config.get("dns"))
+    output = json.dumps(result)
+    if len(output) > p.MAX_FRAME:
+        raise p.CniError(p.ERR_INVALID_CONFIG,
+                         f"the result would be {len(output)} bytes, more than the {p.MAX_FRAME} "
+                         "the plugin accepts (an oversized prevResult?)")
+    return output
+
+
 def _requested_version(raw: Mapping[str, Any]) -> str:
     """The configuration's cniVersion, for error objects, even if the request is bad."""
-    try:
-        version = json.loads(str(raw.get("stdin") or "{}")).get("cniVersion")
-    except (ValueError, AttributeError):
+    stdin = raw.get("stdin")
+    if not isinstance(stdin, str) or len(stdin) > p.MAX_CONFIG:
         return p.LATEST_VERSION
+    try:
+        config = json.loads(stdin)
+    except (ValueError, RecursionError):
+        return p.LATEST_VERSION
+    version = config.get("cniVersion") if isinstance(config, dict) else None
     return version if isinstance(version, str) and version else p.LATEST_VERSION

@@ -34,22 +34,33 @@ Nothing else a request thread does depends on its namespace (the node-side socke
 made at home; sysctls are set over netlink), and a thread that cannot return raises
 `StrandedInPod`, which ends it (see there).
 
-Behind the `Wiring` protocol so the service's logic is tested with a fake.
+Never harming what is not ours: the service refuses a "pod" namespace that is the node's
+own (`is_node_namespace`); routes are created, never replaced (an existing route to the
+same destination is accepted only if it is meshgress's through this pod's interface, else
+the ADD fails and the route stays); an existing host interface of the veth's name is
+reported (`HostLinkExists`) for the service to decide, by `cni.model.HostLinkClaim`,
+whether it is this attachment's; and interfaces are deleted by index, after that check.
+
+Behind the `Wiring` protocol so the service's logic is tested with `FakeWiring`, an
+in-memory model of the same kernel behaviour.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Protocol
 
 from cni import protocol as p
-from cni.model import WiringPlan
+from cni.model import HostLinkClaim, WiringPlan
 from meshgress.kernel import sysctl
 from meshgress.kernel.netns import CLONE_NEWNET, setns
 from meshgress.kernel.rtnetlink import (
@@ -60,6 +71,7 @@ from meshgress.kernel.rtnetlink import (
     RT_SCOPE_LINK,
     RT_TABLE_MAIN,
     Link,
+    Message,
     Route,
     address_message,
     route_message,
@@ -101,12 +113,53 @@ class Wiring(Protocol):
     def close(self) -> None: ...
     def prepare_node(self, own_gateway: bool) -> None: ...
     def antispoof_problem(self) -> str | None: ...
-    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None: ...
-    def remove_pod(self, host_ifname: str) -> bool: ...
+    def is_node_namespace(self, netns_fd: int) -> bool:
+        """Whether `netns_fd` refers to the network namespace the node's side lives in."""
+        ...
+    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
+        """Create the veth pair, configure both sides, add the routes (create-only).
+
+        Raises HostLinkExists (the node has an interface of the host side's name; nothing
+        was created), CniError ERR_IFNAME_IN_USE (the container has one of the pod side's
+        name), CniError ERR_WIRING (a route of the plan is taken by someone else's), or
+        OSError. On any failure after the veth exists, the veth is left for the caller to
+        delete (deleting it removes everything else the plan made).
+        """
+        ...
+    def host_link(self, name: str) -> Link | None: ...
+    def delete_host_link(self, link: Link) -> bool:
+        """Delete this very interface (by index); False if it is gone already."""
+        ...
     def check_pod(
-        self, host_ifname: str, pod_ifname: str, ip: IPv4Address, netns_fd: int
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
     ) -> list[str]: ...
     def host_links(self) -> list[str]: ...
+
+
+class HostLinkExists(Exception):
+    """The node already has an interface named as the pod's host veth would be."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__(f"host interface {link.name} already exists")
+        self.link = link
+
+
+def _is_own_route(existing: Route, wanted: Route) -> bool:
+    """An existing route meshgress may take as the one it wanted: tagged as meshgress's
+    and through the same interface."""
+    return existing.protocol == ROUTE_PROTOCOL and existing.oif == wanted.oif
+
+
+def _route_conflict(existing: Route | None, wanted: Route, where: str) -> p.CniError:
+    holder = ("" if existing is None else
+              f"existing route: protocol {existing.protocol}, interface index {existing.oif}"
+              f"{f', via {existing.gateway}' if existing.gateway else ''}")
+    return p.CniError(
+        p.ERR_WIRING,
+        f"a route to {wanted.dst} already exists in {where} and is not this pod's: "
+        "meshgress does not replace it",
+        holder,
+    )
 
 
 class StrandedInPod(SystemExit):
@@ -137,6 +190,7 @@ class NetlinkWiring:
         self._sockets_lock = threading.Lock()
         self._open = False
         self._home_fd: int | None = None
+        self._home_identity: tuple[int, int] | None = None
         self._gateway = IPv4Address(POD_GATEWAY_IPV4)
         self._netconf: NetconfWatch | None = None
         self._antispoof_lock = threading.Lock()
@@ -159,6 +213,7 @@ class NetlinkWiring:
         """Open in the node's namespace: the calling thread's is taken as the node's."""
         if self._home_fd is None:
             self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            self._home_identity = namespace_identity(self._home_fd)
         self._open = True
         _ = self.host
         try:
@@ -176,6 +231,7 @@ class NetlinkWiring:
         if self._home_fd is not None:
             os.close(self._home_fd)
             self._home_fd = None
+            self._home_identity = None
         with self._antispoof_lock:
             if self._netconf is not None:
                 self._netconf.close()
@@ -235,6 +291,11 @@ class NetlinkWiring:
 
     # --- pods -------------------------------------------------------------------------
 
+    def is_node_namespace(self, netns_fd: int) -> bool:
+        if self._home_identity is None:
+            raise RuntimeError("NetlinkWiring used before open()")
+        return namespace_identity(netns_fd) == self._home_identity
+
     def _pod_rtnl(self, netns_fd: int) -> Rtnl:
         """A netlink socket in the namespace `netns_fd` refers to, made by this thread."""
         home = self._home_fd
@@ -251,48 +312,32 @@ class NetlinkWiring:
                              "(%s); it stops", threading.current_thread().name, exc)
                 raise StrandedInPod(f"cannot return to the node's namespace: {exc}") from exc
 
-    def _create_veth(self, plan: WiringPlan, netns_fd: int) -> Link | None:
-        return self.host.create_veth(
-            plan.host_ifname, plan.host_mac, plan.pod_ifname, plan.pod_mac, netns_fd,
-            mtu=plan.mtu, up=False,
-        )
-
     def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
         host = self.host
         try:
-            link = self._create_veth(plan, netns_fd)
+            link = host.create_veth(plan.host_ifname, plan.host_mac, plan.pod_ifname,
+                                    plan.pod_mac, netns_fd, mtu=plan.mtu, up=False)
         except NetlinkError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            # Either a pair left by an earlier ADD of this attachment (replace it) or the
-            # pod already has an interface of that name (not ours to touch).
-            if not host.delete_link(plan.host_ifname):
-                raise p.CniError(
-                    p.ERR_IFNAME_IN_USE,
-                    f"interface {plan.pod_ifname} already exists in the container's network "
-                    "namespace",
-                ) from None
-            try:
-                link = self._create_veth(plan, netns_fd)
-            except NetlinkError as again:
-                if again.errno == errno.EEXIST:
-                    raise p.CniError(
-                        p.ERR_IFNAME_IN_USE,
-                        f"interface {plan.pod_ifname} already exists in the container's "
-                        "network namespace",
-                    ) from None
-                raise
+            existing = host.get_link(plan.host_ifname)
+            if existing is not None:
+                raise HostLinkExists(existing) from None
+            raise p.CniError(
+                p.ERR_IFNAME_IN_USE,
+                f"interface {plan.pod_ifname} already exists in the container's network "
+                "namespace",
+            ) from None
         if link is None:  # a kernel that does not echo new links
             link = host.get_link(plan.host_ifname)
             if link is None:
                 raise NetlinkError(errno.ENODEV, f"{plan.host_ifname} vanished after creation")
         # Each side's steps go to the kernel in one write; it applies them in order.
-        host.batch([
+        _apply(host, [
             set_ipv4_conf_message(link.index, HOST_VETH_IPV4_CONF),
             set_arp_proxy_delay_message(link.index, HOST_VETH_PROXY_DELAY_MS),
             set_up_message(link.index),
-            route_message(_route(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK)),
-        ])
+        ], [_route(plan.ip, 32, oif=link.index, scope=RT_SCOPE_LINK)], "the node's main table")
         with self._pod_rtnl(netns_fd) as pod:
             # The host side's IFLA_LINK is the peer's index in the pod's namespace.
             pod_index = link.peer_index
@@ -301,16 +346,20 @@ class NetlinkWiring:
                 if pod_link is None:
                     raise NetlinkError(errno.ENODEV, f"{plan.pod_ifname} missing in the pod")
                 pod_index = pod_link.index
-            pod.batch([
+            _apply(pod, [
                 set_up_message(pod_index),
                 address_message(pod_index, plan.ip, 32),
-                route_message(_route(plan.gateway, 32, oif=pod_index, scope=RT_SCOPE_LINK)),
-                route_message(_route(IPv4Address(0), 0, oif=pod_index, gateway=plan.gateway)),
-            ])
+            ], [
+                _route(plan.gateway, 32, oif=pod_index, scope=RT_SCOPE_LINK),
+                _route(IPv4Address(0), 0, oif=pod_index, gateway=plan.gateway),
+            ], "the container's main table")
 
-    def remove_pod(self, host_ifname: str) -> bool:
-        """Delete the host veth (its peer and routes through it go with it)."""
-        return self.host.delete_link(host_ifname)
+    def host_link(self, name: str) -> Link | None:
+        return self.host.get_link(name)
+
+    def delete_host_link(self, link: Link) -> bool:
+        """Delete the host veth by index (its peer and routes through it go with it)."""
+        return self.host.delete_link_index(link.index)
 
     def host_links(self) -> list[str]:
         return sorted(
@@ -319,13 +368,17 @@ class NetlinkWiring:
         )
 
     def check_pod(
-        self, host_ifname: str, pod_ifname: str, ip: IPv4Address, netns_fd: int
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
     ) -> list[str]:
         problems: list[str] = []
         host = self.host
+        host_ifname = claim.name
         link = host.get_link(host_ifname)
         if link is None:
             problems.append(f"host interface {host_ifname} is missing")
+        elif not claim.owns(link.name, link.mac, link.kind):
+            problems.append(f"host interface {host_ifname} is not this attachment's "
+                            f"(a {link.kind} with MAC {link.mac})")
         else:
             if not link.up:
                 problems.append(f"host interface {host_ifname} is down")
@@ -360,7 +413,215 @@ class NetlinkWiring:
         return problems
 
 
+def namespace_identity(fd: int) -> tuple[int, int]:
+    """What tells namespaces apart: the device and inode of an fd referring to one (its
+    nsfs inode, also through a bind mount such as /run/netns/NAME)."""
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
+
+
+def _apply(rtnl: Rtnl, messages: Sequence[Message], routes: Sequence[Route], where: str) -> None:
+    """`messages`, then `routes` created (never replaced), in one write. A route that
+    exists already is fine only if it is meshgress's through the same interface."""
+    _, errors = rtnl.batch_results(
+        [*messages, *(route_message(route, replace=False) for route in routes)])
+    for n in sorted(errors):
+        error = errors[n]
+        if n < len(messages) or error.errno != errno.EEXIST:
+            raise error
+        wanted = routes[n - len(messages)]
+        existing = next((r for r in rtnl.routes(table=wanted.table)
+                         if r.dst == wanted.dst and (r.metric or 0) == (wanted.metric or 0)),
+                        None)
+        if existing is None or not _is_own_route(existing, wanted):
+            raise _route_conflict(existing, wanted, where)
+
+
 def _route(dst: IPv4Address, prefixlen: int, *, oif: int, scope: int = 0,
            gateway: IPv4Address | None = None) -> Route:
     return Route(IPv4Network((dst, prefixlen)), RT_TABLE_MAIN, ROUTE_PROTOCOL, scope=scope,
                  oif=oif, gateway=gateway)
+
+
+NamespaceId = tuple[int, int]
+
+
+@dataclass
+class FakeNamespace:
+    """One network namespace of `FakeWiring`: interfaces by name, main-table routes."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    routes: dict[IPv4Network, Route] = field(default_factory=dict)
+    addresses: dict[str, IPv4Address] = field(default_factory=dict)
+
+
+class FakeWiring:
+    """`Wiring` on an in-memory model of the kernel, for tests without root.
+
+    Namespaces are told apart as the kernel's are, by the device and inode of the file an
+    fd refers to (`namespace_identity`): the node's is the test process's own, a pod's can
+    be any file. What the model reproduces is what the service's decisions depend on: a
+    veth is two interfaces created at once (EEXIST if either name is taken, the host side
+    checked first), deleting one end deletes the other and every route through either,
+    routes are created only (EEXIST when the destination is taken). Tests add foreign
+    interfaces and routes with `node.links[...]`/`add_foreign_*` and inject failures with
+    `fail_add` (raised once the veth exists, as a failing later step would).
+    """
+
+    def __init__(self) -> None:
+        self.node_id = namespace_identity_of_path("/proc/self/ns/net")
+        self.namespaces: dict[NamespaceId, FakeNamespace] = {self.node_id: FakeNamespace()}
+        self.peers: dict[int, tuple[NamespaceId, str]] = {}
+        """Host veth index -> (pod namespace, pod interface name)."""
+        self.log: list[str] = []
+        self.fail_add: BaseException | None = None
+        self.antispoof: str | None = None
+        self.opened = False
+        self.own_gateway: bool | None = None
+        self._indexes = itertools.count(100)
+        self._lock = threading.Lock()
+
+    @property
+    def node(self) -> FakeNamespace:
+        return self.namespaces[self.node_id]
+
+    @property
+    def links(self) -> dict[str, Link]:
+        """The node's interfaces by name."""
+        return self.node.links
+
+    def pod(self, netns_fd: int) -> FakeNamespace:
+        return self.namespaces.setdefault(namespace_identity(netns_fd), FakeNamespace())
+
+    def is_empty(self) -> bool:
+        """Nothing the service had made is left: no veth pair, no route tagged as
+        meshgress's, no pod address (foreign interfaces and routes do not count)."""
+        return not self.peers and not any(
+            ns.addresses or any(r.protocol == ROUTE_PROTOCOL for r in ns.routes.values())
+            for ns in self.namespaces.values()
+        )
+
+    def add_foreign_link(self, name: str, mac: str = "02:00:5e:00:00:01", kind: str = "veth",
+                         netns_fd: int | None = None) -> Link:
+        namespace = self.node if netns_fd is None else self.pod(netns_fd)
+        link = Link(next(self._indexes), name, mac, True, kind, 1500)
+        namespace.links[name] = link
+        return link
+
+    def add_foreign_route(self, dst: str, *, protocol: int = 4, oif: int | None = None,
+                          netns_fd: int | None = None) -> Route:
+        namespace = self.node if netns_fd is None else self.pod(netns_fd)
+        route = Route(IPv4Network(dst), RT_TABLE_MAIN, protocol, oif=oif)
+        namespace.routes[route.dst] = route
+        return route
+
+    # --- Wiring ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.opened = True
+
+    def close(self) -> None:
+        self.opened = False
+
+    def prepare_node(self, own_gateway: bool) -> None:
+        self.own_gateway = own_gateway
+
+    def antispoof_problem(self) -> str | None:
+        return self.antispoof
+
+    def is_node_namespace(self, netns_fd: int) -> bool:
+        return namespace_identity(netns_fd) == self.node_id
+
+    def add_pod(self, plan: WiringPlan, netns_fd: int) -> None:
+        with self._lock:
+            self.log.append(f"add {plan.host_ifname}")
+            pod_id = namespace_identity(netns_fd)
+            pod = self.namespaces.setdefault(pod_id, FakeNamespace())
+            if plan.host_ifname in self.node.links:
+                raise HostLinkExists(self.node.links[plan.host_ifname])
+            if plan.pod_ifname in pod.links:
+                raise p.CniError(p.ERR_IFNAME_IN_USE,
+                                 f"interface {plan.pod_ifname} already exists in the "
+                                 "container's network namespace")
+            host = Link(next(self._indexes), plan.host_ifname, plan.host_mac, True, "veth",
+                        plan.mtu or 1500)
+            peer = Link(next(self._indexes), plan.pod_ifname, plan.pod_mac, True, "veth",
+                        plan.mtu or 1500, peer_index=host.index)
+            self.node.links[host.name] = host
+            pod.links[peer.name] = peer
+            self.peers[host.index] = (pod_id, peer.name)
+            if self.fail_add is not None:
+                raise self.fail_add
+            self._add_routes(self.node, [_route(plan.ip, 32, oif=host.index,
+                                                scope=RT_SCOPE_LINK)], "the node's main table")
+            pod.addresses[peer.name] = plan.ip
+            self._add_routes(pod, [
+                _route(plan.gateway, 32, oif=peer.index, scope=RT_SCOPE_LINK),
+                _route(IPv4Address(0), 0, oif=peer.index, gateway=plan.gateway),
+            ], "the container's main table")
+
+    @staticmethod
+    def _add_routes(namespace: FakeNamespace, routes: list[Route], where: str) -> None:
+        for route in routes:
+            existing = namespace.routes.get(route.dst)
+            if existing is not None and not _is_own_route(existing, route):
+                raise _route_conflict(existing, route, where)
+            namespace.routes[route.dst] = route
+
+    def host_link(self, name: str) -> Link | None:
+        return self.node.links.get(name)
+
+    def delete_host_link(self, link: Link) -> bool:
+        with self._lock:
+            current = self.node.links.get(link.name)
+            if current is None or current.index != link.index:
+                return False
+            self.log.append(f"remove {link.name}")
+            del self.node.links[link.name]
+            _drop_routes_through(self.node, link.index)
+            peer = self.peers.pop(link.index, None)
+            if peer is not None:
+                pod = self.namespaces[peer[0]]
+                pod_link = pod.links.pop(peer[1], None)
+                pod.addresses.pop(peer[1], None)
+                if pod_link is not None:
+                    _drop_routes_through(pod, pod_link.index)
+                if not pod.links and not pod.routes:
+                    del self.namespaces[peer[0]]
+            return True
+
+    def check_pod(
+        self, claim: HostLinkClaim, pod_ifname: str, ip: IPv4Address, netns_fd: int
+    ) -> list[str]:
+        link = self.node.links.get(claim.name)
+        if link is None:
+            return [f"host interface {claim.name} is missing"]
+        if not claim.owns(link.name, link.mac, link.kind):
+            return [f"host interface {claim.name} is not this attachment's"]
+        problems = []
+        route = self.node.routes.get(IPv4Network(ip))
+        if route is None or route.oif != link.index:
+            problems.append(f"host route {ip}/32 dev {claim.name} is missing")
+        pod = self.namespaces.get(namespace_identity(netns_fd), FakeNamespace())
+        if pod_ifname not in pod.links:
+            problems.append(f"interface {pod_ifname} is missing in the container")
+        elif pod.addresses.get(pod_ifname) != ip:
+            problems.append(f"address {ip}/32 is missing on {pod_ifname} in the container")
+        return problems
+
+    def host_links(self) -> list[str]:
+        return sorted(name for name, link in self.node.links.items()
+                      if name.startswith(POD_HOST_VETH_PREFIX) and link.kind == "veth")
+
+
+def namespace_identity_of_path(path: str) -> NamespaceId:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return namespace_identity(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_routes_through(namespace: FakeNamespace, index: int) -> None:
+    for dst in [dst for dst, route in namespace.routes.items() if route.oif == index]:
+        del namespace.routes[dst]

@@ -42,6 +42,16 @@ after that gateway's last renewal."""
 
 
 @dataclass(frozen=True)
+class ClaimLimits:
+    """How much a gateway process may take: its capacity and when it may go beyond it."""
+
+    max_slots: int
+    orphan_grace: float = ORPHAN_GRACE_SECONDS
+    orphans_allowed: bool = True
+    """False while the process is starting up: no slots beyond `max_slots` yet."""
+
+
+@dataclass(frozen=True)
 class ClaimPlan:
     """What to do with the leases on this pass."""
 
@@ -78,9 +88,8 @@ def claim_order(holder: str, slot: SlotId) -> str:
 
 def plan_claims(*, holder: str, held: Collection[SlotId],
                 leases: Mapping[SlotId, Lease | None], servable: Sequence[SlotId],
-                now: float, max_slots: int, free_since: Mapping[SlotId, float],
-                orphan_grace: float = ORPHAN_GRACE_SECONDS,
-                orphans_allowed: bool = True) -> ClaimPlan:
+                now: float, free_since: Mapping[SlotId, float],
+                limits: ClaimLimits) -> ClaimPlan:
     """Decide renewals, releases, fencing and new claims. Purely computational.
 
     `held`: slots this process holds (its last acquire or renew succeeded and has not
@@ -124,17 +133,17 @@ def plan_claims(*, holder: str, held: Collection[SlotId],
             assert lease is not None
             wake_at(lease.renew_time + lease.duration_seconds)
 
-    capacity = max(0, max_slots - len(keep) - len(adopt))
+    capacity = max(0, limits.max_slots - len(keep) - len(adopt))
     candidates = sorted(free, key=lambda s: claim_order(holder, s))
     # Slots beyond capacity wait for the grace, measured from when they were first seen
     # free; the first `capacity` candidates are tried anyway, the rest may become orphans.
     orphans: list[SlotId] = []
-    for slot in candidates[capacity:] if orphans_allowed else ():
+    for slot in candidates[capacity:] if limits.orphans_allowed else ():
         since = new_free_since[slot]
-        if now - since >= orphan_grace:
+        if now - since >= limits.orphan_grace:
             orphans.append(slot)
         else:
-            wake_at(since + orphan_grace)
+            wake_at(since + limits.orphan_grace)
     return ClaimPlan(keep=tuple(keep), release=tuple(release), lost=tuple(lost),
                      adopt=tuple(adopt), candidates=tuple(candidates), capacity=capacity,
                      orphans=tuple(orphans), free_since=new_free_since, next_check=next_check)

@@ -1,10 +1,12 @@
 """The gateway's kernel objects outside nftables and WireGuard: plan them, and apply them.
 
 Per held slot the gateway needs, besides its nftables table and the slot's WireGuard
-interface: PROBE_ADDRESS/32 on the slot interface, rp_filter loose (2) there, a routing
-table `gateway_table(number)` holding `default dev <slot interface>`, an `ip rule
-fwmark gateway_mark(number)/FWMARK_MASK lookup gateway_table(number)`, and the egress
-IP as a /32 on the external interface.
+interface: rp_filter loose (2) on the slot interface and SLOT_INTERFACE_ADDRESS/32 on it
+(the kernel's loose reverse-path check fails every packet arriving on an interface
+without an IPv4 address whose source is routed elsewhere), a routing table
+`gateway_table(number)` holding `default dev <slot interface>`, an `ip rule fwmark
+gateway_mark(number)/FWMARK_MASK lookup gateway_table(number)`, and the egress IP as a
+/32 on the external interface.
 
 How the gateway finds its own objects after a restart, without memory (kernel_ids style):
 - slot interfaces: named `mgeg` + 8 hex digits (meshgress.slots);
@@ -46,7 +48,7 @@ from meshgress.kernel_ids import (
     ROUTE_PROTOCOL,
     RULE_PRIORITY_GATEWAY,
 )
-from meshgress.slots import GATEWAY_TABLE_BASE, MAX_SLOTS, PROBE_ADDRESS
+from meshgress.slots import GATEWAY_TABLE_BASE, MAX_SLOTS, SLOT_INTERFACE_ADDRESS
 
 T = TypeVar("T")
 DEFAULT = ipaddress.IPv4Network("0.0.0.0/0")
@@ -84,8 +86,8 @@ class RuleEntry:
 class ObservedDataplane:
     egress_addresses: frozenset[EgressAddress] = frozenset()
     slot_interfaces: frozenset[str] = frozenset()
-    probe_addresses: frozenset[str] = frozenset()
-    """Slot interfaces that carry PROBE_ADDRESS/32."""
+    interface_addresses: frozenset[str] = frozenset()
+    """Slot interfaces that carry SLOT_INTERFACE_ADDRESS/32."""
     routes: frozenset[RouteEntry] = frozenset()
     rules: frozenset[RuleEntry] = frozenset()
     rp_filter: Mapping[str, int] = field(default_factory=dict)
@@ -96,7 +98,7 @@ class DataplanePlan:
     """In the order apply runs them: fencing first, then adds, then removes."""
 
     remove_addresses: tuple[EgressAddress, ...] = ()
-    add_probe_addresses: tuple[str, ...] = ()
+    add_interface_addresses: tuple[str, ...] = ()
     set_rp_filter: tuple[str, ...] = ()
     add_routes: tuple[RouteEntry, ...] = ()
     add_rules: tuple[RuleEntry, ...] = ()
@@ -111,7 +113,8 @@ class DataplanePlan:
 
     def describe(self) -> list[str]:
         out = [f"-address {a.ip}/32 dev {a.interface}" for a in self.remove_addresses]
-        out += [f"+address {PROBE_ADDRESS}/32 dev {i}" for i in self.add_probe_addresses]
+        out += [f"+address {SLOT_INTERFACE_ADDRESS}/32 dev {i}"
+                for i in self.add_interface_addresses]
         out += [f"rp_filter {RP_FILTER_LOOSE} on {i}" for i in self.set_rp_filter]
         out += [f"+route default dev {r.interface} table {r.table}" for r in self.add_routes]
         out += [f"+rule fwmark {r.mark:#x}/{FWMARK_MASK:#x} lookup {r.table}"
@@ -146,7 +149,7 @@ def plan_dataplane(desired: Sequence[SlotDataplane], observed: ObservedDataplane
     tables = {s.table for s in desired}
     return DataplanePlan(
         remove_addresses=tuple(sorted(observed.egress_addresses - addresses)),
-        add_probe_addresses=tuple(sorted(interfaces - observed.probe_addresses)),
+        add_interface_addresses=tuple(sorted(interfaces - observed.interface_addresses)),
         set_rp_filter=tuple(sorted(i for i in interfaces
                                    if observed.rp_filter.get(i) != RP_FILTER_LOOSE)),
         # A route is replaced in place; one in a table that is no longer used is removed.
@@ -179,7 +182,7 @@ class KernelPort(Protocol):
 
     def link_index(self, name: str) -> int | None: ...
 
-    def add_probe_address(self, interface: str) -> None: ...
+    def add_interface_address(self, interface: str) -> None: ...
 
     def set_rp_filter(self, interface: str, value: int) -> None: ...
 
@@ -240,13 +243,13 @@ class NetlinkKernel:
         slot_interfaces = frozenset(n for n in names.values() if SLOT_INTERFACE_RE.match(n))
         known = set(known_egress_ips)
         egress: set[EgressAddress] = set()
-        probe: set[str] = set()
+        addressed: set[str] = set()
         for address in self._read("list addresses", self._rtnl.addresses):
             name = names.get(address.index)
             if name is None or address.prefixlen != 32:
                 continue
-            if address.address == PROBE_ADDRESS and name in slot_interfaces:
-                probe.add(name)
+            if address.address == SLOT_INTERFACE_ADDRESS and name in slot_interfaces:
+                addressed.add(name)
             elif address.address in known and not address.permanent:
                 egress.add(EgressAddress(name, ipaddress.IPv4Address(address.address)))
         routes: set[RouteEntry] = set()
@@ -264,7 +267,7 @@ class NetlinkKernel:
                 conf = self._rtnl.ipv4_conf(index)
                 if conf is not None and conf.rp_filter is not None:
                     rp_filter[name] = conf.rp_filter
-        return ObservedDataplane(frozenset(egress), slot_interfaces, frozenset(probe),
+        return ObservedDataplane(frozenset(egress), slot_interfaces, frozenset(addressed),
                                  frozenset(routes), frozenset(rules), rp_filter)
 
     def read_uplinks(self) -> UplinkView:
@@ -310,9 +313,9 @@ class NetlinkKernel:
             raise KernelError(f"interface {name} does not exist")
         return index
 
-    def add_probe_address(self, interface: str) -> None:
-        self._call(f"add {PROBE_ADDRESS}/32 to {interface}",
-                   rt.address_message(self._index(interface), PROBE_ADDRESS, 32))
+    def add_interface_address(self, interface: str) -> None:
+        self._call(f"add {SLOT_INTERFACE_ADDRESS}/32 to {interface}",
+                   rt.address_message(self._index(interface), SLOT_INTERFACE_ADDRESS, 32))
 
     def set_rp_filter(self, interface: str, value: int) -> None:
         self._call(f"rp_filter on {interface}", rt.set_ipv4_conf_message(
@@ -373,7 +376,7 @@ class FakeKernel:
         self.addresses: dict[ipaddress.IPv4Address, str] = {}
         self.fail_uplinks = False
         self.egress: dict[EgressAddress, int] = {}
-        self.probe: set[str] = set()
+        self.addressed: set[str] = set()
         self.rp: dict[str, int] = {}
         self.routes: set[RouteEntry] = set()
         self.rules: set[RuleEntry] = set()
@@ -383,7 +386,7 @@ class FakeKernel:
         slots = frozenset(n for n in self.links if SLOT_INTERFACE_RE.match(n))
         return ObservedDataplane(
             frozenset(a for a in self.egress if a.ip in set(known_egress_ips)), slots,
-            frozenset(self.probe & slots), frozenset(self.routes), frozenset(self.rules),
+            frozenset(self.addressed & slots), frozenset(self.routes), frozenset(self.rules),
             {n: self.rp.get(n, 0) for n in slots})
 
     def set_link(self, name: str, *, up: bool = True, running: bool = True) -> None:
@@ -413,10 +416,10 @@ class FakeKernel:
         if name not in self.links:
             raise KernelError(f"interface {name} does not exist")
 
-    def add_probe_address(self, interface: str) -> None:
+    def add_interface_address(self, interface: str) -> None:
         self._need(interface)
-        self.probe.add(interface)
-        self.log.append(f"+probe {interface}")
+        self.addressed.add(interface)
+        self.log.append(f"+address {interface}")
 
     def set_rp_filter(self, interface: str, value: int) -> None:
         self._need(interface)
@@ -450,6 +453,6 @@ class FakeKernel:
 
     def delete_link(self, name: str) -> None:
         self.links.pop(name, None)
-        self.probe.discard(name)
+        self.addressed.discard(name)
         self.routes = {r for r in self.routes if r.interface != name}
         self.log.append(f"-link {name}")

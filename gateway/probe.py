@@ -1,10 +1,13 @@
 """The health-probe responder: echo every datagram nodes send to a held slot.
 
 Nodes probe each slot through its tunnel at sub-second intervals (meshgress.slots): a UDP
-datagram from their probe address to PROBE_ADDRESS:PROBE_PORT. The holder answers with the
-same payload, so a node learns that the tunnel, the holder's WireGuard peer for it and the
-holder's process all work. One socket per held slot interface, bound to that interface
-(SO_BINDTODEVICE): the same address and port on every slot interface. A reply must leave
+datagram from their probe address to the slot's egress IP at PROBE_PORT. The holder
+answers with the same payload, so a node learns that the tunnel, the holder's WireGuard
+peer for it, the holder's process and the egress IP all work. One socket per held slot
+interface, bound to the slot's egress IP and to that interface (SO_BINDTODEVICE): probes
+arriving any other way (from the outside, on the external interface) find no socket.
+The socket binds with IP_FREEBIND, so it can open before the IP is up (and stays open
+while the IP lapses): it answers exactly while the kernel has the IP. A reply must leave
 back through the same tunnel: the socket also carries the slot's mark (SO_MARK), so the
 slot's `ip rule fwmark` routes it by `default dev <slot interface>` like every other
 reply of the slot — whatever the main table says about the node's pod CIDR (on a
@@ -24,25 +27,39 @@ never wakes).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import select
 import socket
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
+from meshgress.slots import PROBE_PORT
 
 log = logging.getLogger("meshgress.gateway.probe")
 
 MAX_DATAGRAM = 2048
+IP_FREEBIND = 15
+
+
+@dataclass(frozen=True)
+class ProbeSocket:
+    """What one slot's responder socket is bound to; a change reopens the socket."""
+
+    ifindex: int
+    """The slot interface's current index (a socket stays bound to the old one when the
+    interface is recreated)."""
+    mark: int
+    address: ipaddress.IPv4Address
+    """The slot's egress IP."""
 
 
 class ProbeResponder:
-    def __init__(self, address: str = str(PROBE_ADDRESS), port: int = PROBE_PORT) -> None:
-        self.address = address
+    def __init__(self, port: int = PROBE_PORT) -> None:
         self.port = port
-        self._sockets: dict[str, tuple[tuple[int, int], socket.socket]] = {}
+        self._sockets: dict[str, tuple[ProbeSocket, socket.socket]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._retired: list[socket.socket] = []
@@ -51,13 +68,13 @@ class ProbeResponder:
         self._thread = threading.Thread(target=self._serve, name="probe", daemon=True)
         self._thread.start()
 
-    def interfaces(self) -> dict[str, tuple[int, int]]:
+    def interfaces(self) -> dict[str, ProbeSocket]:
         with self._lock:
             return {name: key for name, (key, _) in self._sockets.items()}
 
-    def ensure(self, wanted: Mapping[str, tuple[int, int]]) -> None:
-        """Serve exactly the interfaces in `wanted` (name → (current ifindex, the slot's
-        mark)). Raises OSError for a socket that cannot be opened (the others are still
+    def ensure(self, wanted: Mapping[str, ProbeSocket]) -> None:
+        """Serve exactly the interfaces in `wanted` (slot interface name → its socket's
+        binding). Raises OSError for a socket that cannot be opened (the others are still
         served)."""
         failures: list[str] = []
         changed = False
@@ -74,7 +91,7 @@ class ProbeResponder:
                 if name in self._sockets:
                     continue
                 try:
-                    self._sockets[name] = (key, self._open(name, key[1]))
+                    self._sockets[name] = (key, self._open(name, key))
                     changed = True
                 except OSError as exc:
                     failures.append(f"{name}: {exc}")
@@ -83,14 +100,15 @@ class ProbeResponder:
         if failures:
             raise OSError(f"probe responder: {'; '.join(failures)}")
 
-    def _open(self, interface: str, mark: int) -> socket.socket:
+    def _open(self, interface: str, binding: ProbeSocket) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-            if mark:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.bind((self.address, self.port))
+            if binding.mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, binding.mark)
+            sock.bind((str(binding.address), self.port))
             sock.setblocking(False)
         except OSError:
             sock.close()

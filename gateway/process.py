@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.claims import ORPHAN_GRACE_SECONDS, ClaimPlan, plan_claims
+from gateway.claims import ORPHAN_GRACE_SECONDS, ClaimLimits, ClaimPlan, plan_claims
 from gateway.compute import (
     SlotDataplane,
     SlotInfo,
@@ -67,7 +67,7 @@ from gateway.garp import announce
 from gateway.leases import LeaseKeeper, slot_name
 from gateway.metrics import GatewayMetrics, SlotSample
 from gateway.options import DEFAULT_STATE_DIR
-from gateway.probe import ProbeResponder
+from gateway.probe import ProbeResponder, ProbeSocket
 from gateway.rules import SlotRules, compute_gateway_ruleset
 from gateway.status import (
     REPORTING_CONTROLLER,
@@ -439,9 +439,11 @@ class Gateway:
             slot: record.lease for slot, record in state.records.items()}
         plan = plan_claims(holder=self.identity, held=set(self.leases.held()), leases=leases,
                            servable=sorted(state.servable), now=now,
-                           max_slots=self.config.max_slots, free_since=self._free_since,
-                           orphan_grace=self.config.orphan_grace,
-                           orphans_allowed=now - self.started_at >= self.config.startup_grace)
+                           free_since=self._free_since,
+                           limits=ClaimLimits(
+                               max_slots=self.config.max_slots,
+                               orphan_grace=self.config.orphan_grace,
+                               orphans_allowed=now - self.started_at >= self.config.startup_grace))
         state.claims = plan
         self._free_since = dict(plan.free_since)
         ok = True
@@ -484,7 +486,8 @@ class Gateway:
         if record is not None and info is not None and state.own is not None \
                 and state.own.internal_ip is not None:
             wanted = slot_lease_annotations(
-                public_key=self.public_key, internal_ip=state.own.internal_ip,
+                holder=self.identity, public_key=self.public_key,
+                internal_ip=state.own.internal_ip,
                 egress_ip=info.egress_ip, node=self.config.node_name,
                 number=state.numbers.get(slot))
             stale = slot_annotations_to_clear(record.annotations, wanted)
@@ -581,12 +584,12 @@ class Gateway:
         except NotWireGuardDeviceError:
             self.kernel.delete_link(name)
 
-    def _probe_interfaces(self, slots: list[SlotDataplane]) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
+    def _probe_interfaces(self, slots: list[SlotDataplane]) -> dict[str, ProbeSocket]:
+        out: dict[str, ProbeSocket] = {}
         for s in slots:
             index = self.kernel.link_index(s.interface)
             if index is not None:
-                out[s.interface] = (index, s.mark)
+                out[s.interface] = ProbeSocket(index, s.mark, s.egress_ip)
         return out
 
     def _apply_plan(self, plan: DataplanePlan, slots: list[SlotDataplane],
@@ -598,8 +601,8 @@ class Gateway:
             self.leases.forget_address(address)
             ok &= step("remove-ip", partial(k.delete_egress_address, address))
             log.info("egress ip removed ip=%s interface=%s", address.ip, address.interface)
-        for name in plan.add_probe_addresses:
-            ok &= step("probe-address", partial(k.add_probe_address, name))
+        for name in plan.add_interface_addresses:
+            ok &= step("interface-address", partial(k.add_interface_address, name))
         for name in plan.set_rp_filter:
             ok &= step("rp-filter", partial(k.set_rp_filter, name, RP_FILTER_LOOSE))
         for route in plan.add_routes:
@@ -654,7 +657,7 @@ class Gateway:
             if mine is None or not mine.ready:
                 continue
             wanted = slot_lease_annotations(
-                public_key=self.public_key, internal_ip=own.internal_ip,
+                holder=self.identity, public_key=self.public_key, internal_ip=own.internal_ip,
                 egress_ip=s.egress_ip, node=self.config.node_name, number=s.number)
             record = state.records.get(s.slot)
             current = record.annotations if record else {}

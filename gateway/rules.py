@@ -11,7 +11,7 @@ Per slot (interface I, external interface X, egress IP E, mark M = gateway_mark(
 set src_<h> of allowed pod IPs, h = the slot's 8-hex hash):
 
     tunnel_in  filter prerouting -150 (mangle: after conntrack, before DNAT and routing)
-      iifname I ip daddr PROBE udp dport PROBE_PORT accept          the health probe
+      iifname I ip daddr E udp dport PROBE_PORT accept              the health probe
       iifname I ip saddr @src_h ct state new ct mark set ct mark & ~MASK | M
       iifname I ip saddr @src_h accept
       iifname I counter drop_h drop                                 source not allowed
@@ -23,7 +23,7 @@ set src_<h> of allowed pod IPs, h = the slot's 8-hex hash):
       oifname I ct mark & MASK == M counter in_h accept
       oifname I counter drop_h drop                                 not this slot's flow
     input      filter input 0
-      iifname I ip daddr PROBE udp dport PROBE_PORT accept
+      iifname I ip daddr E udp dport PROBE_PORT accept
       iifname I counter drop_h drop
     snat       nat postrouting 90 (before the agent's masquerade at 100: the first NAT
                chain that binds a new flow wins)
@@ -67,7 +67,7 @@ from meshgress.kernel_ids import (
     GATEWAY_NFT_TABLE,
     NFT_FAMILY,
 )
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
+from meshgress.slots import PROBE_PORT
 
 TABLE_COMMENT = "managed by the meshgress gateway; do not edit"
 
@@ -132,9 +132,9 @@ CT_MARK: Json = {"ct": {"key": "mark"}}
 META_MARK: Json = meta("mark")
 
 
-def _probe(interface: str) -> Rule:
-    return Rule.of(_iif(interface),
-                   match(payload("ip", "daddr"), str(PROBE_ADDRESS)),
+def _probe(slot: SlotRules) -> Rule:
+    return Rule.of(_iif(slot.interface),
+                   match(payload("ip", "daddr"), str(slot.egress_ip)),
                    match(payload("udp", "dport"), PROBE_PORT),
                    ACCEPT)
 
@@ -166,7 +166,7 @@ def compute_gateway_ruleset(slots: Iterable[SlotRules]) -> Ruleset:
                                       "or not leaving to the outside)"),
         ]
         tunnel_in += [
-            _probe(s.interface),
+            _probe(s),
             Rule.of(_iif(s.interface), match(saddr, set_ref(src)),
                     match({"ct": {"key": "state"}}, "new", "in"), _set_mark(CT_MARK, s.mark)),
             Rule.of(_iif(s.interface), match(saddr, set_ref(src)), ACCEPT),
@@ -181,7 +181,7 @@ def compute_gateway_ruleset(slots: Iterable[SlotRules]) -> Ruleset:
             Rule.of(_oif(s.interface), counter_ref(names["drop"]), DROP),
         ]
         input_ += [
-            _probe(s.interface),
+            _probe(s),
             Rule.of(_iif(s.interface), counter_ref(names["drop"]), DROP),
         ]
         snat.append(Rule.of(_oif(s.external_interface), match(_masked(CT_MARK), s.mark),

@@ -44,6 +44,7 @@ from meshgress.api import ACCEPTED_SPEC_FIELD
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
+    HOLDER_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
 )
@@ -128,10 +129,11 @@ def _slot_state(slot: SlotId, ip: str, record: SlotRecord | None, now: float) ->
         expiry = lease.renew_time + lease.duration_seconds
         entry["since"] = format_time(expiry)
         return _SlotState(entry, f"the lease of {lease.holder} expired at {format_time(expiry)}")
-    entry.update(holder=lease.holder, since=format_time(lease.acquire_time),
-                 node=annotations.get(HOLDER_NODE_ANNOTATION),
-                 publicKey=annotations.get(PUBLIC_KEY_ANNOTATION),
-                 endpoint=annotations.get(ENDPOINT_ANNOTATION))
+    entry.update(holder=lease.holder, since=format_time(lease.acquire_time))
+    if annotations.get(HOLDER_ANNOTATION) == lease.holder:  # not a previous holder's
+        entry.update(node=annotations.get(HOLDER_NODE_ANNOTATION),
+                     publicKey=annotations.get(PUBLIC_KEY_ANNOTATION),
+                     endpoint=annotations.get(ENDPOINT_ANNOTATION))
     published = (annotations.get(EGRESS_IP_ANNOTATION) == ip
                  and all(entry[k] for k in ("node", "publicKey", "endpoint")))
     if not published:

@@ -401,14 +401,9 @@ def _parse_egress_ip(doc: object, field: str, cluster: ClusterConfig) -> IPAddre
 
 def _unusable_egress_ip_reason(ip: IPAddress) -> str | None:
     """Why `ip` can never be a host's source address on the outside, or None."""
-    if ip.is_unspecified:
-        return "the unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_link_local:
-        return "a link-local address"
+    for attribute, reason in _UNUSABLE_KINDS:
+        if getattr(ip, attribute):
+            return reason
     if isinstance(ip, ipaddress.IPv4Address):
         if ip in _THIS_NETWORK:
             return f'in {_THIS_NETWORK}, which means "this network"'
@@ -418,9 +413,15 @@ def _unusable_egress_ip_reason(ip: IPAddress) -> str | None:
     # mapped address would also slip past the IPv4 cluster-range check.
     elif ip.ipv4_mapped is not None:
         return f"an IPv4-mapped IPv6 address; write {ip.ipv4_mapped} instead"
-    if ip.is_reserved:
-        return "in a reserved range"
-    return None
+    return "in a reserved range" if ip.is_reserved else None
+
+
+_UNUSABLE_KINDS = (
+    ("is_unspecified", "the unspecified address"),
+    ("is_loopback", "a loopback address"),
+    ("is_multicast", "a multicast address"),
+    ("is_link_local", "a link-local address"),
+)
 
 
 def _parse_interface(doc: object, field: str) -> str:

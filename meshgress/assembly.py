@@ -15,6 +15,7 @@ import logging
 import threading
 from pathlib import Path
 
+from cni.install import write_conflist
 from cni.ipam import Ipam
 from cni.model import PodAttachment
 from cni.server import serve as serve_cni
@@ -39,11 +40,21 @@ class StartError(RuntimeError):
 
 class CniPodNetwork:
     """The agent's PodNetwork: CNI requests on a unix socket, allocations under the
-    agent's state folder."""
+    agent's state folder. With `conf_dir`, the runtime's conflist is written there once
+    the socket listens (the runtime then sees the network ready) and left in place when
+    the agent stops: a restarting agent keeps the node's pods and their network, and an
+    ADD in the gap is retried by the kubelet."""
 
-    def __init__(self, socket_path: Path, state_dir: Path) -> None:
+    def __init__(self, socket_path: Path, state_dir: Path, conf_dir: Path | None = None
+                 ) -> None:
         self.socket_path = socket_path
         self.state_dir = state_dir
+        self.conf_dir = conf_dir
+
+    def _write_conflist(self) -> None:
+        if self.conf_dir is not None:
+            written = write_conflist(self.conf_dir, str(self.socket_path))
+            log.info("CNI configuration %s", written or "is current")
 
     def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
         ipam = Ipam(pod_cidr, self.state_dir / "ipam")
@@ -61,7 +72,9 @@ class CniPodNetwork:
         service = CniService(pod_cidr, self.state_dir,
                              pod_ready_hook=lambda a: on_ready(pod(a)),
                              pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu)
-        serve_cni(self.socket_path, service, stop, signal_wake=None)  # the agent's CNI thread
+        # The agent's CNI thread: no timed wake-ups for signals (the main thread has them).
+        serve_cni(self.socket_path, service, stop, on_listening=self._write_conflist,
+                  signal_wake=None)
 
 
 def _cluster(args: argparse.Namespace) -> ClusterConfig:
@@ -111,7 +124,7 @@ def run_agent(args: argparse.Namespace) -> int:
         metrics_allow_namespaces=args.metrics_allow_namespaces)
     store = _open_datastore(args)
     try:
-        pods = CniPodNetwork(args.cni_socket, config.state_dir / "cni")
+        pods = CniPodNetwork(args.cni_socket, config.state_dir / "cni", args.cni_conf_dir)
         agent = Agent(config, store, AgentPorts.real(config, pods))
     except WireGuardError as exc:
         store.close()

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +25,8 @@ from meshgress.lab.topology import LabSpecError
 from meshgress.manifests import ManifestError
 
 if TYPE_CHECKING:
-    from meshgress.lab.lab import Lab
-
-if TYPE_CHECKING:
     from meshgress.graph import ClusterGraph
+    from meshgress.lab.lab import Lab
 
 # Node-side commands import pyroute2 and friends (~0.3 s); they are imported only when
 # one of them runs, so `meshgress lab ...` stays quick to start.
@@ -63,8 +61,9 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                            "up and loses its carrier")
     status = lab_sub.add_parser("status", help="what the lab has and whether it runs")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    exe = lab_sub.add_parser("exec", help="run a command inside a lab node or the outside host")
-    exe.add_argument("target", help="a node name, `outside`, or a pod as NAMESPACE/NAME")
+    exe = lab_sub.add_parser(
+        "exec", help="run a command inside a lab node, a pod, the outside or the monitoring host")
+    exe.add_argument("target", help="a node name, `outside`, `monitor`, or a pod as NAMESPACE/NAME")
     exe.add_argument("exec_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
     agent = lab_sub.add_parser("agent", help="stop, start or restart a node's agent")
@@ -97,6 +96,12 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                          help="kubectl's arguments")
 
 
+def _cluster_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster-config", type=Path,
+                        default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
+                        help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+
+
 def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
                      in_lab: bool = False) -> None:
     """apply/get/delete: for the file datastore (or, under `lab`, the lab's datastore,
@@ -112,7 +117,9 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
                           "namespaces, leases")
     # Not `name`: under `lab`, args.name is the lab's.
     get.add_argument("object_name", nargs="?", metavar="NAME")
-    get.add_argument("-o", "--output", choices=("wide", "yaml", "json", "name"), default="wide")
+    get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"),
+                     default="table", help="as kubectl: a table (default), wide, yaml, json "
+                                           "or name")
     get.add_argument("-n", "--namespace", default=None)
     get.add_argument("-A", "--all-namespaces", action="store_true")
     delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
@@ -226,6 +233,8 @@ def _print_status(status: dict[str, object]) -> None:
     outside: dict[str, object] = status["outside"]  # type: ignore[assignment]
     print(f"  outside  {outside['address']}  echo tcp/udp {outside['tcpEchoPort']}  "
           f"{'running' if outside['running'] else 'DOWN'}")
+    monitor: dict[str, object] = status["monitor"]  # type: ignore[assignment]
+    print(f"  monitor  {monitor['address']}  may scrape every node's endpoints")
     for pod in status.get("pods") or []:  # type: ignore[attr-defined]
         print(f"  pod {pod['namespace']}/{pod['name']:<16} on {pod['node']:<6} {pod['address']}")
     for slot in status.get("slots") or []:  # type: ignore[attr-defined]
@@ -233,85 +242,101 @@ def _print_status(status: dict[str, object]) -> None:
         print(f"  egress slot {slot['gateway']}/{slot['index']} {slot['egressIP']:<12} {holder}")
 
 
-def _run_lab(args: argparse.Namespace) -> int:
+def _lab_up(lab: Lab, args: argparse.Namespace) -> int:
+    topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
+                      datastore=args.datastore, wireguard_go=args.wireguard_go)
+    if args.datastore == "kube":
+        kube = lab.kube()
+        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
+              f"{kube.server_url} in network namespace {kube.netns}")
+        print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
+        print(f"export KUBECONFIG={kube.host_kubeconfig}")
+    else:
+        print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
+              f"datastore {lab.datastore_dir}")
+    return 0
+
+
+def _after_dashes(command: Sequence[str]) -> list[str]:
+    command = list(command)
+    return command[1:] if command and command[0] == "--" else command
+
+
+def _lab_kubectl(lab: Lab, args: argparse.Namespace) -> int:
+    argv = lab.kubectl_argv(_after_dashes(args.kubectl_args))
+    os.execvp(argv[0], argv)
+
+
+def _lab_down(lab: Lab, args: argparse.Namespace) -> int:
+    report = lab.down()
+    print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
+          f"stopped {len(report['processes'])} processes")
+    return 0
+
+
+def _lab_status(lab: Lab, args: argparse.Namespace) -> int:
+    status = lab.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0 if status.get("up") else 1
+
+
+def _lab_exec(lab: Lab, args: argparse.Namespace) -> int:
+    argv = lab.exec_argv(args.target, _after_dashes(args.exec_command))
+    os.execvp(argv[0], argv)
+
+
+def _lab_agent(lab: Lab, args: argparse.Namespace) -> int:
+    lab.agent(args.action, args.node)
+    print(f"lab {lab.name}: agent on {args.node}: {args.action} done")
+    return 0
+
+
+def _lab_gateway(lab: Lab, args: argparse.Namespace) -> int:
+    lab.gateway(args.action, args.node)
+    print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
+    return 0
+
+
+def _lab_link(lab: Lab, args: argparse.Namespace) -> int:
+    lab.link(args.node, args.state, carrier=args.carrier)
+    print(f"lab {lab.name}: {args.node} underlay link {args.state}"
+          f"{' (carrier)' if args.carrier else ''}")
+    return 0
+
+
+def _lab_add_node(lab: Lab, args: argparse.Namespace) -> int:
+    node, timings = lab.add_node()
+    print(json.dumps({"node": node.name, **timings}) if args.json else node.name)
+    return 0
+
+
+def _lab_remove_node(lab: Lab, args: argparse.Namespace) -> int:
+    lab.remove_node(args.node)
+    return 0
+
+
+def _lab_add_pod(lab: Lab, args: argparse.Namespace) -> int:
+    namespace, sep, name = args.pod.partition("/")
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    if not sep or not namespace or not name or len(labels) != len(args.label):
+        raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
+    print(lab.add_pod(namespace, name, args.node, labels=labels or None))
+    return 0
+
+
+def _lab_graph(lab: Lab, args: argparse.Namespace) -> int:
+    from meshgress.lab.observe import lab_graph
+
+    return _write_graph(lab_graph(lab), args)
+
+
+def _lab_demo(lab: Lab, args: argparse.Namespace) -> int:
     from meshgress.lab.demo import run_demo
-    from meshgress.lab.lab import Lab
 
-    lab = Lab(args.name)
-    if args.lab_command == "up":
-        topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
-                          datastore=args.datastore, wireguard_go=args.wireguard_go)
-        if args.datastore == "kube":
-            kube = lab.kube()
-            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "
-                  f"{kube.server_url} in network namespace {kube.netns}")
-            print("use it from this shell with kubectl (or `meshgress lab kubectl -- ...`):")
-            print(f"export KUBECONFIG={kube.host_kubeconfig}")
-        else:
-            print(f"lab {lab.name} up: {len(topology.nodes)} nodes, "
-                  f"datastore {lab.datastore_dir}")
-        return 0
-    if args.lab_command == "kubectl":
-        command = list(args.kubectl_args)
-        if command and command[0] == "--":
-            command = command[1:]
-        argv = lab.kubectl_argv(command)
-        os.execvp(argv[0], argv)
-    if args.lab_command == "down":
-        report = lab.down()
-        print(f"lab {lab.name} down: removed {len(report['namespaces'])} network namespaces, "
-              f"stopped {len(report['processes'])} processes")
-        return 0
-    if args.lab_command == "status":
-        status = lab.status()
-        if args.json:
-            print(json.dumps(status, indent=2))
-        else:
-            _print_status(status)
-        return 0 if status.get("up") else 1
-    if args.lab_command == "exec":
-        command = list(args.exec_command)
-        if command and command[0] == "--":
-            command = command[1:]
-        argv = lab.exec_argv(args.target, command)
-        os.execvp(argv[0], argv)
-    if args.lab_command == "agent":
-        lab.agent(args.action, args.node)
-        print(f"lab {lab.name}: agent on {args.node}: {args.action} done")
-        return 0
-    if args.lab_command == "gateway":
-        lab.gateway(args.action, args.node)
-        print(f"lab {lab.name}: gateway on {args.node}: {args.action} done")
-        return 0
-    if args.lab_command == "link":
-        lab.link(args.node, args.state, carrier=args.carrier)
-        print(f"lab {lab.name}: {args.node} underlay link {args.state}"
-              f"{' (carrier)' if args.carrier else ''}")
-        return 0
-    if args.lab_command == "add-node":
-        node, timings = lab.add_node()
-        print(json.dumps({"node": node.name, **timings}) if args.json else node.name)
-        return 0
-    if args.lab_command == "remove-node":
-        lab.remove_node(args.node)
-        return 0
-    if args.lab_command == "add-pod":
-        namespace, sep, name = args.pod.partition("/")
-        labels = dict(item.split("=", 1) for item in args.label if "=" in item)
-        if not sep or not namespace or not name or len(labels) != len(args.label):
-            raise UsageError("lab add-pod: give NAMESPACE/NAME and labels as KEY=VALUE")
-        print(lab.add_pod(namespace, name, args.node, labels=labels or None))
-        return 0
-    if args.lab_command in ("apply", "get", "delete"):
-        return _run_lab_object_command(lab, args)
-    if args.lab_command == "graph":
-        from meshgress.lab.observe import lab_graph
-
-        return _write_graph(lab_graph(lab), args)
-    if args.lab_command == "demo":
-        return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) \
-            else 0
-    raise AssertionError(args.lab_command)
+    return 1 if run_demo(lab, args.nodes, args.gateway_nodes, datastore=args.datastore) else 0
 
 
 def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
@@ -328,11 +353,27 @@ def _run_lab_object_command(lab: Lab, args: argparse.Namespace) -> int:
         kubectl_args = ["delete", args.resource, args.object_name]
     else:
         kubectl_args = ["get", args.resource, *([args.object_name] if args.object_name else []),
-                        *(["-o", args.output] if args.output != "wide" else []),
+                        *(["-o", args.output] if args.output != "table" else []),
                         *(["-n", args.namespace] if args.namespace else []),
                         *(["-A"] if args.all_namespaces else [])]
     argv = lab.kubectl_argv(kubectl_args)
     os.execvp(argv[0], argv)
+
+
+_LAB_COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
+    "up": _lab_up, "kubectl": _lab_kubectl, "down": _lab_down, "status": _lab_status,
+    "exec": _lab_exec, "agent": _lab_agent, "gateway": _lab_gateway, "link": _lab_link,
+    "add-node": _lab_add_node, "remove-node": _lab_remove_node, "add-pod": _lab_add_pod,
+    "apply": _run_lab_object_command, "get": _run_lab_object_command,
+    "delete": _run_lab_object_command,
+    "graph": _lab_graph, "demo": _lab_demo,
+}
+
+
+def _run_lab(args: argparse.Namespace) -> int:
+    from meshgress.lab.lab import Lab
+
+    return _LAB_COMMANDS[args.lab_command](Lab(args.name), args)
 
 
 def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -346,19 +387,21 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     gateway = sub.add_parser("gateway", help="run an egress gateway (on a gateway node)")
     add_gateway_arguments(gateway)
     gateway.add_argument("--log-level", default="INFO")
-    status = sub.add_parser("status", help="this node's mesh, checked against the cluster")
+    status = sub.add_parser(
+        "status", help="this node's mesh and egress slots, checked against the cluster; "
+                       "exits 1 on any problem")
     status.add_argument("--node", default=os.environ.get("MESHGRESS_NODE"),
                         help="this node's name (default: $MESHGRESS_NODE)")
     add_tool_datastore_arguments(status)
-    status.add_argument("--wireguard-backend", default="auto")
-    status.add_argument("--json", action="store_true")
+    _cluster_config_option(status)
+    status.add_argument("--wireguard-backend", default="auto",
+                        help="auto, kernel or userspace (default: auto)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
     explain.add_argument("pod", metavar="NAMESPACE/NAME")
     explain.add_argument("--to", metavar="IP", help="a destination address")
     add_tool_datastore_arguments(explain)
-    explain.add_argument("--cluster-config", type=Path,
-                         default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
-                         help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+    _cluster_config_option(explain)
     wg = sub.add_parser("wg-config", help="export the live mesh interface as a wg-quick file")
     wg.add_argument("--interface", default=WIREGUARD_INTERFACE)
     wg.add_argument("--wireguard-backend", default="auto")
@@ -367,6 +410,7 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from meshgress.config import DEFAULT_CLUSTER_CONFIG, load_cluster_config
     from nodeagent.host import NodeHost
     from nodeagent.status import collect_status, format_status
     from wireguard.backend import detect_backend
@@ -374,10 +418,12 @@ def _run_status(args: argparse.Namespace) -> int:
     if not args.node or not args.datastore:
         raise UsageError("status: give --node and --datastore (or set $MESHGRESS_NODE and "
                          "$MESHGRESS_DATASTORE)")
+    cluster = (load_cluster_config(Path(args.cluster_config)) if args.cluster_config
+               else DEFAULT_CLUSTER_CONFIG)
     store = open_datastore(args.datastore, args.kubeconfig)
     try:
         report = collect_status(args.node, store, detect_backend(args.wireguard_backend),
-                                NodeHost().underlay_mtu)
+                                NodeHost().underlay_mtu, cluster=cluster)
     finally:
         store.close()
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_status(report))
@@ -506,34 +552,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_process(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from meshgress.assembly import run_agent, run_gateway
+
+    return run_agent(args) if args.command == "agent" else run_gateway(args)
+
+
+def _run_object(args: argparse.Namespace) -> int:
+    return _run_object_command(args, args.datastore, getattr(args, "cluster_config", None),
+                               args.kubeconfig)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "lab": _run_lab, "agent": _run_process, "gateway": _run_process, "status": _run_status,
+    "wg-config": _run_wg_config, "explain": _run_explain, "apply": _run_object,
+    "get": _run_object, "delete": _run_object, "graph": _run_graph,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "lab":
-            return _run_lab(args)
-        if args.command == "agent":
-            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from meshgress.assembly import run_agent
-
-            return run_agent(args)
-        if args.command == "gateway":
-            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            from meshgress.assembly import run_gateway
-
-            return run_gateway(args)
-        if args.command == "status":
-            return _run_status(args)
-        if args.command == "wg-config":
-            return _run_wg_config(args)
-        if args.command == "explain":
-            return _run_explain(args)
-        if args.command in ("apply", "get", "delete"):
-            return _run_object_command(args, args.datastore, getattr(args, "cluster_config",
-                                                                     None), args.kubeconfig)
-        if args.command == "graph":
-            return _run_graph(args)
+        return _COMMANDS[args.command](args)
     except ManifestError as exc:
         print(exc, file=sys.stderr)  # already in kubectl's words
         return 1
@@ -545,7 +587,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,17 @@ EGRESS_IP_ANNOTATION: Final = "meshgress.io/egress-ip"
 """On a slot Lease: the egress IP the holder has up."""
 HOLDER_NODE_ANNOTATION: Final = "meshgress.io/holder-node"
 """On a slot Lease: the node the holder runs on."""
+HOLDER_ANNOTATION: Final = "meshgress.io/holder"
+"""On a slot Lease: the holderIdentity that published the other slot annotations. Taking a
+lease over and clearing the previous holder's annotations are two writes; in between,
+readers would pair the new holder with the old holder's key and endpoint. They trust the
+annotations only while this one names the lease's current holder."""
 
 NODE_ANNOTATIONS: Final = (PUBLIC_KEY_ANNOTATION, ENDPOINT_ANNOTATION)
 """Every annotation an agent publishes on its own Node."""
 SLOT_LEASE_ANNOTATIONS: Final = (PUBLIC_KEY_ANNOTATION, ENDPOINT_ANNOTATION,
-                                 EGRESS_IP_ANNOTATION, HOLDER_NODE_ANNOTATION)
+                                 EGRESS_IP_ANNOTATION, HOLDER_NODE_ANNOTATION,
+                                 HOLDER_ANNOTATION)
 """Every annotation the holder of a slot publishes on its Lease."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -304,7 +310,8 @@ class SlotHolder:
 
 def parse_slot_holder(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
     """The holder of a slot lease, or None when it is not a slot lease, is free, expired,
-    or lacks what nodes need to reach its holder. Never raises."""
+    or lacks what nodes need to reach its holder (published by that holder). Never
+    raises."""
     meta = _mapping(obj.get("metadata"))
     slot = parse_slot_lease_name(str(meta.get("name") or ""))
     if slot is None:
@@ -316,6 +323,8 @@ def parse_slot_holder(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
     if lease.holder is None or lease.expired(now):
         return None
     notes = _mapping(meta.get("annotations"))
+    if notes.get(HOLDER_ANNOTATION) != lease.holder:
+        return None
     key = notes.get(PUBLIC_KEY_ANNOTATION)
     if not isinstance(key, str) or not is_valid_key(key):
         return None
@@ -330,14 +339,16 @@ def parse_slot_holder(obj: Mapping[str, Any], now: float) -> SlotHolder | None:
                       acquired=lease.acquire_time)
 
 
-def slot_lease_annotations(*, public_key: str, internal_ip: IPAddress, egress_ip: IPAddress,
-                           node: str, number: int | None) -> dict[str, str]:
+def slot_lease_annotations(*, holder: str, public_key: str, internal_ip: IPAddress,
+                           egress_ip: IPAddress, node: str, number: int | None
+                           ) -> dict[str, str]:
     """What the holder of a slot publishes on its Lease. Without the slot's number the
     endpoint is left out (only the other fields are compared then)."""
     wanted = {
         PUBLIC_KEY_ANNOTATION: public_key,
         EGRESS_IP_ANNOTATION: str(egress_ip),
         HOLDER_NODE_ANNOTATION: node,
+        HOLDER_ANNOTATION: holder,
     }
     if number is not None:
         wanted[ENDPOINT_ANNOTATION] = format_endpoint(internal_ip, gateway_port(number))

@@ -158,6 +158,14 @@ class PolicyView:
     """The generation that applies (the current one when none does)."""
     rejected: str | None = None
     """Why the current generation is invalid; None when it is valid."""
+
+    @property
+    def drops_selected(self) -> bool:
+        """Not applied because its gateway is missing or invalid: the traffic it selects
+        that no applied policy steers is dropped meanwhile, as FailClosed does — a typo in
+        a gateway's name never lets selected pods leave with their node's address."""
+        return self.policy is not None and self.reason in ("GatewayNotFound",
+                                                           "GatewayInvalid")
     spec: Mapping[str, Any] | None = None
     """The spec of `policy` as written (for status.acceptedSpec)."""
     current_generation: int = 1
@@ -216,12 +224,15 @@ def compute_egress(*, gateways: Iterable[Mapping[str, Any]],
         requested = tuple(_subtract(_ranges(policy.destination_cidrs), own_excluded))
         gw = gateway_views.get(policy.gateway)
         if gw is None:
-            reason, message, accepted = ("GatewayNotFound",
-                                         f"EgressGateway {policy.gateway} does not exist", False)
+            reason, message, accepted = (
+                "GatewayNotFound", f"EgressGateway {policy.gateway} does not exist: the "
+                f"traffic of the {len(selected)} pods it selects is dropped until it does",
+                False)
         elif gw.gateway is None:
-            reason, message, accepted = ("GatewayInvalid",
-                                         f"EgressGateway {policy.gateway} is invalid: {gw.error}",
-                                         False)
+            reason, message, accepted = (
+                "GatewayInvalid", f"EgressGateway {policy.gateway} is invalid: {gw.error}; "
+                f"the traffic of the {len(selected)} pods it selects is dropped until it is "
+                "valid", False)
         elif rejected is not None:
             reason, message, accepted = (
                 "LastValidGeneration",

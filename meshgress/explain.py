@@ -74,59 +74,78 @@ def explain_pod(*, model: EgressModel, pod: Mapping[str, Any],
                 rejected: Sequence[RejectedObject] = ()) -> list[str]:
     """Purely computational. `rejected`: objects the datastore could not read."""
     view = pod_view(pod)
-    key = (view.namespace, view.name)
     lines = [f"pod {view.namespace}/{view.name} on {view.node or '?'}, IP {view.ip or '?'}",
              f"  namespace labels: {dict(namespace_labels_) or '{}'}",
              f"  pod labels: {dict(view.labels) or '{}'}"]
-    ordered = sorted(model.policies.values(),
-                     key=lambda v: (v.policy.priority if v.policy else 1 << 30, v.name))
-    applied: PolicyView | None = None
-    for item in rejected:
-        lines.append(f"  ! left out, the datastore cannot read it: {item.describe()}")
+    lines += [f"  ! left out, the datastore cannot read it: {item.describe()}"
+              for item in rejected]
     lines.append("policies, in the order packets try them:")
+    # As nodes try them: applied policies by priority, then those that only drop (their
+    # gateway missing or invalid), then the rest (shown, never applied).
+    ordered = sorted(model.policies.values(),
+                     key=lambda v: (0 if v.accepted else 1 if v.drops_selected else 2,
+                                    v.policy.priority if v.policy else 1 << 30, v.name))
+    applied: PolicyView | None = None
     for policy_view in ordered:
-        policy = policy_view.policy
-        if policy is None:
-            lines.append(f"  - {policy_view.name}: invalid, ignored ({policy_view.message})")
-            continue
-        stale = (f"; runs on generation {policy.generation}, its last valid one: generation "
-                 f"{policy_view.current_generation} is invalid: {policy_view.rejected}"
-                 if policy_view.on_last_valid_generation else "")
-        head = (f"  - {policy_view.name} (priority {policy.priority}, gateway "
-                f"{policy.gateway}{stale})")
-        if key not in policy_view.selected:
-            if not matches(policy.namespace_selector, namespace_labels_):
-                why = f"namespaceSelector [{_describe_selector(policy.namespace_selector)}] " \
-                      "does not match the namespace"
-            else:
-                why = f"podSelector [{_describe_selector(policy.pod_selector)}] does not " \
-                      "match the pod"
-            lines.append(f"{head}: does not select this pod: {why}")
-            continue
-        if not policy_view.accepted:
-            lines.append(f"{head}: selects this pod but is NOT applied: "
-                         f"{policy_view.reason}: {policy_view.message}")
-            continue
-        if to is not None:
-            excluded = _why_excluded(policy_view, to, cluster, node_addresses)
-            if excluded:
-                lines.append(f"{head}: selects this pod, but not for {to}: {excluded}")
-                continue
-        if applied is None:
+        line, applies = _policy_line(policy_view, (view.namespace, view.name),
+                                     namespace_labels_=namespace_labels_, to=to,
+                                     cluster=cluster, node_addresses=node_addresses,
+                                     applied=applied)
+        lines.append(line)
+        if applies:
             applied = policy_view
-            suffix = f" for {to}" if to is not None else ""
-            lines.append(f"{head}: selects this pod -> APPLIES{suffix}")
+    return lines + _verdict(model, applied, holders, to)
+
+
+def _policy_line(policy_view: PolicyView, key: tuple[str, str], *,
+                 namespace_labels_: Mapping[str, str], to: ipaddress.IPv4Address | None,
+                 cluster: ClusterConfig, node_addresses: set[str],
+                 applied: PolicyView | None) -> tuple[str, bool]:
+    """What one policy does for the pod, and whether it is the one that applies."""
+    policy = policy_view.policy
+    if policy is None:
+        return f"  - {policy_view.name}: invalid, ignored ({policy_view.message})", False
+    stale = (f"; runs on generation {policy.generation}, its last valid one: generation "
+             f"{policy_view.current_generation} is invalid: {policy_view.rejected}"
+             if policy_view.on_last_valid_generation else "")
+    head = f"  - {policy_view.name} (priority {policy.priority}, gateway {policy.gateway}{stale})"
+    if key not in policy_view.selected:
+        if not matches(policy.namespace_selector, namespace_labels_):
+            why = f"namespaceSelector [{_describe_selector(policy.namespace_selector)}] " \
+                  "does not match the namespace"
         else:
-            lines.append(f"{head}: selects this pod, but {applied.name} comes first")
+            why = f"podSelector [{_describe_selector(policy.pod_selector)}] does not " \
+                  "match the pod"
+        return f"{head}: does not select this pod: {why}", False
+    if not policy_view.accepted and not policy_view.drops_selected:
+        return (f"{head}: selects this pod but is NOT applied: "
+                f"{policy_view.reason}: {policy_view.message}", False)
+    if to is not None:
+        excluded = _why_excluded(policy_view, to, cluster, node_addresses)
+        if excluded:
+            return f"{head}: selects this pod, but not for {to}: {excluded}", False
+    if applied is not None:
+        return f"{head}: selects this pod, but {applied.name} comes first", False
+    suffix = f" for {to}" if to is not None else ""
+    if policy_view.drops_selected:
+        return (f"{head}: selects this pod -> DROPS its traffic{suffix}: "
+                f"{policy_view.reason}: {policy_view.message}", True)
+    return f"{head}: selects this pod -> APPLIES{suffix}", True
+
+
+def _verdict(model: EgressModel, applied: PolicyView | None,
+             holders: Mapping[Any, SlotHolder], to: ipaddress.IPv4Address | None) -> list[str]:
+    target = f"to {to}" if to is not None else "to outside the cluster"
     if applied is None or applied.policy is None:
-        target = f"to {to}" if to is not None else "to outside the cluster"
-        lines.append(f"verdict: traffic {target} is not steered: it leaves through its node "
-                     "and is masqueraded to the node's address")
-        return lines
+        return [f"verdict: traffic {target} is not steered: it leaves through its node "
+                "and is masqueraded to the node's address"]
+    if applied.drops_selected:
+        return [f"verdict: traffic {target} is dropped (fail closed) until EgressGateway "
+                f"{applied.policy.gateway} exists and is valid"]
     gateway = model.gateways[applied.policy.gateway]
     assert gateway.gateway is not None
-    lines.append(f"verdict: through EgressGateway {gateway.name} "
-                 f"({gateway.gateway.failure_policy.value})")
+    lines = [f"verdict: through EgressGateway {gateway.name} "
+             f"({gateway.gateway.failure_policy.value})"]
     if gateway.on_last_valid_generation:
         lines.append(f"  EgressGateway {gateway.name} runs on generation "
                      f"{gateway.gateway.generation}, its last valid one: generation "

@@ -23,7 +23,9 @@ WIREGUARD_INTERFACE = "meshgress0"
 WIREGUARD_PORT = 51820
 
 POD_HOST_VETH_PREFIX = "mgc"
-"""Host side of a pod's veth: prefix + 11 hex chars of a hash of the container id."""
+"""Host side of a pod's veth: prefix + 11 hex chars of a hash of the attachment (container
+id, ifname); its MAC is derived from the attachment too, which tells the veth of one
+attachment from anything else of that name (`cni.model.HostLinkClaim`)."""
 
 EGRESS_INTERFACE_PREFIX = "mge"
 """A node's tunnel to one egress slot: prefix + 8 hex chars (meshgress.slots)."""

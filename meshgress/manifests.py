@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -239,48 +239,70 @@ def format_age(created: str | None, now: float) -> str:
     return f"{hours // 24}d{hours % 24}h" if hours % 24 and hours < 192 else f"{hours // 24}d"
 
 
-def _condition(obj: Mapping[str, Any], kind: str) -> str:
+def _condition(obj: Mapping[str, Any], kind: str, field: str = "status") -> str:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if isinstance(cond, Mapping) and cond.get("type") == kind:
-            return str(cond.get("status", ""))
+            return str(cond.get(field, ""))
     return ""
 
 
-def _columns(resource: Resource, obj: Mapping[str, Any]) -> list[str]:
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    if resource.kind == Kind.EGRESS_GATEWAY:
-        return [",".join(str(ip) for ip in spec.get("egressIPs") or []),
-                str(spec.get("failurePolicy") or "FailClosed"), _condition(obj, "Ready")]
-    if resource.kind == Kind.EGRESS_POLICY:
-        return [str(spec.get("gateway") or ""), str(spec.get("priority", 1000)),
-                _condition(obj, "Accepted"), str(status.get("selectedPods", ""))]
-    if resource.kind == Kind.NODE:
-        address = next((a.get("address") for a in (status.get("addresses") or [])
-                        if a.get("type") == "InternalIP"), "")
-        return [str(address or ""), ",".join(spec.get("podCIDRs") or [])]
-    if resource.kind == Kind.POD:
-        return [str(status.get("phase") or ""), str(status.get("podIP") or "<none>"),
-                str(spec.get("nodeName") or "<none>")]
-    if resource.kind == Kind.LEASE:
-        return [str(spec.get("holderIdentity") or "")]
-    return []
+def _spec(obj: Mapping[str, Any], field: str) -> str:
+    value = (obj.get("spec") or {}).get(field)
+    if value is None:
+        return ""
+    # kubectl prints a list column as compact JSON
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
 
 
-_HEADERS: Mapping[Kind, tuple[str, ...]] = {
-    Kind.EGRESS_GATEWAY: ("EGRESS IPS", "FAILURE POLICY", "READY"),
-    Kind.EGRESS_POLICY: ("GATEWAY", "PRIORITY", "ACCEPTED", "SELECTED PODS"),
-    Kind.NODE: ("INTERNAL-IP", "POD CIDRS"),
-    Kind.POD: ("STATUS", "IP", "NODE"),
+def _status(obj: Mapping[str, Any], field: str) -> str:
+    value = (obj.get("status") or {}).get(field)
+    return "" if value is None else str(value)
+
+
+def _internal_ip(obj: Mapping[str, Any]) -> str:
+    return next((str(a.get("address") or "") for a in
+                 ((obj.get("status") or {}).get("addresses") or [])
+                 if a.get("type") == "InternalIP"), "")
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    value: Callable[[Mapping[str, Any]], str]
+    wide: bool = False
+    """Shown with -o wide only (a printer column of priority 1)."""
+
+
+PRINTER_COLUMNS: Mapping[Kind, tuple[Column, ...]] = {
+    # The same columns, in the same order, as the CRDs' additionalPrinterColumns.
+    Kind.EGRESS_GATEWAY: (
+        Column("EGRESS IPS", lambda o: _spec(o, "egressIPs")),
+        Column("FAILURE POLICY", lambda o: _spec(o, "failurePolicy"), wide=True),
+        Column("READY", lambda o: _condition(o, "Ready")),
+        Column("REASON", lambda o: _condition(o, "Ready", "reason"), wide=True)),
+    Kind.EGRESS_POLICY: (
+        Column("GATEWAY", lambda o: _spec(o, "gateway")),
+        Column("PRIORITY", lambda o: _spec(o, "priority")),
+        Column("ACCEPTED", lambda o: _condition(o, "Accepted")),
+        Column("REASON", lambda o: _condition(o, "Accepted", "reason"), wide=True),
+        Column("SELECTED PODS", lambda o: _status(o, "selectedPods"))),
+    Kind.NODE: (
+        Column("INTERNAL-IP", _internal_ip),
+        Column("POD CIDRS", lambda o: ",".join((o.get("spec") or {}).get("podCIDRs") or []))),
+    Kind.POD: (
+        Column("STATUS", lambda o: _status(o, "phase")),
+        Column("IP", lambda o: _status(o, "podIP") or "<none>"),
+        Column("NODE", lambda o: _spec(o, "nodeName") or "<none>")),
     Kind.NAMESPACE: (),
-    Kind.LEASE: ("HOLDER",),
+    Kind.LEASE: (Column("HOLDER", lambda o: _spec(o, "holderIdentity")),),
 }
 
 
 def format_objects(resource: Resource, objects: Iterable[Mapping[str, Any]], output: str,
                    *, named: bool = False, all_namespaces: bool = False,
                    now: float | None = None) -> str:
-    """The objects as kubectl prints them: a table (default), yaml, json or name. `named`:
+    """The objects as kubectl prints them: a table ("table"; "wide" adds the columns
+    kubectl shows only with -o wide), yaml, json or name. `named`:
     one object was asked for by name, so yaml and json show it alone, not in a List."""
     items = list(objects)
     if output == "name":
@@ -292,8 +314,9 @@ def format_objects(resource: Resource, objects: Iterable[Mapping[str, Any]], out
             return json.dumps(doc, indent=4) + "\n"
         return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
     now = time.time() if now is None else now
-    headers = ["NAME", *_HEADERS[resource.kind], "AGE"]
-    rows = [[o["metadata"]["name"], *_columns(resource, o),
+    columns = [c for c in PRINTER_COLUMNS[resource.kind] if output == "wide" or not c.wide]
+    headers = ["NAME", *(c.header for c in columns), "AGE"]
+    rows = [[o["metadata"]["name"], *(c.value(o) for c in columns),
              format_age(o["metadata"].get("creationTimestamp"), now)] for o in items]
     if all_namespaces and resource.kind in NAMESPACED:
         headers.insert(0, "NAMESPACE")

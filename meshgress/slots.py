@@ -28,9 +28,11 @@ Naming is derived, never stored, so both sides compute the same names independen
 
 Health probes: a node sends a UDP datagram through the slot's tunnel from its probe
 address (the network address of its pod CIDR, which IPAM never hands out, so the
-gateway's cryptokey routing accepts it) to PROBE_ADDRESS:PROBE_PORT; the holder answers
-with the same payload through the same tunnel. PROBE_ADDRESS sits on the holder's slot
-interface.
+gateway's cryptokey routing accepts it) to the slot's egress IP at PROBE_PORT; the
+holder answers with the same payload through the same tunnel. The egress IP is up on
+the holder's node only, so a gateway node holding other slots still sends the probe
+through the tunnel (an address shared by every holder would be local there), and the
+echo also shows that the holder has the IP.
 
 Purely computational: no I/O.
 """
@@ -50,8 +52,11 @@ from meshgress.kernel_ids import (
 )
 
 GATEWAY_BASE_PORT = 51900
-PROBE_ADDRESS = ipaddress.IPv4Address("169.254.123.1")
 PROBE_PORT = 51899
+SLOT_INTERFACE_ADDRESS = ipaddress.IPv4Address("169.254.123.1")
+"""On every gateway slot interface, only so that the kernel's loose reverse-path check
+accepts what arrives there (it refuses packets on an interface without any IPv4 address
+when their source is routed through another one). Nothing is ever sent to it."""
 
 MARK_SHIFT = 16
 MAX_SLOTS = 126

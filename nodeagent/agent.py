@@ -374,7 +374,8 @@ class Agent:
             model=model, local_pods=tuple(self._local_pods.values()), holders=holders,
             healthy=self.prober.healthy() if self.prober else frozenset(),
             private_key=self.private_key, mtu=self.state.mtu,
-            probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept))
+            probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept,
+            node_name=self.config.node_name))
 
     def _publish(self, own: NodeInfo) -> None:
         """Publish this node's key and endpoint on its Node (only when they differ)."""

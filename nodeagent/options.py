@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 10.244.0.0/16 and 10.96.0.0/12)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--cni-socket", type=Path, default=DEFAULT_CNI_SOCKET)
+    parser.add_argument("--cni-conf-dir", type=Path,
+                        help="the container runtime's CNI configuration folder: the agent "
+                             "writes 10-meshgress.conflist there once it serves CNI requests, "
+                             "and touches no other file (default: none is written)")
     parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
                         default="auto")
     parser.add_argument(

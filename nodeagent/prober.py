@@ -1,10 +1,10 @@
 """Health of every egress slot, probed from this node through the slot's own tunnel.
 
-Failover must be sub-second and must reflect the path this node's packets really take,
-so each node measures it itself: every interval it sends one UDP datagram per slot from
-its probe address, bound to the slot's tunnel interface, to the gateway's probe
-responder, and waits `timeout` for the echo. `failure_threshold` misses in a row make a
-slot unhealthy; one answer makes it healthy again.
+Failover must be sub-second and must reflect the path this node's packets really take, so
+each node measures it itself: every interval it sends one UDP datagram per slot from its
+probe address, bound to the slot's tunnel interface, to the gateway's probe responder at
+the slot's egress IP, and waits `timeout` for the echo. `failure_threshold` misses in a
+row make a slot unhealthy; one answer makes it healthy again.
 
 A round in which the slot's tunnel received anything (its rx packet counter moved: only
 the holder's key can produce packets there, so the holder is alive and reachable) counts
@@ -12,26 +12,35 @@ as answered even if the echo itself came late: a slot busy with heavy traffic de
 echoes past the timeout, and taking its flows away then would be a false failover. Traffic
 only keeps a healthy slot healthy; only an echo makes a slot healthy.
 
+A slot whose holder runs on this very node (a gateway node's own agent) cannot be probed
+through its tunnel: the egress IP is then this node's own, and the kernel delivers the
+probe locally. Such a slot is checked where it lives instead: it answers a round when the
+gateway's slot interface exists and the slot's egress IP is up on this node — the gateway
+keeps that IP up only while it renews the slot's lease, so a gateway that dies or stops
+renewing fails this check within the IP's lifetime (about 2 s) rather than at once.
+
 A change pokes the agent's loop, which moves only that slot's buckets. A slot never
 answered is not healthy (fail closed).
 
-Runs on its own thread; its only I/O is its sockets and /proc/thread-self/net/dev. With
-no slot to probe (none has a holder) the thread sleeps until it is given one.
+Runs on its own thread; its only I/O is its sockets, an rtnetlink address dump when a
+slot is held on this node, and /proc/thread-self/net/dev. With no slot to probe (none has
+a holder) the thread sleeps until it is given one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT, SlotId
+from meshgress.kernel.rtnl import Rtnl
+from meshgress.slots import PROBE_PORT, SlotId
 from nodeagent.steering import ProbeTarget
 
 log = logging.getLogger("meshgress.prober")
@@ -102,17 +111,7 @@ class SlotProber:
                     for s, st in self._slots.items()}
 
     def _open(self, state: _SlotState) -> socket.socket | None:
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
-                            state.target.interface.encode())
-            sock.bind((self._source, 0))
-            sock.setblocking(False)
-            return sock
-        except OSError as exc:
-            log.debug("probe socket for %s: %s", state.target.interface, exc)
-            return None
+        return open_probe_socket(state.target.interface, self._source)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -125,65 +124,173 @@ class SlotProber:
                 continue
             interval = min(s.target.interval_ms for _, s in states) / 1000
             timeout = min(s.target.timeout_ms for _, s in states) / 1000
-            self._seq += 1
-            payload = self._token + struct.pack("!I", self._seq)
-            waiting: dict[socket.socket, SlotId] = {}
-            for slot, state in states:
-                if state.sock is None:
-                    state.sock = self._open(state)
-                if state.sock is None:
-                    continue
-                try:
-                    state.sock.sendto(payload, (str(PROBE_ADDRESS), PROBE_PORT))
-                    state.sent += 1
-                    waiting[state.sock] = slot
-                except OSError:
-                    pass
-            answered: set[SlotId] = set()
-            deadline = started + timeout
-            while waiting and time.monotonic() < deadline:
-                try:
-                    readable, _, _ = select.select(list(waiting), [], [],
-                                                   max(0.0, deadline - time.monotonic()))
-                except (OSError, ValueError):
-                    break  # set_targets closed a socket: the next round reopens
-                for sock in readable:
-                    try:
-                        while True:
-                            if sock.recv(64) == payload:
-                                answered.add(waiting[sock])
-                    except OSError:  # BlockingIOError: drained
-                        pass
-                    if waiting[sock] in answered:
-                        del waiting[sock]
+            answered = self._probe_round(states, started + timeout)
             received = _rx_packets()
-            changed = False
-            with self._lock:
-                for slot, state in states:
-                    if self._slots.get(slot) is not state:
-                        continue
-                    rx = received.get(state.target.interface)
-                    traffic = rx is not None and state.rx_packets is not None \
-                        and rx > state.rx_packets
-                    state.rx_packets = rx
-                    if slot in answered or (traffic and state.healthy):
-                        state.answered += 1
-                        state.misses = 0
-                        if not state.healthy:
-                            state.healthy, changed = True, True
-                            state.transitions += 1
-                            log.info("slot %s/%d is healthy", slot.gateway, slot.index)
-                    else:
-                        state.misses += 1
-                        if state.healthy and state.misses >= state.target.failure_threshold:
-                            state.healthy, changed = False, True
-                            state.transitions += 1
-                            state.failures += 1
-                            log.warning("slot %s/%d missed %d probes: unhealthy",
-                                        slot.gateway, slot.index, state.misses)
-            if changed:
+            local = [s for _, s in states if s.target.local]
+            answered |= served_here([s.target for s in local], received)
+            for state in local:
+                state.sent += 1
+            if self._record_round(states, answered, received):
                 self._on_change()
             self._stop.wait(max(0.0, started + interval - time.monotonic()))
+
+    def _probe_round(self, states: list[tuple[SlotId, _SlotState]],
+                     deadline: float) -> set[SlotId]:
+        """Send this round's probe through every remote slot's tunnel; the slots whose
+        echo came back before `deadline`."""
+        self._seq += 1
+        payload = self._token + struct.pack("!I", self._seq)
+        sel = selectors.DefaultSelector()
+        waiting: set[SlotId] = set()
+        for slot, state in states:
+            if state.target.local is not None:
+                continue
+            if state.sock is None:
+                state.sock = self._open(state)
+            if state.sock is None:
+                continue
+            try:
+                state.sock.sendto(payload, (str(state.target.address), PROBE_PORT))
+            except OSError:
+                continue
+            state.sent += 1
+            sel.register(state.sock, selectors.EVENT_READ, slot)
+            waiting.add(slot)
+        answered: set[SlotId] = set()
+        while waiting - answered and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                assert isinstance(key.fileobj, socket.socket)
+                if _drain_for(key.fileobj, payload):
+                    answered.add(key.data)
+        sel.close()
+        return answered
+
+    def _record_round(self, states: list[tuple[SlotId, _SlotState]], answered: set[SlotId],
+                      received: dict[str, int]) -> bool:
+        """Count the round into every slot's state; True when a slot's health changed."""
+        changed = False
+        with self._lock:
+            for slot, state in states:
+                if self._slots.get(slot) is not state:
+                    continue
+                rx = received.get(state.target.interface)
+                traffic = rx is not None and state.rx_packets is not None \
+                    and rx > state.rx_packets
+                state.rx_packets = rx
+                if slot in answered or (traffic and state.healthy):
+                    changed |= _answered(slot, state)
+                else:
+                    changed |= _missed(slot, state)
+        return changed
+
+
+def _drain_for(sock: socket.socket, payload: bytes) -> bool:
+    """Read what has arrived on a probe socket; True when this round's echo is among it."""
+    found = False
+    try:
+        while True:
+            found |= sock.recv(64) == payload
+    except OSError:  # BlockingIOError included: nothing more to read
+        pass
+    return found
+
+
+def _answered(slot: SlotId, state: _SlotState) -> bool:
+    state.answered += 1
+    state.misses = 0
+    if state.healthy:
+        return False
+    state.healthy = True
+    state.transitions += 1
+    log.info("slot %s/%d is healthy", slot.gateway, slot.index)
+    return True
+
+
+def _missed(slot: SlotId, state: _SlotState) -> bool:
+    state.misses += 1
+    if not state.healthy or state.misses < state.target.failure_threshold:
+        return False
+    state.healthy = False
+    state.transitions += 1
+    state.failures += 1
+    log.warning("slot %s/%d missed %d probes: unhealthy", slot.gateway, slot.index,
+                state.misses)
+    return True
+
+
+def served_here(targets: list[ProbeTarget], interfaces: Mapping[str, int]) -> set[SlotId]:
+    """The slots held on this node (`target.local`) whose gateway interface is among
+    `interfaces` and whose egress IP is up here."""
+    local = [t for t in targets if t.local is not None]
+    if not local:
+        return set()
+    try:
+        with Rtnl() as rtnl:
+            local_ips = {a.address for a in rtnl.addresses()}
+    except OSError as exc:
+        log.debug("reading this node's addresses: %s", exc)
+        return set()
+    return {t.slot for t in local if t.local is not None
+            and t.local.gateway_interface in interfaces and t.local.egress_ip in local_ips}
+
+
+def open_probe_socket(interface: str, source: str) -> socket.socket | None:
+    """A UDP socket bound to `interface` (so the probe takes the slot's tunnel whatever
+    the routing tables say) and to the node's probe address; None when it cannot be made
+    (the interface is gone, say)."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as exc:
+        log.debug("probe socket for %s: %s", interface, exc)
+        return None
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        log.debug("probe socket for %s: %s", interface, exc)
+        return None
+    return sock
+
+
+def probe_once(targets: Sequence[ProbeTarget], source: str, *, timeout: float = 0.3,
+               attempts: int = 3) -> set[SlotId]:
+    """The slots that answer now: one probe per attempt through each remote slot's tunnel
+    (an echo within `timeout` answers), and the local check for slots held here. For a
+    one-off look (`meshgress status`); the agent's prober keeps its own sockets."""
+    answered = served_here(list(targets), _rx_packets())
+    remote = [t for t in targets if t.local is None]
+    sockets = {t.slot: open_probe_socket(t.interface, source) for t in remote}
+    try:
+        for attempt in range(attempts):
+            payload = os.urandom(4) + struct.pack("!I", attempt)
+            sel = selectors.DefaultSelector()
+            for target in remote:
+                sock = sockets[target.slot]
+                if sock is None or target.slot in answered:
+                    continue
+                try:
+                    sock.sendto(payload, (str(target.address), PROBE_PORT))
+                except OSError:
+                    continue
+                sel.register(sock, selectors.EVENT_READ, target.slot)
+            deadline = time.monotonic() + timeout
+            while sel.get_map() and time.monotonic() < deadline:
+                for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                    assert isinstance(key.fileobj, socket.socket)
+                    if _drain_for(key.fileobj, payload):
+                        answered.add(key.data)
+                        sel.unregister(key.fileobj)
+            sel.close()
+            if all(t.slot in answered for t in remote):
+                break
+    finally:
+        for sock in sockets.values():
+            if sock is not None:
+                sock.close()
+    return answered
 
 
 def _rx_packets() -> dict[str, int]:

@@ -4,8 +4,10 @@ From the cluster's egress decisions (`meshgress.egress.compute_egress`), the slo
 published on leases and the health the prober measured, `compute_steering` derives this
 node's share:
 
-- one WireGuard interface per slot that has a holder (peer = the holder's slot key and
-  endpoint, allowed-ips 0.0.0.0/0), carrying the node's probe address;
+- one WireGuard interface per slot (peer = the holder's slot key and endpoint,
+  allowed-ips 0.0.0.0/0), carrying the node's probe address; a slot without a holder
+  keeps its interface without a peer and without a route to it, so a takeover changes a
+  peer in place instead of starting a tunnel (with wireguard-go, a process) from scratch;
 - per slot a routing table whose default route is that interface, selected by an
   `ip rule` on the slot's fwmark; and a drop table (`blackhole default`) for FailClosed;
 - nftables additions to the node's table: per policy a set of its local pods and a set of
@@ -28,7 +30,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshgress.api import FailurePolicy
+from meshgress.api import FailurePolicy, HealthCheck
 from meshgress.cluster import SlotHolder
 from meshgress.egress import EgressModel, PolicyView, ranges_to_cidrs
 from meshgress.kernel.nft_model import Hook as NftHook
@@ -76,9 +78,26 @@ class LocalPod:
 class ProbeTarget:
     slot: SlotId
     interface: str
+    address: ipaddress.IPv4Address
+    """Where the probe goes through the tunnel: the slot's egress IP, which is up only on
+    its holder's node (so the echo also shows the holder has it)."""
     interval_ms: int
     timeout_ms: int
     failure_threshold: int
+    local: LocalHolder | None = None
+    """Set when the slot's holder runs on this very node: a probe cannot go through the
+    tunnel then (the egress IP is this node's own, so the kernel delivers it locally),
+    so the slot is checked where it lives instead."""
+
+
+@dataclass(frozen=True)
+class LocalHolder:
+    """What shows, on this node, that the gateway holding a slot here serves it: the slot's
+    gateway interface exists and its egress IP is up (the gateway keeps the IP up only
+    while it renews its lease: the kernel removes it shortly after a renewal is missed)."""
+
+    gateway_interface: str
+    egress_ip: ipaddress.IPv4Address
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,8 @@ class SteeringInputs:
     kept_numbers: Mapping[SlotId, int] = field(default_factory=dict)
     """The number (mark, table) each slot has on this node now, read back from the kernel:
     kept, so that other slots coming and going never renumber a slot under its flows."""
+    node_name: str = ""
+    """This node: a slot whose holder runs here is checked locally, not probed."""
 
 
 @dataclass(frozen=True)
@@ -160,35 +181,62 @@ def _policy_key(view: PolicyView) -> tuple[int, str]:
     return (view.policy.priority if view.policy else 0, view.name)
 
 
+def probe_target(slot: SlotId, egress_ip: ipaddress.IPv4Address, holder: SlotHolder,
+                 node_name: str, check: HealthCheck) -> ProbeTarget:
+    """How this node checks a held slot: through its tunnel, or where it lives when the
+    holder runs on this very node."""
+    held_here = (LocalHolder(slot.gateway_interface, egress_ip)
+                 if node_name and holder.node == node_name else None)
+    return ProbeTarget(slot, slot.node_interface, egress_ip, check.interval_ms,
+                       check.timeout_ms, check.failure_threshold, held_here)
+
+
+@dataclass
+class _SlotTunnels:
+    devices: list[Device] = field(default_factory=list)
+    probes: list[ProbeTarget] = field(default_factory=list)
+    tenures: dict[str, str] = field(default_factory=dict)
+    rules: list[tuple[int, int]] = field(default_factory=list)
+    routes: list[tuple[int, str | None]] = field(default_factory=list)
+
+
+def _slot_tunnels(inputs: SteeringInputs, numbers: Mapping[SlotId, int]) -> _SlotTunnels:
+    """Per slot: its tunnel, and while it has a holder, its probe, table and rule."""
+    out = _SlotTunnels()
+    for gw in inputs.model.gateways.values():
+        if gw.gateway is None:
+            continue
+        check = gw.gateway.health_check
+        for slot, egress_ip in gw.slots:
+            if not isinstance(egress_ip, ipaddress.IPv4Address):
+                continue  # gateways serve IPv4 egress IPs only: nobody holds this slot
+            holder = inputs.holders.get(slot)
+            out.devices.append(Device(
+                slot.node_interface, private_key=inputs.private_key, listen_port=0,
+                mtu=inputs.mtu,
+                peers=[Peer(holder.public_key, endpoint=holder.endpoint,
+                            allowed_ips=[ALL_IPV4], persistent_keepalive=0)]
+                if holder is not None else []))
+            if holder is None:
+                continue
+            out.tenures[slot.node_interface] = holder.tenure
+            out.probes.append(probe_target(slot, egress_ip, holder, inputs.node_name,
+                                           check))
+            out.rules.append((slot_mark(numbers[slot]), slot_table(numbers[slot])))
+            out.routes.append((slot_table(numbers[slot]), slot.node_interface))
+    return out
+
+
 def compute_steering(inputs: SteeringInputs) -> SteeringState:
     model = inputs.model
     all_slots = [slot for gw in model.gateways.values() for slot, _ in gw.slots]
     numbers = assign_slot_numbers(all_slots, inputs.kept_numbers)
     marks = {slot: slot_mark(n) for slot, n in numbers.items()}
 
-    devices: list[Device] = []
-    probes: list[ProbeTarget] = []
-    tenures: dict[str, str] = {}
-    rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE)]
-    routes: list[tuple[int, str | None]] = [(DROP_TABLE, None)]
-    for gw in model.gateways.values():
-        if gw.gateway is None:
-            continue
-        check = gw.gateway.health_check
-        for slot, _ip in gw.slots:
-            holder = inputs.holders.get(slot)
-            if holder is None:
-                continue
-            devices.append(Device(
-                slot.node_interface, private_key=inputs.private_key, listen_port=0,
-                mtu=inputs.mtu,
-                peers=[Peer(holder.public_key, endpoint=holder.endpoint,
-                            allowed_ips=[ALL_IPV4], persistent_keepalive=0)]))
-            tenures[slot.node_interface] = holder.tenure
-            probes.append(ProbeTarget(slot, slot.node_interface, check.interval_ms,
-                                      check.timeout_ms, check.failure_threshold))
-            rules.append((marks[slot], slot_table(numbers[slot])))
-            routes.append((slot_table(numbers[slot]), slot.node_interface))
+    tunnels = _slot_tunnels(inputs, numbers)
+    devices, probes, tenures = tunnels.devices, tunnels.probes, tunnels.tenures
+    rules: list[tuple[int, int]] = [(DROP_MARK, DROP_TABLE), *tunnels.rules]
+    routes: list[tuple[int, str | None]] = [(DROP_TABLE, None), *tunnels.routes]
     usable_healthy = frozenset(s for s in inputs.healthy if s in inputs.holders)
 
     pods_by_key = {(p.namespace, p.name): p for p in inputs.local_pods}
@@ -210,23 +258,34 @@ def compute_steering(inputs: SteeringInputs) -> SteeringState:
     selected_pods: dict[str, int] = {}
     steered: set[ipaddress.IPv4Address] = set()
     policy_counters: list[NftCounter] = []
-    accepted = sorted((v for v in model.policies.values() if v.accepted and v.policy),
-                      key=_policy_key)
-    for number, view in enumerate(accepted):
+    # Policies whose gateway is missing or invalid come after every applied one: they drop
+    # what no applied policy steers (their own priority cannot be honoured without their
+    # gateway), so pods they select never leave with their node's address.
+    steered_views = sorted((v for v in model.policies.values()
+                            if v.policy and (v.accepted or v.drops_selected)),
+                           key=lambda v: (not v.accepted, *_policy_key(v)))
+    for number, view in enumerate(steered_views):
         assert view.policy is not None
         local = sorted(pods_by_key[k].ip for k in view.selected if k in pods_by_key)
-        selected_pods[view.name] = len(local)
+        if view.accepted:
+            selected_pods[view.name] = len(local)
         if not local or not view.destinations:
             continue
         steered.update(local)
-        gw = model.gateways[view.policy.gateway]
-        assert gw.gateway is not None
-        slots = [slot for slot, _ in gw.slots]
-        buckets = compute_buckets(slots, usable_healthy, marks)
-        if buckets is None:
-            fallback = DROP_MARK if gw.gateway.failure_policy is FailurePolicy.FAIL_CLOSED else 0
-            buckets = tuple([fallback] * BUCKETS)
-        buckets_by_gateway[gw.name] = buckets
+        slots: list[SlotId] = []
+        if view.drops_selected:
+            buckets = tuple([DROP_MARK] * BUCKETS)
+        else:
+            gw = model.gateways[view.policy.gateway]
+            assert gw.gateway is not None
+            slots = [slot for slot, _ in gw.slots]
+            picked = compute_buckets(slots, usable_healthy, marks)
+            if picked is None:
+                fallback = (DROP_MARK if gw.gateway.failure_policy is FailurePolicy.FAIL_CLOSED
+                            else 0)
+                picked = tuple([fallback] * BUCKETS)
+            buckets = picked
+            buckets_by_gateway[gw.name] = buckets
         prefix = f"ep{number}"
         sets.append(NftSet(f"{prefix}_pods", "ipv4_addr", (), tuple(local)))
         sets.append(NftSet(f"{prefix}_dst", "ipv4_addr", ("interval",),

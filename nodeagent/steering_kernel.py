@@ -29,7 +29,7 @@ import dataclasses
 import errno
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +45,7 @@ from meshgress.kernel_ids import (
 from meshgress.slots import slot_number_of_table
 from nodeagent.steering import SteeringState
 from wireguard.backend import WireGuardBackend, apply_device
+from wireguard.fake import FakeBackend
 from wireguard.model import Device
 
 NODE_SLOT_INTERFACE = re.compile(r"^mge[0-9a-f]{8}$")
@@ -244,19 +245,21 @@ class NetlinkSteering:
 
 
 class FakeSteering:
-    """SteeringPort in memory, for tests: interfaces appear when WireGuard creates them
-    (`created`), everything else is state. `calls` records what was done, in order."""
+    """SteeringPort in memory, for tests: the slot interfaces are the devices of the fake
+    WireGuard backend it is given (as in the kernel, where WireGuard creates them),
+    everything else is state. `calls` records what was done, in order."""
 
-    def __init__(self) -> None:
-        self.interfaces: set[str] = set()
+    def __init__(self, wireguard: FakeBackend | None = None) -> None:
+        self.wireguard = wireguard or FakeBackend()
         self.routes: set[TableRoute] = set()
         self.rules: set[MarkRule] = set()
         self.probe: set[str] = set()
         self.loose: set[str] = set()
         self.calls: list[str] = []
 
-    def created(self, names: Iterable[str]) -> None:
-        self.interfaces.update(n for n in names if NODE_SLOT_INTERFACE.match(n))
+    @property
+    def interfaces(self) -> set[str]:
+        return {n for n in self.wireguard.devices if NODE_SLOT_INTERFACE.match(n)}
 
     def read(self, probe_source: ipaddress.IPv4Address) -> ObservedSteering:
         self.calls.append("read")

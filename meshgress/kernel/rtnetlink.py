@@ -297,6 +297,12 @@ def link_delete_message(name: str) -> Message:
     return (RTM_DELLINK, _ACKED, IFINFOMSG.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, cstr(name)))
 
 
+def link_delete_index_message(index: int) -> Message:
+    """Delete a link by index (ENODEV when there is none): the very interface a caller
+    looked at, not whichever carries its name by then."""
+    return (RTM_DELLINK, _ACKED, IFINFOMSG.pack(0, 0, index, 0, 0))
+
+
 # --- addresses ------------------------------------------------------------------------------
 
 

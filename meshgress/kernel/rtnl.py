@@ -219,6 +219,11 @@ class Rtnl:
         return self.try_request(rt.link_delete_message(name),
                                 missing=frozenset({errno.ENODEV}))
 
+    def delete_link_index(self, index: int) -> bool:
+        """Delete a link by index; False if there is none (idempotent)."""
+        return self.try_request(rt.link_delete_index_message(index),
+                                missing=frozenset({errno.ENODEV}))
+
     # --- addresses ---------------------------------------------------------------------
 
     def add_address(self, index: int, address: IPv4Address, prefixlen: int, *,

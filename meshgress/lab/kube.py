@@ -73,6 +73,7 @@ RBAC_TEMPLATES = (
     "templates/rbac-agent.yaml",
     "templates/rbac-gateway.yaml",
     "templates/validatingadmissionpolicy-agent-node.yaml",
+    "templates/validatingadmissionpolicy-gateway-leases.yaml",
 )
 """The chart's templates the lab installs: identities and permissions, nothing that would
 wait for a controller the lab does not run (DaemonSets, Deployments)."""

@@ -2,12 +2,13 @@
 
 `Lab.up` builds the topology computed in `topology.py`: an underlay bridge in its own
 namespace, one namespace per node with a veth port on that bridge, an "outside" host with
-the echo service, and the cluster's Node and Namespace objects in its datastore: a file
-datastore, or (`datastore="kube"`) a real kube-apiserver in a control-plane namespace of
-the lab, whose part lives in `kube.py`. Each
+the echo service, a monitoring host the agents let scrape them, and the cluster's Node and
+Namespace objects in its datastore: a file datastore, or (`datastore="kube"`) a real kube-
+apiserver in a control-plane namespace of the lab, whose part lives in `kube.py`. Each
 node gets a mount namespace of its own, held open by an anchor process, with a private
 `/var/run/wireguard` (wireguard-go's socket folder is global otherwise) and its own state
-directory bound onto `/var/lib/meshgress`, so node processes use production paths and
+and run directories bound onto `/var/lib/meshgress` and `/run/meshgress` (host folders, so
+an agent in a container can bind them too), so node processes use production paths and
 interface names unchanged. `Lab.down` removes every namespace, process and file the lab
 made; it finds them by the lab's name prefix, so it also cleans up after a crashed or
 killed `up`.
@@ -45,6 +46,7 @@ from meshgress.lab import netns
 from meshgress.lab.topology import (
     ECHO_PORT,
     LAB_KUBE_NAMESPACES,
+    MONITOR_ADDRESS,
     OUTSIDE_ADDRESS,
     UNDERLAY_CIDR,
     LabNode,
@@ -73,7 +75,7 @@ DATASTORES = ("file", "kube")
 
 ANCHOR_SCRIPT = """set -e
 mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{wg}"
-mount -t tmpfs -o mode=0755,size=16m meshgress-lab "{run}"
+mount --bind "{node_run}" "{run}"
 mount --bind "{state}" "{node_state}"
 : > "{ready}"
 exec sleep infinity
@@ -151,6 +153,11 @@ class Lab:
 
     def node_dir(self, node: str) -> Path:
         return self.state_dir / "nodes" / node
+
+    def node_run_dir(self, node: str) -> Path:
+        """The node's /run/meshgress (the CNI socket), bound there in its mount namespace:
+        a folder on the host, so an agent in a container can bind it as well."""
+        return self.node_dir(node) / "run"
 
     def log_path(self, what: str) -> Path:
         return self.state_dir / "logs" / f"{what}.log"
@@ -265,11 +272,13 @@ class Lab:
         return topology
 
     def _build_network(self, topology: LabTopology) -> None:
-        for name in (topology.underlay_netns, topology.outside_netns):
+        for name in (topology.underlay_netns, topology.outside_netns, topology.monitor_netns):
             netns.add_netns(name)
         netns.ip_batch(topology.underlay_netns, [f"link add {topology.bridge} type bridge",
                                                  f"link set {topology.bridge} up"])
         self._attach(topology, "outside", topology.outside_netns, OUTSIDE_ADDRESS,
+                     default_route=False)
+        self._attach(topology, "monitor", topology.monitor_netns, MONITOR_ADDRESS,
                      default_route=False)
         for node in topology.nodes:
             self._build_node(topology, node)
@@ -368,6 +377,7 @@ class Lab:
         node_dir = self.node_dir(node.name)
         state = node_dir / "state"
         state.mkdir(parents=True, exist_ok=True)
+        self.node_run_dir(node.name).mkdir(mode=0o755, exist_ok=True)
         ready = node_dir / "anchor.ready"
         ready.unlink(missing_ok=True)
         # Mount points must exist on the host before a private mount can sit on them.
@@ -375,7 +385,8 @@ class Lab:
         Path(NODE_STATE_DIR).mkdir(parents=True, exist_ok=True)
         Path(NODE_RUN_DIR).mkdir(parents=True, exist_ok=True)
         script = ANCHOR_SCRIPT.format(wg=WIREGUARD_SOCKET_DIR, run=NODE_RUN_DIR, state=state,
-                                      node_state=NODE_STATE_DIR, ready=ready)
+                                      node_state=NODE_STATE_DIR, ready=ready,
+                                      node_run=self.node_run_dir(node.name))
         argv = ["nsenter", f"--net={netns.netns_path(node.netns)}",
                 "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script]
         return netns.spawn_detached(argv, self.log_path(f"{node.name}-anchor"))
@@ -479,6 +490,7 @@ class Lab:
             *self._datastore_args(record, "agent"),
             "--cluster-config", str(self.cluster_config_path),
             "--node-grace", "5", "--resync-interval", "5",
+            "--metrics-allow-from", f"{MONITOR_ADDRESS}/32",
             *self._wireguard_args(record, f"{node}-agent")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-agent"))
         record.agents[node] = pid
@@ -572,9 +584,16 @@ class Lab:
         self._wait_slots(record)
 
     def _start_gateway(self, record: LabRecord, node: str) -> int:
+        identity: list[str] = []
+        if record.datastore == "kube":
+            from meshgress.lab.kube import GATEWAY, component_pod_name
+
+            # As in the chart: the lease holder is the pod its token is bound to, which the
+            # chart's admission policy holds every lease write to.
+            identity = ["--identity", component_pod_name(GATEWAY, node)]
         argv = self._node_argv(record, node, [
             _python(), "-m", "meshgress.cli", "gateway", "--node", node,
-            *self._datastore_args(record, "gateway"),
+            *self._datastore_args(record, "gateway"), *identity,
             "--cluster-config", str(self.cluster_config_path),
             *self._wireguard_args(record, f"{node}-gateway")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))
@@ -666,14 +685,17 @@ class Lab:
                 labels: dict[str, str] | None = None,
                 record: LabRecord | None = None) -> str:
         """Create a pod the way kubelet and a runtime would: the Pod object first, then
-        a network namespace wired by the real CNI plugin on its node. Returns its IP."""
+        a network namespace wired by the real CNI plugin on its node. Returns its IP.
+        A pod that cannot be wired leaves nothing behind (object and namespace go)."""
         record = record or self.load_record()
         if record is None:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
         pod_ns = self.pod_netns(namespace, name)
-        container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
         store = self._store(record)
         try:
+            if any(p["metadata"]["namespace"] == namespace and p["metadata"]["name"] == name
+                   for p in store.list(Kind.POD).items):
+                raise LabError(f"pod {namespace}/{name} already exists")
             store.apply({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": namespace,
@@ -682,27 +704,41 @@ class Lab:
                 "spec": {"nodeName": node, "containers": [{"name": "app", "image": "none"}]},
                 "status": {"phase": "Pending"},
             })
-            netns.add_netns(pod_ns)
-            env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container_id,
-                   "CNI_NETNS": str(netns.netns_path(pod_ns)), "CNI_IFNAME": POD_IFNAME,
-                   "CNI_PATH": str(self.cni_bin_dir),
-                   "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
-            argv = self._node_argv(record, node, [
-                "env", *(f"{k}={v}" for k, v in env.items()),
-                str(self.cni_bin_dir / PLUGIN_NAME)])
-            config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress",
-                                 "type": PLUGIN_NAME, "socket": f"{NODE_RUN_DIR}/cni.sock"})
-            proc = netns.run(argv, input_text=config, check=False, timeout=30)
-            if proc.returncode != 0:
-                raise LabError(f"CNI ADD of pod {namespace}/{name} on {node} failed: "
-                               f"{proc.stdout.strip()} {proc.stderr.strip()}")
-            address = str(json.loads(proc.stdout)["ips"][0]["address"]).split("/")[0]
-            store.patch_status(Kind.POD, name, {
-                "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
-                "hostIP": str(self._topology(record).node(node).underlay_address),
-            }, namespace=namespace)
+            try:
+                address = self._wire_pod(record, store, namespace=namespace, name=name,
+                                         node=node, pod_ns=pod_ns)
+            except BaseException:
+                netns.delete_netns(pod_ns)
+                store.delete(Kind.POD, name, namespace)
+                raise
         finally:
             store.close()
+        return address
+
+    def _wire_pod(self, record: LabRecord, store: LabStore, *, namespace: str, name: str,
+                  node: str, pod_ns: str) -> str:
+        """The runtime's part: the pod's network namespace, CNI ADD on its node, and the
+        Pod's status as kubelet reports it."""
+        container_id = hashlib.sha256(f"{self.name}/{namespace}/{name}".encode()).hexdigest()
+        netns.add_netns(pod_ns)
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container_id,
+               "CNI_NETNS": str(netns.netns_path(pod_ns)), "CNI_IFNAME": POD_IFNAME,
+               "CNI_PATH": str(self.cni_bin_dir),
+               "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"}
+        argv = self._node_argv(record, node, [
+            "env", *(f"{k}={v}" for k, v in env.items()),
+            str(self.cni_bin_dir / PLUGIN_NAME)])
+        config = json.dumps({"cniVersion": "1.0.0", "name": "meshgress",
+                             "type": PLUGIN_NAME, "socket": f"{NODE_RUN_DIR}/cni.sock"})
+        proc = netns.run(argv, input_text=config, check=False, timeout=30)
+        if proc.returncode != 0:
+            raise LabError(f"CNI ADD of pod {namespace}/{name} on {node} failed: "
+                           f"{proc.stdout.strip()} {proc.stderr.strip()}")
+        address = str(json.loads(proc.stdout)["ips"][0]["address"]).split("/")[0]
+        store.patch_status(Kind.POD, name, {
+            "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
+            "hostIP": str(self._topology(record).node(node).underlay_address),
+        }, namespace=namespace)
         return address
 
     def pods(self) -> list[dict[str, Any]]:
@@ -794,6 +830,7 @@ class Lab:
                 "udpEchoPort": ECHO_PORT,
                 "running": record.echo_pid is not None and netns.pid_alive(record.echo_pid),
             },
+            "monitor": {"address": str(MONITOR_ADDRESS), "netns": topology.monitor_netns},
         }
 
     def _datastore_status(self, record: LabRecord) -> dict[str, Any]:
@@ -822,16 +859,16 @@ class Lab:
 
     def exec_argv(self, target: str, command: list[str]) -> list[str]:
         """The argv that runs `command` inside TARGET: a node (its network and mount
-        namespaces) or `outside`."""
+        namespaces), `outside` or `monitor` (the monitoring host)."""
         if not command:
             raise LabError("lab exec: give a command after `--`")
         record = self.load_record()
         if record is None or not record.complete:
             raise LabError(f"lab {self.name!r} is not up (run `meshgress lab up`)")
         topology = self.topology()
-        if target == "outside":
-            return ["nsenter", f"--net={netns.netns_path(topology.outside_netns)}", "--",
-                    *command]
+        hosts = {"outside": topology.outside_netns, "monitor": topology.monitor_netns}
+        if target in hosts:
+            return ["nsenter", f"--net={netns.netns_path(hosts[target])}", "--", *command]
         if target in {n.name for n in topology.nodes}:
             # The node's name and datastore come along, so `meshgress status` just works
             # (on kube as the lab's admin, as an operator on the node would run it).
@@ -846,7 +883,7 @@ class Lab:
                 raise LabError(f"lab exec: no pod {target} in the lab")
             return ["nsenter", f"--net={netns.netns_path(self.pod_netns(namespace, name))}",
                     "--", *command]
-        names = ", ".join(["outside", *(n.name for n in topology.nodes), "NAMESPACE/POD"])
+        names = ", ".join([*hosts, *(n.name for n in topology.nodes), "NAMESPACE/POD"])
         raise LabError(f"lab exec: unknown target {target!r} (one of: {names})")
 
 

@@ -8,7 +8,7 @@ one prefix, which is how `lab down` finds leftovers of a crashed run.
 
 Address plan (documentation and benchmark ranges only):
 - underlay 192.0.2.0/24: nodes from .11, gateway nodes from .101, the outside host .254,
-  egress IPs from .201;
+  the monitoring host .250, egress IPs from .201;
 - cluster pod range 198.18.0.0/16, one /24 per node (node k gets 198.18.k.0/24);
 - service range 198.19.0.0/16.
 
@@ -32,6 +32,10 @@ UNDERLAY_CIDR = ipaddress.IPv4Network("192.0.2.0/24")
 CLUSTER_POD_CIDR = ipaddress.IPv4Network("198.18.0.0/16")
 SERVICE_CIDR = ipaddress.IPv4Network("198.19.0.0/16")
 OUTSIDE_ADDRESS = ipaddress.IPv4Address("192.0.2.254")
+MONITOR_ADDRESS = ipaddress.IPv4Address("192.0.2.250")
+"""A monitoring host on the underlay (outside the cluster, like a Prometheus server on the
+platform team's network): the agents allow it through their endpoint guard with
+--metrics-allow-from, while the outside host stays shut out."""
 ECHO_PORT = 7777
 """The outside host's TCP and UDP echo port: it answers with the source it saw."""
 
@@ -70,6 +74,7 @@ class LabTopology:
     name: str
     underlay_netns: str
     outside_netns: str
+    monitor_netns: str
     bridge: str
     nodes: tuple[LabNode, ...]
     egress_ips: tuple[ipaddress.IPv4Address, ...]
@@ -80,7 +85,8 @@ class LabTopology:
 
     @property
     def netns_names(self) -> tuple[str, ...]:
-        return (self.underlay_netns, self.outside_netns, *(n.netns for n in self.nodes))
+        return (self.underlay_netns, self.outside_netns, self.monitor_netns,
+                *(n.netns for n in self.nodes))
 
     def node(self, name: str) -> LabNode:
         for node in self.nodes:
@@ -131,6 +137,7 @@ def compute_lab_topology(name: str, nodes: int, gateway_nodes: int) -> LabTopolo
         name=name,
         underlay_netns=f"{prefix}underlay",
         outside_netns=f"{prefix}outside",
+        monitor_netns=f"{prefix}monitor",
         bridge="br0",
         nodes=tuple(members),
         egress_ips=(UNDERLAY_CIDR[FIRST_EGRESS_IP_HOST], UNDERLAY_CIDR[FIRST_EGRESS_IP_HOST + 1]),

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from meshgress.datastore import Conflict, Invalid, Kind
+from meshgress.lab.kube import GATEWAY, component_pod_name
 from meshgress.lab.lab import Lab
 from meshgress.slots import LEASE_DURATION_SECONDS
 from tests.conftest import (
@@ -253,8 +254,10 @@ def test_bad_objects_get_a_condition_and_everything_else_keeps_working(egress_la
         # The newcomer is told who serves 192.0.2.202; egress keeps serving both IPs.
         told = condition(s.get(Kind.EGRESS_GATEWAY, "zz-copycat"), "EgressIPConflict")
         assert told["status"] == "True" and "EgressGateway egress" in told["message"]
+        # payments keeps its gateway; web, selected only by the policy whose gateway does
+        # not exist, is dropped rather than leaving with its node's address.
         assert seen_from(name, "payments/app-node1") in EGRESS_IPS
-        assert seen_from(name, "web/app-node1") == "192.0.2.11"
+        assert eventually(lambda: seen_from(name, "web/app-node1") is None, timeout=10)
     finally:
         for kind, obj in ((Kind.EGRESS_POLICY, "bad-cidr"), (Kind.EGRESS_POLICY, "no-gateway"),
                           (Kind.EGRESS_GATEWAY, "zz-copycat")):
@@ -548,7 +551,6 @@ def _object_command(name, *args):
     """`kubectl ARGS` as the lab's admin on kube (from the host, through the export line's
     kubeconfig); `meshgress ARGS` on the lab's file datastore."""
     from meshgress.lab.controlplane import binary_path
-    from meshgress.lab.lab import Lab
 
     the_lab = Lab(str(name))
     if name.datastore == "kube":
@@ -680,7 +682,13 @@ def solo_holder(s):
     lease = s.get_lease("egress-solo-0")
     if lease is None or lease.holder is None or lease.expired(time.time()):
         return None
-    return lease.holder.split("/")[0]  # the lab's gateways are NODE/PID
+    return holder_node(lease.holder)
+
+
+def holder_node(identity):
+    """The node of a lab gateway's holder identity: NODE/PID on file; on kube its Pod's
+    name, meshgress-gateway-NODE (as the chart's --identity=$(POD_NAME))."""
+    return identity.split("/")[0].removeprefix(component_pod_name(GATEWAY, ""))
 
 
 def flap_round(name, victim, *, carrier):
@@ -802,8 +810,8 @@ for target in sys.argv[1:]:
 def reach(name, where, targets):
     """Which of `targets` (HOST:PORT) answer /healthz from `where`: a lab node, a pod
     (NAMESPACE/NAME) or `outside`. {target: "ok" or why not}."""
-    if where == "outside":
-        argv = ["nsenter", f"--net=/run/netns/mg-{name}-outside"]
+    if where in ("outside", "monitor"):
+        argv = ["nsenter", f"--net=/run/netns/mg-{name}-{where}"]
     elif "/" in where:
         argv = ["nsenter", f"--net={pod_netns(name, where)}"]
     else:
@@ -817,7 +825,8 @@ def reach(name, where, targets):
 def test_metrics_and_health_answer_the_nodes_only(egress_lab):
     """The agents' (:9820) and the gateways' (:9821) endpoints listen on loopback and the
     node's InternalIP only, and the nodes' tables keep pods and the outside host away from
-    them; the node itself (probes) and the other nodes (Prometheus) reach them."""
+    them; the node itself (probes), the other nodes and the monitoring host (allowed with
+    --metrics-allow-from) reach them."""
     name = egress_lab
     node1, node2, gw1 = "192.0.2.11", "192.0.2.12", "192.0.2.101"
     agents = [f"{node1}:9820", f"{node2}:9820", f"{gw1}:9820"]
@@ -832,6 +841,7 @@ def test_metrics_and_health_answer_the_nodes_only(egress_lab):
     assert reach(name, "gw1", ["127.0.0.1:9821", *gateway]) == dict.fromkeys(
         ["127.0.0.1:9821", *gateway], "ok")
     assert reach(name, "node2", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
+    assert reach(name, "monitor", agents + gateway) == dict.fromkeys(agents + gateway, "ok")
     for where in ("payments/app-node1", "web/app-node2", "outside"):
         got = reach(name, where, ["169.254.1.1:9820", *agents, *gateway] if "/" in where
                     else agents + gateway)

@@ -56,6 +56,7 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
         ]
         assert status["outside"] == {"address": "192.0.2.254", "netns": f"mg-{lab_name}-outside",
                                      "tcpEchoPort": 7777, "udpEchoPort": 7777, "running": True}
+        assert status["monitor"] == {"address": "192.0.2.250", "netns": f"mg-{lab_name}-monitor"}
         pods = {(p["namespace"], p["name"]): p for p in status["pods"]}
         assert sorted(pods) == [("payments", "app-node1"), ("payments", "app-node2"),
                                 ("web", "app-node1"), ("web", "app-node2")]
@@ -83,7 +84,7 @@ def test_up_status_exec_down_twice_in_a_row(lab_name):
         namespaces = lab_netns(lab_name)
         control_plane = ("cp",) if lab_name.datastore == "kube" else ()
         assert namespaces == sorted(f"mg-{lab_name}-{n}" for n in (
-            "underlay", "outside", "node1", "node2", "gw1", "pod-payments-app-node1",
+            "underlay", "outside", "monitor", "node1", "node2", "gw1", "pod-payments-app-node1",
             "pod-payments-app-node2", "pod-web-app-node1", "pod-web-app-node2",
             *control_plane))
         pids = pids_in(namespaces)
@@ -149,9 +150,19 @@ def test_up_refuses_a_running_lab_and_bad_targets(lab_name):
     assert "is already up; run `meshgress lab down` first" in again.stderr
     bad = in_lab(lab_name, "node9", "true", check=False)
     assert bad.returncode == 2
-    assert "unknown target 'node9' (one of: outside, node1, NAMESPACE/POD)" in bad.stderr
+    assert ("unknown target 'node9' (one of: outside, monitor, node1, NAMESPACE/POD)"
+            in bad.stderr)
+    before = json.loads(lab(lab_name, "status", "--json").stdout)
+    namespaces = lab_netns(lab_name)
+    nowhere = lab(lab_name, "add-pod", "web/lost", "--node", "node9", check=False)
+    assert nowhere.returncode != 0 and "node9" in nowhere.stderr, nowhere.stderr
+    twice = lab(lab_name, "add-pod", "web/app-node1", "--node", "node1", check=False)
+    assert twice.returncode != 0
+    assert "pod web/app-node1 already exists" in twice.stderr, twice.stderr
     # The refused commands changed nothing.
-    assert json.loads(lab(lab_name, "status", "--json").stdout)["up"] is True
+    after = json.loads(lab(lab_name, "status", "--json").stdout)
+    assert after["up"] is True and after["pods"] == before["pods"]
+    assert lab_netns(lab_name) == namespaces
 
 
 def _part_way(name):
@@ -249,6 +260,10 @@ def test_on_kube_each_process_authenticates_as_its_own_service_account(kube_lab_
         assert user["extra"]["authentication.kubernetes.io/pod-name"] == [
             f"meshgress-{component}-{node}"]
         assert "system:masters" not in user["groups"]
+        if component == "gateway":
+            # Its lease identity is the pod its token is bound to: the chart's admission
+            # policy refuses a lease write under any other name.
+            assert argv[argv.index("--identity") + 1] == f"meshgress-gateway-{node}"
     # The agents published their keys on their own Nodes, under those identities.
     store = lab_store(name)
     try:

@@ -6,7 +6,9 @@ of their ServiceAccount bound to a Pod on their node, as a kubelet's projected t
 With those tokens: `kubectl auth can-i --list` shows exactly the grants the chart means,
 per namespace; the agent cannot read Secrets or write EgressPolicies, and may change only
 its own Node's meshgress.io annotations; the gateway cannot patch Nodes and writes
-EgressPolicies only through their status.
+EgressPolicies only through their status; and each of two gateways, with its own token,
+writes only the slot Leases it holds, under its own pod name, taking one over only when
+it is free or expired.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import yaml
 
-from meshgress.datastore import Forbidden, Kind
+from meshgress.datastore import Forbidden, Kind, LeaseHeld
 from meshgress.datastore.kube import KubeDatastore
 from meshgress.lab import netns as lab_netns
 from meshgress.lab.controlplane import (
@@ -38,6 +41,7 @@ from meshgress.lab.kube import (
     GATEWAY,
     SYSTEM_NAMESPACE,
     chart_crds,
+    component_pod_name,
     compute_component_pod,
     compute_kubeconfig,
     render_chart_rbac,
@@ -86,6 +90,10 @@ GATEWAY_EXPECTED = {
         "leases.coordination.k8s.io", "get", "list", "watch", "create", "update", "patch"),
     "payments": GATEWAY_CLUSTER_WIDE,
 }
+
+GATEWAY_1 = component_pod_name(GATEWAY, "gw-1")
+GATEWAY_2 = component_pod_name(GATEWAY, "gw-2")
+"""The gateways' lease identities: their pod names, as the chart passes --identity."""
 
 _ROW = re.compile(r"^(\S+)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$")
 
@@ -188,10 +196,11 @@ def _install(plane: ControlPlane, config_dir: Path) -> Cluster:
     plane.kubectl("create", "-f", "-", input_text=yaml.safe_dump_all([
         {"apiVersion": "v1", "kind": "Node",
          "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}}
-        for name in ("node-1", "node-2", "gw-1")]))
+        for name in ("node-1", "node-2", "gw-1", "gw-2")]))
     tokens = {}
     for identity, component, node in (("agent", AGENT, "node-1"),
-                                      ("gateway", GATEWAY, "gw-1")):
+                                      ("gateway", GATEWAY, "gw-1"),
+                                      ("gateway-2", GATEWAY, "gw-2")):
         pod = compute_component_pod(component, node, ipaddress.IPv4Address("192.0.2.11"))
         pod.pop("status")
         apply([pod])
@@ -248,7 +257,7 @@ def test_the_gateway_cannot_patch_nodes_and_writes_policies_only_through_status(
     assert forbidden(code, out), out
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
              "metadata": {"name": f"slot-{secrets.token_hex(2)}", "namespace": SYSTEM_NAMESPACE},
-             "spec": {"holderIdentity": "gw-1/1", "leaseDurationSeconds": 2}}
+             "spec": {"holderIdentity": GATEWAY_1, "leaseDurationSeconds": 2}}
     code, out = cluster.kubectl_as("gateway", "create", "-f", "-", input_text=json.dumps(lease))
     assert code == 0, out
     lease["metadata"]["namespace"] = "default"
@@ -305,12 +314,12 @@ def test_the_gateways_own_calls_hold_leases_and_write_status(cluster: Cluster) -
         for kind in (Kind.NODE, Kind.POD, Kind.NAMESPACE, Kind.EGRESS_GATEWAY,
                      Kind.EGRESS_POLICY, Kind.LEASE):
             store.list(kind)
-        lease = store.acquire_lease(slot, "gw-1/7", 2.0)
-        assert lease.holder == "gw-1/7"
-        store.acquire_lease(slot, "gw-1/7", 2.0)  # renew
+        lease = store.acquire_lease(slot, GATEWAY_1, 2.0)
+        assert lease.holder == GATEWAY_1
+        store.acquire_lease(slot, GATEWAY_1, 2.0)  # renew
         store.patch_annotations(Kind.LEASE, slot, {"meshgress.io/holder-endpoint": "x"},
                                 namespace=SYSTEM_NAMESPACE)
-        store.release_lease(slot, "gw-1/7")
+        store.release_lease(slot, GATEWAY_1)
         store.patch_status(Kind.EGRESS_POLICY, "payments", {"selectedPods": 3})
 
     cluster.as_component("gateway", work)
@@ -322,3 +331,122 @@ def test_the_gateways_own_calls_hold_leases_and_write_status(cluster: Cluster) -
             Kind.EGRESS_POLICY, "payments", {"selectedPods": 7}))
     with pytest.raises(Forbidden):
         cluster.as_component("agent", lambda store: store.acquire_lease(slot, "node-1", 2.0))
+
+
+# --- gateways hold only their own leases (validatingadmissionpolicy-gateway-leases.yaml) ---
+
+
+def _micro_time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _lease(cluster: Cluster, name: str) -> dict:
+    return json.loads(cluster.plane.kubectl("get", "lease", name, "-n", SYSTEM_NAMESPACE,
+                                            "-o", "json").stdout)
+
+
+def _patch_lease(cluster: Cluster, identity: str, name: str, patch: dict) -> tuple[int, str]:
+    return cluster.kubectl_as(identity, "patch", "lease", name, "-n", SYSTEM_NAMESPACE,
+                              "--type=merge", "-p", json.dumps(patch))
+
+
+def _acquire(cluster: Cluster, identity: str, name: str, holder: str, seconds: float) -> None:
+    cluster.as_component(identity, lambda store: store.acquire_lease(name, holder, seconds))
+
+
+def _wait_for_the_lease_policy(cluster: Cluster) -> None:
+    """Admission policies take effect once the API server has loaded them: probe with a
+    write the policy refuses (a lease naming another holder) until it is refused."""
+    deadline = time.monotonic() + 30
+    while True:
+        probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": f"probe-{secrets.token_hex(3)}",
+                              "namespace": SYSTEM_NAMESPACE},
+                 "spec": {"holderIdentity": GATEWAY_2}}
+        code, out = cluster.kubectl_as("gateway", "create", "-f", "-",
+                                       input_text=json.dumps(probe))
+        if forbidden(code, out):
+            return
+        assert code == 0, out
+        cluster.plane.kubectl("delete", "lease", probe["metadata"]["name"], "-n",
+                              SYSTEM_NAMESPACE)
+        assert time.monotonic() < deadline, "the lease policy was never enforced"
+        time.sleep(0.5)
+
+
+def test_a_gateway_cannot_write_a_lease_another_gateway_holds(cluster: Cluster) -> None:
+    _wait_for_the_lease_policy(cluster)
+    slot = f"slot-{secrets.token_hex(2)}"
+    _acquire(cluster, "gateway-2", slot, GATEWAY_2, 300.0)
+    held = _lease(cluster, slot)
+
+    now = _micro_time(time.time())
+    refusals = {
+        "take it over before it expires": {"spec": {
+            "holderIdentity": GATEWAY_1, "acquireTime": now, "renewTime": now}},
+        "rewrite the holder's key": {"metadata": {"annotations": {
+            "meshgress.io/wireguard-public-key": "forged="}}},
+        "release it": {"spec": {"holderIdentity": None}},
+        "renew it for the holder": {"spec": {"renewTime": now}},
+    }
+    for what, patch in refusals.items():
+        code, out = _patch_lease(cluster, "gateway", slot, patch)
+        assert forbidden(code, out), (what, out)
+        assert f"lease {slot} is held by {GATEWAY_2} and has not expired" in out \
+            or "may name only itself" in out, (what, out)
+    lease = _lease(cluster, slot)
+    assert lease["spec"] == held["spec"]
+    assert lease["metadata"].get("annotations") == held["metadata"].get("annotations")
+    # The holder itself still renews and publishes.
+    _acquire(cluster, "gateway-2", slot, GATEWAY_2, 300.0)
+    code, out = _patch_lease(cluster, "gateway-2", slot, {"metadata": {"annotations": {
+        "meshgress.io/wireguard-public-key": "own="}}})
+    assert code == 0, out
+
+
+def test_a_gateway_names_only_itself(cluster: Cluster) -> None:
+    _wait_for_the_lease_policy(cluster)
+    for holder in (GATEWAY_2, "gw-1/7", "node-1"):
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": f"slot-{secrets.token_hex(2)}",
+                              "namespace": SYSTEM_NAMESPACE},
+                 "spec": {"holderIdentity": holder, "leaseDurationSeconds": 5}}
+        code, out = cluster.kubectl_as("gateway", "create", "-f", "-",
+                                       input_text=json.dumps(lease))
+        assert forbidden(code, out), (holder, out)
+        assert f"may name only itself ({GATEWAY_1}) as a lease holder, not {holder}" in out
+    with pytest.raises(Forbidden):
+        _acquire(cluster, "gateway", f"slot-{secrets.token_hex(2)}", "gw-1/7", 5.0)
+
+
+def test_a_free_or_expired_lease_is_taken_with_the_takers_own_identity(
+        cluster: Cluster) -> None:
+    _wait_for_the_lease_policy(cluster)
+    expired, released = f"slot-{secrets.token_hex(2)}", f"slot-{secrets.token_hex(2)}"
+    _acquire(cluster, "gateway-2", expired, GATEWAY_2, 1.0)
+    _acquire(cluster, "gateway-2", released, GATEWAY_2, 300.0)
+    cluster.as_component("gateway-2", lambda store: store.release_lease(released, GATEWAY_2))
+    assert "holderIdentity" not in _lease(cluster, released)["spec"]
+
+    # A released lease: anybody may take it, under its own name only.
+    code, out = _patch_lease(cluster, "gateway", released, {"spec": {
+        "holderIdentity": GATEWAY_2}})
+    assert forbidden(code, out), out
+    _acquire(cluster, "gateway", released, GATEWAY_1, 5.0)
+    assert _lease(cluster, released)["spec"]["holderIdentity"] == GATEWAY_1
+
+    # An expired one, by the gateways' own rule (renewTime + duration has passed).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            taken = cluster.as_component("gateway", lambda store: store.acquire_lease(
+                expired, GATEWAY_1, 5.0))
+            break
+        except LeaseHeld:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert taken.holder == GATEWAY_1 and taken.transitions == 1
+    # Now it is gateway 1's: gateway 2 may no longer touch it.
+    code, out = _patch_lease(cluster, "gateway-2", expired, {"metadata": {"annotations": {
+        "meshgress.io/wireguard-public-key": "late="}}})
+    assert forbidden(code, out), out

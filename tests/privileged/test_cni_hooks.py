@@ -165,3 +165,29 @@ def test_del_calls_the_removed_hook_after_unwiring(hook_node, netns_factory):
     assert [e["event"] for e in read_events(events)] == ["ready", "released", "removed"]
     assert node.call("DEL", "ctr-hook", pod).exit == 0  # no second "removed"
     assert [e["event"] for e in read_events(events)] == ["ready", "released", "removed"]
+
+
+def test_an_add_the_runtime_gave_up_on_is_undone_not_completed(hook_node, netns_factory):
+    """The shim times out while the hook is stalled and reports failure; when the agent
+    gets going again it must not finish the ADD behind the runtime's back."""
+    node, events, release = hook_node
+    pod = netns_factory("pod")
+    result = node.call("ADD", "ctr-hook", pod, args="K8S_POD_NAMESPACE=ns;K8S_POD_NAME=slow",
+                       conf=node.conf(timeout=1))
+    assert (result.exit, result.code) == (1, p.ERR_TRY_AGAIN_LATER), result.stdout
+    wait_for_event(events, "ready")
+    release.touch()
+    wait_for_event(events, "removed")  # the undo calls the hook first, then unwires
+
+    def leftovers() -> list[str]:
+        host = {link["ifname"] for link in ip_json(node.netns, "link", "show")}
+        return ([name for name in [compute_host_ifname("ctr-hook", "eth0")] if name in host]
+                + [link["ifname"] for link in ip_json(pod, "link", "show")
+                   if link["ifname"] != "lo"]
+                + [f.name for f in (node.state_dir / "ipam").iterdir() if f.name[0].isdigit()])
+
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftovers() == []
+    assert [e["event"] for e in read_events(events)] == ["ready", "released", "removed"]

@@ -349,3 +349,92 @@ def test_server_stops_cleanly(cni_node):
     while cni_node.socket.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(cni_node.socket).exists()
+
+
+# --- never harming what is not this attachment's ---------------------------------------
+
+
+def give_default_route(netns: str, ifname: str = "mgt-up0") -> dict:
+    """An uplink 192.0.2.1/24 (a veth: this kernel may lack the dummy driver) with a
+    default route via 192.0.2.254; returns the route."""
+    run(["ip", "-n", netns, "link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p"])
+    run(["ip", "-n", netns, "addr", "add", "192.0.2.1/24", "dev", ifname])
+    run(["ip", "-n", netns, "link", "set", f"{ifname}p", "up"])
+    run(["ip", "-n", netns, "link", "set", ifname, "up"])
+    run(["ip", "-n", netns, "route", "add", "default", "via", "192.0.2.254", "dev", ifname])
+    (route,) = ip_json(netns, "route", "show", "default")
+    return route
+
+
+def test_the_nodes_own_namespace_is_never_wired_as_a_pods(cni_node):
+    """CNI_NETNS naming the node's namespace used to get the node's default route
+    replaced by the pod's (and removed by DEL)."""
+    before = give_default_route(cni_node.netns)
+    links_before = host_links(cni_node)
+    result = cni_node.call("ADD", "ctr-node", cni_node.netns)
+    assert (result.exit, result.code) == (1, p.ERR_INVALID_ENV), result.stdout
+    assert "node's own network namespace" in result.json["msg"]
+    assert ip_json(cni_node.netns, "route", "show", "default") == [before]
+    assert host_links(cni_node) == links_before
+    assert allocation_files(cni_node) == []
+    assert cni_node.call("DEL", "ctr-node", cni_node.netns).exit == 0
+    assert ip_json(cni_node.netns, "route", "show", "default") == [before]
+    assert cni_node.call("CHECK", "ctr-node", cni_node.netns).code == p.ERR_INVALID_ENV
+
+
+def test_attachments_whose_ids_run_together_alike_keep_their_own_veths(cni_node,
+                                                                       netns_factory):
+    """('abc', 'eth0') and ('abce', 'th0') once shared a host veth name: the second ADD
+    deleted the first pod's veth, and either DEL deleted the other's."""
+    first, second = netns_factory("p1"), netns_factory("p2")
+    assert cni_node.call("ADD", "abc", first, ifname="eth0").exit == 0
+    assert cni_node.call("ADD", "abce", second, ifname="th0").exit == 0
+    names = {compute_host_ifname("abc", "eth0"), compute_host_ifname("abce", "th0")}
+    assert len(names) == 2 and names <= set(host_links(cni_node))
+    assert cni_node.call("DEL", "abce", second, ifname="th0").exit == 0
+    assert compute_host_ifname("abc", "eth0") in host_links(cni_node)
+    nsexec(first, "ping", "-c", "1", "-W", "2", "169.254.1.1")
+
+
+def test_an_interface_with_the_host_veths_name_that_is_not_ours_is_left_alone(
+        cni_node, netns_factory):
+    pod = netns_factory("pod")
+    name = compute_host_ifname("ctr-taken", "eth0")
+    run(["ip", "-n", cni_node.netns, "link", "add", name, "type", "veth", "peer", "name",
+         "mgt-other"])
+    (before,) = ip_json(cni_node.netns, "link", "show", "dev", name)
+    result = cni_node.call("ADD", "ctr-taken", pod)
+    assert (result.exit, result.code) == (1, p.ERR_WIRING), result.stdout
+    assert f"host interface {name} already exists" in result.json["msg"]
+    assert ip_json(cni_node.netns, "link", "show", "dev", name) == [before]
+    assert [link["ifname"] for link in ip_json(pod, "link", "show")] == ["lo"]
+    assert allocation_files(cni_node) == []
+    assert cni_node.call("DEL", "ctr-taken", pod).exit == 0
+    assert ip_json(cni_node.netns, "link", "show", "dev", name) == [before]
+
+
+def test_a_route_to_the_pods_address_that_is_not_ours_is_left_alone(cni_node, netns_factory):
+    """The first ADD gets the pod CIDR's first address; someone routes it elsewhere."""
+    give_default_route(cni_node.netns)
+    run(["ip", "-n", cni_node.netns, "route", "add", "198.18.0.1/32", "via", "192.0.2.9"])
+    (before,) = ip_json(cni_node.netns, "route", "show", "198.18.0.1/32")
+    pod = netns_factory("pod")
+    result = cni_node.call("ADD", "ctr-route", pod)
+    assert (result.exit, result.code) == (1, p.ERR_WIRING), result.stdout
+    assert "198.18.0.1/32 already exists in the node's main table" in result.json["msg"]
+    assert ip_json(cni_node.netns, "route", "show", "198.18.0.1/32") == [before]
+    assert compute_host_ifname("ctr-route", "eth0") not in host_links(cni_node)
+    assert allocation_files(cni_node) == []
+
+
+def test_a_default_route_in_the_container_is_left_alone(cni_node, netns_factory):
+    pod = netns_factory("pod")
+    before = give_default_route(pod, "net0")
+    result = cni_node.call("ADD", "ctr-chained", pod)
+    assert (result.exit, result.code) == (1, p.ERR_WIRING), result.stdout
+    assert "0.0.0.0/0 already exists in the container's main table" in result.json["msg"]
+    assert ip_json(pod, "route", "show", "default") == [before]
+    assert sorted(link["ifname"] for link in ip_json(pod, "link", "show")) == [
+        "lo", "net0", "net0p"]
+    assert compute_host_ifname("ctr-chained", "eth0") not in host_links(cni_node)
+    assert allocation_files(cni_node) == []

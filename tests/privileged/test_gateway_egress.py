@@ -61,7 +61,7 @@ from meshgress.datastore import LEASE_NAMESPACE, Kind
 from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nft_model import ruleset_commands
 from meshgress.lab.netns import pid_alive
-from meshgress.slots import LEASE_DURATION_SECONDS, PROBE_ADDRESS, PROBE_PORT, SlotId, gateway_port
+from meshgress.slots import LEASE_DURATION_SECONDS, PROBE_PORT, SlotId, gateway_port
 from nodeagent.firewall import FirewallSpec, compute_ruleset
 from wireguard.keys import generate_private_key, public_key
 from wireguard.model import Device, Peer
@@ -577,8 +577,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
 
         world.point_node_at(SLOT0)
 
-        # (4) the probe is answered through the tunnel
-        assert udp_exchange(world.ns["node1"], PROBE_SOURCE, (str(PROBE_ADDRESS), PROBE_PORT),
+        # (4) the probe (to the egress IP) is answered through the tunnel
+        assert udp_exchange(world.ns["node1"], PROBE_SOURCE, (EGRESS_IPS[0], PROBE_PORT),
                             b"probe-1") == b"probe-1"
 
         # (2) an allowed pod leaves with the egress IP; the reply comes back the same way
@@ -634,7 +634,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
 
         status = wait_until("EgressGateway Ready", gateway_ready, timeout=5)
         assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
-            ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady")]
+            ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady"),
+            ("EgressIPConflict", "False", "NoConflict"), ("InvalidSpec", "False", "Valid")]
         [slot] = status["slots"]
         assert {k: slot[k] for k in ("ip", "index", "holder", "node", "publicKey",
                                      "endpoint", "ready")} == {
@@ -645,7 +646,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
         assert status["observedGeneration"] == 1
         policy = world.store.get(Kind.EGRESS_POLICY, "team-a")["status"]
         assert [(c["type"], c["status"], c["reason"]) for c in policy["conditions"]] == [
-            ("Accepted", "True", "Accepted"), ("Conflict", "False", "NoConflict")]
+            ("Accepted", "True", "Accepted"), ("Conflict", "False", "NoConflict"),
+            ("InvalidSpec", "False", "Valid")]
         assert policy["selectedPods"] == 1 and policy["observedGeneration"] == 1
 
         # fencing: another holder owns the lease now (as after a partition longer than the
@@ -684,6 +686,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
         print(gw.logs())
         print(world.diagnose())
         raise
+    finally:
+        world.stop_all()  # a failure above must not leave it holding slots for the next test
 
 
 # --- two gateways: one slot each, kill -9 takeover, SIGTERM drain to a standby -------------

@@ -4,9 +4,12 @@ unhealthy, and a busy slot whose echoes come late stays healthy while traffic ar
 
 Two throwaway namespaces joined by a veth: "node" holds the slot interface (named as a
 node's slot tunnel, `mge` + 8 hex digits) and runs the real `SlotProber` in a process of
-its own (so /proc/thread-self/net/dev is the node's); "gateway" holds PROBE_ADDRESS and
-runs an echo responder whose delay the test sets, and a sender that plays the slot's
-traffic (packets arriving on the node's slot interface).
+its own (so /proc/thread-self/net/dev is the node's); "gateway" holds the slot's egress
+IP and runs an echo responder whose delay the test sets, and a sender that plays the
+slot's traffic (packets arriving on the node's slot interface). The node is a gateway
+node as well: an uplink on the egress IP's subnet and another slot's egress IP of its
+own, so the probe must leave by the slot interface it is bound to, whatever the main
+table says.
 """
 
 from __future__ import annotations
@@ -17,22 +20,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from meshgress.slots import PROBE_ADDRESS, PROBE_PORT
+from meshgress.slots import PROBE_PORT
 from tests.privileged.conftest import NETNS_DIR, require_root, run, spawn, stop
 
 REPO = Path(__file__).resolve().parents[2]
 SLOT_INTERFACE = "mge00c0ffee"
 PROBE_SOURCE = "198.18.5.0"
+EGRESS_IP = "192.0.2.77"
+"""The probed slot's egress IP, up on the gateway."""
 
 PROBER = """
-import json, sys, time
+import ipaddress, json, sys, time
 sys.path.insert(0, sys.argv[1])
 from meshgress.slots import SlotId
 from nodeagent.prober import SlotProber
 from nodeagent.steering import ProbeTarget
 out = open(sys.argv[2], "a", buffering=1)
 prober = SlotProber(sys.argv[3], lambda: None).start()
-prober.set_targets((ProbeTarget(SlotId("g", 0), sys.argv[4], 100, 80, 3),))
+prober.set_targets((ProbeTarget(SlotId("g", 0), sys.argv[4], ipaddress.IPv4Address(sys.argv[5]),
+                                100, 80, 3),))
 while True:
     out.write(json.dumps({"t": time.time(), "healthy": bool(prober.healthy())}) + "\\n")
     time.sleep(0.05)
@@ -91,8 +97,12 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
          "probe0", "netns", gateway])
     run(["ip", "-n", node, "addr", "add", f"{PROBE_SOURCE}/32", "dev", SLOT_INTERFACE])
     run(["ip", "-n", node, "link", "set", SLOT_INTERFACE, "up"])
-    run(["ip", "-n", node, "route", "add", f"{PROBE_ADDRESS}/32", "dev", SLOT_INTERFACE])
-    run(["ip", "-n", gateway, "addr", "add", f"{PROBE_ADDRESS}/32", "dev", "probe0"])
+    # The node's uplink on the egress IP's subnet, and a slot held on the node itself.
+    run(["ip", "-n", node, "link", "add", "up0", "type", "veth", "peer", "name", "up1"])
+    run(["ip", "-n", node, "addr", "add", "192.0.2.11/24", "dev", "up0"])
+    run(["ip", "-n", node, "link", "set", "up0", "up"])
+    run(["ip", "-n", node, "addr", "add", "192.0.2.78/32", "dev", "lo"])
+    run(["ip", "-n", gateway, "addr", "add", f"{EGRESS_IP}/32", "dev", "probe0"])
     run(["ip", "-n", gateway, "link", "set", "probe0", "up"])
     run(["ip", "-n", gateway, "route", "add", f"{PROBE_SOURCE}/32", "dev", "probe0"])
     control, log = tmp_path / "control", tmp_path / "health.jsonl"
@@ -100,9 +110,9 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
     log.touch()
     procs = [
         spawn(["nsenter", f"--net={NETNS_DIR / gateway}", sys.executable, "-c", RESPONDER,
-               str(control), str(PROBE_ADDRESS), str(PROBE_PORT), PROBE_SOURCE, gateway]),
+               str(control), EGRESS_IP, str(PROBE_PORT), PROBE_SOURCE, gateway]),
         spawn(["nsenter", f"--net={NETNS_DIR / node}", sys.executable, "-c", PROBER,
-               str(REPO), str(log), PROBE_SOURCE, SLOT_INTERFACE, node]),
+               str(REPO), str(log), PROBE_SOURCE, SLOT_INTERFACE, EGRESS_IP, node]),
     ]
     try:
         _wait_for(log, True, timeout=10)
@@ -129,3 +139,53 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
     finally:
         for proc in procs:
             stop(proc)
+
+
+LOCAL_PROBER = """
+import ipaddress, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from meshgress.slots import SlotId
+from nodeagent.prober import SlotProber
+from nodeagent.steering import LocalHolder, ProbeTarget
+out = open(sys.argv[2], "a", buffering=1)
+prober = SlotProber(sys.argv[3], lambda: None).start()
+local = LocalHolder(sys.argv[5], ipaddress.IPv4Address(sys.argv[6]))
+prober.set_targets((ProbeTarget(SlotId("g", 0), sys.argv[4], local.egress_ip, 100, 80, 3,
+                                local),))
+while True:
+    out.write(json.dumps({"t": time.time(), "healthy": bool(prober.healthy())}) + "\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_a_slot_held_on_this_node_is_checked_where_it_lives(
+        netns_factory: Callable[[str], str], tmp_path: Path) -> None:
+    """On a gateway node, the node's own agent cannot probe a slot held there through the
+    tunnel (the egress IP is then its own address: the kernel delivers the probe locally,
+    and nothing answers). It is healthy while the gateway's slot interface exists and the
+    egress IP is up on the node; unhealthy within the threshold once the IP is gone (the
+    gateway stopped renewing), healthy again when it is back."""
+    require_root()
+    node = netns_factory("gwnode")
+    gateway_iface, egress_ip = "mgeg00c0ffee", "192.0.2.77"
+    # The node's slot tunnel and the gateway's own slot interface, side by side.
+    run(["ip", "-n", node, "link", "add", SLOT_INTERFACE, "type", "veth", "peer", "name",
+         gateway_iface])
+    for iface in (SLOT_INTERFACE, gateway_iface):
+        run(["ip", "-n", node, "link", "set", iface, "up"])
+    run(["ip", "-n", node, "addr", "add", f"{PROBE_SOURCE}/32", "dev", SLOT_INTERFACE])
+    run(["ip", "-n", node, "addr", "add", f"{egress_ip}/32", "dev", "lo"])
+    log = tmp_path / "health.jsonl"
+    log.touch()
+    proc = spawn(["nsenter", f"--net={NETNS_DIR / node}", sys.executable, "-c", LOCAL_PROBER,
+                  str(REPO), str(log), PROBE_SOURCE, SLOT_INTERFACE, gateway_iface, egress_ip])
+    try:
+        _wait_for(log, True, timeout=10)
+        run(["ip", "-n", node, "addr", "del", f"{egress_ip}/32", "dev", "lo"])
+        assert _wait_for(log, False, timeout=3) < 1.0
+        run(["ip", "-n", node, "addr", "add", f"{egress_ip}/32", "dev", "lo"])
+        assert _wait_for(log, True, timeout=3) < 1.0
+        run(["ip", "-n", node, "link", "del", gateway_iface])
+        assert _wait_for(log, False, timeout=3) < 1.0
+    finally:
+        stop(proc)

@@ -116,9 +116,10 @@ def store(tmp_path: Path) -> Iterator[FileDatastore]:
 
 def make_agent(tmp_path: Path, store: FileDatastore, nft: FakeNftablesAdapter | None = None,
                **config: Any) -> tuple[Agent, RecordingPods, dict[str, Any]]:
+    wireguard = FakeBackend()
     fakes: dict[str, Any] = {"nft": nft or FakeNftablesAdapter(NFT_FAMILY, NFT_TABLE),
-                             "routes": FakeRoutes(), "wireguard": FakeBackend(),
-                             "steering": FakeSteering(), "host": FakeHost()}
+                             "routes": FakeRoutes(), "wireguard": wireguard,
+                             "steering": FakeSteering(wireguard), "host": FakeHost()}
     pods = RecordingPods(fakes)
     settings = AgentConfig(**{"node_name": "node1", "cluster": CLUSTER,
                               "state_dir": tmp_path / "state", "metrics_address": None,

@@ -5,17 +5,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from cni.install import (
+    CONFLIST_NAME,
     PLUGIN_NAME,
     PRIVATE_PYTHON,
     SHEBANG_LIMIT,
     SHIM_MODULE,
+    STAMP_NAME,
     _default_python,
     compute_conflist,
     compute_interpreter_line,
     install_plugin,
+    main,
+    plugin_is_current,
+    write_conflist,
 )
 
 
@@ -33,7 +41,7 @@ def test_install_makes_a_self_contained_precompiled_binary(tmp_path):
     assert launcher.read_text().splitlines()[0] == f"#!{private / PRIVATE_PYTHON} -ISXutf8"
     assert sorted(p.name for p in private.iterdir()) == sorted([
         f"{SHIM_MODULE}.code", f"{SHIM_MODULE}.py", "lib", PRIVATE_PYTHON,
-        f"{PRIVATE_PYTHON}._pth"])
+        f"{PRIVATE_PYTHON}._pth", STAMP_NAME])
     assert (private / PRIVATE_PYTHON).readlink() == Path(_default_python())
     assert _version(launcher) == ["0.4.0", "1.0.0", "1.1.0"]
 
@@ -148,3 +156,72 @@ def test_the_interpreter_line():
     longest = Path("/" + "x" * (SHEBANG_LIMIT - len("#!/ -ISXutf8")))
     assert compute_interpreter_line(longest, python) == f"{longest} -ISXutf8"
     assert compute_interpreter_line(Path(f"{longest}y"), python) == f"{python} -IS"
+
+
+def _snapshot(directory):
+    """Every file below `directory` with its inode and bytes (a rewrite changes the inode:
+    every file is renamed into place)."""
+    return {str(path.relative_to(directory)): (path.lstat().st_ino,
+                                               path.read_bytes() if path.is_file() else None)
+            for path in sorted(directory.rglob("*"))}
+
+
+def test_skip_if_current_rewrites_nothing_on_a_current_install(tmp_path, capsys):
+    assert not plugin_is_current(tmp_path)
+    assert main(["--bin-dir", str(tmp_path), "--skip-if-current"]) == 0
+    assert plugin_is_current(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(["--bin-dir", str(tmp_path), "--skip-if-current"]) == 0
+    assert capsys.readouterr().out.strip() == f"{tmp_path / PLUGIN_NAME} is current"
+    assert _snapshot(tmp_path) == before
+    # Without the option it installs again, each file renamed over the old one.
+    assert main(["--bin-dir", str(tmp_path)]) == 0
+    after = _snapshot(tmp_path)
+    assert after.keys() == before.keys()
+    assert after[PLUGIN_NAME][0] != before[PLUGIN_NAME][0]
+
+
+def test_another_plugin_version_or_interpreter_is_not_current(tmp_path):
+    install_plugin(tmp_path)
+    private = tmp_path / f".{PLUGIN_NAME}"
+    assert sys.executable != _default_python()
+    assert not plugin_is_current(tmp_path, python=sys.executable)
+    stamp = json.loads((private / STAMP_NAME).read_text())
+    (private / STAMP_NAME).write_text(json.dumps({**stamp, "sha256": "0" * 64}))
+    assert not plugin_is_current(tmp_path)
+    install_plugin(tmp_path)
+    assert plugin_is_current(tmp_path)
+    (private / f"{SHIM_MODULE}.code").unlink()  # a file gone behind its back
+    assert not plugin_is_current(tmp_path)
+
+
+def test_an_interrupted_install_is_never_current(tmp_path, monkeypatch):
+    install_plugin(tmp_path)
+
+    def broken_compile(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, "python")
+
+    monkeypatch.setattr(subprocess, "run", broken_compile)
+    with pytest.raises(subprocess.CalledProcessError):
+        install_plugin(tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / f".{PLUGIN_NAME}" / STAMP_NAME).exists()
+    assert not plugin_is_current(tmp_path)
+
+
+def test_the_conflist_is_written_atomically_and_only_when_it_changes(tmp_path):
+    other = tmp_path / "05-other.conflist"
+    other.write_text("{}")
+    written = write_conflist(tmp_path, "/run/meshgress/cni.sock")
+    assert written == tmp_path / CONFLIST_NAME
+    assert json.loads(written.read_text()) == compute_conflist("/run/meshgress/cni.sock")
+    assert oct(written.stat().st_mode & 0o777) == "0o644"
+    inode = written.stat().st_ino
+    assert write_conflist(tmp_path, "/run/meshgress/cni.sock") is None
+    assert written.stat().st_ino == inode
+    assert write_conflist(tmp_path, "/run/other.sock") == written
+    assert written.stat().st_ino != inode  # renamed into place, never rewritten in place
+    assert json.loads(written.read_text())["plugins"][0]["socket"] == "/run/other.sock"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["05-other.conflist", CONFLIST_NAME]
+    assert other.read_text() == "{}"

@@ -12,10 +12,14 @@ from hypothesis import strategies as st
 from cni import protocol as p
 from cni.model import (
     AttachmentKey,
+    GcPlan,
+    HostLinkClaim,
     PodAttachment,
     WiringPlan,
     compute_check_problems,
     compute_host_ifname,
+    compute_host_link_claims,
+    compute_host_mac,
     compute_mac,
     compute_next_free,
     compute_pod_cidr_usable,
@@ -41,11 +45,11 @@ def test_host_ifname_is_prefix_plus_hash():
     assert all(c in "0123456789abcdef" for c in name[3:])
 
 
-def test_host_ifname_matches_sha256_of_id_and_ifname():
-    import hashlib
-
-    expected = "mgc" + hashlib.sha256(b"abc123eth0").hexdigest()[:11]
-    assert compute_host_ifname("abc123", "eth0") == expected
+def test_host_ifname_and_mac_are_pinned():
+    """A restarted agent finds its veths by these: they must not change between releases
+    (an earlier release's names are still claimed through the allocation's record)."""
+    assert compute_host_ifname("abc123", "eth0") == "mgc16d0a1c7662"
+    assert compute_host_mac("abc123", "eth0") == "0a:a9:c5:6d:cc:2d"
 
 
 @given(CONTAINER_IDS, st.sampled_from(["eth0", "net1", "eth1"]))
@@ -57,6 +61,50 @@ def test_host_ifname_fits_the_kernel_limit_and_is_stable(container_id, ifname):
 
 def test_host_ifname_differs_per_interface_of_the_same_container():
     assert compute_host_ifname("c1", "eth0") != compute_host_ifname("c1", "net1")
+
+
+def test_attachments_that_concatenate_alike_get_different_names():
+    """Hashing container id and ifname run together gave ('abc', 'eth0') and ('abce',
+    'th0') one host veth: one pod's ADD or DEL then destroyed the other's."""
+    assert compute_host_ifname("abc", "eth0") != compute_host_ifname("abce", "th0")
+    assert compute_host_mac("abc", "eth0") != compute_host_mac("abce", "th0")
+
+
+@given(st.text(alphabet="abc0", min_size=2, max_size=20), st.data())
+def test_every_split_of_one_string_is_a_different_attachment(joined, data):
+    first = data.draw(st.integers(1, len(joined) - 1))
+    second = data.draw(st.integers(1, len(joined) - 1).filter(lambda n: n != first))
+    names = {compute_host_ifname(joined[:n], joined[n:]) for n in (first, second)}
+    assert len(names) == 2
+
+
+def test_host_mac_is_locally_administered_unicast_and_not_the_name_hash():
+    mac = compute_host_mac("abc123", "eth0")
+    assert int(mac[:2], 16) & 0x03 == 0x02
+    assert mac.replace(":", "")[2:] not in compute_host_ifname("abc123", "eth0")
+
+
+def test_a_claim_recognises_its_veth_by_name_and_mac():
+    claim = HostLinkClaim("mgc0123456789a", "02:11:22:33:44:55")
+    assert claim.owns("mgc0123456789a", "02:11:22:33:44:55", "veth")
+    assert claim.owns("mgc0123456789a", "02:11:22:33:44:55".upper(), "veth")
+    assert not claim.owns("mgc0123456789a", "02:11:22:33:44:56", "veth")  # another's
+    assert not claim.owns("mgc0123456789a", "02:11:22:33:44:55", "bridge")
+    assert not claim.owns("mgc0123456789b", "02:11:22:33:44:55", "veth")
+
+
+LEGACY_C1_ETH0 = "mgc63877c11219"
+"""The name an earlier version gave ('c1', 'eth0'): sha256 of the two run together."""
+
+
+def test_an_allocation_recorded_by_an_earlier_version_claims_its_name_alone():
+    key = AttachmentKey("c1", "eth0")
+    (own,) = compute_host_link_claims(key)
+    assert compute_host_link_claims(key, own.name) == (own,)
+    own_again, legacy = compute_host_link_claims(key, LEGACY_C1_ETH0)
+    assert own_again == own
+    assert legacy == HostLinkClaim(LEGACY_C1_ETH0, own.mac, by_name=True)
+    assert legacy.owns(LEGACY_C1_ETH0, "0a:0b:0c:0d:0e:0f", "veth")
 
 
 @given(st.binary(min_size=6, max_size=6))
@@ -147,15 +195,57 @@ def test_parse_request_keeps_kubernetes_identity():
         (raw_request(command="FLY"), p.ERR_INVALID_ENV),
         (raw_request(config={"cniVersion": "1.0.0", "mtu": 20}), p.ERR_INVALID_CONFIG),
         (raw_request(config={"cniVersion": "1.0.0", "mtu": True}), p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "dns": "10.96.0.10"}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "dns": {"nameservers": "10.96.0.10"}}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "dns": {"domain": 5}}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "prevResult": []}), p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "prevResult": {"interfaces": 5}}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "prevResult": {"ips": ["10.0.0.1"]}}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config={"cniVersion": "1.0.0", "prevResult": {"dns": []}}),
+         p.ERR_INVALID_CONFIG),
+        (raw_request(config='{"cniVersion": "1.0.0", "x": ' + "[" * 65 + "]" * 65 + "}"),
+         p.ERR_DECODE),
+        (raw_request(config='{"cniVersion": "1.0.0", "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+         p.ERR_DECODE),
+        (raw_request(config=" " * (p.MAX_CONFIG + 1)), p.ERR_INVALID_CONFIG),
+        (raw_request(containerID="c" * (p.MAX_CONTAINER_ID + 1)), p.ERR_INVALID_ENV),
+        (raw_request(ifname="\udcff"), p.ERR_INVALID_ENV),
+        (raw_request(netns="/" + "n" * p.MAX_NETNS_PATH), p.ERR_INVALID_ENV),
+        (raw_request(args="K8S_POD_NAME=" + "p" * 254), p.ERR_INVALID_ENV),
+        (raw_request(path="/" * (p.MAX_ENV_VALUE + 1)), p.ERR_INVALID_ENV),
+        (raw_request(containerID=5), p.ERR_INVALID_ENV),
     ],
     ids=["bad json", "not an object", "no version", "old version", "GC before 1.1",
          "no container id", "ADD without netns", "bad CNI_ARGS", "unknown command",
-         "tiny mtu", "boolean mtu"],
+         "tiny mtu", "boolean mtu", "dns a string", "nameservers a string",
+         "domain a number", "prevResult a list", "prevResult interfaces a number",
+         "prevResult ips not objects", "prevResult dns a list", "nested 66 deep",
+         "nested 5000 deep", "config too large", "container id too long",
+         "ifname not utf-8", "netns path too long", "pod name too long",
+         "CNI_PATH too large", "container id not a string"],
 )
 def test_parse_request_errors(raw, code):
     with pytest.raises(p.CniError) as err:
         parse_request(raw)
     assert err.value.code == code
+
+
+def test_a_config_nested_64_deep_is_accepted():
+    config = '{"cniVersion": "1.0.0", "x": ' + "[" * 63 + "]" * 63 + "}"
+    assert parse_request(raw_request(config=config)).cni_version == "1.0.0"
+
+
+def test_prev_result_and_dns_of_the_right_shape_are_accepted():
+    config = {"cniVersion": "1.0.0", "dns": {"nameservers": ["10.96.0.10"], "domain": "c.l",
+                                              "search": [], "options": ["ndots:5"]},
+              "prevResult": {"interfaces": None, "ips": [{"address": "10.0.0.2/24"}],
+                             "dns": {}}}
+    assert parse_request(raw_request(config=config)).prev_result == config["prevResult"]
 
 
 def test_del_does_not_need_a_namespace():
@@ -171,7 +261,16 @@ def attachment(ip="198.18.0.7"):
 
 
 def plan(mtu=None) -> WiringPlan:
-    return compute_wiring_plan(attachment(), "02:00:00:00:00:01", "02:00:00:00:00:02", mtu)
+    return compute_wiring_plan(attachment(), "02:00:00:00:00:02", mtu)
+
+
+def test_wiring_plan_claims_the_host_veth_by_the_attachment():
+    assert plan().host_claim == HostLinkClaim(compute_host_ifname("c1", "eth0"),
+                                              compute_host_mac("c1", "eth0"))
+    legacy = PodAttachment("c1", "eth0", "/x", None, None, IPv4Address("198.18.0.7"),
+                           LEGACY_C1_ETH0)
+    claim = compute_wiring_plan(legacy, "02:00:00:00:00:02").host_claim
+    assert claim == HostLinkClaim(LEGACY_C1_ETH0, compute_host_mac("c1", "eth0"), True)
 
 
 def test_result_1_0_0():
@@ -179,7 +278,7 @@ def test_result_1_0_0():
     assert result == {
         "cniVersion": "1.0.0",
         "interfaces": [
-            {"name": compute_host_ifname("c1", "eth0"), "mac": "02:00:00:00:00:01"},
+            {"name": compute_host_ifname("c1", "eth0"), "mac": compute_host_mac("c1", "eth0")},
             {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/x"},
         ],
         "ips": [{"address": "198.18.0.7/32", "gateway": "169.254.1.1", "interface": 1}],
@@ -245,6 +344,14 @@ def test_valid_attachments_rejects_garbage(value):
     with pytest.raises(p.CniError) as err:
         parse_valid_attachments({"cni.dev/valid-attachments": value})
     assert err.value.code == p.ERR_INVALID_CONFIG
+
+
+def test_plan_gc_keeps_the_name_a_valid_allocation_records():
+    keep = AttachmentKey("keep", "eth0")
+    legacy = "mgc620b13766e3"  # an earlier version's name for ("keep", "eth0")
+    links = [legacy, compute_host_ifname("keep", "eth0"), "mgcorphan0000"]
+    result = plan_gc([keep], [keep], links, {keep: legacy})
+    assert result == GcPlan(release=(), delete_links=("mgcorphan0000",))
 
 
 def test_plan_gc_selects_what_no_valid_attachment_owns():

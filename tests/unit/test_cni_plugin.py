@@ -7,6 +7,7 @@ no root; what the shim sends (including the namespace file descriptor) is record
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
@@ -43,6 +44,8 @@ class FakeAgent:
     requests: list[dict[str, Any]] = field(default_factory=list)
     fd_inodes: list[list[int]] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    after_reply: Callable[[bytes], None] | None = None
+    """Given what the shim sends after the reply (its acknowledgement), if set."""
 
     def serve(self, listener: socket.socket) -> None:
         while True:
@@ -71,6 +74,8 @@ class FakeAgent:
                     self.release.wait(10)
                     continue
                 conn.sendall(reply)
+                if self.after_reply is not None:
+                    self.after_reply(conn.recv(16))
 
 
 @pytest.fixture
@@ -309,7 +314,7 @@ def real_agent(tmp_path) -> Iterator[Path]:
     """The real server and service (kernel faked) on a unix socket: no root needed."""
     from cni.server import serve
     from cni.service import CniService
-    from tests.unit.test_cni_service import FakeWiring
+    from cni.wiring import FakeWiring
 
     path = tmp_path / "agent.sock"
     service = CniService(IPv4Network("198.18.0.0/24"), tmp_path / "state", wiring=FakeWiring())
@@ -364,10 +369,101 @@ def test_invalid_json_the_quick_scan_lets_through_is_rejected_by_the_agent(plugi
 
 
 def test_an_add_through_the_real_server(plugin, real_agent, tmp_path):
+    netns = tmp_path / "pod-netns"  # the fake kernel's stand-in for a pod's namespace
+    netns.touch()
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
                         "socket": str(real_agent)})
-    exit_code, out, _ = call(plugin, env(), stdin)
+    exit_code, out, _ = call(plugin, env(CNI_NETNS=str(netns)), stdin)
     assert exit_code == 0
     assert out["ips"][0]["address"] == "198.18.0.1/32"
     exit_code, out, raw = call(plugin, env("DEL"), stdin)
     assert (exit_code, raw) == (0, "")
+
+
+def test_the_agents_own_namespace_is_refused_as_a_pods(plugin, real_agent):
+    """The shim runs on the node: /proc/self/ns/net is the node's network namespace."""
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
+                        "socket": str(real_agent)})
+    exit_code, out, _ = call(plugin, env(CNI_NETNS="/proc/self/ns/net"), stdin)
+    assert (exit_code, out["code"]) == (1, p.ERR_INVALID_ENV)
+    assert "node's own network namespace" in out["msg"]
+
+
+# --- hostile input: every answer is the spec's error object, with a code that says why ------
+
+
+def _conf_for(agent: Path, **extra: Any) -> str:
+    return json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshgress-cni",
+                       "socket": str(agent), **extra})
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (lambda agent: _conf_for(agent)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+         {}, p.ERR_DECODE),
+        (lambda agent: _conf_for(agent)[:-1] + ', "x": ' + "[" * 65 + "]" * 65 + "}",
+         {}, p.ERR_DECODE),
+        (lambda agent: _conf_for(agent) + " " * (17 * 1024 * 1024), {}, p.ERR_INVALID_CONFIG),
+        (lambda agent: _conf_for(agent) + " " * p.MAX_CONFIG, {}, p.ERR_INVALID_CONFIG),
+        (lambda agent: _conf_for(agent), {"CNI_ARGS": "K8S_POD_NAME=" + "p" * 100_000},
+         p.ERR_INVALID_ENV),
+        (lambda agent: _conf_for(agent), {"CNI_CONTAINERID": "c" * 100_000}, p.ERR_INVALID_ENV),
+        (lambda agent: _conf_for(agent), {"CNI_NETNS": "/" * 5000}, p.ERR_INVALID_ENV),
+        (lambda agent: _conf_for(agent, dns="10.96.0.10"), {}, p.ERR_INVALID_CONFIG),
+        (lambda agent: _conf_for(agent, prevResult={"interfaces": 5}), {},
+         p.ERR_INVALID_CONFIG),
+        (lambda agent: _conf_for(agent, mtu="1500"), {}, p.ERR_INVALID_CONFIG),
+    ],
+    ids=["nested 100000 deep", "nested 66 deep", "17 MiB", "just over the config limit",
+         "100 KB pod name", "100 KB container id", "netns path too long", "dns a string",
+         "prevResult interfaces a number", "mtu a string"],
+)
+def test_hostile_input_gets_a_clear_non_retryable_error(plugin, real_agent, tmp_path, case):
+    """Deep nesting used to end in a traceback (shim) or a dropped connection (agent:
+    "agent not reachable", 11); a frame over the agent's limit in 11 too."""
+    make_stdin, environment, code = case
+    netns = tmp_path / "pod-netns"
+    netns.touch()
+    exit_code, out, raw = call(plugin, env(**{"CNI_NETNS": str(netns), **environment}),
+                               make_stdin(real_agent))
+    assert exit_code == 1, raw
+    assert out is not None and set(out) == {"cniVersion", "code", "msg", "details"}, raw
+    assert out["code"] == code, out
+
+
+def test_the_shim_acknowledges_the_answer_once_it_is_on_stdout(plugin, fake_agent, tmp_path):
+    """Killed between the two, the shim has failed for the runtime and for the agent. Its
+    stdout is a full pipe here, so the answer cannot be written until the test reads: no
+    acknowledgement may come before that."""
+    acknowledged = threading.Event()
+    sent: list[bytes] = []
+    agent = fake_agent(ok('{"cniVersion": "1.0.0"}'))
+    agent.after_reply = lambda data: (sent.append(data), acknowledged.set())
+    netns = tmp_path / "pod-netns"
+    netns.touch()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    shim = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=write_end,
+                            env=env(CNI_NETNS=str(netns)))
+    os.close(write_end)
+    try:
+        assert shim.stdin is not None
+        shim.stdin.write(conf(agent.path).encode())
+        shim.stdin.close()
+        assert not acknowledged.wait(1.0), "acknowledged before the answer was written"
+        with os.fdopen(read_end, "rb") as output:
+            data = output.read()
+        assert acknowledged.wait(10)
+        assert shim.wait(10) == 0
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    assert json.loads(data[filler:]) == {"cniVersion": "1.0.0"}
+    assert sent == [p.ACK]

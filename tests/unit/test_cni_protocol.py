@@ -101,7 +101,7 @@ def test_responses_round_trip():
 
 
 class _EchoService:
-    def handle(self, request, netns_fd=None):
+    def handle(self, request, netns_fd=None, caller=None):
         return 0, json.dumps(request, sort_keys=True)
 
 

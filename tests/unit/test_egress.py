@@ -12,6 +12,7 @@ from meshgress.lab.topology import lab_cluster_config
 from meshgress.slots import DROP_MARK, SlotId, assign_slot_numbers, slot_mark
 from nodeagent.steering import (
     BUCKETS,
+    LocalHolder,
     LocalPod,
     SteeringInputs,
     compute_buckets,
@@ -235,18 +236,28 @@ def test_buckets_spread_over_slots_and_a_failure_moves_only_its_own_buckets():
     assert compute_buckets(SLOTS, frozenset(), MARKS) is None
 
 
-def steering(healthy, failure_policy="FailClosed", kept=None):
+def steering(healthy, failure_policy="FailClosed", kept=None, node_name="", held=SLOTS):
     key = generate_private_key()
     holders = {slot: SlotHolder(slot, f"gw{slot.index + 1}/1", public_key(generate_private_key()),
                                 f"192.0.2.10{slot.index + 1}:5190{slot.index}",
                                 f"192.0.2.20{slot.index + 1}", f"gw{slot.index + 1}")
-               for slot in SLOTS}
+               for slot in held}
     m = model(gateways=(gateway(failurePolicy=failure_policy),))
     return compute_steering(SteeringInputs(
         model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
                              LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
         holders=holders, healthy=frozenset(healthy), private_key=key, mtu=1440,
-        probe_source=ipaddress.ip_address("198.18.1.0"), kept_numbers=kept or {}))
+        probe_source=ipaddress.ip_address("198.18.1.0"), kept_numbers=kept or {},
+        node_name=node_name))
+
+
+def test_a_slot_held_on_this_very_node_is_checked_locally_not_probed():
+    remote = {t.slot: t.local for t in steering(SLOTS, node_name="node1").probe_targets}
+    assert remote == {SLOTS[0]: None, SLOTS[1]: None}
+    on_gw1 = {t.slot: t.local for t in steering(SLOTS, node_name="gw1").probe_targets}
+    assert on_gw1 == {SLOTS[0]: LocalHolder(SLOTS[0].gateway_interface,
+                                            ipaddress.IPv4Address("192.0.2.201")),
+                      SLOTS[1]: None}
 
 
 def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules():
@@ -258,6 +269,16 @@ def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules()
     assert set(sets["egress_healthy"]) == {slot_mark(0), slot_mark(1)}
     assert (DROP_MARK, 51820) in state.rules and (slot_mark(0), 51821) in state.rules
     assert (51821, SLOTS[0].node_interface) in state.routes and (51820, None) in state.routes
+
+
+def test_a_slot_without_a_holder_keeps_its_tunnel_without_a_peer_or_a_route_to_it():
+    """A takeover then changes a peer in place instead of starting a tunnel."""
+    state = steering(healthy=(), held=SLOTS[:1])
+    assert [(d.name, len(d.peers)) for d in state.devices] == [
+        (SLOTS[0].node_interface, 1), (SLOTS[1].node_interface, 0)]
+    assert all(mark != slot_mark(1) for mark, _ in state.rules)
+    assert all(interface != SLOTS[1].node_interface for _, interface in state.routes)
+    assert [t.slot for t in state.probe_targets] == [SLOTS[0]]
 
 
 @pytest.mark.parametrize(("failure_policy", "mark"), [("FailClosed", DROP_MARK),
@@ -384,3 +405,36 @@ def test_explain_says_when_a_policy_or_gateway_runs_on_its_last_valid_generation
             "invalid: spec.egressIPs: must list at least one IP address") in text
     assert "left out, the datastore cannot read it: EgressPolicy broken (/store/broken.yaml): " \
            "not valid YAML: ..." in text
+
+
+@pytest.mark.parametrize("gateways", [(gateway(name="other"),),
+                                      (gateway(ips=("10.0.0.1/8",)),)],
+                         ids=["gateway-not-found", "gateway-invalid"])
+def test_a_policy_whose_gateway_is_missing_or_invalid_drops_its_pods_traffic(gateways):
+    """A typo in the gateway's name must not let selected pods leave with their node's
+    address: until the gateway exists (and is valid), their traffic is dropped."""
+    m = model(gateways=gateways, policies=(policy("payments"),))
+    assert m.policies["payments"].drops_selected
+    state = compute_steering(SteeringInputs(
+        model=m, local_pods=(LocalPod("payments", "pay", ipaddress.ip_address("198.18.1.1")),
+                             LocalPod("web", "web", ipaddress.ip_address("198.18.1.2"))),
+        holders={}, healthy=frozenset(), private_key=generate_private_key(), mtu=1440,
+        probe_source=ipaddress.ip_address("198.18.1.0")))
+    sets = {s.name: s.elements for s in state.sets}
+    assert sets["ep0_pods"] == (ipaddress.ip_address("198.18.1.1"),)
+    assert state.steered_ips == {ipaddress.ip_address("198.18.1.1")}
+    pick = next(c for c in state.chains if c.name == "ep0_pick")
+    assert {m for _, m in pick.rules[0].statements[0]["mangle"]["value"]["map"]["data"]["set"]} \
+        == {DROP_MARK}
+
+
+def test_explain_says_a_policy_with_a_missing_gateway_drops_the_pods_traffic():
+    m = model(gateways=(), policies=(policy("payments", gw="egres"),))
+    pod = {"metadata": {"namespace": "payments", "name": "pay", "labels": {"app": "pay"}},
+           "spec": {"nodeName": "node1"}, "status": {"podIP": "198.18.1.1"}}
+    text = "\n".join(explain_pod(model=m, pod=pod, namespace_labels_=NAMESPACES["payments"],
+                                 holders={}, cluster=CLUSTER, node_addresses=set(), to=None))
+    assert "payments (priority 1000, gateway egres): selects this pod -> DROPS its traffic: " \
+           "GatewayNotFound: EgressGateway egres does not exist" in text
+    assert "verdict: traffic to outside the cluster is dropped (fail closed) until " \
+           "EgressGateway egres exists and is valid" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.claims import claim_order, lease_is_free, plan_claims
+from gateway.claims import ClaimLimits, claim_order, lease_is_free, plan_claims
 from meshgress.datastore import Lease
 from meshgress.slots import SlotId
 
@@ -23,9 +23,9 @@ def lease(holder: str | None, renewed: float = NOW - 1, duration: float = 3.0,
 def plan(*, held=(), leases=None, servable=(A, B), max_slots=1, free_since=None, now=NOW,
          holder=ME, grace=1.0, orphans_allowed=True):
     return plan_claims(holder=holder, held=set(held), leases=leases or {},
-                       servable=list(servable), now=now, max_slots=max_slots,
-                       free_since=free_since or {}, orphan_grace=grace,
-                       orphans_allowed=orphans_allowed)
+                       servable=list(servable), now=now, free_since=free_since or {},
+                       limits=ClaimLimits(max_slots=max_slots, orphan_grace=grace,
+                                          orphans_allowed=orphans_allowed))
 
 
 @pytest.mark.parametrize("record, free", [
@@ -133,5 +133,5 @@ def test_max_slots_above_one_takes_several_at_once():
 def test_nothing_servable_means_nothing_to_do():
     p = plan(servable=())
     assert p == plan_claims(holder=ME, held=set(), leases={}, servable=[], now=NOW,
-                            max_slots=1, free_since={})
+                            free_since={}, limits=ClaimLimits(max_slots=1))
     assert p.candidates == () and p.next_check is None

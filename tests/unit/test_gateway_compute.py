@@ -172,20 +172,20 @@ def test_slot_dataplane_and_its_derived_names():
 
 
 def test_lease_annotations_and_what_a_new_holder_clears():
-    wanted = compute_lease_annotations(public_key=K1, internal_ip=addr("192.0.2.11"),
-                                       egress_ip=addr("192.0.2.51"),
-                                       node="gw1", number=1)
+    wanted = compute_lease_annotations(holder="gw1/7", public_key=K1,
+                                       internal_ip=addr("192.0.2.11"),
+                                       egress_ip=addr("192.0.2.51"), node="gw1", number=1)
     assert wanted == {"meshgress.io/wireguard-public-key": K1,
                       "meshgress.io/wireguard-endpoint": "192.0.2.11:51901",
                       "meshgress.io/egress-ip": "192.0.2.51",
-                      "meshgress.io/holder-node": "gw1"}
+                      "meshgress.io/holder-node": "gw1", "meshgress.io/holder": "gw1/7"}
     previous = {"meshgress.io/wireguard-public-key": K2,
                 "meshgress.io/wireguard-endpoint": "192.0.2.12:51901",
                 "meshgress.io/egress-ip": "192.0.2.51", "meshgress.io/holder-node": "gw2",
-                "meshgress.io/lease-duration-seconds": "3.0"}
+                "meshgress.io/holder": "gw2/9", "meshgress.io/lease-duration-seconds": "3.0"}
     assert annotations_to_clear(previous, wanted) == {
         "meshgress.io/wireguard-public-key": None, "meshgress.io/wireguard-endpoint": None,
-        "meshgress.io/holder-node": None}
+        "meshgress.io/holder-node": None, "meshgress.io/holder": None}
     assert annotations_to_clear(wanted, wanted) == {}
     assert annotations_to_clear(None, wanted) == {}
 
@@ -209,7 +209,7 @@ def served(*slots) -> ObservedDataplane:
         egress_addresses=frozenset(EgressAddress(s.external_interface, s.egress_ip)
                                    for s in slots),
         slot_interfaces=frozenset(s.interface for s in slots),
-        probe_addresses=frozenset(s.interface for s in slots),
+        interface_addresses=frozenset(s.interface for s in slots),
         routes=frozenset(RouteEntry(s.table, s.interface) for s in slots),
         rules=frozenset(RuleEntry(s.mark, s.table) for s in slots),
         rp_filter={s.interface: 2 for s in slots})
@@ -221,7 +221,7 @@ def test_a_fresh_slot_gets_everything_in_order():
                                  rp_filter={S0.interface: 0})
     plan = plan_dataplane([S0], observed)
     assert plan == DataplanePlan(
-        add_probe_addresses=(S0.interface,), set_rp_filter=(S0.interface,),
+        add_interface_addresses=(S0.interface,), set_rp_filter=(S0.interface,),
         add_routes=(RouteEntry(52076, S0.interface),), add_rules=(RuleEntry(0x800000, 52076),),
         add_addresses=(EgressAddress("eth0", addr("192.0.2.50")),))
     assert plan.describe() == [

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.dataplane import EgressAddress, FakeKernel
+from gateway.probe import ProbeSocket
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from gateway.uplink import UplinkWatcher
 from meshgress.cluster import (
@@ -67,9 +68,9 @@ class LinkedBackend(FakeBackend):
 
 class FakeProbe:
     def __init__(self) -> None:
-        self.serving: dict[str, tuple[int, int]] = {}
+        self.serving: dict[str, ProbeSocket] = {}
 
-    def ensure(self, wanted: dict[str, tuple[int, int]]) -> None:
+    def ensure(self, wanted: dict[str, ProbeSocket]) -> None:
         self.serving = dict(wanted)
 
     def close(self) -> None:
@@ -210,13 +211,14 @@ def test_claims_serves_and_publishes_a_slot(lab):
     assert k.egress == {EgressAddress("eth0", E0): 2}  # a lifetime shorter than the lease
     assert gw.garps == [("eth0", bytes.fromhex("020000000001"), E0)]  # once, when it came up
     iface = SLOT0.gateway_interface
-    assert iface in k.links and k.probe == {iface} and k.rp == {iface: 2}
+    assert iface in k.links and k.rp == {iface: 2}
     assert {(r.table, r.interface) for r in k.routes} == {(52076, iface)}
     assert {(r.mark, r.table) for r in k.rules} == {(0x800000, 52076)}
     device = gw.ports.wireguard.read(iface)
     assert device is not None and device.listen_port == 51900
     assert [p.public_key for p in device.peers] == [NODE_KEY]
-    assert gw.ports.probe.serving == {iface: (k.link_index(iface), 0x800000)}  # type: ignore[union-attr]
+    assert gw.ports.probe.serving == {  # type: ignore[union-attr]
+        iface: ProbeSocket(k.link_index(iface) or 0, 0x800000, E0)}
     assert h.annotations(SLOT0) | {} == {
         **h.annotations(SLOT0),
         PUBLIC_KEY_ANNOTATION: gw.public_key, ENDPOINT_ANNOTATION: "192.0.2.11:51900",

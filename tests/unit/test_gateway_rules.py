@@ -46,7 +46,8 @@ def set_mark(key: dict[str, Any], mark: int) -> dict[str, Any]:
     return {"mangle": {"key": key, "value": {"|": [{"&": [key, 0xFF00FFFF]}, mark]}}}
 
 
-PROBE = [field_is("ip", "daddr", "169.254.123.1"), field_is("udp", "dport", 51899)]
+PROBE = [field_is("ip", "daddr", "192.0.2.50"), field_is("udp", "dport", 51899)]
+"""The health probe: to the slot's egress IP (SLOT_A's), through its tunnel."""
 STALE = [{"counter": COUNTER_STALE}, {"drop": None}]
 
 

@@ -20,6 +20,7 @@ from gateway.status import (
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
+    HOLDER_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
 )
@@ -64,7 +65,8 @@ def held(holder: str, *, ip: str, published: bool = True, renewed: float = NOW -
     lease = Lease(name="x", holder=holder, duration_seconds=3.0, acquire_time=NOW - 10,
                   renew_time=renewed, transitions=1, resource_version=5)
     annotations = {PUBLIC_KEY_ANNOTATION: KEY, ENDPOINT_ANNOTATION: f"192.0.2.11:{port}",
-                   EGRESS_IP_ANNOTATION: ip, HOLDER_NODE_ANNOTATION: node} if published else {}
+                   EGRESS_IP_ANNOTATION: ip, HOLDER_NODE_ANNOTATION: node,
+                   HOLDER_ANNOTATION: holder} if published else {}
     return SlotRecord(lease, annotations)
 
 
@@ -217,7 +219,9 @@ CONFLICT = object()
         [("Accepted", "True", "Accepted", "2 pods selected"),
          ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("lost", "nope", "a")], "lost", (
-        [("Accepted", "False", "GatewayNotFound", "EgressGateway nope does not exist"),
+        [("Accepted", "False", "GatewayNotFound",
+          "EgressGateway nope does not exist: the traffic of the 2 pods it selects is "
+          "dropped until it does"),
          ("Conflict", "False", "NoConflict", ""), ("InvalidSpec", "False", "Valid", "")], 2)),
     ([policy("x", "egw", "a", 5), policy("y", "egw", "a", 5)], "x", (
         [("Accepted", "False", "Conflict", CONFLICT),

@@ -16,6 +16,7 @@ from meshgress.cli import main
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
+    HOLDER_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
     parse_node,
@@ -295,7 +296,8 @@ def slot_lease(gw, index, *, holder, holder_node, egress_ip, renewed=NOW - 1):
                          "annotations": {PUBLIC_KEY_ANNOTATION: KEY["node3"],
                                          ENDPOINT_ANNOTATION: "192.0.2.13:51900",
                                          EGRESS_IP_ANNOTATION: egress_ip,
-                                         HOLDER_NODE_ANNOTATION: holder_node}},
+                                         HOLDER_NODE_ANNOTATION: holder_node,
+                                         HOLDER_ANNOTATION: holder}},
             "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3,
                      "acquireTime": stamp, "renewTime": stamp}}
 

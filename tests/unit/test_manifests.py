@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +11,9 @@ import yaml
 from meshgress.cli import main
 from meshgress.datastore import Kind
 from meshgress.datastore.file import FileDatastore
-from meshgress.manifests import RESOURCES, format_age, resolve_resource
+from meshgress.manifests import PRINTER_COLUMNS, RESOURCES, format_age, resolve_resource
+
+REPO = Path(__file__).resolve().parents[2]
 
 GATEWAY = """
 apiVersion: meshgress.io/v1alpha1
@@ -126,7 +129,14 @@ def test_get_prints_tables_yaml_json_and_names(store_dir, capsys, monkeypatch):
     header, row = out.splitlines()
     assert header.split() == ["NAME", "GATEWAY", "PRIORITY", "ACCEPTED", "SELECTED", "PODS",
                               "AGE"]
-    assert row.split()[:3] == ["web", "egress", "1000"]
+    # As kubectl: the spec as written (no priority: an empty cell), columns aligned.
+    assert row[:header.index("ACCEPTED")].split() == ["web", "egress"]
+    egw = run(capsys, "get", "egw")[1].splitlines()
+    assert egw[0].split() == ["NAME", "EGRESS", "IPS", "READY", "AGE"]
+    assert egw[1].split()[:2] == ["egress", '["192.0.2.201","192.0.2.202"]']
+    wide = run(capsys, "get", "egw", "-o", "wide")[1].splitlines()[0]
+    assert wide.split() == ["NAME", "EGRESS", "IPS", "FAILURE", "POLICY", "READY", "REASON",
+                            "AGE"]
     assert run(capsys, "get", "egressgateways.meshgress.io", "egress", "-o", "name")[1] == \
         "egressgateway.meshgress.io/egress\n"
     as_yaml = yaml.safe_load(run(capsys, "get", "EgressGateway", "egress", "-o", "yaml")[1])
@@ -134,6 +144,17 @@ def test_get_prints_tables_yaml_json_and_names(store_dir, capsys, monkeypatch):
     as_json = json.loads(run(capsys, "get", "egresspolicies", "-o", "json")[1])
     assert as_json["kind"] == "List" and [i["metadata"]["name"] for i in
                                           as_json["items"]] == ["web"]
+
+
+@pytest.mark.parametrize("kind, crd", [(Kind.EGRESS_GATEWAY, "egressgateways"),
+                                       (Kind.EGRESS_POLICY, "egresspolicies")])
+def test_the_table_has_the_crds_printer_columns(kind, crd):
+    """`meshgress get` on a file datastore prints what kubectl prints from the CRD."""
+    path = REPO / "charts" / "meshgress" / "crds" / f"{crd}.meshgress.io.yaml"
+    [version] = yaml.safe_load(path.read_text())["spec"]["versions"]
+    expected = [(c["name"].upper(), c.get("priority", 0) == 1)
+                for c in version["additionalPrinterColumns"] if c["name"] != "Age"]
+    assert [(c.header, c.wide) for c in PRINTER_COLUMNS[kind]] == expected
 
 
 def test_get_and_delete_answer_in_kubectls_words(store_dir, capsys, monkeypatch):

@@ -119,6 +119,19 @@ def test_deletes_and_dumps_say_what_the_kernel_needs():
     assert payload[rt.RTMSG.size:] == attr(rt.RTA_OIF, struct.pack("=I", 7))
 
 
+def test_a_link_deleted_by_index_is_named_by_nothing_else():
+    kind, flags, payload = rt.link_delete_index_message(42)
+    assert kind == rt.RTM_DELLINK and flags == rt.NLM_F_REQUEST | rt.NLM_F_ACK
+    assert rt.IFINFOMSG.unpack_from(payload)[2] == 42
+    assert payload[rt.IFINFOMSG.size:] == b""
+
+
+def test_a_route_created_without_replace_fails_on_an_existing_one():
+    route = Route(NET("198.18.0.7/32"), protocol=109, oif=4)
+    assert rt.route_message(route, replace=False)[1] & rt.NLM_F_EXCL
+    assert not rt.route_message(route, replace=False)[1] & rt.NLM_F_REPLACE
+
+
 def test_a_rule_roundtrips_and_its_delete_names_the_same_rule():
     rule = Rule(priority=100, fwmark=0x10000, fwmask=0xFF0000, table=51821, protocol=109)
     kind, flags, payload = rt.rule_message(rule)

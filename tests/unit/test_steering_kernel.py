@@ -82,23 +82,9 @@ def test_after_a_restart_what_is_found_is_adopted():
     assert not plan.reset_sessions and not plan.add_routes and not plan.add_rules
 
 
-class LinkedBackend(FakeBackend):
-    def __init__(self, port: FakeSteering) -> None:
-        super().__init__()
-        self.port = port
-
-    def apply(self, plan):  # type: ignore[no-untyped-def]
-        super().apply(plan)
-        self.port.created([plan.name])
-
-    def delete(self, name: str) -> None:
-        super().delete(name)
-        self.port.interfaces.discard(name)
-
-
 def test_phases_add_everything_first_and_remove_only_in_phase_two():
-    port = FakeSteering()
-    wireguard = LinkedBackend(port)
+    wireguard = FakeBackend()
+    port = FakeSteering(wireguard)
     plan = plan_steering(desired(A), port.read(SOURCE), {})
     apply_steering_adds(port, wireguard, plan, SOURCE)
     assert port.read(SOURCE) == EVERYTHING_A

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,21 @@ def test_wg_quick_strip_accepts_it(tmp_path: Path) -> None:
                          check=True).stdout
     assert f"PublicKey = {A}" in out
     assert "MTU" not in out  # a wg-quick key, stripped for `wg setconf`
+
+
+def test_a_value_spanning_lines_is_refused() -> None:
+    """A line break in a value would add a line of its own (e.g. a PostUp) to the file."""
+    from wireguard.export import render_wg_quick
+    with pytest.raises(ValueError, match="cannot span lines"):
+        render_wg_quick([("Peer", [("Endpoint", "192.0.2.1:1\nPostUp = id")])])
+
+
+def test_export_needs_no_agpl_library() -> None:
+    """The export stands without `wgconfig` (AGPL-3.0): README "Licences"."""
+    code = ("import sys; sys.modules['wgconfig'] = None\n"
+            "from wireguard.export import export_wg_quick\n"
+            "from wireguard.model import Device\n"
+            "print(export_wg_quick(Device('wg0')), end='')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == "[Interface]\nMTU = 1420\n"
