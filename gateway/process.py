@@ -443,7 +443,8 @@ class Gateway:
                            limits=ClaimLimits(
                                max_slots=self.config.max_slots,
                                orphan_grace=self.config.orphan_grace,
-                               orphans_allowed=now - self.started_at >= self.config.startup_grace))
+                               orphans_allowed=now - self.started_at >= self.config.startup_grace,
+                               orphans_from=self.started_at + self.config.startup_grace))
         state.claims = plan
         self._free_since = dict(plan.free_since)
         ok = True
