@@ -80,7 +80,10 @@ def parse_events(data: bytes) -> list[InotifyEvent]:
 
 
 def _libc() -> ctypes.CDLL:
-    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    try:
+        lib = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc: ask the linker (slower: it may run ldconfig)
+        lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     lib.inotify_init1.argtypes = [ctypes.c_int]
     lib.inotify_init1.restype = ctypes.c_int
     lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
