@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="egress IP slots to hold normally; a slot nobody else serves "
                              "is taken over beyond this (default 1)")
     parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
-                        default="auto")
+                        default="auto",
+                        help="kernel (the WireGuard module), userspace (wireguard-go) or "
+                             "auto: the kernel module when the node has it, else "
+                             "wireguard-go (default auto)")
     parser.add_argument(
         "--wireguard-go", metavar="PATH",
         help="the wireguard-go program the userspace backend starts (default: the current "

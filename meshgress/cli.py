@@ -39,9 +39,7 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                           "(default: lab, or $MESHGRESS_LAB)")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", help="build the lab")
-    up.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
-    up.add_argument("--gateway-nodes", type=int, default=2,
-                    help="dedicated egress gateway nodes (default 2)")
+    _lab_size_options(up)
     up.add_argument("--wireguard-go", metavar="PATH",
                     help="the wireguard-go the agents and gateways run (default: the current "
                          "release `make binaries` caches when it is there, else wireguard-go "
@@ -49,13 +47,15 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _datastore_option(up)
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
-    gw.add_argument("action", choices=("stop", "kill", "start"))
-    gw.add_argument("node")
+    gw.add_argument("action", choices=("stop", "kill", "start"),
+                    help="stop (SIGTERM: it gives its slots up), kill (SIGKILL: a crash) or "
+                         "start")
+    gw.add_argument("node", metavar="NODE", help="a gateway node of the lab (gw1, gw2, ...)")
     link = lab_sub.add_parser(
         "link", help="take a node's underlay link down or bring it back (its default route "
                      "is restored on up, as a host's network manager would)")
-    link.add_argument("node")
-    link.add_argument("state", choices=("down", "up"))
+    link.add_argument("node", metavar="NODE", help="a node of the lab (node1, gw1, ...)")
+    link.add_argument("state", choices=("down", "up"), help="down or up")
     link.add_argument("--carrier", action="store_true",
                       help="flap the switch side of the cable instead: the node's eth0 stays "
                            "up and loses its carrier")
@@ -63,21 +63,24 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     status.add_argument("--json", action="store_true", help="machine-readable output")
     exe = lab_sub.add_parser(
         "exec", help="run a command inside a lab node, a pod, the outside or the monitoring host")
-    exe.add_argument("target", help="a node name, `outside`, `monitor`, or a pod as NAMESPACE/NAME")
+    exe.add_argument("target", metavar="TARGET",
+                     help="a node name, `outside`, `monitor`, or a pod as NAMESPACE/NAME")
     exe.add_argument("exec_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the command and its arguments")
     agent = lab_sub.add_parser("agent", help="stop, start or restart a node's agent")
-    agent.add_argument("action", choices=("stop", "start", "restart"))
-    agent.add_argument("node")
+    agent.add_argument("action", choices=("stop", "start", "restart"),
+                       help="stop, start or restart (the node's dataplane stays in place)")
+    agent.add_argument("node", metavar="NODE", help="a node of the lab (node1, gw1, ...)")
     add_node = lab_sub.add_parser("add-node", help="join one more worker node to the lab")
     add_node.add_argument("--json", action="store_true",
                           help="print the node and the times its agent started and was ready")
     remove = lab_sub.add_parser("remove-node", help="take a node out of the running lab")
-    remove.add_argument("node")
+    remove.add_argument("node", metavar="NODE", help="a node of the lab (node1, ...)")
     pod = lab_sub.add_parser("add-pod", help="create a pod through the CNI plugin")
-    pod.add_argument("pod", metavar="NAMESPACE/NAME")
-    pod.add_argument("--node", required=True)
-    pod.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    pod.add_argument("pod", metavar="NAMESPACE/NAME", help="the pod's namespace and name")
+    pod.add_argument("--node", required=True, help="the node the pod runs on")
+    pod.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                     help="a label of the pod (repeat for more)")
     lab_graph = lab_sub.add_parser(
         "graph", help="the lab's cluster as Graphviz, each node observed from inside",
         description="The lab's cluster as Graphviz (see `meshgress graph`). Each node is "
@@ -86,12 +89,11 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     "stopped still shows what it has configured.")
     _add_graph_output(lab_graph)
     demo = lab_sub.add_parser("demo", help="bring the lab up and show what it proves")
-    demo.add_argument("--nodes", type=int, default=2)
-    demo.add_argument("--gateway-nodes", type=int, default=2)
+    _lab_size_options(demo)
     _datastore_option(demo)
     _object_commands(lab_sub, in_lab=True)
     kubectl = lab_sub.add_parser(
-        "kubectl", help="kubectl as the lab's admin (a lab up with --datastore kube)")
+        "kubectl", help="run kubectl as the lab's admin (a lab up with --datastore kube)")
     kubectl.add_argument("kubectl_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                          help="kubectl's arguments")
 
@@ -100,6 +102,12 @@ def _cluster_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-config", type=Path,
                         default=os.environ.get("MESHGRESS_CLUSTER_CONFIG"),
                         help="cluster ranges YAML (default: $MESHGRESS_CLUSTER_CONFIG)")
+
+
+def _lab_size_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
+    parser.add_argument("--gateway-nodes", type=int, default=2,
+                        help="dedicated egress gateway nodes (default 2)")
 
 
 def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
@@ -116,16 +124,20 @@ def _object_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *
                      help="egressgateways (egw), egresspolicies (egp), nodes, pods, "
                           "namespaces, leases")
     # Not `name`: under `lab`, args.name is the lab's.
-    get.add_argument("object_name", nargs="?", metavar="NAME")
+    get.add_argument("object_name", nargs="?", metavar="NAME",
+                     help="one object (default: every object of the kind)")
     get.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"),
                      default="table", help="as kubectl: a table (default), wide, yaml, json "
                                            "or name")
-    get.add_argument("-n", "--namespace", default=None)
-    get.add_argument("-A", "--all-namespaces", action="store_true")
+    get.add_argument("-n", "--namespace", default=None,
+                     help="for pods and leases: the namespace (default: default)")
+    get.add_argument("-A", "--all-namespaces", action="store_true",
+                     help="for pods and leases: every namespace")
     delete = sub.add_parser("delete", help=f"delete an EgressGateway or EgressPolicy from "
                                            f"{where}")
-    delete.add_argument("resource", metavar="KIND")
-    delete.add_argument("object_name", metavar="NAME")
+    delete.add_argument("resource", metavar="KIND",
+                        help="egressgateways (egw) or egresspolicies (egp)")
+    delete.add_argument("object_name", metavar="NAME", help="the object's name")
     if in_lab:
         return
     for parser in (apply, get, delete):
@@ -381,12 +393,12 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     add_agent_arguments(agent)
-    agent.add_argument("--log-level", default="INFO")
+    _log_level_option(agent)
     from gateway.options import add_arguments as add_gateway_arguments
 
     gateway = sub.add_parser("gateway", help="run an egress gateway (on a gateway node)")
     add_gateway_arguments(gateway)
-    gateway.add_argument("--log-level", default="INFO")
+    _log_level_option(gateway)
     status = sub.add_parser(
         "status", help="this node's mesh and egress slots, checked against the cluster; "
                        "exits 1 on any problem")
@@ -394,19 +406,30 @@ def _node_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                         help="this node's name (default: $MESHGRESS_NODE)")
     add_tool_datastore_arguments(status)
     _cluster_config_option(status)
-    status.add_argument("--wireguard-backend", default="auto",
-                        help="auto, kernel or userspace (default: auto)")
+    _wireguard_backend_option(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     explain = sub.add_parser("explain", help="which egress path a pod's traffic takes, and why")
-    explain.add_argument("pod", metavar="NAMESPACE/NAME")
+    explain.add_argument("pod", metavar="NAMESPACE/NAME", help="the pod's namespace and name")
     explain.add_argument("--to", metavar="IP", help="a destination address")
     add_tool_datastore_arguments(explain)
     _cluster_config_option(explain)
     wg = sub.add_parser("wg-config", help="export the live mesh interface as a wg-quick file")
-    wg.add_argument("--interface", default=WIREGUARD_INTERFACE)
-    wg.add_argument("--wireguard-backend", default="auto")
+    wg.add_argument("--interface", default=WIREGUARD_INTERFACE,
+                    help=f"the WireGuard interface (default {WIREGUARD_INTERFACE})")
+    _wireguard_backend_option(wg)
     wg.add_argument("--no-private-key", action="store_true",
                     help="leave PrivateKey out (for sharing the file)")
+
+
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO",
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+def _wireguard_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wireguard-backend", default="auto",
+                        help="how to read this node's WireGuard interface: kernel, userspace "
+                             "(wireguard-go) or auto, as the agent chose (default auto)")
 
 
 def _run_status(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ class AgentMetrics:
                "Pod packets dropped because they would have left the node unencrypted.",
                [("", leak[0])])
         metric("meshgress_leak_drops_bytes_total", "counter",
-               "Bytes of those packets.", [("", leak[1])])
+               "Bytes of the pod packets dropped because they would have left the node "
+               "unencrypted.", [("", leak[1])])
         metric("meshgress_spoof_drops_packets_total", "counter",
                "Packets with a cluster pod source that arrived outside the mesh.",
                [("", spoof[0])])

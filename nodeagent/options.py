@@ -58,14 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-config", type=Path,
                         help="YAML with clusterPodCIDRs and serviceCIDRs "
                              "(default: 10.244.0.0/16 and 10.96.0.0/12)")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--cni-socket", type=Path, default=DEFAULT_CNI_SOCKET)
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="where the agent keeps its WireGuard private key and the CNI "
+                             f"plugin's address allocations (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--cni-socket", type=Path, default=DEFAULT_CNI_SOCKET,
+                        help="the unix socket the CNI plugin sends its requests to "
+                             f"(default {DEFAULT_CNI_SOCKET})")
     parser.add_argument("--cni-conf-dir", type=Path,
                         help="the container runtime's CNI configuration folder: the agent "
                              "writes 10-meshgress.conflist there once it serves CNI requests, "
                              "and touches no other file (default: none is written)")
     parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
-                        default="auto")
+                        default="auto",
+                        help="kernel (the WireGuard module), userspace (wireguard-go) or "
+                             "auto: the kernel module when the node has it, else "
+                             "wireguard-go (default auto)")
     parser.add_argument(
         "--wireguard-go", metavar="PATH",
         help="the wireguard-go program the userspace backend starts (default: the current "
@@ -103,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "Prometheus runs (default: none; from another node its scrapes arrive with "
              "that node's address and pass anyway, but on its own node they come from its "
              "pod address)")
-    parser.add_argument("--resync-interval", type=float, default=10.0)
+    parser.add_argument("--resync-interval", type=float, default=10.0,
+                        help="seconds between full reconciles, which read the whole dataplane "
+                             "from the kernel and repair drift (default 10)")
     parser.add_argument("--node-grace", type=float, default=30.0,
-                        help="seconds a vanished node keeps its peer")
+                        help="seconds a vanished node keeps its peer (default 30)")

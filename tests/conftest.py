@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,20 @@ def have_tool():
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: run `make test`, which installs it")
     return check
+
+
+def eventually(check, timeout=15.0, interval=0.2):
+    """Wait for a condition: `check()` until it returns something true or `timeout` seconds
+    pass; returns its last value (assert on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def observe_for(seconds):
+    """A measurement window, not a wait: traffic the test started runs for this long by
+    design (a baseline before a fault, a fault's duration, how long a result must hold)."""
+    time.sleep(seconds)

@@ -21,10 +21,12 @@ from meshgress.slots import LEASE_DURATION_SECONDS
 from tests.conftest import (
     DATASTORES,
     MESHGRESS,
+    eventually,
     keep_lab_logs,
     lab,
     lab_named,
     lab_store,
+    observe_for,
     run_meshgress,
 )
 
@@ -46,15 +48,6 @@ def seen_from(name, pod, proto="tcp", timeout=2.0):
          "meshgress.lab.echo", proto, OUTSIDE, "7777", "--timeout", str(timeout)],
         capture_output=True, text=True)
     return proc.stdout.strip() or None
-
-
-def eventually(check, timeout=15.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def store(name):
@@ -397,7 +390,7 @@ def test_killing_a_gateway_fails_over_in_under_a_second(fresh_egress_lab):
     victim = {s["egressIP"]: s["node"] for s in status["slots"]}[victim_ip]
     streams = {pod: run_streams(name, pod, 12) for pod in
                ("payments/app-node1", "payments/app-node2")}
-    time.sleep(2)
+    observe_for(2)  # the streams' baseline before the crash
     try:
         lab(name, "gateway", "kill", victim)
         results = {pod: json.loads(p.communicate(timeout=60)[0]) for pod, p in streams.items()}
@@ -439,13 +432,13 @@ def test_adding_and_removing_a_gateway_disturbs_no_flow_of_the_others(egress_lab
     streams = {pod: run_streams(name, pod, 12) for pod in
                ("payments/app-node1", "payments/app-node2")}
     try:
-        time.sleep(2)
+        observe_for(2)  # the streams' baseline before the new gateway
         s.apply({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
                  "metadata": {"name": "aa-early"}, "spec": {"egressIPs": ["192.0.2.204"]}})
         assert eventually(lambda: any(x["gateway"] == "aa-early" and x["holder"] for x in
                                       json.loads(lab(name, "status", "--json").stdout)[
                                           "slots"]), timeout=20)
-        time.sleep(1)
+        observe_for(1)  # the flows run with the new gateway's slot in place
         s.delete(Kind.EGRESS_GATEWAY, "aa-early")
         results = {pod: json.loads(p.communicate(timeout=60)[0]) for pod, p in streams.items()}
     finally:
@@ -469,7 +462,8 @@ def test_with_every_gateway_down(fresh_egress_lab, policy):
     s = store(name)
     update(s, Kind.EGRESS_GATEWAY, "egress", lambda spec: spec.update(failurePolicy=policy))
     try:
-        time.sleep(1)
+        assert eventually(lambda: f"({policy})" in lab(
+            name, "exec", "node1", "--", "meshgress", "explain", "payments/app-node1").stdout)
         lab(name, "gateway", "kill", "gw1")
         lab(name, "gateway", "kill", "gw2")
         if policy == "FailClosed":
@@ -614,7 +608,7 @@ def test_an_applied_policy_takes_effect_within_a_second(egress_lab, tmp_path):
         stored_at = stored.result(timeout=30)
         assert eventually(lambda: all(p.first(lambda seen: seen in EGRESS_IPS, started)
                                       for p in probes.values()), timeout=10, interval=0.05)
-        time.sleep(0.5)  # and they stay there
+        observe_for(0.5)  # and they stay there
     finally:
         for probe in probes.values():
             probe.stop()
@@ -704,14 +698,14 @@ def flap_round(name, victim, *, carrier):
     flag = ["--carrier"] if carrier else []
     s = store(name)
     try:
-        time.sleep(2)
+        observe_for(2)  # the streams' baseline before the link goes
         started = time.monotonic()
         Lab(name).link(victim, "down", carrier=carrier)
         taker = eventually(lambda: (h := solo_holder(s)) not in (None, victim) and h,
                            timeout=LEASE_DURATION_SECONDS + 3, interval=0.02)
         taken_after = time.monotonic() - started
         assert taker, f"nobody took {SOLO_IP} over from {victim}: {slot_holders(name)}"
-        time.sleep(max(0.0, 6 - (time.monotonic() - started)))
+        observe_for(max(0.0, 6 - (time.monotonic() - started)))  # the link stays down 6 s
         assert solo_holder(s) == taker, "the slot stays with the taker while the link is down"
     finally:
         s.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MESHGRESS, lab, lab_store
+from tests.conftest import MESHGRESS, lab, lab_store, observe_for
 
 pytestmark = pytest.mark.e2e
 
@@ -185,7 +185,7 @@ def test_down_after_a_killed_up_leaves_nothing(lab_name):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert lab_netns(lab_name), "the kill should have left something to clean up"
-    time.sleep(0.5)  # let any process it had started come up
+    observe_for(0.5)  # any process it had started comes up, to be found by `down`
     pids = pids_in(lab_netns(lab_name))
     lab(lab_name, "down")
     assert lab_netns(lab_name) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import lab
+from tests.conftest import eventually, lab, observe_for
 
 pytestmark = pytest.mark.e2e
 
@@ -90,7 +90,7 @@ def test_pods_on_different_nodes_talk_icmp_tcp_udp_and_the_underlay_sees_only_wi
         logs.append(server_log)
         server = start_in(name, "payments/app-node2", sys.executable, "-m",
                           "meshgress.lab.echo", "serve", "--port", ECHO_PORT, log=server_log)
-        time.sleep(0.5)
+        assert eventually(lambda: "serving" in (tmp_path / "echo.log").read_text(), timeout=10)
 
         # ICMP, TCP and UDP across the mesh; the far pod sees the near pod's own address.
         in_lab(name, "payments/app-node1", "ping", "-c", "3", "-i", "0.2", "-W", "2", b)
@@ -102,7 +102,7 @@ def test_pods_on_different_nodes_talk_icmp_tcp_udp_and_the_underlay_sees_only_wi
         # Agents start while pods already send (the dataplane stays while they are away).
         lab(name, "agent", "stop", "node1")
         lab(name, "agent", "stop", "node2")
-        time.sleep(1)
+        observe_for(1)  # the pods keep sending while both agents are away
         lab(name, "agent", "start", "node1")
         lab(name, "agent", "start", "node2")
         # A node joins and is reachable; a node leaves; an agent restarts.
@@ -163,7 +163,8 @@ def test_a_ping_stream_loses_nothing_while_an_agent_restarts(mesh_lab, tmp_path)
     with (tmp_path / "ping.log").open("w") as log:
         stream = start_in(name, "payments/app-node1", "ping", "-i", "0.01", "-c", "500", b,
                           log=log)
-        time.sleep(1)
+        assert eventually(lambda: (tmp_path / "ping.log").read_text().count("bytes from")
+                          >= 50, timeout=10, interval=0.05)
         lab(name, "agent", "restart", "node2")
         lab(name, "agent", "restart", "node1")
         stream.wait(timeout=60)

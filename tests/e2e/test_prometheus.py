@@ -26,7 +26,7 @@ import yaml
 
 from meshgress.datastore import Kind
 from meshgress.lab.netns import call_in_netns
-from tests.conftest import run_meshgress
+from tests.conftest import eventually, run_meshgress
 from tests.e2e.test_egress import _egress_lab, store
 from tests.tools.grafana_dashboard import NEEDS, dashboard_queries, resolve_query
 
@@ -133,15 +133,6 @@ class Prometheus:
     def alerts(self, name):
         return [a for a in self.get("/api/v1/alerts")["alerts"]
                 if a["labels"]["alertname"] == name]
-
-
-def eventually(check, timeout, interval=0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def lab_status(name):

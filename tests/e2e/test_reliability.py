@@ -8,18 +8,16 @@ One lab for the module (gateway `egress` with 192.0.2.201 and .202, FailClosed; 
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from meshgress.datastore import Kind
-from tests.conftest import run_meshgress
+from tests.conftest import eventually, observe_for, run_meshgress
 from tests.e2e.test_egress import (
     EGRESS_IPS,
     OUTSIDE,
     _egress_lab,
     condition,
-    eventually,
     lab,
     largest_gap,
     pod_netns,
@@ -99,7 +97,7 @@ def test_a_typo_in_a_live_policy_keeps_its_last_valid_generation_applied(egress_
     flows = new_flows(name, pod, 25)
     streams = run_streams(name, pod, 25)
     try:
-        time.sleep(2)
+        observe_for(2)  # the streams' baseline before the change
         update(s, Kind.EGRESS_POLICY, "payments",
                lambda spec: spec.update(destinationCIDRs=TYPO))
 
@@ -155,7 +153,7 @@ def test_a_second_gateway_listing_a_live_egress_ip_never_takes_it(egress_lab):
     streams = {pod: run_streams(name, pod, 12) for pod in
                ("payments/app-node1", "payments/app-node2")}
     try:
-        time.sleep(2)
+        observe_for(2)  # the streams' baseline before the change
         s.create({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
                   "metadata": {"name": "aa-copycat"},
                   "spec": {"egressIPs": ["192.0.2.202", "192.0.2.205"]}})

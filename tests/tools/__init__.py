@@ -1,2 +1,3 @@
 """Helpers that tests and developers run by hand: generators of committed files (the
-Grafana dashboard) and catalogues read from the code (the metrics it exports)."""
+chart's golden output, the Grafana dashboard, the references in README.md and
+charts/meshgress/README.md) and catalogues read from the code (the metrics it exports)."""

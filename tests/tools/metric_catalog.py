@@ -1,11 +1,12 @@
-"""Every metric the agent and the gateway export, with its type, read from their own
-renderers — so the alert rules and the dashboard can be checked against the code rather
-than against a list someone keeps by hand.
+"""Every metric the agent and the gateway export, with its type, labels and help text, read
+from their own renderers — so the alert rules, the dashboard and the metrics reference in
+README.md can be checked against the code rather than against a list someone keeps by hand.
 
 The metrics are rendered by hand (the loop's by `meshgress.runtime.LoopMetrics`, the
 rest by `nodeagent.metrics` and `gateway.metrics`); some appear only when there is
 something to count (a slot, a peer, an error), so the renderers are fed one of
-everything. `exported_metrics` is purely computational.
+everything. `exported_metrics` (series, for checking queries) and `metric_families` (one
+entry per metric as documented, for the reference) are purely computational.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nodeagent.metrics import SlotSample as AgentSlot
 from wireguard.model import PeerStats
 
 _TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
+_HELP_LINE = re.compile(r"^# HELP (\S+) (.*)$", re.MULTILINE)
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? \S+$", re.MULTILINE)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="(?:[^"\\]|\\.)*"')
 
@@ -125,3 +127,55 @@ def exported_metrics() -> dict[str, ExportedMetric]:
     agent, gateway = agent_metrics(), gateway_metrics()
     assert not set(agent) & set(gateway)
     return {**agent, **gateway}
+
+
+AGENT = "agent"
+GATEWAY = "gateway"
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    """One metric as its exporter declares it: what `# HELP` and `# TYPE` say, and the
+    labels its samples carry (a histogram's `le` apart: `buckets` holds its bounds)."""
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[str, ...] = ()
+
+
+def _unescape_help(text: str) -> str:
+    """A HELP text as written: the exposition format escapes backslash and newline."""
+    return re.sub(r"\\\\|\\n", lambda m: "\n" if m.group(0) == "\\n" else "\\", text)
+
+
+def _families(text: str) -> tuple[MetricFamily, ...]:
+    """The families of one page, in the order the exporter renders them; each must have a
+    HELP line and samples (else the reference could not say what it is)."""
+    types = dict(_TYPE_LINE.findall(text))
+    helps = {name: _unescape_help(help_text) for name, help_text in _HELP_LINE.findall(text)}
+    samples: dict[str, list[str]] = {}
+    for name, inner in _SAMPLE.findall(text):
+        samples.setdefault(name, []).append(inner)
+    out = []
+    for family, kind in types.items():
+        if family not in helps:
+            raise AssertionError(f"{family} has no HELP line")
+        series = [f"{family}_bucket", f"{family}_sum", f"{family}_count"] \
+            if kind == "histogram" else [family]
+        if not all(name in samples for name in series):
+            raise AssertionError(f"{family} has no sample in the rendered text: feed the "
+                                 "renderer one of what it counts")
+        labels = {label for name in series for inner in samples[name]
+                  for label in _LABEL.findall(inner)} - {"le"}
+        buckets = tuple(
+            bound for inner in samples.get(f"{family}_bucket", [])
+            for bound in re.findall(r'le="([^"]*)"', inner) if bound != "+Inf")
+        out.append(MetricFamily(family, kind, helps[family], tuple(sorted(labels)), buckets))
+    return tuple(out)
+
+
+def metric_families() -> dict[str, tuple[MetricFamily, ...]]:
+    """Process ("agent", "gateway") -> the metrics it exports, in its page's order."""
+    return {AGENT: _families(_agent_text()), GATEWAY: _families(_gateway_text())}

@@ -131,6 +131,10 @@ BAD_VALUES = {
     "an interface name with a slash": (
         ["--set-json", 'gateways=[{"name":"e","egressIPs":["203.0.113.1"],"interface":"a/b"}]'],
         "/gateways/0/interface"),
+    "a gateway node selector with matchExpressions (the CRD refuses them)": (
+        ["--set-json", 'gateways=[{"name":"e","egressIPs":["203.0.113.1"],"nodeSelector":'
+                       '{"matchExpressions":[{"key":"a","operator":"Exists"}]}}]'],
+        "additional properties 'matchExpressions'"),
     "the API server's host without its port": (
         ["--set", "apiServer.host=192.0.2.10"], "/apiServer/port"),
     "a toleration with a bad operator": (

@@ -15,6 +15,7 @@ from meshgress.api import FailurePolicy, ValidationError, parse_egress_gateway, 
 from meshgress.config import DEFAULT_CLUSTER_CONFIG
 from meshgress.datastore import API_VERSIONS, Kind
 from tests.crd_corpus import CORPUS, Case, cases
+from tests.tools.reference.crds import fields
 
 CRDS = Path(__file__).resolve().parents[2] / "charts" / "meshgress" / "crds"
 
@@ -105,3 +106,36 @@ def test_policy_crd_bounds_match_the_parser() -> None:
             selectors.MAX_EXPRESSION_VALUES
         assert expressions["items"]["properties"]["operator"]["enum"] == [
             op.value for op in selectors.Operator]
+
+
+def _documented_defaults(kind: str) -> dict[str, str | None]:
+    return {field.path: field.default for field in fields(version_schema(kind))}
+
+
+def test_the_crds_document_the_parsers_defaults() -> None:
+    """The CRDs carry no `default:` (the parser applies defaults); their descriptions say
+    them, for `kubectl explain` and the field reference, and must say what the parser does."""
+    gateway = parse_egress_gateway(
+        {"apiVersion": api.API_VERSION, "kind": "EgressGateway", "metadata": {"name": "g"},
+         "spec": {"egressIPs": ["203.0.113.10"]}}, DEFAULT_CLUSTER_CONFIG)
+    documented = _documented_defaults("EgressGateway")
+    assert documented["spec.failurePolicy"] == gateway.failure_policy.value
+    health = "spec.healthCheck."
+    assert documented[health + "intervalMilliseconds"] == str(gateway.health_check.interval_ms)
+    assert documented[health + "timeoutMilliseconds"] == str(gateway.health_check.timeout_ms)
+    assert documented[health + "failureThreshold"] == \
+        str(gateway.health_check.failure_threshold)
+    ((label, value),) = gateway.node_selector.match_labels
+    assert documented["spec.nodeSelector"] == f"nodes labelled {label}={value}"
+    assert gateway.interface is None and documented["spec.interface"] is not None
+
+    policy = parse_egress_policy(
+        {"apiVersion": api.API_VERSION, "kind": "EgressPolicy", "metadata": {"name": "p"},
+         "spec": {"gateway": "g", "namespaceSelector": {}}})
+    documented = _documented_defaults("EgressPolicy")
+    assert documented["spec.priority"] == str(policy.priority)
+    assert policy.destination_cidrs == api.ALL_DESTINATIONS
+    assert documented["spec.destinationCIDRs"] == "every destination"
+    assert policy.excluded_cidrs == () and documented["spec.excludedCIDRs"] == "none"
+    assert policy.pod_selector == selectors.MATCH_EVERYTHING
+    assert documented["spec.podSelector"] == "every pod"
