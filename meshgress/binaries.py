@@ -7,7 +7,7 @@ tests/infra/README.md). The lab's control plane finds kube-apiserver and etcd th
 
 Why not simply `wireguard-go` on PATH: Debian's (0.0.20220316) predates the TUN segmentation
 offloads (GSO/GRO) that later releases use to move 64 KB at a time between the kernel and
-wireguard-go; on the project's machines the current release carries about six times the
+wireguard-go; on the project's machines the current release carries more than five times the
 TCP throughput of Debian's through the same datapath (README, Benchmarks). So unless told
 (`--wireguard-go PATH`), agent and gateway run the cached current build when it is there and
 `wireguard-go` on PATH otherwise (an image ships the build as /usr/local/bin/wireguard-go,
