@@ -208,8 +208,13 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
-          on_listening: Callable[[], None] | None = None) -> None:
+          on_listening: Callable[[], None] | None = None, *,
+          signal_wake: float | None = 0.5) -> None:
     """Serve CNI requests on `socket_path` until `stop` is set, then finish those in flight.
+
+    `signal_wake`: seconds between wake-ups of the calling thread, which the main thread
+    needs to run Python signal handlers; None when another thread calls (the agent's CNI
+    thread): it then sleeps until `stop`.
 
     Opens `service` first (idempotent). The socket is created mode 0600: only root (the
     container runtime) may talk to the agent. `on_listening` runs once the socket accepts
@@ -241,7 +246,7 @@ def serve(socket_path: Path | str, service: CniService, stop: threading.Event,
             on_listening()
         # Wake up now and then: a signal delivered to another thread does not interrupt a
         # plain wait, and the main thread runs Python signal handlers only when it wakes.
-        while not stop.wait(0.5):
+        while not stop.wait(signal_wake):
             pass
     finally:
         with contextlib.suppress(FileNotFoundError):

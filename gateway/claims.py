@@ -50,6 +50,10 @@ class ClaimLimits:
     orphan_grace: float = ORPHAN_GRACE_SECONDS
     orphans_allowed: bool = True
     """False while the process is starting up: no slots beyond `max_slots` yet."""
+    orphans_from: float | None = None
+    """When orphans become allowed (wall clock), if they are not yet: a plan that leaves
+    free slots beyond capacity asks to be checked again then (nothing else may come: a
+    released lease is not written again)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ def plan_claims(*, holder: str, held: Collection[SlotId],
             orphans.append(slot)
         else:
             wake_at(since + limits.orphan_grace)
+    if not limits.orphans_allowed and candidates[capacity:] and limits.orphans_from is not None:
+        wake_at(limits.orphans_from)
     return ClaimPlan(keep=tuple(keep), release=tuple(release), lost=tuple(lost),
                      adopt=tuple(adopt), candidates=tuple(candidates), capacity=capacity,
                      orphans=tuple(orphans), free_since=new_free_since, next_check=next_check)

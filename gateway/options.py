@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernel (the WireGuard module), userspace (wireguard-go) or "
                              "auto: the kernel module when the node has it, else "
                              "wireguard-go (default auto)")
+    parser.add_argument(
+        "--wireguard-go", metavar="PATH",
+        help="the wireguard-go program the userspace backend starts (default: the current "
+             "release `make binaries` caches, /var/cache/meshgress/bin/wireguard-go-<version>/"
+             "wireguard-go, when it is there, else wireguard-go on PATH)")
     parser.add_argument("--wireguard-log", type=Path,
                         help="append wireguard-go's own log to this file (userspace backend; "
                              "default: kept only to explain a failed start)")

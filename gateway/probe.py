@@ -18,7 +18,10 @@ probes through it fail and nodes stop using it.
 
 One daemon thread serves every socket; `ensure` (called by the control loop) opens and
 closes sockets to match the held slot interfaces, and reopens a socket whose interface was
-recreated (a socket stays bound to the old interface index) or whose mark changed.
+recreated (a socket stays bound to the old interface index) or whose mark changed. The
+thread sleeps in select(2) with no timeout: a probe, or a pipe that `ensure` and `close`
+write to when the set of sockets changed, wakes it (a gateway with no probes coming in
+never wakes).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import select
 import socket
 import threading
@@ -58,6 +62,8 @@ class ProbeResponder:
         self._sockets: dict[str, tuple[ProbeSocket, socket.socket]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._retired: list[socket.socket] = []
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.answered = 0
         self._thread = threading.Thread(target=self._serve, name="probe", daemon=True)
         self._thread.start()
@@ -71,19 +77,26 @@ class ProbeResponder:
         binding). Raises OSError for a socket that cannot be opened (the others are still
         served)."""
         failures: list[str] = []
+        changed = False
         with self._lock:
             for name in list(self._sockets):
                 key, sock = self._sockets[name]
                 if wanted.get(name) != key:
-                    sock.close()
+                    # Closed by the serving thread once it has left select (a socket
+                    # closed under select(2) would leave it waiting on a dead descriptor).
+                    self._retired.append(sock)
                     del self._sockets[name]
+                    changed = True
             for name, key in sorted(wanted.items()):
                 if name in self._sockets:
                     continue
                 try:
                     self._sockets[name] = (key, self._open(name, key))
+                    changed = True
                 except OSError as exc:
                     failures.append(f"{name}: {exc}")
+        if changed:
+            self._wake()
         if failures:
             raise OSError(f"probe responder: {'; '.join(failures)}")
 
@@ -102,18 +115,27 @@ class ProbeResponder:
             raise
         return sock
 
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(self._wake_write, b"x")
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                socks = [sock for _, sock in self._sockets.values()]
-            if not socks:
-                self._stop.wait(0.1)
-                continue
+                socks = {sock.fileno(): sock for _, sock in self._sockets.values()}
+                for sock in self._retired:
+                    sock.close()
+                self._retired.clear()
             try:
-                readable, _, _ = select.select(socks, [], [], 0.1)
+                readable, _, _ = select.select([self._wake_read, *socks], [], [])
             except (OSError, ValueError):
                 continue  # a socket was closed under us; take a new snapshot
-            for sock in readable:
+            if self._wake_read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_read, 4096)
+                continue  # the sockets changed: take a new snapshot
+            for fd in readable:
+                sock = socks[fd]
                 for _ in range(64):
                     try:
                         data, peer = sock.recvfrom(MAX_DATAGRAM)
@@ -127,8 +149,14 @@ class ProbeResponder:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake()
         self._thread.join(timeout=2)
         with self._lock:
             for _, sock in self._sockets.values():
                 sock.close()
             self._sockets.clear()
+            for sock in self._retired:
+                sock.close()
+            self._retired.clear()
+        os.close(self._wake_read)
+        os.close(self._wake_write)

@@ -77,6 +77,7 @@ from gateway.status import (
 )
 from gateway.uplink import ChangeWatch, UplinkView, UplinkWatcher, compute_uplink_fault
 from meshgress import prometheus
+from meshgress.binaries import WIREGUARD_GO_ON_PATH, describe_wireguard_go
 from meshgress.cluster import (
     ENDPOINT_ANNOTATION,
     NodeInfo,
@@ -125,6 +126,8 @@ class GatewayConfig:
     wireguard_backend: str | None = None
     wireguard_log: Path | None = None
     wireguard_log_level: str | None = None
+    wireguard_go: str = WIREGUARD_GO_ON_PATH
+    """The wireguard-go program (userspace backend)."""
     identity: str | None = None
     metrics_address: str | None = None
     flow_log: Path | None = None
@@ -190,8 +193,11 @@ class GatewayPorts:
     @classmethod
     def real(cls, config: GatewayConfig) -> GatewayPorts:
         wireguard = detect_backend(config.wireguard_backend, log_path=config.wireguard_log,
-                                   log_level=config.wireguard_log_level)
-        log.info("wireguard backend=%s", wireguard.kind)
+                                   log_level=config.wireguard_log_level,
+                                   wireguard_go=config.wireguard_go)
+        log.info("wireguard backend=%s%s", wireguard.kind,
+                 f" program={describe_wireguard_go(config.wireguard_go)}"
+                 if wireguard.kind == "userspace" else "")
         watch: ChangeWatch | None = None
         try:
             watch = LinkWatch()
@@ -217,7 +223,7 @@ class Gateway:
                                   Kind.EGRESS_POLICY, Kind.LEASE)),
             log=log, metrics=LoopMetrics("meshgress_gateway_", "meshgress_gateway_errors_total"),
             resync_interval=config.resync_interval, retry_interval=config.retry_interval,
-            coalesce=0.05)
+            coalesce=0.05, wall_clock=clock)
         self.stop = self.loop.stop
         self.leases = LeaseKeeper(store, ports.kernel, identity=self.identity,
                                   lease_duration=config.lease_duration,
@@ -437,7 +443,8 @@ class Gateway:
                            limits=ClaimLimits(
                                max_slots=self.config.max_slots,
                                orphan_grace=self.config.orphan_grace,
-                               orphans_allowed=now - self.started_at >= self.config.startup_grace))
+                               orphans_allowed=now - self.started_at >= self.config.startup_grace,
+                               orphans_from=self.started_at + self.config.startup_grace))
         state.claims = plan
         self._free_since = dict(plan.free_since)
         ok = True

@@ -103,8 +103,13 @@ def compute_uplink_fault(view: UplinkView, external: str | None,
 class ChangeWatch(Protocol):
     """Notifications from the kernel (`meshgress.kernel.rtnl.LinkWatch`, or a fake)."""
 
-    def wait(self, timeout: float) -> bool:
-        """Block until something may have changed (True) or `timeout` passed (False)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until something may have changed (True), or `timeout` passed (None: no
+        limit) or `interrupt` was called (False)."""
+        ...
+
+    def interrupt(self) -> None:
+        """End the wait in progress (or the next one) at once."""
         ...
 
     def close(self) -> None: ...
@@ -112,8 +117,9 @@ class ChangeWatch(Protocol):
 
 class UplinkWatcher:
     """One daemon thread: calls `on_change` (which only pokes the loop) whenever the
-    watch reports a change, until closed. A failing watch is logged and retried, and says
-    so (`working`): the caller then reads the links on every pass."""
+    watch reports a change, until closed; it sleeps in the watch's wait with no timeout
+    (`close` interrupts it). A failing watch is logged and retried every `poll` seconds,
+    and says so (`working`): the caller then reads the links on every pass."""
 
     def __init__(self, watch: ChangeWatch, on_change: Callable[[], None], *,
                  poll: float = 0.5) -> None:
@@ -134,7 +140,7 @@ class UplinkWatcher:
         failing = False
         while not self._stop.is_set():
             try:
-                changed = self._watch.wait(self._poll)
+                changed = self._watch.wait(None)
             except OSError as exc:
                 if not failing:
                     log.error("uplink watch failed (links are read on every pass "
@@ -154,6 +160,7 @@ class UplinkWatcher:
 
     def close(self) -> None:
         self._stop.set()
+        self._watch.interrupt()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
         self._watch.close()

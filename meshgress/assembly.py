@@ -22,6 +22,7 @@ from cni.model import PodAttachment
 from cni.server import serve as serve_cni
 from cni.service import CniService
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
+from meshgress.binaries import default_wireguard_go
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig, load_cluster_config
 from meshgress.datastore import Datastore, DatastoreError
 from meshgress.datastore.file import FileDatastore
@@ -86,7 +87,9 @@ class CniPodNetwork:
                              pod_removed_hook=lambda a: on_removed(pod(a)), mtu=mtu,
                              delete_queue=self.delete_queue)
         self._service = service
-        serve_cni(self.socket_path, service, stop, on_listening=self._write_conflist)
+        # The agent's CNI thread: no timed wake-ups for signals (the main thread has them).
+        serve_cni(self.socket_path, service, stop, on_listening=self._write_conflist,
+                  signal_wake=None)
 
 
 def _cluster(args: argparse.Namespace) -> ClusterConfig:
@@ -128,7 +131,8 @@ def run_agent(args: argparse.Namespace) -> int:
     config = AgentConfig(
         node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
         wireguard_backend=args.wireguard_backend, wireguard_log=args.wireguard_log,
-        wireguard_log_level=args.wireguard_log_level, mtu=args.mtu,
+        wireguard_log_level=args.wireguard_log_level,
+        wireguard_go=args.wireguard_go or default_wireguard_go(), mtu=args.mtu,
         metrics_address=_listen(args.metrics_address), resync_interval=args.resync_interval,
         node_grace=args.node_grace, endpoint_ports=args.endpoint_ports,
         metrics_allow_from=args.metrics_allow_from,
@@ -154,8 +158,9 @@ def run_gateway(args: argparse.Namespace) -> int:
         node_name=args.node, cluster=_cluster(args), state_dir=args.state_dir,
         max_slots=args.max_slots, wireguard_backend=args.wireguard_backend,
         wireguard_log=args.wireguard_log, wireguard_log_level=args.wireguard_log_level,
-        identity=args.identity, metrics_address=_listen(args.metrics_address),
-        flow_log=args.flow_log, resync_interval=args.resync_interval)
+        wireguard_go=args.wireguard_go or default_wireguard_go(), identity=args.identity,
+        metrics_address=_listen(args.metrics_address), flow_log=args.flow_log,
+        resync_interval=args.resync_interval)
     store = _open_datastore(args)
     try:
         gateway = Gateway(config, store, GatewayPorts.real(config))

@@ -40,6 +40,10 @@ def _lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", help="build the lab")
     _lab_size_options(up)
+    up.add_argument("--wireguard-go", metavar="PATH",
+                    help="the wireguard-go the agents and gateways run (default: the current "
+                         "release `make binaries` caches when it is there, else wireguard-go "
+                         "on PATH)")
     _datastore_option(up)
     lab_sub.add_parser("down", help="remove every namespace, process and file of the lab")
     gw = lab_sub.add_parser("gateway", help="stop (drain), kill (crash) or start a gateway")
@@ -252,7 +256,7 @@ def _print_status(status: dict[str, object]) -> None:
 
 def _lab_up(lab: Lab, args: argparse.Namespace) -> int:
     topology = lab.up(nodes=args.nodes, gateway_nodes=args.gateway_nodes,
-                      datastore=args.datastore)
+                      datastore=args.datastore, wireguard_go=args.wireguard_go)
     if args.datastore == "kube":
         kube = lab.kube()
         print(f"lab {lab.name} up: {len(topology.nodes)} nodes, datastore kube: API server "

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -164,7 +166,57 @@ def parse_listen_addresses(text: str) -> tuple[ListenAddress, ...]:
 
 
 class _Server(ThreadingHTTPServer):
+    """The standard threaded HTTP server, but asleep while nobody asks: its own
+    `serve_forever` wakes every `poll_interval` to look for a shutdown request, this one
+    blocks in select(2) on the listening socket and a pipe that `shutdown` writes to."""
+
     daemon_threads = True
+    timeout = 0  # handle_request takes the connection select just reported, or none
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lifecycle = threading.Lock()
+        self._shutting_down = False
+        self._serving: threading.Event | None = None
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        with self._lifecycle:
+            if self._shutting_down:
+                return
+            done = self._serving = threading.Event()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wake_read, selectors.EVENT_READ)
+                while True:
+                    ready = selector.select()
+                    if any(key.fd == self._wake_read for key, _ in ready):
+                        return
+                    self.handle_request()
+        finally:
+            done.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait until it returned; idempotent."""
+        with self._lifecycle:
+            first = not self._shutting_down
+            self._shutting_down = True
+            serving = self._serving
+            if first and self._wake_write >= 0:
+                os.write(self._wake_write, b"x")
+        if serving is not None:
+            serving.wait()
+
+    def server_close(self) -> None:
+        with self._lifecycle:
+            closed = self._wake_read < 0
+            if not closed:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
+        if not closed:
+            super().server_close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks the resolver for the address's name (a PTR lookup

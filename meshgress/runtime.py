@@ -4,7 +4,10 @@ Both processes are the same kind of program, in the shape the best agents of thi
 share (Calico Felix, kopf):
 
 1. informers fill caches from the datastore and only *poke* the loop (no kernel I/O in
-   event handlers);
+   event handlers); a lease renewal (same holder, still valid: most writes of an idle
+   cluster) updates the cache without a poke, since no pass would compute anything new
+   from it. What depends on time (a lease expiring) is the component's to wake for
+   (`Pass.wake_in`), or the resync's;
 2. a pass computes the desired state from the caches and applies it step by step;
 3. bursts of pokes are coalesced into one pass; a pass also runs every resync interval
    without events, and sooner when the component asks (`Pass.wake_in`);
@@ -43,7 +46,7 @@ from types import FrameType
 from typing import Any
 
 from meshgress import prometheus
-from meshgress.datastore import Datastore, Kind, RejectedObject
+from meshgress.datastore import Datastore, Kind, Object, RejectedObject, is_lease_renewal
 from meshgress.datastore.informer import Informer
 
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -126,19 +129,24 @@ class ReconcileLoop:
     def __init__(self, store: Datastore, kinds: Mapping[Kind, str | None], *,
                  log: logging.Logger, metrics: LoopMetrics, resync_interval: float = 10.0,
                  retry_interval: float = 1.0, coalesce: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         """`kinds`: each kind to watch, with the node name its objects are limited to
-        (`spec.nodeName`, for pods) or None."""
+        (`spec.nodeName`, for pods) or None. `wall_clock` tells whether a lease had
+        expired (leases carry wall-clock times)."""
         self.log = log
         self.metrics = metrics
         self.resync_interval = resync_interval
         self.retry_interval = retry_interval
         self.coalesce = coalesce
         self.clock = clock
+        self.wall_clock = wall_clock
         self.stop = threading.Event()
         self._poke = threading.Event()
         self.informers = {kind: Informer(store, kind, on_change=self._poke.set,
-                                         field_node_name=node)
+                                         field_node_name=node,
+                                         matters=self._not_a_renewal if kind is Kind.LEASE
+                                         else None)
                           for kind, node in kinds.items()}
         metrics.rejected_objects = self.rejected_counts
         self.last_loop = clock()
@@ -150,6 +158,9 @@ class ReconcileLoop:
         self._node_ip_ports: tuple[int, ...] = ()
         self._node_ip: str | None = None
         self._node_ip_servers: dict[int, ThreadingHTTPServer] = {}
+
+    def _not_a_renewal(self, before: Object, after: Object) -> bool:
+        return not is_lease_renewal(before, after, self.wall_clock())
 
     # -- caches ---------------------------------------------------------------------
 

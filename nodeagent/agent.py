@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from meshgress import prometheus
+from meshgress.binaries import WIREGUARD_GO_ON_PATH, describe_wireguard_go
 from meshgress.cluster import NodeInfo, NodeParseCache, node_annotations, parse_slot_holder
 from meshgress.config import DEFAULT_CLUSTER_CONFIG, ClusterConfig
 from meshgress.datastore import Datastore, Kind, NotFound
@@ -104,6 +105,8 @@ class AgentConfig:
     wireguard_backend: str | None = None
     wireguard_log: Path | None = None
     wireguard_log_level: str | None = None
+    wireguard_go: str = WIREGUARD_GO_ON_PATH
+    """The wireguard-go program (userspace backend)."""
     mtu: int | None = None
     metrics_address: str | None = DEFAULT_METRICS_ADDRESS
     resync_interval: float = 10.0
@@ -141,8 +144,11 @@ class AgentPorts:
     @classmethod
     def real(cls, config: AgentConfig, pods: PodNetwork) -> AgentPorts:
         wireguard = detect_backend(config.wireguard_backend, log_path=config.wireguard_log,
-                                   log_level=config.wireguard_log_level)
-        log.info("WireGuard backend: %s", wireguard.kind)
+                                   log_level=config.wireguard_log_level,
+                                   wireguard_go=config.wireguard_go)
+        log.info("WireGuard backend: %s%s", wireguard.kind,
+                 f" ({describe_wireguard_go(config.wireguard_go)})"
+                 if wireguard.kind == "userspace" else "")
         return cls(wireguard=wireguard, routes=NetlinkRoutes(),
                    nft=NftablesAdapter(NFT_FAMILY, NFT_TABLE), steering=NetlinkSteering(),
                    host=NodeHost(), pods=pods)

@@ -23,7 +23,8 @@ A change pokes the agent's loop, which moves only that slot's buckets. A slot ne
 answered is not healthy (fail closed).
 
 Runs on its own thread; its only I/O is its sockets, an rtnetlink address dump when a
-slot is held on this node, and /proc/thread-self/net/dev.
+slot is held on this node, and /proc/thread-self/net/dev. With no slot to probe (none has
+a holder) the thread sleeps until it is given one.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class SlotProber:
         self._lock = threading.Lock()
         self._slots: dict[SlotId, _SlotState] = {}
         self._stop = threading.Event()
+        self._targets_changed = threading.Event()
         self._seq = 0
         self._token = os.urandom(4)
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
@@ -79,6 +81,7 @@ class SlotProber:
 
     def stop(self) -> None:
         self._stop.set()
+        self._targets_changed.set()
         self._thread.join(timeout=5)
         with self._lock:
             for state in self._slots.values():
@@ -95,6 +98,7 @@ class SlotProber:
                         state.sock.close()
             for slot, target in wanted.items():
                 self._slots.setdefault(slot, _SlotState(target))
+        self._targets_changed.set()
 
     def healthy(self) -> frozenset[SlotId]:
         with self._lock:
@@ -115,7 +119,8 @@ class SlotProber:
             with self._lock:
                 states = list(self._slots.items())
             if not states:
-                self._stop.wait(0.1)
+                self._targets_changed.wait()
+                self._targets_changed.clear()
                 continue
             interval = min(s.target.interval_ms for _, s in states) / 1000
             timeout = min(s.target.timeout_ms for _, s in states) / 1000

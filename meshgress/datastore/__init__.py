@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -120,6 +120,60 @@ class Unavailable(DatastoreError):
 
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
+
+
+class WatchStop(threading.Event):
+    """A stop flag for `watch` that wakes the watch at once when set.
+
+    A watch waits for data (a journal change, an HTTP stream), not for its stop flag, so
+    a plain Event could only be noticed by waking up now and then to look at it. This one
+    also calls what each watch registered with `on_set` (which wakes its wait), so an idle
+    watch sleeps until data or the stop comes. A plain Event still works: a watch then
+    looks at it every `STOP_POLL` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._next = 0
+
+    def set(self) -> None:
+        super().set()
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks.values())
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when set (now, if it is); returns what unregisters it."""
+        with self._callbacks_lock:
+            token = self._next
+            self._next += 1
+            self._callbacks[token] = callback
+        if self.is_set():
+            callback()
+
+        def unregister() -> None:
+            with self._callbacks_lock:
+                self._callbacks.pop(token, None)
+
+        return unregister
+
+
+STOP_POLL = 0.05
+"""Seconds between looks at a `stop` flag that is a plain Event (see WatchStop)."""
+
+
+def wake_on_stop(stop: threading.Event | None, wake: Callable[[], None]
+                 ) -> tuple[Callable[[], None], float | None]:
+    """Have `wake` called when `stop` is set, if it can tell (a WatchStop). Returns what
+    unregisters it, and the longest a watch may wait before looking at `stop` itself:
+    None (as long as it likes) or STOP_POLL for a plain Event."""
+    if stop is None:
+        return (lambda: None), None
+    if isinstance(stop, WatchStop):
+        return stop.on_set(wake), None
+    return (lambda: None), STOP_POLL
 
 
 @dataclass(frozen=True)
@@ -219,6 +273,27 @@ def parse_lease(obj: Object) -> Lease:
         transitions=transitions,
         resource_version=resource_version,
     )
+
+
+def is_lease_renewal(before: Object, after: Object, now: float) -> bool:
+    """Whether `after` is `before` renewed and nothing else (same holder, duration,
+    annotations; only renewTime and the bookkeeping metadata moved on), while `before`
+    had not expired at `now`: a reader of who holds what learns nothing from it. Renewals
+    are most of an idle cluster's writes (every held slot's, every second). Purely
+    computational; anything it cannot read counts as more than a renewal."""
+    def without_renewal(obj: Object) -> Object:
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items()
+                if k not in ("resourceVersion", "managedFields")}
+        spec = {k: v for k, v in (obj.get("spec") or {}).items() if k != "renewTime"}
+        return {**obj, "metadata": meta, "spec": spec}
+
+    try:
+        if without_renewal(before) != without_renewal(after):
+            return False
+        lease = parse_lease(before)
+    except (Invalid, KeyError, TypeError, AttributeError):
+        return False
+    return lease.holder is not None and not lease.expired(now)
 
 
 EventSeverity = Literal["Normal", "Warning"]
@@ -376,7 +451,8 @@ class Datastore(Protocol):
               bookmark_interval: float = 10.0,
               field_node_name: str | None = None) -> Iterator[WatchEvent]:
         """Every change to `kinds` after `resource_version`, in order, until `stop` is
-        set. Emits a BOOKMARK at least every `bookmark_interval` seconds while idle.
+        set (a `WatchStop` ends it at once, a plain Event within STOP_POLL). Emits a
+        BOOKMARK at least every `bookmark_interval` seconds while idle.
         Raises Expired when that history is no longer kept. `field_node_name` (Pods only)
         keeps the changes of pods scheduled to that node, as `list` does."""
         ...

@@ -38,8 +38,12 @@ one removes the least recently observed beyond that.
 
 Readers: `get` reads one file without locking (an object file is only ever replaced by
 rename, so it is whole); `list` holds the shared lock so it is one snapshot at one revision;
-`watch` tails the journal with no lock at all, noticing growth and compaction (a new inode)
-by `stat` every `poll_interval`, and reads only complete lines.
+`watch` tails the journal with no lock at all, and reads only complete lines. It learns of
+growth and compaction (a new inode) from inotify on the store's directory, through the one
+inotify instance its process shares between all its watches (`meshgress.kernel.inotify`):
+an idle watch sleeps until a write, its stop or its next bookmark. Where the kernel gives
+the process no inotify instance, it looks (`stat`) every `poll_interval` instead, and logs
+that it does.
 
 Leases are coordination.k8s.io/v1 Lease objects in LEASE_NAMESPACE. Kubernetes types
 `spec.leaseDurationSeconds` as an integer, while meshgress uses fractional durations, so the
@@ -95,6 +99,7 @@ from meshgress.datastore import (
     Object,
     RejectedObject,
     WatchEvent,
+    WatchStop,
     event_name,
     event_namespace,
     event_object,
@@ -102,6 +107,7 @@ from meshgress.datastore import (
     micro_time,
     object_key,
     parse_lease,
+    wake_on_stop,
 )
 from meshgress.datastore.objects import (
     check_annotation_patch,
@@ -112,6 +118,7 @@ from meshgress.datastore.objects import (
     prepare,
 )
 from meshgress.datastore.objects import checked_kind as _kind
+from meshgress.kernel.inotify import Subscription, shared_watcher
 from meshgress.validation import dns1123_subdomain_problem
 
 log = logging.getLogger(__name__)
@@ -162,7 +169,8 @@ class FileDatastore:
         self._event_limit = event_limit
         self._poll_interval = poll_interval
         self._clock = clock
-        self._closed = threading.Event()
+        self._closed = WatchStop()
+        self._polling_reported = False
         self._swept = False
         # path -> (file bytes, parsed object). Keyed by the exact bytes, so it is never
         # stale; it saves the YAML parse (0.3 to 1 ms per KB even with libyaml) of a file
@@ -415,8 +423,8 @@ class FileDatastore:
             self._prune_events(w)
 
     def close(self) -> None:
-        """End every watch of this store within a poll interval. The store holds no
-        descriptor between calls; watches close theirs when they end."""
+        """End every watch of this store (at once). The store holds no descriptor between
+        calls; watches close theirs when they end."""
         self._closed.set()
 
     # Internals: paths and locks
@@ -612,14 +620,22 @@ class FileDatastore:
                stop: threading.Event | None, bookmark_interval: float,
                field_node_name: str | None) -> Iterator[WatchEvent]:
         bookmark_kind = min(kinds)
-        waiter = stop if stop is not None else self._closed
         last_rv = resource_version
         last_sent = time.monotonic()
+        # Set by a journal change, the store's close or the caller's stop; cleared before
+        # each read of the journal, so a change that lands after the read wakes the wait.
+        wake = threading.Event()
+        subscription = self._subscribe(wake.set)
+        unregister_stop, stop_poll = wake_on_stop(stop, wake.set)
+        unregister_close = self._closed.on_set(wake.set)
+        longest_wait = stop_poll if subscription is not None else \
+            min(self._poll_interval, stop_poll or self._poll_interval)
         follower = _JournalFollower(self._journal)
         try:
             while True:
                 if self._stopped(stop):
                     return
+                wake.clear()
                 lines = follower.poll()
                 for line in lines:
                     head = _ENTRY_HEAD.match(line)
@@ -654,9 +670,26 @@ class FileDatastore:
                     yield WatchEvent("BOOKMARK", bookmark_kind, {}, last_rv)
                     last_sent = time.monotonic()
                 if not lines and not follower.behind:
-                    waiter.wait(self._poll_interval)
+                    timeout = max(0.0, last_sent + bookmark_interval - time.monotonic())
+                    wake.wait(timeout if longest_wait is None else min(timeout, longest_wait))
         finally:
+            unregister_close()
+            unregister_stop()
+            if subscription is not None:
+                subscription.cancel()
             follower.close()
+
+    def _subscribe(self, callback: Callable[[], None]) -> Subscription | None:
+        """inotify on the store's directory for journal changes; None (and a warning, once
+        per store) when this process cannot have it: the watch then polls."""
+        try:
+            return shared_watcher().subscribe(self._root, (self._journal.name,), callback)
+        except OSError as exc:
+            if not self._polling_reported:
+                self._polling_reported = True
+                log.warning("%s: watching the journal by polling every %gs, without "
+                            "inotify: %s", self._root, self._poll_interval, exc)
+            return None
 
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._closed.is_set() or (stop is not None and stop.is_set())

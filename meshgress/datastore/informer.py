@@ -12,6 +12,9 @@ in `rejected()` until a later list no longer has it or a watch event brings that
 a readable state (or its deletion), so the process syncs and reports it instead of failing.
 
 The callback runs on the informer's thread and must stay cheap: record, poke, return.
+A `matters` filter can hold it back for a modification the caller computes nothing new
+from (a lease renewal, say): the cache takes every change either way, so the next pass
+sees it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from meshgress.datastore import (
     Kind,
     Object,
     RejectedObject,
+    WatchStop,
     object_key,
 )
 
@@ -33,26 +37,31 @@ log = logging.getLogger(__name__)
 
 CacheKey = tuple[str, str]
 
+ChangeFilter = Callable[[Object, Object], bool]
+"""(the cached object, its modified state) → whether the change is worth calling
+`on_change` for."""
+
 
 class Informer:
     """A cache of one kind (optionally only pods on one node), kept fresh by a thread."""
 
     def __init__(self, store: Datastore, kind: Kind, *, on_change: Callable[[], None],
                  field_node_name: str | None = None, max_backoff: float = 5.0,
-                 bookmark_interval: float = 10.0) -> None:
+                 bookmark_interval: float = 10.0, matters: ChangeFilter | None = None) -> None:
         self._store = store
         self.kind = kind
         self._on_change = on_change
         self._node = field_node_name
         self._max_backoff = max_backoff
         self._bookmark_interval = bookmark_interval
+        self._matters = matters
         self._lock = threading.Lock()
         self._items: dict[CacheKey, Object] = {}
         self._rejected: dict[CacheKey, RejectedObject] = {}
         self.synced = threading.Event()
         self.relists = 0
         self.errors = 0
-        self._stop = threading.Event()
+        self._stop = WatchStop()
         self._thread = threading.Thread(target=self._run, name=f"informer-{kind}", daemon=True)
 
     def start(self) -> Informer:
@@ -117,8 +126,10 @@ class Informer:
                         if event.type == "DELETED" or not self._keep(event.object):
                             changed = self._items.pop(key, None) is not None
                         else:
+                            before = self._items.get(key)
                             self._items[key] = event.object
-                            changed = True
+                            changed = before is None or self._matters is None \
+                                or self._matters(before, event.object)
                     if changed:
                         self._on_change()
             except DatastoreError as exc:

@@ -109,6 +109,7 @@ from meshgress.datastore import (
     RejectedObject,
     Unavailable,
     WatchEvent,
+    WatchStop,
     event_name,
     event_namespace,
     event_object,
@@ -116,6 +117,7 @@ from meshgress.datastore import (
     micro_time,
     object_key,
     parse_lease,
+    wake_on_stop,
 )
 from meshgress.datastore.objects import (
     check_annotation_patch,
@@ -173,7 +175,6 @@ REQUEST_TIMEOUT: Final = (10.0, 30.0)
 """(connect, read) timeout of one ordinary request, in seconds."""
 _RETRY_BASE: Final = 0.1
 _RETRY_CAP: Final = 2.0
-_WATCH_POLL: Final = 0.05
 _LEASE_ATTEMPTS: Final = 8
 
 _CONNECT_ERRORS: Final = (urllib3.exceptions.NewConnectionError,
@@ -236,7 +237,7 @@ class KubeDatastore:
         self._watch_retry_budget = watch_retry_budget
         self._watch_timeout_range = watch_timeout_range
         self._watch_read_slack = watch_read_slack
-        self._closed = threading.Event()
+        self._closed = WatchStop()
         self._random = random.Random()  # noqa: S311 - jitter, not secrets
         self.rejected_events = 0
         """Watch events skipped because they could not be decoded into an object."""
@@ -599,7 +600,7 @@ class KubeDatastore:
             initial.sort(key=lambda e: e.resource_version)
         else:
             initial, starts = [], dict.fromkeys(kinds, resource_version)
-        events: queue.Queue[WatchEvent | DatastoreError] = queue.Queue()
+        events: queue.Queue[WatchEvent | DatastoreError | None] = queue.Queue()
         streams = [_WatchStream(self, kind, starts[kind], field_node_name, events)
                    for kind in kinds]
         for event in initial:
@@ -609,11 +610,18 @@ class KubeDatastore:
         for stream in streams:
             stream.start()
         last_sent = time.monotonic()
+        # None in the queue: the stop or the store's close (wakes the wait at once).
+        unregister_stop, stop_poll = wake_on_stop(stop, lambda: events.put(None))
+        unregister_close = self._closed.on_set(lambda: events.put(None))
         try:
             while not self._stopped(stop):
+                timeout = max(0.0, last_sent + bookmark_interval - time.monotonic())
                 try:
-                    item = events.get(timeout=_WATCH_POLL)
+                    item = events.get(timeout=timeout if stop_poll is None
+                                      else min(timeout, stop_poll))
                 except queue.Empty:
+                    item = None
+                if item is None:
                     if time.monotonic() - last_sent >= bookmark_interval:
                         yield WatchEvent("BOOKMARK", kinds[0], {},
                                          min(s.resource_version for s in streams))
@@ -626,6 +634,8 @@ class KubeDatastore:
                 yield item
                 last_sent = time.monotonic()
         finally:
+            unregister_close()
+            unregister_stop()
             for stream in streams:
                 stream.stop()
 
@@ -642,7 +652,7 @@ class _WatchStream:
 
     def __init__(self, store: KubeDatastore, kind: Kind, resource_version: int,
                  field_node_name: str | None,
-                 out: queue.Queue[WatchEvent | DatastoreError]) -> None:
+                 out: queue.Queue[WatchEvent | DatastoreError | None]) -> None:
         self._store = store
         self.kind = kind
         self.resource_version = resource_version

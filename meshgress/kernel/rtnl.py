@@ -403,9 +403,19 @@ class LinkWatch:
         # Subscribed first, then read: a change in between is seen twice, never missed.
         with Rtnl() as rtnl:
             self._states = {link.index: (link.up, link.running) for link in rtnl.links()}
+        self._interrupt_read, self._interrupt_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def close(self) -> None:
         self._sock.close()
+        for fd in (self._interrupt_read, self._interrupt_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._interrupt_read = self._interrupt_write = -1
+
+    def interrupt(self) -> None:
+        """Make the `wait` in progress (or the next one) return False at once."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._interrupt_write, b"x")
 
     def __enter__(self) -> LinkWatch:
         return self
@@ -416,14 +426,20 @@ class LinkWatch:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a change arrives (True) or `timeout` seconds pass (False)."""
-        deadline = time.monotonic() + timeout
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a change arrives (True), or `timeout` seconds pass (None: no limit)
+        or `interrupt` is called (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return self.changed()
-            readable, _, _ = select.select([self._sock], [], [], remaining)
+            readable, _, _ = select.select([self._sock.fileno(), self._interrupt_read], [], [],
+                                           remaining)
+            if self._interrupt_read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._interrupt_read, 4096)
+                return False
             if readable and self.changed():
                 return True
 

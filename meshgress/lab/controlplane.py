@@ -42,6 +42,7 @@ from kubernetes import client as kube
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
+from meshgress.binaries import WIREGUARD_GO_VERSION, cached_binary
 from meshgress.lab import netns
 
 _T = TypeVar("_T")
@@ -53,7 +54,7 @@ PINNED_VERSIONS: Mapping[str, str] = {
     "etcd": "v3.6.17",
     "kubectl": "v1.35.2",
     "helm": "v4.1.4",
-    "wireguard-go": "v0.0.0-20260522210424-ecfc5a8d5446",
+    "wireguard-go": WIREGUARD_GO_VERSION,
 }
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -72,14 +73,10 @@ class BinariesMissing(ControlPlaneError):
     """A cached program is absent: `make binaries` builds it."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MESHGRESS_CACHE", "/var/cache/meshgress"))
-
-
 def binary_path(tool: str, binary: str | None = None) -> Path:
     """Where `make binaries` put the pinned `tool` (e.g. "kube-apiserver", "kubectl")."""
     version = PINNED_VERSIONS[tool]
-    path = cache_root() / "bin" / f"{tool}-{version}" / (binary or tool)
+    path = cached_binary(tool, version, binary)
     if not os.access(path, os.X_OK):
         raise BinariesMissing(
             f"{tool} {version} is not built: {path} is missing; run `make binaries` "

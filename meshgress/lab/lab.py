@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import yaml
 
 from cni.install import PLUGIN_NAME, install_plugin
+from meshgress.binaries import default_wireguard_go
 from meshgress.cluster import parse_slot_holder
 from meshgress.config import dump_cluster_config
 from meshgress.datastore import Datastore, Kind, ListResult
@@ -119,6 +120,8 @@ class LabRecord:
     gateways: dict[str, int] = field(default_factory=dict)
     echo_pid: int | None = None
     removed: list[str] = field(default_factory=list)
+    wireguard_go: str | None = None
+    """The wireguard-go program agents and gateways run (None: their own default)."""
 
 
 class Lab:
@@ -218,18 +221,25 @@ class Lab:
 
     # Up --------------------------------------------------------------------------------
 
-    def up(self, nodes: int = 2, gateway_nodes: int = 2, datastore: str = "file"
-           ) -> LabTopology:
+    def up(self, nodes: int = 2, gateway_nodes: int = 2, datastore: str = "file",
+           wireguard_go: str | None = None) -> LabTopology:
+        """`wireguard_go`: the program agents and gateways run (default: the cached current
+        build when it is there, else `wireguard-go` on PATH)."""
         topology = compute_lab_topology(self.name, nodes, gateway_nodes)
         if datastore not in DATASTORES:
             raise LabError(f"--datastore {datastore!r}: one of {', '.join(DATASTORES)}")
+        wireguard_go = wireguard_go or default_wireguard_go()
+        if shutil.which(wireguard_go) is None:
+            raise LabError(f"--wireguard-go {wireguard_go}: no such program (`make binaries` "
+                           "builds the current release; Debian's is `apt-get install "
+                           "wireguard-go`)")
         existing = self.load_record()
         if existing and existing.complete and self._is_running(existing):
             raise LabError(f"lab {self.name!r} is already up; run `meshgress lab down` first")
         self.down()  # leftovers of a crashed or killed run
         self.state_dir.mkdir(parents=True, exist_ok=True)
         record = LabRecord(name=self.name, nodes=nodes, gateway_nodes=gateway_nodes,
-                           datastore=datastore)
+                           datastore=datastore, wireguard_go=shutil.which(wireguard_go))
         self._save_record(record)
         try:
             self._build_network(topology)
@@ -467,9 +477,11 @@ class Lab:
             raise LabError(f"node {node}: its mount namespace is gone; run lab down/up")
         return ["nsenter", f"--target={anchor}", "--net", "--mount", "--", *command]
 
-    def _wireguard_log_args(self, process: str) -> list[str]:
-        """wireguard-go's own log, verbose (handshakes, keepalives), next to its process's."""
-        return ["--wireguard-log", str(self.log_path(f"{process}-wireguard-go")),
+    def _wireguard_args(self, record: LabRecord, process: str) -> list[str]:
+        """The lab's wireguard-go, and its own log, verbose (handshakes, keepalives), next
+        to its process's."""
+        return [*(["--wireguard-go", record.wireguard_go] if record.wireguard_go else []),
+                "--wireguard-log", str(self.log_path(f"{process}-wireguard-go")),
                 "--wireguard-log-level", "verbose"]
 
     def _start_agent(self, record: LabRecord, node: str) -> int:
@@ -479,7 +491,7 @@ class Lab:
             "--cluster-config", str(self.cluster_config_path),
             "--node-grace", "5", "--resync-interval", "5",
             "--metrics-allow-from", f"{MONITOR_ADDRESS}/32",
-            *self._wireguard_log_args(f"{node}-agent")])
+            *self._wireguard_args(record, f"{node}-agent")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-agent"))
         record.agents[node] = pid
         self._save_record(record)
@@ -583,7 +595,7 @@ class Lab:
             _python(), "-m", "meshgress.cli", "gateway", "--node", node,
             *self._datastore_args(record, "gateway"), *identity,
             "--cluster-config", str(self.cluster_config_path),
-            *self._wireguard_log_args(f"{node}-gateway")])
+            *self._wireguard_args(record, f"{node}-gateway")])
         pid = netns.spawn_detached(argv, self.log_path(f"{node}-gateway"))
         record.gateways[node] = pid
         self._save_record(record)

@@ -268,6 +268,14 @@ def outer(args: argparse.Namespace) -> int:
         rounds.append(rows)
     if args.rounds > 1:
         summarise(rounds, args)
+    phases = ("sequential", f"{args.concurrency}-way")
+    per_round = {phase: [compute_ratios(rows, phase)["add_p50_ms"] for rows in rounds]
+                 for phase in phases}
+    print(json.dumps({"bench": "cni", "pods": args.pods, "concurrency": args.concurrency,
+                      "add_p50_ratio_rounds": per_round,
+                      "add_p50_ratio_median": {p: statistics.median(r)
+                                               for p, r in per_round.items()},
+                      "rows": rounds[-1]}, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(rounds if args.rounds > 1 else rounds[0],
                                               indent=2) + "\n")

@@ -33,7 +33,8 @@ gets an empty /var/run/wireguard as the mount point, as `meshgress lab` does). P
 - endpoint change: one node's endpoint annotation is patched in the datastore; timed from
   the patch to the reconcile that follows it done (the plan must update exactly that
   peer's endpoint and change no route). "reconcile" is the part after the watch event
-  reached the cache; the rest is the file datastore's watch poll (50 ms);
+  reached the cache; the rest is the datastore write and its watch event (inotify on the
+  file datastore);
 - node added: a new Node object is created; the same timing (one peer and one route
   added, nothing else). Both changes are event-triggered passes: they plan against the
   tracked dataplane, as the agent's do between resyncs ("read" says whether a pass read
@@ -575,6 +576,10 @@ def outer(args: argparse.Namespace) -> int:
             if ns.startswith(RUN):
                 remove_netns(ns)
     report(rows, args, time.monotonic() - started, load_before)
+    print(json.dumps({"bench": "scale", "runs": [
+        {"nodes": row["nodes"], "variant": row["variant"], "rss_peak_mb": row["rss_peak_mb"],
+         "total_s": {p["phase"]: p["total_s"] for p in row["phases"]},
+         "stopped": row["stopped"]} for row in rows]}, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

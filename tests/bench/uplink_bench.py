@@ -293,6 +293,12 @@ def main() -> int:
           f"{fmt(statistics.median(taken) if taken else None)}, worst "
           f"{fmt(max(taken) if taken else None)}; never taken in "
           f"{len(rounds) - len(taken)} rounds")
+    print(json.dumps({"bench": "uplink", "rounds": len(rounds),
+                      "web_gap_s": {"median": statistics.median(gaps) if gaps else None,
+                                    "worst": max(gaps, default=None)},
+                      "taken_s": {"median": statistics.median(taken) if taken else None,
+                                  "worst": max(taken, default=None)},
+                      "never_taken": len(rounds) - len(taken)}, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(rounds, indent=2))
     return 0 if rounds else 1

@@ -54,7 +54,8 @@ def test_the_agents_pod_network_writes_the_conflist_when_the_server_listens(
     socket_path = tmp_path / "run" / "cni.sock"
     order: list[str] = []
 
-    def fake_serve(path, service, stop, on_listening=None):
+    def fake_serve(path, service, stop, on_listening=None, signal_wake=0.5):
+        assert signal_wake is None  # the agent's CNI thread sleeps until stopped
         order.append("conflist before listening" if (conf_dir / CONFLIST_NAME).exists()
                      else "none before listening")
         assert on_listening is not None
@@ -78,7 +79,8 @@ def test_the_agents_pod_network_writes_the_conflist_when_the_server_listens(
 def test_without_a_conf_dir_no_conflist_is_written(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(assembly, "serve_cni",
-                        lambda path, service, stop, on_listening=None: on_listening())
+                        lambda path, service, stop, on_listening=None, signal_wake=0.5:
+                        on_listening())
     assembly.CniPodNetwork(tmp_path / "cni.sock", tmp_path / "state").serve(
         ipaddress.IPv4Network("198.18.0.0/24"), 1420, on_ready=lambda pod: None,
         on_removed=lambda pod: None, stop=threading.Event())

@@ -152,3 +152,16 @@ def test_nothing_servable_means_nothing_to_do():
     assert p == plan_claims(holder=ME, held=set(), leases={}, servable=[], now=NOW,
                             free_since={}, limits=ClaimLimits(max_slots=1))
     assert p.candidates == () and p.next_check is None
+
+
+def test_a_starting_gateway_asks_to_look_again_when_orphans_become_allowed():
+    """Slots released at once (a drained survivor) are written once and never again: the
+    plan itself must ask for the pass that may take the one beyond capacity."""
+    limits = ClaimLimits(max_slots=1, orphan_grace=1.0, orphans_allowed=False,
+                         orphans_from=NOW + 4.0)
+    p = plan_claims(holder=ME, held={A}, leases={A: lease(ME), B: lease(None)},
+                    servable=[A, B], now=NOW, free_since={}, limits=limits)
+    assert p.orphans == () and p.next_check == NOW + 4.0
+    nothing_beyond = plan_claims(holder=ME, held={A}, leases={A: lease(ME)}, servable=[A],
+                                 now=NOW, free_since={}, limits=limits)
+    assert nothing_beyond.next_check is None

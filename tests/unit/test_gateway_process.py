@@ -565,12 +565,17 @@ class OneShotWatch:
 
     def __init__(self) -> None:
         self.fire = threading.Event()
+        self.interrupted = False
         self.closed = False
 
-    def wait(self, timeout: float) -> bool:
-        fired = self.fire.wait(timeout)
+    def wait(self, timeout: float | None = None) -> bool:
+        fired = self.fire.wait(timeout) and not self.interrupted
         self.fire.clear()
         return fired
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.fire.set()
 
     def close(self) -> None:
         self.closed = True

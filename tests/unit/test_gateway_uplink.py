@@ -62,15 +62,19 @@ class ScriptedWatch:
     def __init__(self, script: list[bool | OSError]) -> None:
         self.script = script
         self.closed = False
+        self.interrupted = threading.Event()
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         if not self.script:
-            time.sleep(min(timeout, 0.01))
+            self.interrupted.wait(0.01 if timeout is None else min(timeout, 0.01))
             return False
         step = self.script.pop(0)
         if isinstance(step, OSError):
             raise step
         return step
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
 
     def close(self) -> None:
         self.closed = True

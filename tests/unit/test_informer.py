@@ -119,3 +119,52 @@ def test_the_loop_renders_rejected_objects_by_kind(tmp_path):
         for informer in loop.informers.values():
             informer.stop()
         store.close()
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_renewal_updates_the_cache_without_poking_the_loop(tmp_path):
+    """Renewals are most writes of an idle cluster (every held slot, every second): no pass
+    computes anything new from one, so only a change of holder (or a lease that had
+    expired coming back) pokes the loop."""
+    clock = Clock()
+    store = FileDatastore(tmp_path, clock=clock)
+    loop = ReconcileLoop(store, {Kind.LEASE: None}, log=logging.getLogger("test"),
+                         metrics=LoopMetrics("t_", "t_errors_total"), wall_clock=clock)
+    informer = loop.informers[Kind.LEASE]
+    informer.start()
+
+    def renew_time() -> str | None:
+        leases = list(informer.snapshot().values())
+        return leases[0]["spec"]["renewTime"] if leases else None
+
+    try:
+        assert informer.synced.wait(5)
+        store.acquire_lease("slot-0", "gw1", 3.0)
+        assert wait_until(lambda: renew_time() is not None)
+        assert loop._poke.is_set()  # a new holder
+        for step in range(3):
+            loop._poke.clear()
+            before = renew_time()
+            clock.now += 1.0
+            store.acquire_lease("slot-0", "gw1", 3.0)
+            assert wait_until(lambda b=before: renew_time() != b)
+            assert not loop._poke.is_set(), f"renewal {step + 1} poked the loop"
+        before = renew_time()
+        clock.now += 10.0  # the lease expired before this renewal: readers saw no holder
+        store.acquire_lease("slot-0", "gw1", 3.0)
+        assert wait_until(lambda: renew_time() != before)
+        assert wait_until(loop._poke.is_set)
+        loop._poke.clear()
+        clock.now += 10.0
+        store.acquire_lease("slot-0", "gw2", 3.0)  # taken over
+        assert wait_until(loop._poke.is_set)
+    finally:
+        informer.stop()
+        store.close()
