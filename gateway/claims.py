@@ -100,6 +100,25 @@ def claim_order(holder: str, slot: SlotId) -> str:
     return hashlib.sha256(f"{holder}\0{slot.gateway}\0{slot.index}".encode()).hexdigest()
 
 
+def _sort_held(holder: str, held: Collection[SlotId], leases: Mapping[SlotId, Lease | None],
+               servable: Collection[SlotId], now: float
+               ) -> tuple[list[SlotId], list[SlotId], list[SlotId]]:
+    """The held slots as (keep, release, lost): see ClaimPlan."""
+    keep: list[SlotId] = []
+    release: list[SlotId] = []
+    lost: list[SlotId] = []
+    for slot in sorted(held):
+        lease = leases.get(slot)
+        if lease is not None and lease.holder is not None and lease.holder != holder \
+                and not lease.expired(now):
+            lost.append(slot)
+        elif slot not in servable:
+            release.append(slot)
+        else:
+            keep.append(slot)
+    return keep, release, lost
+
+
 def plan_claims(*, holder: str, held: Collection[SlotId],
                 leases: Mapping[SlotId, Lease | None], servable: Sequence[SlotId],
                 now: float, free_since: Mapping[SlotId, float],
@@ -110,19 +129,7 @@ def plan_claims(*, holder: str, held: Collection[SlotId],
     been fenced). `leases`: the current record of every servable slot's lease (missing
     key or None: no lease). `free_since`: the previous plan's map.
     """
-    servable_set = set(servable)
-    keep: list[SlotId] = []
-    release: list[SlotId] = []
-    lost: list[SlotId] = []
-    for slot in sorted(held):
-        lease = leases.get(slot)
-        if lease is not None and lease.holder is not None and lease.holder != holder \
-                and not lease.expired(now):
-            lost.append(slot)
-        elif slot not in servable_set:
-            release.append(slot)
-        else:
-            keep.append(slot)
+    keep, release, lost = _sort_held(holder, held, leases, set(servable), now)
 
     adopt: list[SlotId] = []
     free: list[SlotId] = []

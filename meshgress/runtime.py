@@ -126,7 +126,7 @@ class LoopMetrics:
 class ReconcileLoop:
     """Informers, poke and coalesce, steps, health, metrics server and signals."""
 
-    def __init__(self, store: Datastore, kinds: Mapping[Kind, str | None], *,
+    def __init__(self, store: Datastore, kinds: Mapping[Kind, str | None], *,  # noqa: PLR0913
                  log: logging.Logger, metrics: LoopMetrics, resync_interval: float = 10.0,
                  retry_interval: float = 1.0, coalesce: float = 0.0,
                  clock: Callable[[], float] = time.monotonic,

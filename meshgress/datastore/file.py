@@ -616,6 +616,35 @@ class FileDatastore:
 
     # Internals: watch
 
+    def _journal_event(self, line: bytes, last_rv: int, kinds: frozenset[Kind],
+                       field_node_name: str | None) -> tuple[int, WatchEvent | None]:
+        """What one journal line means to a watch that has seen up to `last_rv`: the
+        resource version it has seen then, and the event to deliver (None: a line of
+        another kind, of another node's pod, already seen or malformed). Raises Expired
+        when lines are missing (the journal was compacted past `last_rv`)."""
+        head = _ENTRY_HEAD.match(line)
+        if head is None:
+            log.warning("%s: skipping a malformed journal line", self._journal)
+            return last_rv, None
+        rv = int(head.group(1))
+        if rv <= last_rv:
+            return last_rv, None
+        if rv > last_rv + 1:
+            raise Expired(
+                f"resource version {last_rv} is too old: the journal now starts "
+                f"at {rv}; list again"
+            )
+        type_, kind_name = head.group(2).decode(), head.group(3).decode()
+        if kind_name not in kinds or type_ not in _EVENT_TYPES:
+            return rv, None
+        obj = json.loads(line)["object"]
+        # A pod's spec.nodeName is set once (binding) and never changes, so the new state
+        # alone says whether the filtered watcher had it.
+        if field_node_name is not None and \
+                (obj.get("spec") or {}).get("nodeName") != field_node_name:
+            return rv, None
+        return rv, WatchEvent(cast(EventType, type_), Kind(kind_name), obj, rv)
+
     def _watch(self, kinds: frozenset[Kind], resource_version: int,
                stop: threading.Event | None, bookmark_interval: float,
                field_node_name: str | None) -> Iterator[WatchEvent]:
@@ -638,31 +667,12 @@ class FileDatastore:
                 wake.clear()
                 lines = follower.poll()
                 for line in lines:
-                    head = _ENTRY_HEAD.match(line)
-                    if head is None:
-                        log.warning("%s: skipping a malformed journal line", self._journal)
-                        continue
-                    rv = int(head.group(1))
-                    if rv <= last_rv:
-                        continue
-                    if rv > last_rv + 1:
-                        raise Expired(
-                            f"resource version {last_rv} is too old: the journal now starts "
-                            f"at {rv}; list again"
-                        )
-                    last_rv = rv
-                    type_, kind_name = head.group(2).decode(), head.group(3).decode()
-                    if kind_name not in kinds or type_ not in _EVENT_TYPES:
+                    last_rv, event = self._journal_event(line, last_rv, kinds, field_node_name)
+                    if event is None:
                         continue
                     if self._stopped(stop):
                         return
-                    obj = json.loads(line)["object"]
-                    # A pod's spec.nodeName is set once (binding) and never changes, so the
-                    # new state alone says whether the filtered watcher had it.
-                    if field_node_name is not None and \
-                            (obj.get("spec") or {}).get("nodeName") != field_node_name:
-                        continue
-                    yield WatchEvent(cast(EventType, type_), Kind(kind_name), obj, rv)
+                    yield event
                     last_sent = time.monotonic()
                 if time.monotonic() - last_sent >= bookmark_interval:
                     if self._stopped(stop):

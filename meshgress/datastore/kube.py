@@ -587,19 +587,11 @@ class KubeDatastore:
 
     def _watch(self, kinds: Sequence[Kind], resource_version: int, stop: threading.Event | None,
                bookmark_interval: float, field_node_name: str | None) -> Iterator[WatchEvent]:
+        initial: Sequence[WatchEvent] = ()
         if resource_version == 0:
-            # "Everything after 0": the current objects, in order, then their changes.
-            initial: list[WatchEvent] = []
-            starts: dict[Kind, int] = {}
-            for kind in kinds:
-                listed = self.list(kind, field_node_name=field_node_name)
-                starts[kind] = listed.resource_version
-                initial += [WatchEvent("ADDED", kind, obj,
-                                       int(obj["metadata"]["resourceVersion"]))
-                            for obj in listed.items]
-            initial.sort(key=lambda e: e.resource_version)
+            initial, starts = self._current_as_events(kinds, field_node_name)
         else:
-            initial, starts = [], dict.fromkeys(kinds, resource_version)
+            starts = dict.fromkeys(kinds, resource_version)
         events: queue.Queue[WatchEvent | DatastoreError | None] = queue.Queue()
         streams = [_WatchStream(self, kind, starts[kind], field_node_name, events)
                    for kind in kinds]
@@ -638,6 +630,19 @@ class KubeDatastore:
             unregister_stop()
             for stream in streams:
                 stream.stop()
+
+    def _current_as_events(self, kinds: Sequence[Kind], field_node_name: str | None
+                           ) -> tuple[Sequence[WatchEvent], dict[Kind, int]]:
+        """"Everything after 0": the current objects as ADDED events in resource-version
+        order, and the resource version each kind's watch continues from."""
+        initial = []
+        starts: dict[Kind, int] = {}
+        for kind in kinds:
+            listed = self.list(kind, field_node_name=field_node_name)
+            starts[kind] = listed.resource_version
+            initial += [WatchEvent("ADDED", kind, obj, int(obj["metadata"]["resourceVersion"]))
+                        for obj in listed.items]
+        return sorted(initial, key=lambda e: e.resource_version), starts
 
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._closed.is_set() or (stop is not None and stop.is_set())

@@ -226,50 +226,60 @@ class Lab:
         """`wireguard_go`: the program agents and gateways run (default: the cached current
         build when it is there, else `wireguard-go` on PATH)."""
         topology = compute_lab_topology(self.name, nodes, gateway_nodes)
-        if datastore not in DATASTORES:
-            raise LabError(f"--datastore {datastore!r}: one of {', '.join(DATASTORES)}")
-        wireguard_go = wireguard_go or default_wireguard_go()
-        if shutil.which(wireguard_go) is None:
-            raise LabError(f"--wireguard-go {wireguard_go}: no such program (`make binaries` "
-                           "builds the current release; Debian's is `apt-get install "
-                           "wireguard-go`)")
-        existing = self.load_record()
-        if existing and existing.complete and self._is_running(existing):
-            raise LabError(f"lab {self.name!r} is already up; run `meshgress lab down` first")
+        wireguard_go = self._check_up(datastore, wireguard_go)
         self.down()  # leftovers of a crashed or killed run
         self.state_dir.mkdir(parents=True, exist_ok=True)
         record = LabRecord(name=self.name, nodes=nodes, gateway_nodes=gateway_nodes,
-                           datastore=datastore, wireguard_go=shutil.which(wireguard_go))
+                           datastore=datastore, wireguard_go=wireguard_go)
         self._save_record(record)
         try:
-            self._build_network(topology)
-            for node in topology.nodes:
-                record.anchors[node.name] = self._start_anchor(node)
-                self._save_record(record)
-            record.echo_pid = self._start_echo(topology)
-            self._save_record(record)
-            if datastore == "kube":
-                self._start_control_plane(topology)
-            self._write_cluster(topology, record)
-            self._wait_ready(topology, record)
-            install_plugin(self.cni_bin_dir)
-            for node in topology.nodes:
-                self._issue_identities(record, node)
-            for node in topology.nodes:
-                self._start_agent(record, node.name)
-            for node in topology.nodes:
-                self._wait_agent(record, node.name)
-            self._start_egress(topology, record)
-            for node in topology.nodes:
-                if node.role == "worker":
-                    for namespace in (ns for ns, _ in LAB_KUBE_NAMESPACES):
-                        self.add_pod(namespace, f"app-{node.name}", node.name, record=record)
+            self._bring_up(topology, record)
         except BaseException:
             self.down()
             raise
         record.complete = True
         self._save_record(record)
         return topology
+
+    def _check_up(self, datastore: str, wireguard_go: str | None) -> str:
+        """Refuse a bad `lab up` before anything is touched; the wireguard-go path."""
+        if datastore not in DATASTORES:
+            raise LabError(f"--datastore {datastore!r}: one of {', '.join(DATASTORES)}")
+        wireguard_go = wireguard_go or default_wireguard_go()
+        path = shutil.which(wireguard_go)
+        if path is None:
+            raise LabError(f"--wireguard-go {wireguard_go}: no such program (`make binaries` "
+                           "builds the current release; Debian's is `apt-get install "
+                           "wireguard-go`)")
+        existing = self.load_record()
+        if existing and existing.complete and self._is_running(existing):
+            raise LabError(f"lab {self.name!r} is already up; run `meshgress lab down` first")
+        return path
+
+    def _bring_up(self, topology: LabTopology, record: LabRecord) -> None:
+        """Everything of `up` after the checks, recorded as it starts (so `down` finds it)."""
+        self._build_network(topology)
+        for node in topology.nodes:
+            record.anchors[node.name] = self._start_anchor(node)
+            self._save_record(record)
+        record.echo_pid = self._start_echo(topology)
+        self._save_record(record)
+        if record.datastore == "kube":
+            self._start_control_plane(topology)
+        self._write_cluster(topology, record)
+        self._wait_ready(topology, record)
+        install_plugin(self.cni_bin_dir)
+        for node in topology.nodes:
+            self._issue_identities(record, node)
+        for node in topology.nodes:
+            self._start_agent(record, node.name)
+        for node in topology.nodes:
+            self._wait_agent(record, node.name)
+        self._start_egress(topology, record)
+        for node in topology.nodes:
+            if node.role == "worker":
+                for namespace in (ns for ns, _ in LAB_KUBE_NAMESPACES):
+                    self.add_pod(namespace, f"app-{node.name}", node.name, record=record)
 
     def _build_network(self, topology: LabTopology) -> None:
         for name in (topology.underlay_netns, topology.outside_netns, topology.monitor_netns):

@@ -92,7 +92,7 @@ def test_the_deletion_queue_shows_on_the_agents_metrics_page(
     from cni import protocol as p
     from meshgress.prometheus import Exposition
 
-    def fake_serve(path, service, stop, on_listening=None):
+    def fake_serve(path, service, stop, on_listening=None, signal_wake=0.5):
         folder = service.deletion_queue.path
         name = p.compute_queue_entry_name("ctr1", "eth0")
         (folder / name).write_bytes(p.encode_queue_entry("ctr1", "eth0", "", {}))
