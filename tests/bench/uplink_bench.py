@@ -50,6 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from gateway.claims import ORPHAN_GRACE_SECONDS  # noqa: E402
 from meshgress.datastore.file import FileDatastore  # noqa: E402
 from meshgress.lab.lab import Lab  # noqa: E402
 from meshgress.slots import LEASE_DURATION_SECONDS  # noqa: E402
@@ -287,8 +288,9 @@ def main() -> int:
     gaps = [r["web_gap_s"] for r in rounds]
     taken = [r["taken_s"] for r in rounds if r["taken_s"] is not None]
     print(f"\nweb egress gap over {len(gaps)} link losses: median "
-          f"{fmt(statistics.median(gaps))}, worst {fmt(max(gaps))} (budget: lease "
-          f"{LEASE_DURATION_SECONDS:.0f} s + 1 s)")
+          f"{fmt(statistics.median(gaps))}, worst {fmt(max(gaps))} (budget: the slot "
+          f"taken within the lease {LEASE_DURATION_SECONDS:.0f} s + the orphan grace "
+          f"{ORPHAN_GRACE_SECONDS} s + 0.5 s, traffic back within 1.5 s of that)")
     print(f"solo's slot held by another process after: median "
           f"{fmt(statistics.median(taken) if taken else None)}, worst "
           f"{fmt(max(taken) if taken else None)}; never taken in "
