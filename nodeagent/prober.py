@@ -23,8 +23,10 @@ A change pokes the agent's loop, which moves only that slot's buckets. A slot ne
 answered is not healthy (fail closed).
 
 Runs on its own thread; its only I/O is its sockets, an rtnetlink address dump when a
-slot is held on this node, and /proc/thread-self/net/dev. With no slot to probe (none has
-a holder) the thread sleeps until it is given one.
+slot is held on this node, and /proc/thread-self/net/dev. The netlink socket and the proc
+file stay open for the thread's life: a round every 100 ms on an idle node is most of an
+agent's idle cost, and opening both anew each round doubled what a round costs. With no
+slot to probe (none has a holder) the thread sleeps until it is given one.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import IO
 
 from meshgress.kernel.rtnl import Rtnl
 from meshgress.slots import PROBE_PORT, SlotId
 from nodeagent.steering import ProbeTarget
 
 log = logging.getLogger("meshgress.prober")
+
+IPAddress = IPv4Address | IPv6Address
 
 SO_BINDTODEVICE = 25
 IP_FREEBIND = 15
@@ -114,25 +120,26 @@ class SlotProber:
         return open_probe_socket(state.target.interface, self._source)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with self._lock:
-                states = list(self._slots.items())
-            if not states:
-                self._targets_changed.wait()
-                self._targets_changed.clear()
-                continue
-            interval = min(s.target.interval_ms for _, s in states) / 1000
-            timeout = min(s.target.timeout_ms for _, s in states) / 1000
-            answered = self._probe_round(states, started + timeout)
-            received = _rx_packets()
-            local = [s for _, s in states if s.target.local]
-            answered |= served_here([s.target for s in local], received)
-            for state in local:
-                state.sent += 1
-            if self._record_round(states, answered, received):
-                self._on_change()
-            self._stop.wait(max(0.0, started + interval - time.monotonic()))
+        with _NodeView() as view:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                with self._lock:
+                    states = list(self._slots.items())
+                if not states:
+                    self._targets_changed.wait()
+                    self._targets_changed.clear()
+                    continue
+                interval = min(s.target.interval_ms for _, s in states) / 1000
+                timeout = min(s.target.timeout_ms for _, s in states) / 1000
+                answered = self._probe_round(states, started + timeout)
+                received = view.rx_packets()
+                local = [s for _, s in states if s.target.local]
+                answered |= served_here([s.target for s in local], received, view.addresses)
+                for state in local:
+                    state.sent += 1
+                if self._record_round(states, answered, received):
+                    self._on_change()
+                self._stop.wait(max(0.0, started + interval - time.monotonic()))
 
     def _probe_round(self, states: list[tuple[SlotId, _SlotState]],
                      deadline: float) -> set[SlotId]:
@@ -218,15 +225,61 @@ def _missed(slot: SlotId, state: _SlotState) -> bool:
     return True
 
 
-def served_here(targets: list[ProbeTarget], interfaces: Mapping[str, int]) -> set[SlotId]:
+class _NodeView:
+    """What a round reads of this node, through handles kept open by the calling thread:
+    the rx counters (/proc/thread-self/net/dev, re-read from its start) and the IPv4
+    addresses (an rtnetlink socket, opened when first needed and again after an error)."""
+
+    def __init__(self) -> None:
+        self._dev: IO[bytes] | None = None
+        self._rtnl: Rtnl | None = None
+
+    def __enter__(self) -> _NodeView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._dev is not None:
+            self._dev.close()
+        if self._rtnl is not None:
+            self._rtnl.close()
+
+    def rx_packets(self) -> dict[str, int]:
+        try:
+            if self._dev is None:
+                self._dev = open("/proc/thread-self/net/dev", "rb", buffering=0)  # noqa: SIM115
+            self._dev.seek(0)
+            text = self._dev.read(1 << 20)
+        except OSError:
+            return {}
+        return _parse_net_dev(text.decode("ascii", "replace"))
+
+    def addresses(self) -> set[IPAddress]:
+        try:
+            if self._rtnl is None:
+                self._rtnl = Rtnl()
+            return {a.address for a in self._rtnl.addresses()}
+        except OSError:
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
+            raise
+
+
+def _addresses_now() -> set[IPAddress]:
+    with Rtnl() as rtnl:
+        return {a.address for a in rtnl.addresses()}
+
+
+def served_here(targets: list[ProbeTarget], interfaces: Mapping[str, int],
+                addresses: Callable[[], set[IPAddress]] = _addresses_now) -> set[SlotId]:
     """The slots held on this node (`target.local`) whose gateway interface is among
-    `interfaces` and whose egress IP is up here."""
+    `interfaces` and whose egress IP is up here (`addresses`: this node's IPv4
+    addresses, read only when a slot is held here)."""
     local = [t for t in targets if t.local is not None]
     if not local:
         return set()
     try:
-        with Rtnl() as rtnl:
-            local_ips = {a.address for a in rtnl.addresses()}
+        local_ips = addresses()
     except OSError as exc:
         log.debug("reading this node's addresses: %s", exc)
         return set()
@@ -295,13 +348,17 @@ def probe_once(targets: Sequence[ProbeTarget], source: str, *, timeout: float = 
 
 def _rx_packets() -> dict[str, int]:
     """Received packets per interface of the calling thread's network namespace."""
-    counters: dict[str, int] = {}
     try:
         with open("/proc/thread-self/net/dev", encoding="ascii") as f:
-            lines = f.readlines()[2:]
+            return _parse_net_dev(f.read())
     except OSError:
-        return counters
-    for line in lines:
+        return {}
+
+
+def _parse_net_dev(text: str) -> dict[str, int]:
+    """/proc/net/dev -> received packets per interface."""
+    counters: dict[str, int] = {}
+    for line in text.splitlines()[2:]:
         name, _, fields = line.partition(":")
         values = fields.split()
         if len(values) > 1:
