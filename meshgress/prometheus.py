@@ -24,10 +24,12 @@ import re
 import selectors
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 log = logging.getLogger("meshgress.metrics")
 
@@ -217,6 +219,16 @@ class _Server(ThreadingHTTPServer):
                 self._wake_read = self._wake_write = -1
         if not closed:
             super().server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up before its answer is written (a health check that reads
+        only the status line, a scrape that timed out) is routine: a debug line, not a
+        traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            log.debug("client %s hung up: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks the resolver for the address's name (a PTR lookup

@@ -113,3 +113,29 @@ def test_without_node_ip_listeners_the_node_address_is_ignored(served):
     loop.serve_metrics("127.0.0.1:9820", lambda page: None, lambda: True)
     loop.serve_on_node_ip(ipaddress.IPv4Address("192.0.2.11"))
     assert [s.address for s in servers] == ["127.0.0.1:9820"]
+
+
+def test_a_client_that_hangs_up_is_a_debug_line_not_a_traceback(capfd, caplog):
+    stop = threading.Event()
+    server = prometheus.serve("127.0.0.1:0", lambda: "", lambda: {"live": True, "ready": True},
+                              stop)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="meshgress.metrics"):
+            for hung_up in (ConnectionResetError(104, "reset"), BrokenPipeError(32, "pipe")):
+                try:
+                    raise hung_up
+                except OSError:
+                    server.handle_error(None, ("192.0.2.11", 54800))
+        assert capfd.readouterr().err == ""
+        assert [r.getMessage() for r in caplog.records] == [
+            "client ('192.0.2.11', 54800) hung up: [Errno 104] reset",
+            "client ('192.0.2.11', 54800) hung up: [Errno 32] pipe"]
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            server.handle_error(None, ("192.0.2.11", 54800))
+        assert "ValueError: a bug" in capfd.readouterr().err
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
