@@ -75,6 +75,9 @@ class SlotProber:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._slots: dict[SlotId, _SlotState] = {}
+        self._retired: list[_SlotState] = []
+        """Slots no longer probed whose sockets the prober thread has yet to close: a round
+        may still be using them (closing one under it made register(2) fail on fd -1)."""
         self._stop = threading.Event()
         self._targets_changed = threading.Event()
         self._seq = 0
@@ -88,20 +91,18 @@ class SlotProber:
     def stop(self) -> None:
         self._stop.set()
         self._targets_changed.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=5)
         with self._lock:
-            for state in self._slots.values():
-                if state.sock:
-                    state.sock.close()
+            self._retired.extend(self._slots.values())
+        self._close_retired()
 
     def set_targets(self, targets: tuple[ProbeTarget, ...]) -> None:
         with self._lock:
             wanted = {t.slot: t for t in targets}
             for slot in list(self._slots):
                 if slot not in wanted or self._slots[slot].target != wanted[slot]:
-                    state = self._slots.pop(slot)
-                    if state.sock:
-                        state.sock.close()
+                    self._retired.append(self._slots.pop(slot))
             for slot, target in wanted.items():
                 self._slots.setdefault(slot, _SlotState(target))
         self._targets_changed.set()
@@ -119,10 +120,19 @@ class SlotProber:
     def _open(self, state: _SlotState) -> socket.socket | None:
         return open_probe_socket(state.target.interface, self._source)
 
+    def _close_retired(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for state in retired:
+            if state.sock is not None:
+                state.sock.close()
+                state.sock = None
+
     def _run(self) -> None:
         with _NodeView() as view:
             while not self._stop.is_set():
                 started = time.monotonic()
+                self._close_retired()  # no round is using them now
                 with self._lock:
                     states = list(self._slots.items())
                 if not states:
@@ -130,16 +140,25 @@ class SlotProber:
                     self._targets_changed.clear()
                     continue
                 interval = min(s.target.interval_ms for _, s in states) / 1000
-                timeout = min(s.target.timeout_ms for _, s in states) / 1000
-                answered = self._probe_round(states, started + timeout)
-                received = view.rx_packets()
-                local = [s for _, s in states if s.target.local]
-                answered |= served_here([s.target for s in local], received, view.addresses)
-                for state in local:
-                    state.sent += 1
-                if self._record_round(states, answered, received):
-                    self._on_change()
+                try:
+                    self._round(states, started, view)
+                except Exception:
+                    # A bug in one round must not end probing for good: without it no
+                    # slot would ever be healthy again on this node.
+                    log.exception("probe round failed")
                 self._stop.wait(max(0.0, started + interval - time.monotonic()))
+
+    def _round(self, states: list[tuple[SlotId, _SlotState]], started: float,
+               view: _NodeView) -> None:
+        timeout = min(s.target.timeout_ms for _, s in states) / 1000
+        answered = self._probe_round(states, started + timeout)
+        received = view.rx_packets()
+        local = [s for _, s in states if s.target.local]
+        answered |= served_here([s.target for s in local], received, view.addresses)
+        for state in local:
+            state.sent += 1
+        if self._record_round(states, answered, received):
+            self._on_change()
 
     def _probe_round(self, states: list[tuple[SlotId, _SlotState]],
                      deadline: float) -> set[SlotId]:

@@ -92,18 +92,26 @@ def _egress_lab(request, gateway_nodes=2):
     name = lab_named("e" + __import__("secrets").token_hex(3), request.param)
     failed_before = request.session.testsfailed
     lab(name, "up", "--nodes", "2", "--gateway-nodes", str(gateway_nodes))
-    inodes = set()
+    leftovers = []
     try:
         yield name
     finally:
         if request.session.testsfailed > failed_before:
             keep_lab_logs(name, request.node.nodeid)
         # Every namespace the lab has now (tests add pods and restart gateways): after
-        # `lab down` no process may be left in any of them, named or not.
-        inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in os.listdir("/run/netns")
-                  if ns.startswith(f"mg-{name}-")}
-        lab(name, "down", check=False)
-    assert processes_in(inodes) == [], "processes outlived `lab down`"
+        # `lab down` no process may be left in any of them, named or not. Each is held
+        # open meanwhile: a freed namespace's inode number is soon given to a new one (of
+        # another lab running alongside), whose processes would look like leftovers.
+        held = [os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+                for ns in os.listdir("/run/netns") if ns.startswith(f"mg-{name}-")]
+        try:
+            inodes = {os.fstat(fd).st_ino for fd in held}
+            lab(name, "down", check=False)
+            leftovers = processes_in(inodes)
+        finally:
+            for fd in held:
+                os.close(fd)
+    assert leftovers == [], "processes outlived `lab down`"
 
 
 egress_lab = pytest.fixture(scope="module", params=DATASTORES)(_egress_lab)
