@@ -77,7 +77,8 @@ class SlotProber:
         self._slots: dict[SlotId, _SlotState] = {}
         self._retired: list[_SlotState] = []
         """Slots no longer probed whose sockets the prober thread has yet to close: a round
-        may still be using them (closing one under it made register(2) fail on fd -1)."""
+        may still be using them (one closed under a round made its selector refuse fd -1,
+        which ended the thread)."""
         self._stop = threading.Event()
         self._targets_changed = threading.Event()
         self._seq = 0
