@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from meshgress.binaries import add_wireguard_arguments
 from meshgress.datastore.options import add_datastore_arguments
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshgress/gateway")
@@ -39,21 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slots", type=_positive_int, default=DEFAULT_MAX_SLOTS,
                         help="egress IP slots to hold normally; a slot nobody else serves "
                              "is taken over beyond this (default 1)")
-    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
-                        default="auto",
-                        help="kernel (the WireGuard module), userspace (wireguard-go) or "
-                             "auto: the kernel module when the node has it, else "
-                             "wireguard-go (default auto)")
-    parser.add_argument(
-        "--wireguard-go", metavar="PATH",
-        help="the wireguard-go program the userspace backend starts (default: the current "
-             "release `make binaries` caches, /var/cache/meshgress/bin/wireguard-go-<version>/"
-             "wireguard-go, when it is there, else wireguard-go on PATH)")
-    parser.add_argument("--wireguard-log", type=Path,
-                        help="append wireguard-go's own log to this file (userspace backend; "
-                             "default: kept only to explain a failed start)")
-    parser.add_argument("--wireguard-log-level", choices=("silent", "error", "verbose"),
-                        default="error", help="wireguard-go's LOG_LEVEL (default error)")
+    add_wireguard_arguments(parser)
     parser.add_argument("--identity",
                         help="lease holder identity; must be unique among gateway processes "
                              "(e.g. the pod name; default NODE/PID)")

@@ -16,6 +16,7 @@ which comes first on PATH).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from pathlib import Path
@@ -50,3 +51,22 @@ def describe_wireguard_go(command: str) -> str:
     """`command` as a person wants to see it in a log: its resolved path."""
     found = shutil.which(command)
     return found if found is not None else f"{command} (not found)"
+
+
+def add_wireguard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The WireGuard options the agent and the gateway share: backend, program, log."""
+    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
+                        default="auto",
+                        help="kernel (the WireGuard module), userspace (wireguard-go) or "
+                             "auto: the kernel module when the node has it, else "
+                             "wireguard-go (default auto)")
+    parser.add_argument(
+        "--wireguard-go", metavar="PATH",
+        help="the wireguard-go program the userspace backend starts (default: the current "
+             "release `make binaries` caches, /var/cache/meshgress/bin/wireguard-go-<version>/"
+             "wireguard-go, when it is there, else wireguard-go on PATH)")
+    parser.add_argument("--wireguard-log", type=Path,
+                        help="append wireguard-go's own log to this file (userspace backend; "
+                             "default: kept only to explain a failed start)")
+    parser.add_argument("--wireguard-log-level", choices=("silent", "error", "verbose"),
+                        default="error", help="wireguard-go's LOG_LEVEL (default error)")

@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 from pathlib import Path
 
+from meshgress.binaries import add_wireguard_arguments
 from meshgress.datastore.options import add_datastore_arguments
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshgress")
@@ -68,21 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the container runtime's CNI configuration folder: the agent "
                              "writes 10-meshgress.conflist there once it serves CNI requests, "
                              "and touches no other file (default: none is written)")
-    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
-                        default="auto",
-                        help="kernel (the WireGuard module), userspace (wireguard-go) or "
-                             "auto: the kernel module when the node has it, else "
-                             "wireguard-go (default auto)")
-    parser.add_argument(
-        "--wireguard-go", metavar="PATH",
-        help="the wireguard-go program the userspace backend starts (default: the current "
-             "release `make binaries` caches, /var/cache/meshgress/bin/wireguard-go-<version>/"
-             "wireguard-go, when it is there, else wireguard-go on PATH)")
-    parser.add_argument("--wireguard-log", type=Path,
-                        help="append wireguard-go's own log to this file (userspace backend; "
-                             "default: kept only to explain a failed start)")
-    parser.add_argument("--wireguard-log-level", choices=("silent", "error", "verbose"),
-                        default="error", help="wireguard-go's LOG_LEVEL (default error)")
+    add_wireguard_arguments(parser)
     parser.add_argument("--mtu", type=int, help="mesh MTU (default: underlay MTU - 60/80)")
     parser.add_argument(
         "--metrics-address", default=DEFAULT_METRICS_ADDRESS,
