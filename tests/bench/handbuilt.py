@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from meshgress.lab.netns import netns_pids, pid_alive, stop_pids
+
 NETNS_DIR = Path("/run/netns")
 
 KUBE_PROXY = """table ip kube-proxy-standin {
@@ -69,16 +71,6 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 120,
     return proc
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def in_netns(ns: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / ns}"]
 
@@ -107,15 +99,7 @@ def remove_namespaces(namespaces: list[str]) -> None:
             if link != "lo":
                 run(["ip", "-n", ns, "link", "del", link], check=False)
     for ns in namespaces:
-        pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()
-                if p.isdigit()]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-                time.sleep(0.05)
+        stop_pids(netns_pids(ns))
         run(["ip", "netns", "delete", ns], check=False)
 
 
