@@ -89,7 +89,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from meshgress.lab.netns import pid_alive  # noqa: E402 - after the path is set
+from meshgress.lab.netns import netns_pids, pid_alive, stop_pids  # noqa: E402 - after the path is set
 
 PREFIX = "mgb-scale-"
 RUN = f"{PREFIX}{os.getpid()}-"
@@ -428,14 +428,7 @@ def remove_netns(ns: str) -> None:
         name = line.split(":")[1].strip().split("@")[0]
         if name != "lo":
             run(["ip", "-n", ns, "link", "del", name], check=False)
-    pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).split() if p.isdigit()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.05)
+    stop_pids(netns_pids(ns))
     run(["ip", "netns", "delete", ns], check=False)
 
 
