@@ -284,8 +284,13 @@ class Lab:
     def _build_network(self, topology: LabTopology) -> None:
         for name in (topology.underlay_netns, topology.outside_netns, topology.monitor_netns):
             netns.add_netns(name)
-        netns.ip_batch(topology.underlay_netns, [f"link add {topology.bridge} type bridge",
-                                                 f"link set {topology.bridge} up"])
+        # A plain L2 segment, as a datacentre's underlay looks to the nodes: with multicast
+        # snooping on, the bridge itself would join 224.0.0.106 and send IGMP reports
+        # whenever a port comes up — packets no node sent, on the capture that proves
+        # only WireGuard crosses the underlay.
+        netns.ip_batch(topology.underlay_netns,
+                       [f"link add {topology.bridge} type bridge mcast_snooping 0",
+                        f"link set {topology.bridge} up"])
         self._attach(topology, "outside", topology.outside_netns, OUTSIDE_ADDRESS,
                      default_route=False)
         self._attach(topology, "monitor", topology.monitor_netns, MONITOR_ADDRESS,

@@ -116,6 +116,31 @@ def test_each_node_has_private_wireguard_socket_dir_and_state_dir(lab_name):
     assert late in in_lab(lab_name, "node1", "ls", "/run/netns").stdout
 
 
+def test_the_underlay_carries_only_what_the_nodes_send(lab_name, tmp_path):
+    """The underlay bridge sends nothing of its own: with multicast snooping it joined
+    224.0.0.106 whenever it came up and sent IGMP reports onto the segment whose capture
+    proves that only WireGuard crosses it."""
+    lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "0")
+    underlay, pcap = f"mg-{lab_name}-underlay", tmp_path / "igmp.pcap"
+    tcpdump = subprocess.Popen(["nsenter", f"--net=/run/netns/{underlay}", "tcpdump", "-i",
+                                "br0", "-n", "--immediate-mode", "-U", "-w", str(pcap),
+                                "igmp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (pcap.exists() and pcap.stat().st_size > 0):
+            assert tcpdump.poll() is None and time.monotonic() < deadline, "no tcpdump"
+            time.sleep(0.05)
+        for state in ("down", "up"):  # what made the bridge report, every time
+            subprocess.run(["ip", "-n", underlay, "link", "set", "br0", state], check=True)
+        observe_for(3.0)  # IGMPv3 repeats its unsolicited report within a second or two
+    finally:
+        tcpdump.terminate()
+        tcpdump.wait(timeout=10)
+    reports = subprocess.run(["tcpdump", "-r", str(pcap), "-n"], capture_output=True,
+                             text=True, check=True).stdout
+    assert reports == "", reports
+
+
 def test_the_datastore_holds_the_lab_cluster(lab_name):
     lab(lab_name, "up", "--nodes", "1", "--gateway-nodes", "1")
     from meshgress.datastore import Kind
