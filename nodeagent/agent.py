@@ -88,8 +88,11 @@ class PodNetwork(Protocol):
         ...
 
     def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: PodHook,
-              on_removed: PodHook, stop: threading.Event) -> None:
-        """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD."""
+              on_removed: PodHook, stop: threading.Event,
+              on_listening: Callable[[], None]) -> None:
+        """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD.
+        `on_listening` runs once requests are accepted and every DEL queued while the
+        agent was away has been run (or has failed and stays queued)."""
         ...
 
     def render_metrics(self, page: prometheus.Exposition) -> None:
@@ -479,10 +482,10 @@ class Agent:
         pod_cidr, mtu = own.pod_cidrs[0], self.state.mtu
 
         def serve() -> None:
-            self.cni_ready.set()
             try:
                 self.ports.pods.serve(pod_cidr, mtu, on_ready=self.on_pod_ready,
-                                      on_removed=self.on_pod_removed, stop=self.stop)
+                                      on_removed=self.on_pod_removed, stop=self.stop,
+                                      on_listening=self.cni_ready.set)
             except Exception:
                 log.exception("CNI server stopped")
                 self.cni_ready.clear()

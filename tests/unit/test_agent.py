@@ -82,18 +82,25 @@ class RecordingPods:
         self.ports = ports
         self.at_start: dict[str, Any] | None = None
         self.serving = threading.Event()
+        self.listening = threading.Event()
+        """Cleared, the server stays in its start-up (replaying queued DELs) until set."""
+        self.listening.set()
         self.hooks: dict[str, Callable[[LocalPod], None]] = {}
 
     def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
         return []
 
     def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: Any,
-              on_removed: Any, stop: threading.Event) -> None:
+              on_removed: Any, stop: threading.Event, on_listening: Any) -> None:
         nft, routes, wg = self.ports["nft"], self.ports["routes"], self.ports["wireguard"]
         self.at_start = {"table": nft.state, "routes": set(routes.table),
                          "device": wg.read(WIREGUARD_INTERFACE), "mtu": mtu, "cidr": pod_cidr}
         self.hooks = {"ready": on_ready, "removed": on_removed}
         self.serving.set()
+        while not (self.listening.wait(0.01) or stop.is_set()):
+            pass
+        if not stop.is_set():
+            on_listening()
         stop.wait()
 
     def render_metrics(self, page: Any) -> None:
@@ -165,6 +172,27 @@ def test_guard_fallback_and_peers_are_in_place_before_the_first_pod_is_served(tm
             time.sleep(0.02)
         annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
         assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+    finally:
+        stop(agent, thread)
+
+
+def test_not_ready_until_the_cni_server_listens_with_queued_deletions_run(tmp_path, store):
+    agent, pods, _ = make_agent(tmp_path, store)
+    pods.listening.clear()
+    thread = run_in_background(agent)
+    try:
+        assert pods.serving.wait(10), "the CNI server never started"
+        deadline = time.monotonic() + 5
+        while not agent.state.published and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert agent.state.published and agent.loop.synced()
+        assert not agent.ready()
+        assert agent.health() == {"live": True, "ready": False}
+        pods.listening.set()
+        deadline = time.monotonic() + 5
+        while not agent.ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert agent.ready()
     finally:
         stop(agent, thread)
 
