@@ -80,6 +80,7 @@ from typing import Any, Final, cast
 
 import yaml
 
+from meshgress import kube_yaml
 from meshgress.datastore import (
     API_VERSIONS,
     LEASE_DURATION_ANNOTATION,
@@ -133,7 +134,6 @@ _ENTRY_HEAD: Final = re.compile(rb'\{"rv": (\d+), "type": "([A-Z]+)", "kind": "(
 _CHUNK: Final = 1 << 20
 _EVENT_TYPES: Final = frozenset({"ADDED", "MODIFIED", "DELETED"})
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
@@ -830,9 +830,9 @@ def _parse_object(path: Path, data: bytes, objects: Path) -> Object:
     """The object in an object file's bytes, checked against the file's place
     (objects/<Kind>/[<namespace>/]<name>.yaml); raises _Corrupt."""
     try:
-        obj = yaml.load(data, Loader=_Loader)  # noqa: S506 - the C *safe* loader
-    except yaml.YAMLError as e:
-        raise _Corrupt(path, f"not valid YAML: {' '.join(str(e).split())}") from None
+        obj = kube_yaml.load(data)
+    except kube_yaml.KubeYamlError as e:
+        raise _Corrupt(path, f"not valid YAML: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         raise _Corrupt(path, "does not hold an object with metadata")
     parts = path.relative_to(objects).parts
