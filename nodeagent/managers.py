@@ -36,6 +36,7 @@ from nodeagent.routes import RouteAdapter, RoutePlan, apply_routes
 from nodeagent.steering import SteeringState
 from nodeagent.steering_kernel import (
     ObservedSteering,
+    SlotTunnelsFailed,
     SteeringPlan,
     SteeringPort,
     apply_steering_adds,
@@ -153,7 +154,13 @@ class SteeringManager:
         return plan_steering(desired, self.observed, self._tenures)
 
     def apply_adds(self, plan: SteeringPlan, probe_source: ipaddress.IPv4Address) -> list[str]:
-        done = apply_steering_adds(self._port, self._wireguard, plan, probe_source)
+        try:
+            done = apply_steering_adds(self._port, self._wireguard, plan, probe_source)
+        except SlotTunnelsFailed as exc:
+            # A failed tunnel's session reset is retried with it on the next pass.
+            self._tenures.update({name: tenure for name, tenure in plan.tenures.items()
+                                  if name not in exc.failed})
+            raise
         self._tenures.update(plan.tenures)
         return done
 
