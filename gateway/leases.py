@@ -75,6 +75,9 @@ class LeaseKeeper:
                  clock: Callable[[], float] = time.time,
                  count_error: Callable[[str], None] = lambda op: None,
                  on_lost: Callable[[], None] = lambda: None) -> None:
+        """`count_error` counts what fails in the keeper's own work (renewals, refreshing
+        and fencing the IP); `release` and `bring_up` report their failures to their
+        caller, whose pass they belong to."""
         self.store = store
         self.kernel = kernel
         self.identity = identity
@@ -136,7 +139,9 @@ class LeaseKeeper:
         self._on_lost()
 
     def release(self, slot: SlotId, reason: str) -> bool:
-        """Give a held slot up on purpose: IP first, then annotations, then the lease."""
+        """Give a held slot up on purpose: IP first, then annotations, then the lease.
+        False when it could not be released (logged, for the caller to count: the slot is
+        given up either way, its lease then expires)."""
         with self._lock:
             held = self._held.get(slot)
             if held is None:
@@ -147,7 +152,6 @@ class LeaseKeeper:
                 except KernelError as exc:
                     # Not released: the lease then expires after the IP's lifetime ended.
                     self._held.pop(slot, None)
-                    self._count_error("release")
                     log.error("slot=%s cannot remove %s; letting the lease expire: %s",
                               slot_name(slot), held.address.ip, exc)
                     return False
@@ -158,7 +162,6 @@ class LeaseKeeper:
                                          namespace=LEASE_NAMESPACE)
             self.store.release_lease(slot.lease_name, self.identity)
         except DatastoreError as exc:
-            self._count_error("release")
             log.warning("slot=%s release failed (it expires instead): %s", slot_name(slot), exc)
             return False
         self.metrics.releases += 1
@@ -170,7 +173,7 @@ class LeaseKeeper:
     def bring_up(self, slot: SlotId, address: EgressAddress, present: bool) -> bool | None:
         """Add the egress IP of a held slot, under the fencing lock. True: added now;
         None: nothing to do (up already, or the slot was fenced meanwhile); False: it
-        could not be added (the reason is logged)."""
+        could not be added (the reason is logged, for the caller to count)."""
         with self._lock:
             held = self._held.get(slot)
             if held is None:
@@ -188,7 +191,6 @@ class LeaseKeeper:
             try:
                 self.kernel.replace_egress_address(address, lifetime)
             except KernelError as exc:
-                self._count_error("add-ip")
                 log.warning("slot=%s cannot add %s: %s", slot_name(slot), address.ip, exc)
                 return False
             held.address = address

@@ -368,7 +368,7 @@ class Gateway:
             self._uplinks = self.kernel.read_uplinks()
         except KernelError as exc:
             self._uplinks_changed.set()
-            self.loop.metrics.count_error("read-uplinks")
+            self.loop.note_failure("read-uplinks")
             log.warning("cannot read the links: %s", exc)
             return None
         self._uplinks_read_at = self.clock()
@@ -423,7 +423,7 @@ class Gateway:
                 try:
                     lease = self.store.get_lease(slot.lease_name)
                 except DatastoreError as exc:
-                    self.loop.metrics.count_error("read-lease")
+                    self.loop.note_failure("read-lease")
                     log.warning("slot=%s cannot read its lease: %s", slot_name(slot), exc)
                     continue
                 obj = leases.get(slot.lease_name) or {}
@@ -452,7 +452,7 @@ class Gateway:
             lease = leases.get(slot)
             self.leases.fence(slot, f"lease held by {lease.holder if lease else '?'}")
         for slot in plan.release:
-            ok &= self.leases.release(slot, state.unservable.get(slot, "no longer servable here"))
+            ok &= self._release(slot, state.unservable.get(slot, "no longer servable here"))
         for slot in plan.adopt:
             ok &= self._acquire(state, slot) is not False
         taken = 0
@@ -465,12 +465,18 @@ class Gateway:
             ok &= result is not False
         return ok
 
+    def _release(self, slot: SlotId, reason: str) -> bool:
+        if self.leases.release(slot, reason):
+            return True
+        self.loop.note_failure("release")
+        return False
+
     def _acquire(self, state: _Pass, slot: SlotId) -> bool | None:
         """Take the slot's lease. True: taken; None: someone else has it; False: error."""
         try:
             lease = self.leases.acquire(slot)
         except DatastoreError as exc:
-            self.loop.metrics.count_error("acquire")
+            self.loop.note_failure("acquire")
             log.warning("slot=%s acquire failed: %s", slot_name(slot), exc)
             return False
         if lease is None:
@@ -557,7 +563,7 @@ class Gateway:
         try:
             observed = self.kernel.read(known)
         except KernelError as exc:
-            self.loop.metrics.count_error("read-kernel")
+            self.loop.note_failure("read-kernel")
             log.warning("reconcile step=read-kernel failed: %s", exc)
             return False
         keep: set[str] = set()
@@ -631,6 +637,7 @@ class Gateway:
         if added is None:
             return True
         if not added:
+            self.loop.note_failure("add-ip")
             return False
         try:
             mac = self.kernel.link_mac(s.external_interface)
@@ -707,7 +714,7 @@ class Gateway:
     def drain(self) -> None:
         """Give every slot up so a standby takes it at once, then remove what we made."""
         for slot in sorted(self.leases.held()):
-            self.leases.release(slot, "draining")
+            self._release(slot, "draining")
         with contextlib.suppress(OSError):
             self.ports.probe.ensure({})
         step = self.loop.step

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.dataplane import EgressAddress, FakeKernel
+from gateway.dataplane import EgressAddress, FakeKernel, KernelError
 from gateway.probe import ProbeSocket
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from gateway.uplink import UplinkWatcher
@@ -26,7 +26,7 @@ from meshgress.cluster import (
     PUBLIC_KEY_ANNOTATION,
 )
 from meshgress.config import ClusterConfig
-from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind
+from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind, Unavailable
 from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nftables import FakeNftablesAdapter
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE as NFT_TABLE
@@ -680,3 +680,72 @@ def test_a_holder_cut_off_from_the_datastore_too_stops_renewing_and_the_lease_ex
     time.sleep(0.05)
     h.settle(standby, holder)
     assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}
+
+
+def fail_once(target: Any, method: str, error: Exception) -> None:
+    """`target.method` raises `error` on its next call, then works again."""
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        delattr(target, method)
+        raise error
+
+    setattr(target, method, failing)
+
+
+RETRY = 0.5
+"""The retry interval of the gateways below (the resync stays at 10 s)."""
+
+
+def test_a_standby_whose_takeover_fails_once_tries_again_after_the_retry_backoff(lab, clock):
+    """Failover: the holder died, and the standby's acquire of the expired lease fails once
+    (on kube, a PUT answered 503 without Retry-After, or a reset connection, is not
+    retried). Nothing else pokes the standby: its failed acquire must bring the next pass
+    after the retry backoff, not the resync."""
+    h = lab(["192.0.2.50"])
+    holder = h.gateway("gw1")
+    flaky = FlakyStore(h.store)
+    standby = h.gateway("gw2", store=flaky, retry_interval=RETRY)
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw1/0"
+    for informer in holder.loop.informers.values():
+        informer.stop()  # it dies (its renewals never ran: the test renews by hand)
+    clock.now += 3.1  # its lease expired
+    fail_once(flaky, "acquire_lease", Unavailable("PUT lease: HTTP 503"))
+    wait = standby.loop.run_once(standby.reconcile)
+    assert standby.held() == {} and h.holder(SLOT0) is None
+    assert wait <= 1.2 * RETRY
+    standby.loop.run_once(standby.reconcile)
+    assert h.holder(SLOT0) == "gw2/1" and EgressAddress("eth0", E0) in kernel(standby).egress
+
+
+@pytest.mark.parametrize(("port", "method", "error"), [
+    ("store", "acquire_lease", Unavailable("PUT lease: connection reset")),
+    ("store", "get_lease", Unavailable("GET lease: timed out")),
+    ("kernel", "read_uplinks", KernelError("list links: interrupted")),
+    ("kernel", "read", KernelError("dump routes: interrupted")),
+    ("kernel", "replace_egress_address", KernelError("add address: no buffer space")),
+])
+def test_every_failure_of_a_pass_brings_the_next_pass_after_the_retry_backoff(
+        lab, port, method, error):
+    h = lab(["192.0.2.50"])
+    store = FlakyStore(h.store)
+    gw = h.gateway(store=store, retry_interval=RETRY)
+    fail_once(store if port == "store" else kernel(gw), method, error)
+    wait = gw.loop.run_once(gw.reconcile)
+    assert wait <= 1.2 * RETRY, f"a failed {method} waits for the resync"
+    assert gw.loop.metrics.failures == 1  # the pass counts as failed
+    time.sleep(0.05)  # the informers see the first pass's writes
+    assert gw.loop.run_once(gw.reconcile) == gw.config.resync_interval
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+
+
+def test_a_release_that_fails_brings_the_next_pass_after_the_retry_backoff(lab):
+    h = lab(["192.0.2.50"], interface="eth0")
+    store = FlakyStore(h.store)
+    gw = h.gateway(store=store, retry_interval=RETRY)
+    h.settle(gw)
+    fail_once(store, "release_lease", Unavailable("PUT lease: HTTP 503"))
+    kernel(gw).set_link("eth0", up=False)
+    wait = gw.loop.run_once(gw.reconcile)
+    assert gw.held() == {} and kernel(gw).egress == {}
+    assert h.holder(SLOT0) == "gw1/0"  # not released: it expires instead
+    assert wait <= 1.2 * RETRY
