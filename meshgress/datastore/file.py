@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,10 +113,12 @@ from meshgress.datastore import (
 from meshgress.datastore.objects import (
     check_annotation_patch,
     check_lease_request,
+    checked_annotation_keys,
     checked_namespace,
     describe,
     json_copy,
     prepare,
+    released_lease,
 )
 from meshgress.datastore.objects import checked_kind as _kind
 from meshgress.kernel.inotify import Subscription, shared_watcher
@@ -397,15 +399,15 @@ class FileDatastore:
             return parse_lease(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
                                             new, current))
 
-    def release_lease(self, name: str, holder: str) -> None:
+    def release_lease(self, name: str, holder: str, *,
+                      clear_annotations: Collection[str] = ()) -> None:
+        clear = checked_annotation_keys(clear_annotations)
         path = self._path(Kind.LEASE, LEASE_NAMESPACE, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None or parse_lease(current).holder != holder:
                 return
-            new = copy.deepcopy(current)
-            new["spec"].pop("holderIdentity", None)
-            self._commit(w, "MODIFIED", Kind.LEASE, new, current)
+            self._commit(w, "MODIFIED", Kind.LEASE, released_lease(current, clear), current)
 
     def record_event(self, event: EventRecord) -> None:
         now = self._clock()
