@@ -103,7 +103,12 @@ from meshgress.kernel.nftables import NftablesAdapter, NftablesPort, apply_rules
 from meshgress.kernel.rtnl import LinkWatch
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE, NFT_FAMILY
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
-from meshgress.slots import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS, SlotId
+from meshgress.slots import (
+    LEASE_DURATION_SECONDS,
+    LEASE_RENEW_SECONDS,
+    MAX_SLOTS,
+    SlotId,
+)
 from wireguard.backend import WireGuardBackend, apply_device, detect_backend
 from wireguard.errors import NotWireGuardDeviceError
 from wireguard.keys import load_or_create_private_key, public_key
@@ -244,6 +249,7 @@ class Gateway:
         self.started_at = clock()
         self.first_pass_ok = False
         self._number_error: str | None = None
+        self._over_slot_limit: dict[str, tuple[str, ...]] = {}
         # The number (port, mark, table) of every slot, kept for as long as the slot
         # exists: renumbering would move a held slot's endpoint under its flows.
         self._numbers: dict[SlotId, int] = {}
@@ -289,6 +295,7 @@ class Gateway:
             namespaces=namespace_labels(snap.namespaces), pods=pods,
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
+        self._report_slot_limit(model.over_slot_limit())
         own_obj = snap.nodes.get(self.config.node_name)
         own = self._node_cache.parse(own_obj) if own_obj else None
         state = _Pass(model=model, own=own)
@@ -345,6 +352,20 @@ class Gateway:
         self._numbers = numbers
         self._number_error = None
         return dict(numbers)
+
+    def _report_slot_limit(self, over: dict[str, tuple[str, ...]]) -> None:
+        """Log the egress IPs that get no slot when they change, not on every pass (status
+        says it too: SlotLimitExceeded)."""
+        if over == self._over_slot_limit:
+            return
+        if over:
+            log.warning("egress IPs get no slot and are not served: at most %d are served "
+                        "across all EgressGateways, the gateways created first keep theirs "
+                        "count=%d not_served=%s", MAX_SLOTS, sum(map(len, over.values())),
+                        ";".join(f"{name}:{','.join(ips)}" for name, ips in over.items()))
+        else:
+            log.info("every egress IP has a slot again")
+        self._over_slot_limit = over
 
     def _on_uplink_change(self) -> None:
         """The kernel announced a link or default-route change (watcher thread)."""

@@ -43,7 +43,7 @@ from meshgress.kernel.nft_model import NftPlan, Ruleset
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
-from meshgress.slots import SlotId, probe_source
+from meshgress.slots import MAX_SLOTS, SlotId, probe_source
 from nodeagent.firewall import (
     FirewallSpec,
     compute_node_networks,
@@ -175,6 +175,8 @@ class AgentState:
     published: bool = False
     first_apply_ok: bool = False
     waiting_for_node: bool = False
+    over_slot_limit: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Gateway → its egress IPs that get no slot, as last logged."""
 
 
 class Agent:
@@ -359,6 +361,7 @@ class Agent:
             pods=self._local_pod_views(),
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
+        self._report_slot_limit(model.over_slot_limit())
         holders = {}
         for obj in self.loop.snapshot(Kind.LEASE).values():
             holder = parse_slot_holder(obj, now)
@@ -380,6 +383,21 @@ class Agent:
             private_key=self.private_key, mtu=self.state.mtu,
             probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept,
             node_name=self.config.node_name))
+
+    def _report_slot_limit(self, over: dict[str, tuple[str, ...]]) -> None:
+        """Log the egress IPs that get no slot when they change, not on every pass (the
+        gateways' status says it too)."""
+        if over == self.state.over_slot_limit:
+            return
+        if over:
+            log.warning("%d egress IPs get no slot, so no traffic is steered to them: at "
+                        "most %d are served across all EgressGateways (the gateways "
+                        "created first keep theirs): %s", sum(map(len, over.values())),
+                        MAX_SLOTS, "; ".join(f"EgressGateway {name}: {', '.join(ips)}"
+                                             for name, ips in over.items()))
+        else:
+            log.info("every egress IP has a slot again")
+        self.state.over_slot_limit = over
 
     def _publish(self, own: NodeInfo) -> None:
         """Publish this node's key and endpoint on its Node (only when they differ)."""

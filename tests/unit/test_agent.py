@@ -21,6 +21,7 @@ from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nft_model import parse_observed
 from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE
+from meshgress.slots import SlotId
 from nodeagent.agent import Agent, AgentConfig, AgentPorts
 from nodeagent.firewall import (
     CHAIN_GUARD_ENDPOINTS,
@@ -450,3 +451,35 @@ def test_the_agent_guards_its_own_metrics_ports_too():
     config = AgentConfig(node_name="n", metrics_address="127.0.0.1:9900,node-ip:9901")
     assert config.guarded_ports == (9820, 9821, 9900, 9901)
     assert AgentConfig(node_name="n", endpoint_ports=()).guarded_ports == ()  # no guard
+
+
+def gateway_with(name: str, count: int, prefix: str) -> dict[str, Any]:
+    return {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+            "metadata": {"name": name},
+            "spec": {"egressIPs": [f"{prefix}.{i}" for i in range(1, count + 1)]}}
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store):
+    """Two valid gateways of 64 egress IPs (each within the API's 126): 128 slots were an
+    error on every pass, so the node never got its mesh, routes or CNI server. The 126
+    slots go to the gateway created first, then to the other's first 62."""
+    store.create(gateway_with("egress-a", 64, "10.1.0"))  # the older (or, same second, by name)
+    store.create(gateway_with("egress-b", 64, "10.2.0"))
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert pods.serving.is_set()
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
+        assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+        slots = {SlotId("egress-a", i) for i in range(64)} | {
+            SlotId("egress-b", i) for i in range(62)}
+        assert agent.state.steering is not None and set(agent.state.steering.numbers) == slots
+        assert fakes["steering"].interfaces == {s.node_interface for s in slots}
+        assert agent.state.over_slot_limit == {"egress-b": ("10.2.0.63", "10.2.0.64")}
+        # A pod's ADD goes through (it failed too).
+        pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)

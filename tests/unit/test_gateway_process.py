@@ -680,3 +680,31 @@ def test_a_holder_cut_off_from_the_datastore_too_stops_renewing_and_the_lease_ex
     time.sleep(0.05)
     h.settle(standby, holder)
     assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_never_cost_a_held_slot(lab, clock):
+    """A newer gateway of 126 egress IPs (within the API's limit) makes 127 in the
+    cluster: numbering them all failed, and the gateway released every slot it held.
+    The newer gateway gets the slots left (125) and says why its last IP has none."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0"
+    clock.now += 2  # creationTimestamps have whole seconds
+    big = [f"10.1.{i // 100}.{i % 100 + 1}" for i in range(126)]
+    # Named to sort first, so only its age can make it lose.
+    h.store.create({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                    "metadata": {"name": "aa-big"}, "spec": {"egressIPs": big}})
+    time.sleep(0.1)
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+    assert SLOT0 in gw.held()
+    status, reason, message = conditions(h.store.get(Kind.EGRESS_GATEWAY, "aa-big"))[
+        "SlotLimitExceeded"]
+    assert (status, reason) == ("True", "SlotLimitExceeded")
+    assert message.startswith(f"1 egress IPs get no slot and are not served ({big[-1]}): at "
+                              "most 126 egress IPs are served across all EgressGateways")
+    assert conditions(h.store.get(Kind.EGRESS_GATEWAY, "egw"))["SlotLimitExceeded"][0] == \
+        "False"
+    [event] = events(h, "SlotLimitExceeded")
+    assert event["regarding"]["name"] == "aa-big" and event["note"] == message
