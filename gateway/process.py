@@ -316,6 +316,8 @@ class Gateway:
             servable = compute_servable_slots(model, node_labels(own_obj))
             uplinks = self._read_uplinks()
             for info in servable.slots:
+                if info.slot not in state.numbers:
+                    continue  # came while the slots could not be numbered
                 external, fault = self._external_interface(info, uplinks, own)
                 if external is not None:
                     state.servable[info.slot] = info
@@ -344,11 +346,14 @@ class Gateway:
         try:
             numbers = compute_slot_numbers(model, kept)
         except ValueError as exc:
-            # Permanent until the configuration changes: say it once, serve nothing new.
+            # A bug (compute_egress caps the slots), permanent until the configuration
+            # changes: say it once, and keep the last numbers of the slots that remain, so
+            # that what is held stays servable (and held); new slots get nothing.
             if self._number_error != str(exc):
                 log.error("cannot number the egress slots error=%s", exc)
             self._number_error = str(exc)
-            return {}
+            present = {slot for view in model.gateways.values() for slot, _ in view.slots}
+            return {slot: n for slot, n in self._numbers.items() if slot in present}
         self._numbers = numbers
         self._number_error = None
         return dict(numbers)

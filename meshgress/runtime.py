@@ -228,17 +228,24 @@ class ReconcileLoop:
     def run(self, one_pass: Callable[[], Pass], *,
             before_pass: Callable[[], None] | None = None) -> None:
         """Pass after pass until `stop` is set. `before_pass` runs first on every turn,
-        synced or not (the agent's failover fast path)."""
+        synced or not (the agent's failover fast path); when it fails (a step of it, or
+        an exception) the turn counts as failed and is retried with backoff, and the
+        pass still runs."""
         for informer in self.informers.values():
             informer.start()
         try:
             while not self.stop.is_set():
                 self.last_loop = self.clock()
                 self._poke.clear()
-                if before_pass is not None:
-                    before_pass()
-                outcome = Pass(ran=False)
                 self._failures_in_pass = 0
+                if before_pass is not None:
+                    try:
+                        before_pass()
+                    except Exception:
+                        self.metrics.count_error("before-pass")
+                        self.log.exception("before-pass failed")
+                        self._failures_in_pass += 1
+                outcome = Pass(ran=False)
                 if self.synced():
                     started = self.clock()
                     try:

@@ -278,23 +278,31 @@ class Agent:
         source = probe_source(own.pod_cidrs[0])
         base = self._base_ruleset()
         ok = step("egress-read", lambda: self.steering.read(source))
-        steering = self._compute_steering(own)
-        self.state.steering = steering
-        plan = self.steering.plan(steering)
+        # Steering that cannot be computed (a bug: bad input becomes status) fails its
+        # step, so the pass is retried, and holds up nothing else: the last steering
+        # computed stays applied (before the first one, the kernel's steering is left as
+        # it is) and the mesh, routes, publishing and CNI server go ahead. Pods' ADDs fail
+        # meanwhile (`on_pod_ready`), so no new pod leaves unsteered.
+        computed = self._try_compute_steering(own)
+        if computed is not None:
+            self.state.steering = computed
+        steering = self.state.steering
         # Order matters: the guard and fallback first of all; then the egress tunnels,
         # then the marks that point into them; peers, then routes into the mesh; what is
         # obsolete last.
         if not self.state.first_apply_ok:
             ok &= step("nftables", lambda: self._ensure_guard(base))
         ok &= step("forwarding", self.ports.host.ensure_ip_forwarding)
-        ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
-        ok &= step("nftables", lambda: self.firewall.apply(
-            with_steering(base, steering)))
-        ok &= step("egress", lambda: self.steering.apply_removes(plan))
+        if steering is not None:
+            plan = self.steering.plan(steering)
+            ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
+            ok &= step("nftables", lambda: self.firewall.apply(
+                with_steering(base, steering)))
+            ok &= step("egress", lambda: self.steering.apply_removes(plan))
         ok &= step("wireguard", lambda: self.mesh.apply_device(mesh.device))
         ok &= step("handshakes", lambda: self.mesh.kick_handshakes(mesh.device.name))
         ok &= step("routes", lambda: self.mesh.apply_routes(self.mesh.routes(mesh)))
-        if self.prober is not None:
+        if self.prober is not None and steering is not None:
             self.prober.set_targets(steering.probe_targets)
         if ok and not self.state.first_apply_ok:
             self.state.first_apply_ok = True
@@ -350,6 +358,13 @@ class Agent:
                 {"metadata": {"namespace": key[0], "name": key[1]}})
             views.append(dataclasses.replace(base, ip=pod.ip, node=self.config.node_name))
         return views
+
+    def _try_compute_steering(self, own: NodeInfo) -> SteeringState | None:
+        """`_compute_steering` as a step of the pass: None when it failed (reported)."""
+        computed: list[SteeringState] = []
+        if self.loop.step("steering", lambda: computed.append(self._compute_steering(own))):
+            return computed[0]
+        return None
 
     def _compute_steering(self, own: NodeInfo) -> SteeringState:
         now = time.time()
@@ -428,7 +443,9 @@ class Agent:
             own = self._own_node()
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 return False
-            steering = self._compute_steering(own)
+            steering = self._try_compute_steering(own)
+            if steering is None:
+                return False
             ok = self.loop.step("nftables", lambda: self.firewall.apply(
                 with_steering(self._base_ruleset(), steering)))
             if ok:

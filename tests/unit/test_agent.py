@@ -459,6 +459,15 @@ def gateway_with(name: str, count: int, prefix: str) -> dict[str, Any]:
             "spec": {"egressIPs": [f"{prefix}.{i}" for i in range(1, count + 1)]}}
 
 
+def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store):
     """Two valid gateways of 64 egress IPs (each within the API's 126): 128 slots were an
     error on every pass, so the node never got its mesh, routes or CNI server. The 126
@@ -481,5 +490,49 @@ def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store)
         assert agent.state.over_slot_limit == {"egress-b": ("10.2.0.63", "10.2.0.64")}
         # A pod's ADD goes through (it failed too).
         pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_steering_that_cannot_be_computed_holds_up_nothing_else(tmp_path, store, monkeypatch):
+    """A bug in the steering computation fails its step (retried), not the node: the mesh,
+    routes, publishing and the CNI server go ahead; pods' ADDs fail meanwhile (none may
+    leave unsteered)."""
+    def broken(inputs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nodeagent.agent.compute_steering", broken)
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert FALLBACK in fakes["routes"].table
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        assert wait_for(lambda: agent.loop.metrics.errors.get("steering", 0) >= 2), \
+            "the failed step is not retried"
+        with pytest.raises(RuntimeError, match="a bug"):
+            pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_a_failure_before_the_pass_is_retried_and_never_ends_the_loop(tmp_path, store):
+    calls: list[str] = []
+
+    def flaky_prober(source: str, on_change: Callable[[], None]) -> IdleProber:
+        calls.append(source)
+        if len(calls) == 1:
+            raise OSError("cannot open the probe socket")
+        return IdleProber(source, on_change)
+
+    agent, _, _ = make_agent(tmp_path, store)
+    agent.ports.prober = flaky_prober  # type: ignore[assignment]
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert wait_for(lambda: agent.prober is not None), "never tried again"
+        assert thread.is_alive() and not agent.stop.is_set()
+        assert agent.loop.metrics.errors.get("before-pass") == 1
     finally:
         stop(agent, thread)

@@ -708,3 +708,19 @@ def test_more_egress_ips_than_slots_in_the_cluster_never_cost_a_held_slot(lab, c
         "False"
     [event] = events(h, "SlotLimitExceeded")
     assert event["regarding"]["name"] == "aa-big" and event["note"] == message
+
+
+def test_slots_that_cannot_be_numbered_never_cost_a_held_slot(lab, monkeypatch):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0}
+
+    def broken(model: Any, kept: Any) -> Any:
+        raise ValueError("127 egress IP slots: at most 126 are supported")
+
+    monkeypatch.setattr("gateway.process.compute_slot_numbers", broken)
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0} and h.holder(SLOT0) == "gw1/0"
+    assert EgressAddress("eth0", E0) in kernel(gw).egress
+    assert h.annotations(SLOT0)[ENDPOINT_ANNOTATION] == "192.0.2.11:51900"  # same number
