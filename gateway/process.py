@@ -111,7 +111,12 @@ from meshgress.kernel.nftables import NftablesAdapter, NftablesPort, apply_rules
 from meshgress.kernel.rtnl import LinkWatch
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE, NFT_FAMILY
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
-from meshgress.slots import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS, SlotId
+from meshgress.slots import (
+    LEASE_DURATION_SECONDS,
+    LEASE_RENEW_SECONDS,
+    MAX_SLOTS,
+    SlotId,
+)
 from wireguard.backend import WireGuardBackend, apply_device, detect_backend
 from wireguard.errors import NotWireGuardDeviceError
 from wireguard.keys import load_or_create_private_key, public_key
@@ -251,6 +256,7 @@ class Gateway:
         self.started_at = clock()
         self.first_pass_ok = False
         self._number_error: str | None = None
+        self._over_slot_limit: dict[str, tuple[str, ...]] = {}
         # The number (port, mark, table) of every slot, kept for as long as the slot
         # exists: renumbering would move a held slot's endpoint under its flows.
         self._numbers: dict[SlotId, int] = {}
@@ -294,6 +300,7 @@ class Gateway:
             namespaces=namespace_labels(snap.namespaces), pods=pods,
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
+        self._report_slot_limit(model.over_slot_limit())
         own_obj = snap.nodes.get(self.config.node_name)
         own = self._node_cache.parse(own_obj) if own_obj else None
         state = _Pass(model=model, own=own)
@@ -314,6 +321,8 @@ class Gateway:
             servable = compute_servable_slots(model, node_labels(own_obj))
             uplinks = self._read_uplinks()
             for info in servable.slots:
+                if info.slot not in state.numbers:
+                    continue  # came while the slots could not be numbered
                 external, fault = self._external_interface(info, uplinks, own)
                 if external is not None:
                     state.servable[info.slot] = info
@@ -342,14 +351,31 @@ class Gateway:
         try:
             numbers = compute_slot_numbers(model, kept)
         except ValueError as exc:
-            # Permanent until the configuration changes: say it once, serve nothing new.
+            # A bug (compute_egress caps the slots), permanent until the configuration
+            # changes: say it once, and keep the last numbers of the slots that remain, so
+            # that what is held stays servable (and held); new slots get nothing.
             if self._number_error != str(exc):
                 log.error("cannot number the egress slots error=%s", exc)
             self._number_error = str(exc)
-            return {}
+            present = {slot for view in model.gateways.values() for slot, _ in view.slots}
+            return {slot: n for slot, n in self._numbers.items() if slot in present}
         self._numbers = numbers
         self._number_error = None
         return dict(numbers)
+
+    def _report_slot_limit(self, over: dict[str, tuple[str, ...]]) -> None:
+        """Log the egress IPs that get no slot when they change, not on every pass (status
+        says it too: SlotLimitExceeded)."""
+        if over == self._over_slot_limit:
+            return
+        if over:
+            log.warning("egress IPs get no slot and are not served: at most %d are served "
+                        "across all EgressGateways, the gateways created first keep theirs "
+                        "count=%d not_served=%s", MAX_SLOTS, sum(map(len, over.values())),
+                        ";".join(f"{name}:{','.join(ips)}" for name, ips in over.items()))
+        else:
+            log.info("every egress IP has a slot again")
+        self._over_slot_limit = over
 
     def _on_uplink_change(self) -> None:
         """The kernel announced a link or default-route change (watcher thread)."""

@@ -237,16 +237,16 @@ class ReconcileLoop:
     def run(self, one_pass: Callable[[], Pass], *,
             before_pass: Callable[[], None] | None = None) -> None:
         """Pass after pass until `stop` is set. `before_pass` runs first on every turn,
-        synced or not (the agent's failover fast path)."""
+        synced or not (the agent's failover fast path); when it fails (a step of it, or
+        an exception) the turn counts as failed and is retried with backoff, and the
+        pass still runs."""
         for informer in self.informers.values():
             informer.start()
         try:
             while not self.stop.is_set():
                 self.last_loop = self.clock()
                 self._poke.clear()
-                if before_pass is not None:
-                    before_pass()
-                self._poke.wait(self.run_once(one_pass))
+                self._poke.wait(self.run_once(one_pass, before_pass))
                 if self.coalesce:
                     self.stop.wait(self.coalesce)  # a burst of events becomes one pass
         finally:
@@ -255,11 +255,19 @@ class ReconcileLoop:
             for informer in self.informers.values():
                 informer.stop()
 
-    def run_once(self, one_pass: Callable[[], Pass]) -> float:
-        """One pass (once the caches are synced); the seconds until the next one unless
-        something pokes the loop."""
+    def run_once(self, one_pass: Callable[[], Pass],
+                 before_pass: Callable[[], None] | None = None) -> float:
+        """`before_pass`, then one pass (once the caches are synced); the seconds until
+        the next one unless something pokes the loop. Either raising is logged and counted
+        and brings the next pass after the retry backoff."""
         outcome = Pass(ran=False)
         self._failures_in_pass = 0
+        if before_pass is not None:
+            try:
+                before_pass()
+            except Exception:
+                self.note_failure("before-pass")
+                self.log.exception("before-pass failed")
         if self.synced():
             started = self.clock()
             try:

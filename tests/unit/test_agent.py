@@ -21,6 +21,7 @@ from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nft_model import parse_observed
 from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE
+from meshgress.slots import SlotId
 from nodeagent.agent import Agent, AgentConfig, AgentPorts
 from nodeagent.firewall import (
     CHAIN_GUARD_ENDPOINTS,
@@ -478,3 +479,88 @@ def test_the_agent_guards_its_own_metrics_ports_too():
     config = AgentConfig(node_name="n", metrics_address="127.0.0.1:9900,node-ip:9901")
     assert config.guarded_ports == (9820, 9821, 9900, 9901)
     assert AgentConfig(node_name="n", endpoint_ports=()).guarded_ports == ()  # no guard
+
+
+def gateway_with(name: str, count: int, prefix: str) -> dict[str, Any]:
+    return {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+            "metadata": {"name": name},
+            "spec": {"egressIPs": [f"{prefix}.{i}" for i in range(1, count + 1)]}}
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store):
+    """Two valid gateways of 64 egress IPs (each within the API's 126): 128 slots were an
+    error on every pass, so the node never got its mesh, routes or CNI server. The 126
+    slots go to the gateway created first, then to the other's first 62."""
+    store.create(gateway_with("egress-a", 64, "10.1.0"))  # the older (or, same second, by name)
+    store.create(gateway_with("egress-b", 64, "10.2.0"))
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert pods.serving.is_set()
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
+        assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+        slots = {SlotId("egress-a", i) for i in range(64)} | {
+            SlotId("egress-b", i) for i in range(62)}
+        assert agent.state.steering is not None and set(agent.state.steering.numbers) == slots
+        assert fakes["steering"].interfaces == {s.node_interface for s in slots}
+        assert agent.state.over_slot_limit == {"egress-b": ("10.2.0.63", "10.2.0.64")}
+        # A pod's ADD goes through (it failed too).
+        pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_steering_that_cannot_be_computed_holds_up_nothing_else(tmp_path, store, monkeypatch):
+    """A bug in the steering computation fails its step (retried), not the node: the mesh,
+    routes, publishing and the CNI server go ahead; pods' ADDs fail meanwhile (none may
+    leave unsteered)."""
+    def broken(inputs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nodeagent.agent.compute_steering", broken)
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert FALLBACK in fakes["routes"].table
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        assert wait_for(lambda: agent.loop.metrics.errors.get("steering", 0) >= 2), \
+            "the failed step is not retried"
+        with pytest.raises(RuntimeError, match="a bug"):
+            pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_a_failure_before_the_pass_is_retried_and_never_ends_the_loop(tmp_path, store):
+    calls: list[str] = []
+
+    def flaky_prober(source: str, on_change: Callable[[], None]) -> IdleProber:
+        calls.append(source)
+        if len(calls) == 1:
+            raise OSError("cannot open the probe socket")
+        return IdleProber(source, on_change)
+
+    agent, _, _ = make_agent(tmp_path, store)
+    agent.ports.prober = flaky_prober  # type: ignore[assignment]
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert wait_for(lambda: agent.prober is not None), "never tried again"
+        assert thread.is_alive() and not agent.stop.is_set()
+        assert agent.loop.metrics.errors.get("before-pass") == 1
+    finally:
+        stop(agent, thread)

@@ -808,3 +808,47 @@ def test_a_late_release_leaves_the_next_holders_annotations_alone(lab, clock):
     assert SLOT0 in old.held()  # it has not noticed yet
     old.leases.release(SLOT0, "no longer servable here")
     assert h.holder(SLOT0) == "gw2/1" and published(h, SLOT0) == theirs
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_never_cost_a_held_slot(lab, clock):
+    """A newer gateway of 126 egress IPs (within the API's limit) makes 127 in the
+    cluster: numbering them all failed, and the gateway released every slot it held.
+    The newer gateway gets the slots left (125) and says why its last IP has none."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0"
+    clock.now += 2  # creationTimestamps have whole seconds
+    big = [f"10.1.{i // 100}.{i % 100 + 1}" for i in range(126)]
+    # Named to sort first, so only its age can make it lose.
+    h.store.create({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                    "metadata": {"name": "aa-big"}, "spec": {"egressIPs": big}})
+    time.sleep(0.1)
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+    assert SLOT0 in gw.held()
+    status, reason, message = conditions(h.store.get(Kind.EGRESS_GATEWAY, "aa-big"))[
+        "SlotLimitExceeded"]
+    assert (status, reason) == ("True", "SlotLimitExceeded")
+    assert message.startswith(f"1 egress IPs get no slot and are not served ({big[-1]}): at "
+                              "most 126 egress IPs are served across all EgressGateways")
+    assert conditions(h.store.get(Kind.EGRESS_GATEWAY, "egw"))["SlotLimitExceeded"][0] == \
+        "False"
+    [event] = events(h, "SlotLimitExceeded")
+    assert event["regarding"]["name"] == "aa-big" and event["note"] == message
+
+
+def test_slots_that_cannot_be_numbered_never_cost_a_held_slot(lab, monkeypatch):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0}
+
+    def broken(model: Any, kept: Any) -> Any:
+        raise ValueError("127 egress IP slots: at most 126 are supported")
+
+    monkeypatch.setattr("gateway.process.compute_slot_numbers", broken)
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0} and h.holder(SLOT0) == "gw1/0"
+    assert EgressAddress("eth0", E0) in kernel(gw).egress
+    assert h.annotations(SLOT0)[ENDPOINT_ANNOTATION] == "192.0.2.11:51900"  # same number
