@@ -584,7 +584,8 @@ class Gateway:
             SlotRules(suffix=s.suffix, interface=s.interface,
                       external_interface=s.external_interface, egress_ip=s.egress_ip,
                       mark=s.mark, allowed_sources=s.allowed_sources) for s in desired)
-        ok &= step("nftables", lambda: apply_ruleset(self.ports.nft, ruleset))
+        rules_ok = step("nftables", lambda: apply_ruleset(self.ports.nft, ruleset))
+        ok &= rules_ok
         devices_ok: set[SlotId] = set()
         for s in desired:
             if step("wireguard", partial(self._apply_device, s.device)):
@@ -607,6 +608,10 @@ class Gateway:
         plan = plan_dataplane(desired, observed, keep_interfaces=keep)
         ready_slots = [s for s in desired if s.slot in devices_ok]
         ok &= self._apply_plan(plan, ready_slots, observed.egress_addresses)
+        if not rules_ok:
+            # Without its SNAT and source filter a slot would forward pods' packets with
+            # their own addresses: not ready, so it is neither published nor counted.
+            self.leases.set_ready((s.slot for s in ready_slots), False)
         ok &= step("probe", lambda: self.ports.probe.ensure(self._probe_interfaces(ready_slots)))
         return ok
 

@@ -32,7 +32,7 @@ from meshgress.cluster import (
 from meshgress.config import ClusterConfig
 from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind, Unavailable
 from meshgress.datastore.file import FileDatastore
-from meshgress.kernel.nftables import FakeNftablesAdapter
+from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE as NFT_TABLE
 from meshgress.slots import SlotId
 from wireguard.fake import FakeBackend
@@ -240,6 +240,21 @@ def test_claims_serves_and_publishes_a_slot(lab):
     h.settle(gw)
     assert len(gw.garps) == 1
     assert k.log[log_len:] == []
+
+
+def test_a_slot_whose_nftables_rules_failed_is_not_published_until_they_apply(lab):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    nft = gw.ports.nft
+    assert isinstance(nft, FakeNftablesAdapter)
+    nft.fail_next = NftError("apply", 1, "Could not process rule: No buffer space")
+    gw.reconcile()
+    assert h.holder(SLOT0) == "gw1/0"  # held, its IP up: a standby gains nothing
+    assert gw.held()[SLOT0].ready is False and gw.health()["ready"] is False
+    assert PUBLIC_KEY_ANNOTATION not in h.annotations(SLOT0)  # no node sends to it yet
+    h.settle(gw)
+    assert gw.held()[SLOT0].ready and h.annotations(SLOT0)[PUBLIC_KEY_ANNOTATION] == \
+        gw.public_key
 
 
 def test_renewal_refreshes_the_ip_lifetime(lab, clock):
