@@ -76,7 +76,12 @@ class MeshManager:
         """Peers whose handshake this side starts and has not kicked yet."""
 
     def apply_device(self, device: Device) -> DevicePlan:
-        plan = apply_device_tracked(self._wireguard, device, self.device_view)
+        return apply_device_tracked(self._wireguard, device, self.device_view,
+                                    before_apply=self._note_handshakes)
+
+    def _note_handshakes(self, plan: DevicePlan) -> None:
+        """Before the apply: one that fails after adding some peers must not leave them
+        without their handshake (a kick of a peer not on the device does nothing)."""
         now = self._clock()
         for key in plan.remove_peers:
             self.pending.pop(key, None)
@@ -85,9 +90,8 @@ class MeshManager:
             key = peer.public_key
             if is_initiator(self._own_key, key):
                 self.owed.add(key)
-            else:
+            elif key not in self.pending:
                 self.pending[key] = now + handshake_grace(self._own_key, key)
-        return plan
 
     def kick_handshakes(self, interface: str) -> list[str]:
         """Kick what is owed, and the pending peers whose grace has passed (they then leave

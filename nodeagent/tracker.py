@@ -99,11 +99,16 @@ class TrackedDataplane(Generic[S]):
 
 
 def apply_device_tracked(backend: WireGuardBackend, desired: Device,
-                         tracked: TrackedDataplane[Device | None]) -> DevicePlan:
+                         tracked: TrackedDataplane[Device | None],
+                         before_apply: Callable[[DevicePlan], None] = lambda plan: None
+                         ) -> DevicePlan:
     """Plan the device against the kernel (read now, or as tracked), apply the plan,
-    return it. Any error leaves `tracked` invalid, so the next pass reads."""
+    return it. Any error leaves `tracked` invalid, so the next pass reads. `before_apply`
+    sees the plan first: an apply that fails part-way may have done some of it, which the
+    next pass's plan no longer shows."""
     observed = tracked.observed(lambda: backend.read(desired.name))
     plan = plan_device(desired, observed)
+    before_apply(plan)
     if not plan.empty:
         backend.apply(plan)
     tracked.wrote(compute_device_after(desired, observed))

@@ -314,6 +314,28 @@ def test_the_higher_key_holds_its_routes_back_then_kicks_once_when_the_grace_end
     assert held not in routes.table
 
 
+def test_a_peer_added_by_an_apply_that_then_failed_still_gets_its_handshake():
+    """The backend added the peer, then failed (a UAPI error further on): the next pass
+    finds the peer on the device, so only what was planned before says it is new."""
+    from wireguard.errors import UapiError
+
+    low_private, low, _, high = keys_in_order()
+    clock = Clock()
+    manager, wireguard, _ = manager_with(low, clock)
+    mesh = one_peer_mesh(low_private, high)
+
+    def add_then_fail(plan: Any) -> None:
+        FakeBackend.apply(wireguard, plan)
+        raise UapiError("meshgress0", "set", 5, "I/O error after the peers")
+
+    wireguard.apply = add_then_fail  # type: ignore[method-assign]
+    with pytest.raises(UapiError):
+        manager.apply_device(mesh.device)
+    del wireguard.apply
+    manager.apply_device(mesh.device)
+    assert manager.kick_handshakes("meshgress0") and wireguard.kicks == [("meshgress0", (high,))]
+
+
 def test_peers_found_on_the_device_after_a_restart_are_routed_and_never_kicked():
     _, low, high_private, high = keys_in_order()
     clock = Clock()
