@@ -259,7 +259,9 @@ class Agent:
 
     def _reconcile(self) -> Pass:
         own = self._usable_own_node()
-        if own is None:
+        if own is None or self.prober is None:
+            # The prober starts once the pods wired before this process are loaded
+            # (`_before_pass`): a pass without them would drop their steering.
             return Pass(ran=False)
         step = self.loop.step
         self.loop.serve_on_node_ip(own.internal_ip)
@@ -489,6 +491,10 @@ class Agent:
             own = self._own_node()
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 raise RuntimeError("the agent does not know this node's pod CIDR yet")
+            if self.state.steering is None:
+                # The pass has not set the node's steering up (its drop rule included):
+                # marks set here could lead nowhere.
+                raise RuntimeError("this node's egress steering is not computed yet")
             steering = self._compute_steering(own)
             if pod.ip in steering.steered_ips:
                 # Selected: program its marks now (the tunnels and tables already exist).
@@ -534,7 +540,7 @@ class Agent:
 
     def ready(self) -> bool:
         return (self.loop.synced() and self.state.first_apply_ok and self.state.published
-                and self.cni_ready.is_set())
+                and self.cni_ready.is_set() and self.state.steering is not None)
 
     def health(self) -> dict[str, bool]:
         return {"live": self.loop.live(), "ready": self.ready()}

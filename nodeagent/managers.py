@@ -119,9 +119,11 @@ class MeshManager:
         """Seconds until this manager needs a pass: a view's full read, or the end of a
         pending peer's grace."""
         wake = min(self.device_view.resync_in(), self.routes_view.resync_in())
-        if self.pending:
-            wake = min(wake, min(self.pending.values()) - self._clock())
-        return wake
+        now = self._clock()
+        # A grace already over was this pass's to act on; if its kick failed, the failed
+        # step brings the retry (asking for a pass now would spin while it keeps failing).
+        coming = [at - now for at in self.pending.values() if at > now]
+        return min([wake, *coming])
 
     def full_reads(self) -> dict[str, int]:
         return {view.name: view.full_reads for view in (self.device_view, self.routes_view)}

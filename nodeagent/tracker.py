@@ -65,8 +65,11 @@ class TrackedDataplane(Generic[S]):
         return self._tracked is not None and not self._resync_due()
 
     def resync_in(self) -> float:
-        """Seconds until the next full read is due (0 or less: the next pass reads)."""
-        if self._tracked is None or self._read_at is None:
+        """Seconds until the next full read is due by the clock (0 or less: now). A view
+        a failed write left invalid asks for no pass of its own: the failure brings one
+        after the loop's backoff, and that pass reads (asking for one at once would spin
+        on an error that persists)."""
+        if self._read_at is None:
             return 0.0
         return self._read_at + self.resync_interval - self._clock()
 

@@ -547,7 +547,7 @@ def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store)
 def test_steering_that_cannot_be_computed_holds_up_nothing_else(tmp_path, store, monkeypatch):
     """A bug in the steering computation fails its step (retried), not the node: the mesh,
     routes, publishing and the CNI server go ahead; pods' ADDs fail meanwhile (none may
-    leave unsteered)."""
+    leave unsteered), and the agent is not ready (a rollout stops at this node)."""
     def broken(inputs: Any) -> Any:
         raise RuntimeError("a bug")
 
@@ -555,14 +555,62 @@ def test_steering_that_cannot_be_computed_holds_up_nothing_else(tmp_path, store,
     agent, pods, fakes = make_agent(tmp_path, store)
     thread = run_in_background(agent)
     try:
-        assert wait_ready(agent), "the agent never became ready"
+        assert wait_for(lambda: agent.state.published and agent.cni_ready.is_set())
+        assert not agent.ready() and agent.state.steering is None
         assert FALLBACK in fakes["routes"].table
         device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
         assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
         assert wait_for(lambda: agent.loop.metrics.errors.get("steering", 0) >= 2), \
             "the failed step is not retried"
-        with pytest.raises(RuntimeError, match="a bug"):
+        with pytest.raises(RuntimeError, match="not computed yet"):
             pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_a_mesh_device_that_keeps_failing_is_retried_with_backoff_not_at_once(
+        tmp_path, store):
+    """A failed apply leaves its view unread; that must not ask for the next pass at once
+    (it spun at 100 % of a core while the device kept failing)."""
+    from wireguard.errors import UapiError
+
+    agent, _, fakes = make_agent(tmp_path, store, retry_interval=0.05, resync_interval=10.0)
+
+    def failing(plan: Any) -> None:
+        raise UapiError(plan.name, "set", 5, "I/O error")
+
+    fakes["wireguard"].apply = failing
+    thread = run_in_background(agent)
+    try:
+        assert wait_for(lambda: agent.loop.metrics.failures >= 2)
+        first = agent.loop.metrics.reconciles
+        time.sleep(1.0)
+        # Backoff from 0.05 s doubling: a handful of passes in a second, not thousands.
+        assert agent.loop.metrics.reconciles - first <= 8
+    finally:
+        stop(agent, thread)
+
+
+def test_no_pass_runs_before_the_pods_wired_earlier_are_known(tmp_path, store):
+    """A restarted agent whose pods cannot be read yet must not apply a ruleset without
+    them: their steering would be gone, and a FailClosed pod would leave with the node's
+    address."""
+    readable = threading.Event()
+    agent, pods, fakes = make_agent(tmp_path, store)
+
+    def local_pods(pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
+        if not readable.is_set():
+            raise OSError(24, "Too many open files")
+        return []
+
+    pods.local_pods = local_pods  # type: ignore[method-assign]
+    thread = run_in_background(agent)
+    try:
+        assert wait_for(lambda: agent.loop.metrics.errors.get("before-pass", 0) >= 2)
+        assert fakes["nft"].state is None and fakes["routes"].table == set()
+        assert not agent.ready() and agent.prober is None
+        readable.set()
+        assert wait_ready(agent), "the agent never became ready"
     finally:
         stop(agent, thread)
 
