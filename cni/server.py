@@ -73,8 +73,18 @@ class _NoRequest(Exception):
 
 
 def _recv_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Read one request frame and any file descriptors sent with it."""
+    """Read one request frame and any file descriptors sent with it. When no frame comes,
+    the descriptors that did come are closed: each may hold a pod's namespace alive."""
     fds: list[int] = []
+    try:
+        return _recv_frame_into(sock, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _recv_frame_into(sock: socket.socket, fds: list[int]) -> tuple[bytes, list[int]]:
     buffer = bytearray()
     needed: int | None = None
     while needed is None or len(buffer) < needed:

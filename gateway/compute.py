@@ -87,7 +87,8 @@ def compute_slot_numbers(model: EgressModel, kept: Mapping[SlotId, int]
     """A stable number (port, mark, table) for every slot of every valid gateway; `kept`
     is what this process used so far (see meshgress.slots.assign_slot_numbers).
 
-    Raises ValueError when there are more slots than numbers (a permanent error)."""
+    Raises ValueError when there are more slots than numbers, which `compute_egress`
+    prevents (it gives out at most MAX_SLOTS)."""
     return assign_slot_numbers(
         [slot for view in model.gateways.values() for slot, _ in view.slots], kept)
 

@@ -4,8 +4,10 @@ An egress IP is up only while this process holds its slot's lease. `LeaseKeeper`
 promise, with its own lock and its own thread:
 
 - it takes leases (`acquire`), gives them up on purpose (`release`: IP first, then the
-  slot's annotations, then the lease, so a standby can take it at once), and renews held
-  ones every `renew_interval` on its thread;
+  lease, so a standby can take it at once; the slot's annotations are cleared in that same
+  write, which lands only while this process still holds the lease, so a late release
+  never clears what the next holder published), and renews held ones every
+  `renew_interval` on its thread;
 - when a renewal is refused (another holder) or keeps failing until shortly before the
   lease would expire, it *fences* the slot: the IP goes at once, and the reconcile loop
   (poked) tears the rest of the slot down;
@@ -24,12 +26,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.dataplane import EgressAddress, KernelError, KernelPort
 from meshgress.cluster import SLOT_LEASE_ANNOTATIONS
-from meshgress.datastore import LEASE_NAMESPACE, Datastore, DatastoreError, Kind, Lease, LeaseHeld
+from meshgress.datastore import Datastore, DatastoreError, Lease, LeaseHeld
 from meshgress.slots import SlotId
 
 log = logging.getLogger("meshgress.gateway")
@@ -55,7 +57,6 @@ class HeldSlot:
     """Wall clock; the lease is ours at least until then (renewal start + duration)."""
     address: EgressAddress | None = None
     """The egress IP as this process brought it up (None: not up)."""
-    published: Mapping[str, str] | None = None
     ready: bool = False
 
 
@@ -75,6 +76,9 @@ class LeaseKeeper:
                  clock: Callable[[], float] = time.time,
                  count_error: Callable[[str], None] = lambda op: None,
                  on_lost: Callable[[], None] = lambda: None) -> None:
+        """`count_error` counts what fails in the keeper's own work (renewals, refreshing
+        and fencing the IP); `release` and `bring_up` report their failures to their
+        caller, whose pass they belong to."""
         self.store = store
         self.kernel = kernel
         self.identity = identity
@@ -136,7 +140,9 @@ class LeaseKeeper:
         self._on_lost()
 
     def release(self, slot: SlotId, reason: str) -> bool:
-        """Give a held slot up on purpose: IP first, then annotations, then the lease."""
+        """Give a held slot up on purpose: IP first, then the lease and its annotations.
+        False when it could not be released (logged, for the caller to count: the slot is
+        given up either way, its lease then expires)."""
         with self._lock:
             held = self._held.get(slot)
             if held is None:
@@ -147,18 +153,13 @@ class LeaseKeeper:
                 except KernelError as exc:
                     # Not released: the lease then expires after the IP's lifetime ended.
                     self._held.pop(slot, None)
-                    self._count_error("release")
                     log.error("slot=%s cannot remove %s; letting the lease expire: %s",
                               slot_name(slot), held.address.ip, exc)
                     return False
             self._held.pop(slot, None)
         try:
-            self.store.patch_annotations(Kind.LEASE, slot.lease_name,
-                                         dict.fromkeys(SLOT_LEASE_ANNOTATIONS),
-                                         namespace=LEASE_NAMESPACE)
-            self.store.release_lease(slot.lease_name, self.identity)
+            self._release_lease(slot)
         except DatastoreError as exc:
-            self._count_error("release")
             log.warning("slot=%s release failed (it expires instead): %s", slot_name(slot), exc)
             return False
         self.metrics.releases += 1
@@ -170,7 +171,7 @@ class LeaseKeeper:
     def bring_up(self, slot: SlotId, address: EgressAddress, present: bool) -> bool | None:
         """Add the egress IP of a held slot, under the fencing lock. True: added now;
         None: nothing to do (up already, or the slot was fenced meanwhile); False: it
-        could not be added (the reason is logged)."""
+        could not be added (the reason is logged, for the caller to count)."""
         with self._lock:
             held = self._held.get(slot)
             if held is None:
@@ -188,7 +189,6 @@ class LeaseKeeper:
             try:
                 self.kernel.replace_egress_address(address, lifetime)
             except KernelError as exc:
-                self._count_error("add-ip")
                 log.warning("slot=%s cannot add %s: %s", slot_name(slot), address.ip, exc)
                 return False
             held.address = address
@@ -213,12 +213,6 @@ class LeaseKeeper:
                 held = self._held.get(slot)
                 if held is not None:
                     held.ready = ok and held.address is not None
-
-    def set_published(self, slot: SlotId, values: Mapping[str, str]) -> None:
-        with self._lock:
-            held = self._held.get(slot)
-            if held is not None:
-                held.published = dict(values)
 
     # -- renewals (own thread) --------------------------------------------------------
 
@@ -278,8 +272,14 @@ class LeaseKeeper:
         # Given up (released or fenced) while this renewal was in flight: undo the
         # renewal, so a standby need not wait for the lease to expire.
         with contextlib.suppress(DatastoreError):
-            self.store.release_lease(slot.lease_name, self.identity)
+            self._release_lease(slot)
         return True
+
+    def _release_lease(self, slot: SlotId) -> None:
+        """One write, which lands only while the lease is still ours: no holder, and none
+        of what this process published on it."""
+        self.store.release_lease(slot.lease_name, self.identity,
+                                 clear_annotations=SLOT_LEASE_ANNOTATIONS)
 
     def _refresh_address(self, held: HeldSlot) -> None:
         if held.address is None:

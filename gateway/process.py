@@ -4,10 +4,17 @@ Level-triggered, like the node agent:
 1. informers fill caches (Nodes, Pods, Namespaces, EgressGateways, EgressPolicies, Leases)
    and only poke the loop;
 2. `compute_egress` and `gateway.compute` turn the caches into the slots this node may
-   serve; `gateway.claims.plan_claims` decides which leases to keep, take or give up;
+   serve; each pass reads the slots' Leases afresh, not from the cache (the claims must
+   not act on a holder the cache has not caught up with, nor the publication on
+   annotations it has not), and `gateway.claims.plan_claims` decides which leases to keep,
+   take or give up;
 3. the loop reads the kernel as it is now, plans (`gateway.dataplane`, the nftables plan,
    the WireGuard plan) and applies: fencing removals first, then adds, then removes;
-   it retries on a timer and resyncs periodically; it writes status.
+   it publishes its key and endpoint on the Lease of every slot it serves completely
+   whenever that Lease, as read on this pass, says otherwise (whoever changed it: an old
+   holder's late release, a person, a Lease deleted and created again by the renewal);
+   any failure brings the next pass after the retry backoff, and it resyncs periodically;
+   it writes status.
 
 Fencing — an egress IP is up only while this process holds its lease — is the lease
 keeper's (`gateway.leases`): its own thread renews held leases, fences a slot whose lease
@@ -20,9 +27,9 @@ default route, and the pass releases the slots that depended on it (IP first, th
 lease: a standby takes them at once) and claims nothing there until the link is back —
 then, if others took its slots meanwhile, this process is a standby with nothing left over.
 
-Drain (SIGTERM/SIGINT): for every held slot, remove the IP, clear the slot's annotations and
-release the lease (a standby takes it at once), then remove the slot interfaces, rules,
-routes and the gateway's nftables table.
+Drain (SIGTERM/SIGINT): for every held slot, remove the IP, then release the lease with the
+slot's annotations cleared in the same write (a standby takes it at once), then remove the
+slot interfaces, rules, routes and the gateway's nftables table.
 
 Only this module and the apply modules (`dataplane`, `probe`, `garp`, `flowlog`) touch
 the kernel or the datastore; everything they act on is computed by pure functions.
@@ -97,13 +104,19 @@ from meshgress.datastore import (
     NotFound,
     Object,
     ObjectReference,
+    parse_lease,
 )
 from meshgress.egress import EgressModel, PodView, compute_egress, namespace_labels, pod_view
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort, apply_ruleset
 from meshgress.kernel.rtnl import LinkWatch
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE, NFT_FAMILY
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
-from meshgress.slots import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS, SlotId
+from meshgress.slots import (
+    LEASE_DURATION_SECONDS,
+    LEASE_RENEW_SECONDS,
+    MAX_SLOTS,
+    SlotId,
+)
 from wireguard.backend import WireGuardBackend, apply_device, detect_backend
 from wireguard.errors import NotWireGuardDeviceError
 from wireguard.keys import load_or_create_private_key, public_key
@@ -157,7 +170,6 @@ class _Snapshot:
     namespaces: list[Object]
     gateways: dict[str, Object]
     policies: dict[str, Object]
-    leases: dict[str, Object]
 
 
 @dataclass
@@ -244,6 +256,7 @@ class Gateway:
         self.started_at = clock()
         self.first_pass_ok = False
         self._number_error: str | None = None
+        self._over_slot_limit: dict[str, tuple[str, ...]] = {}
         # The number (port, mark, table) of every slot, kept for as long as the slot
         # exists: renumbering would move a held slot's endpoint under its flows.
         self._numbers: dict[SlotId, int] = {}
@@ -268,13 +281,11 @@ class Gateway:
         def by_name(kind: Kind) -> dict[str, Object]:
             return {name: obj for (_, name), obj in self.loop.snapshot(kind).items()}
 
-        leases = {name: obj for (ns, name), obj in self.loop.snapshot(Kind.LEASE).items()
-                  if ns == LEASE_NAMESPACE}
         return _Snapshot(nodes=by_name(Kind.NODE),
                          pods=list(self.loop.snapshot(Kind.POD).values()),
                          namespaces=list(self.loop.snapshot(Kind.NAMESPACE).values()),
                          gateways=by_name(Kind.EGRESS_GATEWAY),
-                         policies=by_name(Kind.EGRESS_POLICY), leases=leases)
+                         policies=by_name(Kind.EGRESS_POLICY))
 
     # -- one pass ---------------------------------------------------------------------
 
@@ -289,10 +300,11 @@ class Gateway:
             namespaces=namespace_labels(snap.namespaces), pods=pods,
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
+        self._report_slot_limit(model.over_slot_limit())
         own_obj = snap.nodes.get(self.config.node_name)
         own = self._node_cache.parse(own_obj) if own_obj else None
         state = _Pass(model=model, own=own)
-        state.records = self._read_records(model, snap.leases)
+        state.records = self._read_records(model)
         state.numbers = self._number_slots(model, state.records)
         if own is None or own.internal_ip is None:
             # Without its own Node (InternalIP, labels) the gateway cannot decide what to
@@ -309,6 +321,8 @@ class Gateway:
             servable = compute_servable_slots(model, node_labels(own_obj))
             uplinks = self._read_uplinks()
             for info in servable.slots:
+                if info.slot not in state.numbers:
+                    continue  # came while the slots could not be numbered
                 external, fault = self._external_interface(info, uplinks, own)
                 if external is not None:
                     state.servable[info.slot] = info
@@ -337,14 +351,31 @@ class Gateway:
         try:
             numbers = compute_slot_numbers(model, kept)
         except ValueError as exc:
-            # Permanent until the configuration changes: say it once, serve nothing new.
+            # A bug (compute_egress caps the slots), permanent until the configuration
+            # changes: say it once, and keep the last numbers of the slots that remain, so
+            # that what is held stays servable (and held); new slots get nothing.
             if self._number_error != str(exc):
                 log.error("cannot number the egress slots error=%s", exc)
             self._number_error = str(exc)
-            return {}
+            present = {slot for view in model.gateways.values() for slot, _ in view.slots}
+            return {slot: n for slot, n in self._numbers.items() if slot in present}
         self._numbers = numbers
         self._number_error = None
         return dict(numbers)
+
+    def _report_slot_limit(self, over: dict[str, tuple[str, ...]]) -> None:
+        """Log the egress IPs that get no slot when they change, not on every pass (status
+        says it too: SlotLimitExceeded)."""
+        if over == self._over_slot_limit:
+            return
+        if over:
+            log.warning("egress IPs get no slot and are not served: at most %d are served "
+                        "across all EgressGateways, the gateways created first keep theirs "
+                        "count=%d not_served=%s", MAX_SLOTS, sum(map(len, over.values())),
+                        ";".join(f"{name}:{','.join(ips)}" for name, ips in over.items()))
+        else:
+            log.info("every egress IP has a slot again")
+        self._over_slot_limit = over
 
     def _on_uplink_change(self) -> None:
         """The kernel announced a link or default-route change (watcher thread)."""
@@ -368,7 +399,7 @@ class Gateway:
             self._uplinks = self.kernel.read_uplinks()
         except KernelError as exc:
             self._uplinks_changed.set()
-            self.loop.metrics.count_error("read-uplinks")
+            self.loop.note_failure("read-uplinks")
             log.warning("cannot read the links: %s", exc)
             return None
         self._uplinks_read_at = self.clock()
@@ -415,18 +446,22 @@ class Gateway:
                          ",".join(slot_name(s) for s in cleared))
         self._uplink_faults = dict(faults)
 
-    def _read_records(self, model: EgressModel, leases: Mapping[str, Object]
-                      ) -> dict[SlotId, SlotRecord]:
+    def _read_records(self, model: EgressModel) -> dict[SlotId, SlotRecord]:
+        """Every slot's Lease as stored now, read afresh (the cache may lag behind a
+        take-over): its holder and its annotations, of one version."""
         records: dict[SlotId, SlotRecord] = {}
         for view in model.gateways.values():
             for slot, _ in view.slots:
                 try:
-                    lease = self.store.get_lease(slot.lease_name)
+                    obj = self.store.get(Kind.LEASE, slot.lease_name, LEASE_NAMESPACE)
+                    lease = parse_lease(obj)
+                except NotFound:
+                    records[slot] = SlotRecord(None)
+                    continue
                 except DatastoreError as exc:
-                    self.loop.metrics.count_error("read-lease")
+                    self.loop.note_failure("read-lease")
                     log.warning("slot=%s cannot read its lease: %s", slot_name(slot), exc)
                     continue
-                obj = leases.get(slot.lease_name) or {}
                 annotations = (obj.get("metadata") or {}).get("annotations") or {}
                 records[slot] = SlotRecord(lease, {str(k): str(v) for k, v in
                                                    annotations.items()})
@@ -452,7 +487,7 @@ class Gateway:
             lease = leases.get(slot)
             self.leases.fence(slot, f"lease held by {lease.holder if lease else '?'}")
         for slot in plan.release:
-            ok &= self.leases.release(slot, state.unservable.get(slot, "no longer servable here"))
+            ok &= self._release(slot, state.unservable.get(slot, "no longer servable here"))
         for slot in plan.adopt:
             ok &= self._acquire(state, slot) is not False
         taken = 0
@@ -465,12 +500,18 @@ class Gateway:
             ok &= result is not False
         return ok
 
+    def _release(self, slot: SlotId, reason: str) -> bool:
+        if self.leases.release(slot, reason):
+            return True
+        self.loop.note_failure("release")
+        return False
+
     def _acquire(self, state: _Pass, slot: SlotId) -> bool | None:
         """Take the slot's lease. True: taken; None: someone else has it; False: error."""
         try:
             lease = self.leases.acquire(slot)
         except DatastoreError as exc:
-            self.loop.metrics.count_error("acquire")
+            self.loop.note_failure("acquire")
             log.warning("slot=%s acquire failed: %s", slot_name(slot), exc)
             return False
         if lease is None:
@@ -543,7 +584,8 @@ class Gateway:
             SlotRules(suffix=s.suffix, interface=s.interface,
                       external_interface=s.external_interface, egress_ip=s.egress_ip,
                       mark=s.mark, allowed_sources=s.allowed_sources) for s in desired)
-        ok &= step("nftables", lambda: apply_ruleset(self.ports.nft, ruleset))
+        rules_ok = step("nftables", lambda: apply_ruleset(self.ports.nft, ruleset))
+        ok &= rules_ok
         devices_ok: set[SlotId] = set()
         for s in desired:
             if step("wireguard", partial(self._apply_device, s.device)):
@@ -557,7 +599,7 @@ class Gateway:
         try:
             observed = self.kernel.read(known)
         except KernelError as exc:
-            self.loop.metrics.count_error("read-kernel")
+            self.loop.note_failure("read-kernel")
             log.warning("reconcile step=read-kernel failed: %s", exc)
             return False
         keep: set[str] = set()
@@ -566,6 +608,10 @@ class Gateway:
         plan = plan_dataplane(desired, observed, keep_interfaces=keep)
         ready_slots = [s for s in desired if s.slot in devices_ok]
         ok &= self._apply_plan(plan, ready_slots, observed.egress_addresses)
+        if not rules_ok:
+            # Without its SNAT and source filter a slot would forward pods' packets with
+            # their own addresses: not ready, so it is neither published nor counted.
+            self.leases.set_ready((s.slot for s in ready_slots), False)
         ok &= step("probe", lambda: self.ports.probe.ensure(self._probe_interfaces(ready_slots)))
         return ok
 
@@ -631,6 +677,7 @@ class Gateway:
         if added is None:
             return True
         if not added:
+            self.loop.note_failure("add-ip")
             return False
         try:
             mac = self.kernel.link_mac(s.external_interface)
@@ -660,20 +707,19 @@ class Gateway:
             wanted = slot_lease_annotations(
                 holder=self.identity, public_key=self.public_key, internal_ip=own.internal_ip,
                 egress_ip=s.egress_ip, node=self.config.node_name, number=s.number)
+            # Compared with the Lease as read on this pass, never with what this process
+            # wrote before: whoever cleared it since (an old holder's late release, a
+            # person) has it published again.
             record = state.records.get(s.slot)
             current = record.annotations if record else {}
             if all(current.get(k) == v for k, v in wanted.items()):
-                self.leases.set_published(s.slot, wanted)
                 continue
-            if mine.published == wanted:
-                continue  # patched on an earlier pass; the cache has not caught up yet
 
             def patch(slot: SlotId = s.slot, values: dict[str, str] = wanted) -> None:
                 self.store.patch_annotations(Kind.LEASE, slot.lease_name, values,
                                              namespace=LEASE_NAMESPACE)
 
             if self.loop.step("publish", patch):
-                self.leases.set_published(s.slot, wanted)
                 log.info("slot published slot=%s endpoint=%s public_key=%s",
                          slot_name(s.slot), wanted[ENDPOINT_ANNOTATION], self.public_key)
             else:
@@ -689,7 +735,7 @@ class Gateway:
     # -- status -----------------------------------------------------------------------
 
     def _write_status(self, model: EgressModel, snap: _Snapshot) -> None:
-        records = self._read_records(model, snap.leases)
+        records = self._read_records(model)
         updates = compute_status_updates(model, snap.gateways, snap.policies, records,
                                          self.clock())
         for event in compute_status_events(updates, snap.gateways, snap.policies,
@@ -707,7 +753,7 @@ class Gateway:
     def drain(self) -> None:
         """Give every slot up so a standby takes it at once, then remove what we made."""
         for slot in sorted(self.leases.held()):
-            self.leases.release(slot, "draining")
+            self._release(slot, "draining")
         with contextlib.suppress(OSError):
             self.ports.probe.ensure({})
         step = self.loop.step

@@ -12,10 +12,12 @@ last valid generation, which every process applies while the current spec is inv
 
 EgressGateway status:
     conditions: Ready (every servable slot held and published), Degraded (not Ready, an
-      egress IP served by an older gateway instead, or an invalid spec),
+      egress IP served by an older gateway instead or by nobody, or an invalid spec),
       EgressIPConflict (True naming the gateway that serves an IP this one lists),
-      InvalidSpec (True with the parser's message while the current generation is
-      invalid); gateways with no valid generation get Ready/Degraded with reason Invalid.
+      SlotLimitExceeded (True naming the IPs of this one that get no slot: the cluster
+      has at most MAX_SLOTS, see `meshgress.egress`), InvalidSpec (True with the parser's
+      message while the current generation is invalid); gateways with no valid
+      generation get Ready/Degraded with reason Invalid.
     slots: one entry per egress IP, in spec order:
       {ip, index, holder, node, publicKey, endpoint, ready, since}
     observedGeneration: the generation that applies (the current one when none does)
@@ -27,7 +29,8 @@ EgressPolicy status:
     selectedPods, observedGeneration, acceptedSpec (as for gateways)
 
 `compute_status_events`: the Warning Events a status change deserves (an invalid spec, an
-egress IP conflict, a policy conflict), recorded by the process that writes the change.
+egress IP conflict, egress IPs over the slot limit, a policy conflict), recorded by the
+process that writes the change.
 
 Purely computational: no I/O, no clocks (the caller passes `now`).
 """
@@ -50,13 +53,14 @@ from meshgress.cluster import (
 )
 from meshgress.datastore import EventRecord, Kind, Lease, ObjectReference
 from meshgress.egress import EgressModel, GatewayView, PolicyView
-from meshgress.slots import SlotId
+from meshgress.slots import MAX_SLOTS, SlotId
 
 READY = "Ready"
 DEGRADED = "Degraded"
 ACCEPTED = "Accepted"
 CONFLICT = "Conflict"
 EGRESS_IP_CONFLICT = "EgressIPConflict"
+SLOT_LIMIT_EXCEEDED = "SlotLimitExceeded"
 INVALID_SPEC = "InvalidSpec"
 REPORTING_CONTROLLER = "meshgress.io/gateway"
 
@@ -153,6 +157,18 @@ def _invalid_spec(rejected: str | None, current: int, applied: int | None) -> Co
                      f"generation {current} is invalid: {rejected}; {fate}")
 
 
+def _slot_limit(view: GatewayView) -> Condition:
+    """One message for all of the gateway's IPs over the limit (up to 126 of them)."""
+    over = view.over_slot_limit
+    if not over:
+        return Condition(SLOT_LIMIT_EXCEEDED, False, "WithinSlotLimit", "")
+    return Condition(SLOT_LIMIT_EXCEEDED, True, SLOT_LIMIT_EXCEEDED, (
+        f"{len(over)} egress IPs get no slot and are not served ({', '.join(over)}): at "
+        f"most {MAX_SLOTS} egress IPs are served across all EgressGateways, given to the "
+        "gateways created first (then by name), each in spec order; remove egress IPs "
+        "from this gateway or another one"))
+
+
 def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
                            records: Mapping[SlotId, SlotRecord], now: float) -> dict[str, Any]:
     """The status of one EgressGateway. `obj` is the stored object (for its current
@@ -160,10 +176,11 @@ def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
     stored = _stored_status(obj)
     gw = view.gateway
     no_conflict = Condition(EGRESS_IP_CONFLICT, False, "NoConflict", "")
+    limit = _slot_limit(view)
     if gw is None:
         message = view.error or "invalid"
         wanted = [Condition(READY, False, "Invalid", message),
-                  Condition(DEGRADED, True, "Invalid", message), no_conflict,
+                  Condition(DEGRADED, True, "Invalid", message), no_conflict, limit,
                   _invalid_spec(message, view.current_generation, None)]
         return {"conditions": merge_conditions(stored.get("conditions"), wanted, now),
                 "slots": [], "observedGeneration": view.current_generation}
@@ -188,7 +205,8 @@ def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
                 ready_count += 1
             else:
                 problems.append(f"{ip} (slot {index}): {state.problem}")
-    disabled = [view.disabled_ips[ip] for ip in sorted(view.disabled_ips)]
+    conflicts = [view.disabled_ips[ip] for ip in sorted(view.ip_conflicts)]
+    disabled = conflicts + ([limit.message] if limit.status else [])
     total = len(servable)
     all_ready = total > 0 and ready_count == total
     if all_ready:
@@ -203,18 +221,17 @@ def compute_gateway_status(view: GatewayView, obj: Mapping[str, Any] | None,
                           + "; ".join(problems))
     invalid = _invalid_spec(view.error, view.current_generation, gw.generation)
     issues = problems + disabled + ([invalid.message] if invalid.status else [])
+    conflict = Condition(EGRESS_IP_CONFLICT, True, EGRESS_IP_CONFLICT,
+                         "; ".join(conflicts)) if conflicts else no_conflict
     if not issues:
         degraded = Condition(DEGRADED, False, "SlotsReady", "")
-    elif not all_ready:
-        degraded = Condition(DEGRADED, True, ready.reason, "; ".join(issues))
-    elif disabled:
-        degraded = Condition(DEGRADED, True, EGRESS_IP_CONFLICT, "; ".join(issues))
     else:
-        degraded = Condition(DEGRADED, True, INVALID_SPEC, "; ".join(issues))
-    conflict = Condition(EGRESS_IP_CONFLICT, True, EGRESS_IP_CONFLICT,
-                         "; ".join(disabled)) if disabled else no_conflict
+        # Why not Ready, else the first of the other conditions that holds.
+        reason = ready.reason if not all_ready else next(
+            c.type for c in (conflict, limit, invalid) if c.status)
+        degraded = Condition(DEGRADED, True, reason, "; ".join(issues))
     return {"conditions": merge_conditions(stored.get("conditions"),
-                                           [ready, degraded, conflict, invalid], now),
+                                           [ready, degraded, conflict, limit, invalid], now),
             "slots": entries, "observedGeneration": gw.generation,
             ACCEPTED_SPEC_FIELD: dict(view.spec or {})}
 
@@ -266,7 +283,7 @@ def compute_status_updates(model: EgressModel, gateway_objects: Mapping[str, Map
 
 
 _WARNINGS = {INVALID_SPEC: "Validate", EGRESS_IP_CONFLICT: "AssignEgressIPs",
-             CONFLICT: "Validate"}
+             SLOT_LIMIT_EXCEEDED: "AssignEgressIPs", CONFLICT: "Validate"}
 """Condition types whose turning True (or changing message while True) is a Warning
 Event of the same reason, with the action that failed."""
 

@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cni.install import write_conflist
@@ -78,7 +79,8 @@ class CniPodNetwork:
             ipam.close()
 
     def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: PodHook,
-              on_removed: PodHook, stop: threading.Event) -> None:
+              on_removed: PodHook, stop: threading.Event,
+              on_listening: Callable[[], None] = lambda: None) -> None:
         def pod(attachment: PodAttachment) -> LocalPod:
             return LocalPod(attachment.namespace or "", attachment.name or "", attachment.ip)
 
@@ -88,8 +90,11 @@ class CniPodNetwork:
                              delete_queue=self.delete_queue)
         self._service = service
         # The agent's CNI thread: no timed wake-ups for signals (the main thread has them).
-        serve_cni(self.socket_path, service, stop, on_listening=self._write_conflist,
-                  signal_wake=None)
+        def listening() -> None:
+            self._write_conflist()
+            on_listening()
+
+        serve_cni(self.socket_path, service, stop, on_listening=listening, signal_wake=None)
 
 
 def _cluster(args: argparse.Namespace) -> ClusterConfig:

@@ -53,9 +53,13 @@ def describe_wireguard_go(command: str) -> str:
     return found if found is not None else f"{command} (not found)"
 
 
+WIREGUARD_BACKENDS = ("auto", "kernel", "userspace")
+"""What `--wireguard-backend` accepts, wherever a command takes it."""
+
+
 def add_wireguard_arguments(parser: argparse.ArgumentParser) -> None:
     """The WireGuard options the agent and the gateway share: backend, program, log."""
-    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "userspace"),
+    parser.add_argument("--wireguard-backend", choices=WIREGUARD_BACKENDS,
                         default="auto",
                         help="kernel (the WireGuard module), userspace (wireguard-go) or "
                              "auto: the kernel module when the node has it, else "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshgress.binaries import WIREGUARD_BACKENDS
 from meshgress.config import ConfigError
 from meshgress.datastore import NAMESPACED, DatastoreError
 from meshgress.datastore.choice import add_tool_datastore_arguments, open_datastore
@@ -427,7 +428,7 @@ def _log_level_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _wireguard_backend_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wireguard-backend", default="auto",
+    parser.add_argument("--wireguard-backend", default="auto", choices=WIREGUARD_BACKENDS,
                         help="how to read this node's WireGuard interface: kernel, userspace "
                              "(wireguard-go) or auto, as the agent chose (default auto)")
 

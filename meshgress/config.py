@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from meshgress import kube_yaml
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -76,8 +76,8 @@ def parse_cluster_config(doc: Mapping[str, Any]) -> ClusterConfig:
 
 def load_cluster_config(path: Path) -> ClusterConfig:
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        doc = kube_yaml.load(path.read_text())
+    except (OSError, UnicodeDecodeError, kube_yaml.KubeYamlError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: must be a mapping")

@@ -24,7 +24,11 @@ Rules, as the design fixes them:
 - a newcomer never steals a live egress IP: an IP listed by several gateways is served
   by the one created first (oldest `metadata.creationTimestamp`; equal ones go to the
   name that sorts first; an object without one counts as the newest), and the others
-  name it in their `ip_conflicts` and serve their other IPs.
+  name it in their `ip_conflicts` and serve their other IPs;
+- the cluster has at most MAX_SLOTS slots (one per served egress IP; the API caps each
+  gateway, not their sum): they go to the gateways in that same order, each one's IPs in
+  spec order, so a newcomer never takes an established gateway's slot. IPs left over
+  are served by nobody; their gateway lists them in its `over_slot_limit`.
 
 Purely computational: no I/O.
 """
@@ -47,7 +51,7 @@ from meshgress.api import (
 )
 from meshgress.config import ClusterConfig
 from meshgress.selectors import matches
-from meshgress.slots import SlotId
+from meshgress.slots import MAX_SLOTS, SlotId
 
 IPv4Range = tuple[int, int]
 """An inclusive range of IPv4 addresses as integers."""
@@ -120,7 +124,8 @@ class GatewayView:
     error: str | None
     """Why the current generation is invalid; None when it is valid."""
     slots: tuple[tuple[SlotId, ipaddress.IPv4Address | ipaddress.IPv6Address], ...]
-    """The slots that may be served: every egress IP no older gateway lists."""
+    """The slots that may be served: every egress IP no older gateway lists, within the
+    cluster's MAX_SLOTS."""
     disabled_ips: Mapping[str, str] = field(default_factory=dict)
     """Egress IP → why it is not served."""
     ip_conflicts: Mapping[str, str] = field(default_factory=dict)
@@ -128,6 +133,9 @@ class GatewayView:
     spec: Mapping[str, Any] | None = None
     """The spec of `gateway` as written (for status.acceptedSpec)."""
     current_generation: int = 1
+    over_slot_limit: tuple[str, ...] = ()
+    """Egress IPs of this gateway that get no slot, in spec order: the cluster's MAX_SLOTS
+    slots went to older gateways and to this one's earlier IPs."""
 
     @property
     def on_last_valid_generation(self) -> bool:
@@ -181,6 +189,11 @@ class EgressModel:
     policies: Mapping[str, PolicyView]
     always_excluded: tuple[IPv4Range, ...] = ()
     """The cluster pod range, the service range and every node address, merged."""
+
+    def over_slot_limit(self) -> dict[str, tuple[str, ...]]:
+        """Gateway → its egress IPs that get no slot (only gateways that have some)."""
+        return {name: view.over_slot_limit for name, view in sorted(self.gateways.items())
+                if view.over_slot_limit}
 
 
 def _name(obj: Mapping[str, Any]) -> str:
@@ -306,31 +319,50 @@ def _why_not_served(ip: IPAddress, owner: str, owner_created: datetime | None,
             "not serve it")
 
 
+def _over_slot_limit_reason(ip: IPAddress) -> str:
+    return (f"egress IP {ip} gets no slot: at most {MAX_SLOTS} egress IPs are served "
+            "across all EgressGateways, given to the gateways created first (then by "
+            "name), each in spec order, and none is left for it")
+
+
 def _compute_gateways(objs: Iterable[Mapping[str, Any]],
                       cluster: ClusterConfig) -> dict[str, GatewayView]:
     parsed = {_name(obj): (parse_egress_gateway_in_effect(obj, cluster), _created(obj))
               for obj in objs}
+    by_seniority = sorted(parsed, key=lambda name: _seniority(name, parsed[name][1]))
     owners: dict[IPAddress, str] = {}
-    for name, (effect, _) in sorted(parsed.items(),
-                                          key=lambda item: _seniority(item[0], item[1][1])):
-        for ip in effect.value.egress_ips if effect.value else ():
+    for name in by_seniority:
+        gw = parsed[name][0].value
+        for ip in gw.egress_ips if gw else ():
             owners.setdefault(ip, name)
+    # The slots, in the order they get one of the MAX_SLOTS.
+    slotted: set[SlotId] = set()
+    for name in by_seniority:
+        gw = parsed[name][0].value
+        for index, ip in enumerate(gw.egress_ips if gw else ()):
+            if owners[ip] == name and len(slotted) < MAX_SLOTS:
+                slotted.add(SlotId(name, index))
     views: dict[str, GatewayView] = {}
     for name, (effect, created) in sorted(parsed.items()):
         gw = effect.value
         slots: list[tuple[SlotId, IPAddress]] = []
         disabled: dict[str, str] = {}
         conflicts: dict[str, str] = {}
+        over_limit: list[str] = []
         for index, ip in enumerate(gw.egress_ips if gw else ()):
             owner = owners[ip]
             if owner != name:
                 disabled[str(ip)] = _why_not_served(ip, owner, parsed[owner][1], created)
                 conflicts[str(ip)] = owner
-                continue
-            slots.append((SlotId(name, index), ip))
+            elif SlotId(name, index) not in slotted:
+                disabled[str(ip)] = _over_slot_limit_reason(ip)
+                over_limit.append(str(ip))
+            else:
+                slots.append((SlotId(name, index), ip))
         views[name] = GatewayView(
             name, gw, None if effect.rejected is None else str(effect.rejected), tuple(slots),
-            disabled, conflicts, effect.spec, effect.generation)
+            disabled, conflicts, effect.spec, effect.generation,
+            over_slot_limit=tuple(over_limit))
     return views
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from meshgress import kube_yaml
 from meshgress.api import (
     parse_egress_gateway,
     parse_egress_policy,
@@ -111,8 +112,8 @@ def parse_manifests(text: str, source: str) -> list[Mapping[str, Any]]:
     does); raises ManifestError for YAML that does not parse or documents that are not
     objects."""
     try:
-        documents = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
+        documents = kube_yaml.load_all(text)
+    except kube_yaml.KubeYamlError as exc:
         raise ManifestError(f'error: error parsing {source}: {exc}') from None
     out: list[Mapping[str, Any]] = []
     for doc in documents:

@@ -11,7 +11,9 @@ share (Calico Felix, kopf):
 2. a pass computes the desired state from the caches and applies it step by step;
 3. bursts of pokes are coalesced into one pass; a pass also runs every resync interval
    without events, and sooner when the component asks (`Pass.wake_in`);
-4. every step goes through `ReconcileLoop.step`, which tells errors apart:
+4. every step goes through `ReconcileLoop.step`, which tells errors apart; a failure the
+   component catches itself (because it changes what the rest of the pass does) is
+   reported with `ReconcileLoop.note_failure` and counts as a temporary one:
    - a *permanent* one (`PermanentError`, or any exception whose `temporary` attribute is
      False, as the wireguard library marks bad key files and missing implementations):
      bad input or configuration that retrying cannot fix. It is reported (logged once per
@@ -190,14 +192,13 @@ class ReconcileLoop:
         try:
             result = action()
         except Exception as exc:
-            permanent = is_permanent(exc)
-            self.metrics.count_error(op, permanent)
-            if permanent:
+            if is_permanent(exc):
+                self.metrics.count_error(op, permanent=True)
                 if self._reported.get(op) != str(exc):
                     self.log.error("%s: %s", op, exc)
                 self._reported[op] = str(exc)
             else:
-                self._failures_in_pass += 1
+                self.note_failure(op)
                 self.log.warning("%s failed: %s", op, exc)
                 self.log.debug("%s failed", op, exc_info=True)
             return False
@@ -211,6 +212,14 @@ class ReconcileLoop:
             for line in result:
                 self.log.info("%s: %s", op, line)
         return True
+
+    def note_failure(self, op: str) -> None:
+        """A temporary failure of this pass that the component caught and logged itself
+        (outside `step`, say where the error changes what the pass does next): counted
+        under `op`, and the next pass comes after the retry backoff, as after a failed
+        step."""
+        self.metrics.count_error(op)
+        self._failures_in_pass += 1
 
     # -- the loop -------------------------------------------------------------------
 
@@ -228,30 +237,16 @@ class ReconcileLoop:
     def run(self, one_pass: Callable[[], Pass], *,
             before_pass: Callable[[], None] | None = None) -> None:
         """Pass after pass until `stop` is set. `before_pass` runs first on every turn,
-        synced or not (the agent's failover fast path)."""
+        synced or not (the agent's failover fast path); when it fails (a step of it, or
+        an exception) the turn counts as failed and is retried with backoff, and the
+        pass still runs."""
         for informer in self.informers.values():
             informer.start()
         try:
             while not self.stop.is_set():
                 self.last_loop = self.clock()
                 self._poke.clear()
-                if before_pass is not None:
-                    before_pass()
-                outcome = Pass(ran=False)
-                self._failures_in_pass = 0
-                if self.synced():
-                    started = self.clock()
-                    try:
-                        outcome = one_pass()
-                    except Exception:
-                        # A bug, not bad input (that becomes status): log it, retry.
-                        self.metrics.count_error("reconcile")
-                        self.log.exception("reconcile failed")
-                        self._failures_in_pass += 1
-                        outcome = Pass()
-                    self.metrics.observe(self.clock() - started,
-                                         outcome.ran and not self._failures_in_pass)
-                self._poke.wait(self._next_wait(outcome))
+                self._poke.wait(self.run_once(one_pass, before_pass))
                 if self.coalesce:
                     self.stop.wait(self.coalesce)  # a burst of events becomes one pass
         finally:
@@ -259,6 +254,33 @@ class ReconcileLoop:
             self._poke.set()
             for informer in self.informers.values():
                 informer.stop()
+
+    def run_once(self, one_pass: Callable[[], Pass],
+                 before_pass: Callable[[], None] | None = None) -> float:
+        """`before_pass`, then one pass (once the caches are synced); the seconds until
+        the next one unless something pokes the loop. Either raising is logged and counted
+        and brings the next pass after the retry backoff."""
+        outcome = Pass(ran=False)
+        self._failures_in_pass = 0
+        if before_pass is not None:
+            try:
+                before_pass()
+            except Exception:
+                self.note_failure("before-pass")
+                self.log.exception("before-pass failed")
+        if self.synced():
+            started = self.clock()
+            try:
+                outcome = one_pass()
+            except Exception:
+                # A bug, not bad input (that becomes status): log it, retry.
+                self.metrics.count_error("reconcile")
+                self.log.exception("reconcile failed")
+                self._failures_in_pass += 1
+                outcome = Pass()
+            self.metrics.observe(self.clock() - started,
+                                 outcome.ran and not self._failures_in_pass)
+        return self._next_wait(outcome)
 
     def live(self) -> bool:
         return self.clock() - self.last_loop < 3 * self.resync_interval + 5

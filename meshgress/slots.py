@@ -16,7 +16,10 @@ Naming is derived, never stored, so both sides compute the same names independen
   it has for as long as it exists — read back from the kernel or the lease after a restart
   — and a new slot takes the lowest free number. Numbers are local: a node's marks and
   tables and a gateway's ports never need to agree with another process, so adding or
-  removing a gateway never renumbers (and so never disturbs) another slot's flows;
+  removing a gateway never renumbers (and so never disturbs) another slot's flows. There
+  are MAX_SLOTS numbers, so at most MAX_SLOTS slots exist cluster-wide, whatever the
+  gateways list: which egress IPs get one is decided by `meshgress.egress.compute_egress`,
+  the same in every process;
 - the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + the slot's number (a
   holder of several slots, of one gateway or of several, never needs one port twice)
   and publishes that endpoint on the lease; nodes only ever read it from there;
@@ -103,8 +106,8 @@ def assign_slot_numbers(slots: Iterable[SlotId],
     A slot keeps its number from `kept` (what this process used so far) when that number
     is valid and no earlier slot (in sorted order) kept it too; every other slot takes the
     lowest free number, in sorted order. Slots in `kept` but not in `slots` give theirs
-    up. Raises ValueError when there are more slots than numbers (a permanent error until
-    the configuration changes)."""
+    up. Raises ValueError when there are more slots than numbers: `compute_egress` gives
+    out at most MAX_SLOTS slots, so for its slots that is a bug."""
     ordered = sorted(set(slots))
     if len(ordered) > MAX_SLOTS:
         raise ValueError(f"{len(ordered)} egress IP slots: at most {MAX_SLOTS} are supported")

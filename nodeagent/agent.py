@@ -43,7 +43,7 @@ from meshgress.kernel.nft_model import NftPlan, Ruleset
 from meshgress.kernel.nftables import NftablesAdapter, NftablesPort
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE, WIREGUARD_PORT
 from meshgress.runtime import LoopMetrics, Pass, ReconcileLoop
-from meshgress.slots import SlotId, probe_source
+from meshgress.slots import MAX_SLOTS, SlotId, probe_source
 from nodeagent.firewall import (
     FirewallSpec,
     compute_node_networks,
@@ -88,8 +88,11 @@ class PodNetwork(Protocol):
         ...
 
     def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: PodHook,
-              on_removed: PodHook, stop: threading.Event) -> None:
-        """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD."""
+              on_removed: PodHook, stop: threading.Event,
+              on_listening: Callable[[], None]) -> None:
+        """Accept CNI requests until `stop` is set. `on_ready` raising fails that ADD.
+        `on_listening` runs once requests are accepted and every DEL queued while the
+        agent was away has been run (or has failed and stays queued)."""
         ...
 
     def render_metrics(self, page: prometheus.Exposition) -> None:
@@ -175,6 +178,8 @@ class AgentState:
     published: bool = False
     first_apply_ok: bool = False
     waiting_for_node: bool = False
+    over_slot_limit: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Gateway → its egress IPs that get no slot, as last logged."""
 
 
 class Agent:
@@ -254,7 +259,9 @@ class Agent:
 
     def _reconcile(self) -> Pass:
         own = self._usable_own_node()
-        if own is None:
+        if own is None or self.prober is None:
+            # The prober starts once the pods wired before this process are loaded
+            # (`_before_pass`): a pass without them would drop their steering.
             return Pass(ran=False)
         step = self.loop.step
         self.loop.serve_on_node_ip(own.internal_ip)
@@ -276,23 +283,31 @@ class Agent:
         source = probe_source(own.pod_cidrs[0])
         base = self._base_ruleset()
         ok = step("egress-read", lambda: self.steering.read(source))
-        steering = self._compute_steering(own)
-        self.state.steering = steering
-        plan = self.steering.plan(steering)
+        # Steering that cannot be computed (a bug: bad input becomes status) fails its
+        # step, so the pass is retried, and holds up nothing else: the last steering
+        # computed stays applied (before the first one, the kernel's steering is left as
+        # it is) and the mesh, routes, publishing and CNI server go ahead. Pods' ADDs fail
+        # meanwhile (`on_pod_ready`), so no new pod leaves unsteered.
+        computed = self._try_compute_steering(own)
+        if computed is not None:
+            self.state.steering = computed
+        steering = self.state.steering
         # Order matters: the guard and fallback first of all; then the egress tunnels,
         # then the marks that point into them; peers, then routes into the mesh; what is
         # obsolete last.
         if not self.state.first_apply_ok:
             ok &= step("nftables", lambda: self._ensure_guard(base))
         ok &= step("forwarding", self.ports.host.ensure_ip_forwarding)
-        ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
-        ok &= step("nftables", lambda: self.firewall.apply(
-            with_steering(base, steering)))
-        ok &= step("egress", lambda: self.steering.apply_removes(plan))
+        if steering is not None:
+            plan = self.steering.plan(steering)
+            ok &= step("egress", lambda: self.steering.apply_adds(plan, source))
+            ok &= step("nftables", lambda: self.firewall.apply(
+                with_steering(base, steering)))
+            ok &= step("egress", lambda: self.steering.apply_removes(plan))
         ok &= step("wireguard", lambda: self.mesh.apply_device(mesh.device))
         ok &= step("handshakes", lambda: self.mesh.kick_handshakes(mesh.device.name))
         ok &= step("routes", lambda: self.mesh.apply_routes(self.mesh.routes(mesh)))
-        if self.prober is not None:
+        if self.prober is not None and steering is not None:
             self.prober.set_targets(steering.probe_targets)
         if ok and not self.state.first_apply_ok:
             self.state.first_apply_ok = True
@@ -349,6 +364,13 @@ class Agent:
             views.append(dataclasses.replace(base, ip=pod.ip, node=self.config.node_name))
         return views
 
+    def _try_compute_steering(self, own: NodeInfo) -> SteeringState | None:
+        """`_compute_steering` as a step of the pass: None when it failed (reported)."""
+        computed: list[SteeringState] = []
+        if self.loop.step("steering", lambda: computed.append(self._compute_steering(own))):
+            return computed[0]
+        return None
+
     def _compute_steering(self, own: NodeInfo) -> SteeringState:
         now = time.time()
         nodes = self._all_nodes()
@@ -359,6 +381,7 @@ class Agent:
             pods=self._local_pod_views(),
             node_addresses=[n.internal_ip for n in nodes if n.internal_ip is not None],
             cluster=self.config.cluster)
+        self._report_slot_limit(model.over_slot_limit())
         holders = {}
         for obj in self.loop.snapshot(Kind.LEASE).values():
             holder = parse_slot_holder(obj, now)
@@ -380,6 +403,21 @@ class Agent:
             private_key=self.private_key, mtu=self.state.mtu,
             probe_source=probe_source(own.pod_cidrs[0]), kept_numbers=kept,
             node_name=self.config.node_name))
+
+    def _report_slot_limit(self, over: dict[str, tuple[str, ...]]) -> None:
+        """Log the egress IPs that get no slot when they change, not on every pass (the
+        gateways' status says it too)."""
+        if over == self.state.over_slot_limit:
+            return
+        if over:
+            log.warning("%d egress IPs get no slot, so no traffic is steered to them: at "
+                        "most %d are served across all EgressGateways (the gateways "
+                        "created first keep theirs): %s", sum(map(len, over.values())),
+                        MAX_SLOTS, "; ".join(f"EgressGateway {name}: {', '.join(ips)}"
+                                             for name, ips in over.items()))
+        else:
+            log.info("every egress IP has a slot again")
+        self.state.over_slot_limit = over
 
     def _publish(self, own: NodeInfo) -> None:
         """Publish this node's key and endpoint on its Node (only when they differ)."""
@@ -410,7 +448,9 @@ class Agent:
             own = self._own_node()
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 return False
-            steering = self._compute_steering(own)
+            steering = self._try_compute_steering(own)
+            if steering is None:
+                return False
             ok = self.loop.step("nftables", lambda: self.firewall.apply(
                 with_steering(self._base_ruleset(), steering)))
             if ok:
@@ -451,6 +491,10 @@ class Agent:
             own = self._own_node()
             if own is None or not own.pod_cidrs or self.state.mtu is None:
                 raise RuntimeError("the agent does not know this node's pod CIDR yet")
+            if self.state.steering is None:
+                # The pass has not set the node's steering up (its drop rule included):
+                # marks set here could lead nowhere.
+                raise RuntimeError("this node's egress steering is not computed yet")
             steering = self._compute_steering(own)
             if pod.ip in steering.steered_ips:
                 # Selected: program its marks now (the tunnels and tables already exist).
@@ -479,10 +523,10 @@ class Agent:
         pod_cidr, mtu = own.pod_cidrs[0], self.state.mtu
 
         def serve() -> None:
-            self.cni_ready.set()
             try:
                 self.ports.pods.serve(pod_cidr, mtu, on_ready=self.on_pod_ready,
-                                      on_removed=self.on_pod_removed, stop=self.stop)
+                                      on_removed=self.on_pod_removed, stop=self.stop,
+                                      on_listening=self.cni_ready.set)
             except Exception:
                 log.exception("CNI server stopped")
                 self.cni_ready.clear()
@@ -496,7 +540,7 @@ class Agent:
 
     def ready(self) -> bool:
         return (self.loop.synced() and self.state.first_apply_ok and self.state.published
-                and self.cni_ready.is_set())
+                and self.cni_ready.is_set() and self.state.steering is not None)
 
     def health(self) -> dict[str, bool]:
         return {"live": self.loop.live(), "ready": self.ready()}

@@ -36,6 +36,7 @@ from nodeagent.routes import RouteAdapter, RoutePlan, apply_routes
 from nodeagent.steering import SteeringState
 from nodeagent.steering_kernel import (
     ObservedSteering,
+    SlotTunnelsFailed,
     SteeringPlan,
     SteeringPort,
     apply_steering_adds,
@@ -75,7 +76,12 @@ class MeshManager:
         """Peers whose handshake this side starts and has not kicked yet."""
 
     def apply_device(self, device: Device) -> DevicePlan:
-        plan = apply_device_tracked(self._wireguard, device, self.device_view)
+        return apply_device_tracked(self._wireguard, device, self.device_view,
+                                    before_apply=self._note_handshakes)
+
+    def _note_handshakes(self, plan: DevicePlan) -> None:
+        """Before the apply: one that fails after adding some peers must not leave them
+        without their handshake (a kick of a peer not on the device does nothing)."""
         now = self._clock()
         for key in plan.remove_peers:
             self.pending.pop(key, None)
@@ -84,9 +90,8 @@ class MeshManager:
             key = peer.public_key
             if is_initiator(self._own_key, key):
                 self.owed.add(key)
-            else:
+            elif key not in self.pending:
                 self.pending[key] = now + handshake_grace(self._own_key, key)
-        return plan
 
     def kick_handshakes(self, interface: str) -> list[str]:
         """Kick what is owed, and the pending peers whose grace has passed (they then leave
@@ -114,9 +119,11 @@ class MeshManager:
         """Seconds until this manager needs a pass: a view's full read, or the end of a
         pending peer's grace."""
         wake = min(self.device_view.resync_in(), self.routes_view.resync_in())
-        if self.pending:
-            wake = min(wake, min(self.pending.values()) - self._clock())
-        return wake
+        now = self._clock()
+        # A grace already over was this pass's to act on; if its kick failed, the failed
+        # step brings the retry (asking for a pass now would spin while it keeps failing).
+        coming = [at - now for at in self.pending.values() if at > now]
+        return min([wake, *coming])
 
     def full_reads(self) -> dict[str, int]:
         return {view.name: view.full_reads for view in (self.device_view, self.routes_view)}
@@ -153,7 +160,13 @@ class SteeringManager:
         return plan_steering(desired, self.observed, self._tenures)
 
     def apply_adds(self, plan: SteeringPlan, probe_source: ipaddress.IPv4Address) -> list[str]:
-        done = apply_steering_adds(self._port, self._wireguard, plan, probe_source)
+        try:
+            done = apply_steering_adds(self._port, self._wireguard, plan, probe_source)
+        except SlotTunnelsFailed as exc:
+            # A failed tunnel's session reset is retried with it on the next pass.
+            self._tenures.update({name: tenure for name, tenure in plan.tenures.items()
+                                  if name not in exc.failed})
+            raise
         self._tenures.update(plan.tenures)
         return done
 

@@ -178,7 +178,13 @@ class SlotProber:
                 continue
             try:
                 state.sock.sendto(payload, (str(state.target.address), PROBE_PORT))
-            except OSError:
+            except OSError as exc:
+                # Bound to its interface by index: once the tunnel is recreated (its
+                # wireguard-go restarted) every send fails, so open a new one next round.
+                log.debug("probe through %s failed (%s): socket reopened next round",
+                          state.target.interface, exc)
+                state.sock.close()
+                state.sock = None
                 continue
             state.sent += 1
             sel.register(state.sock, selectors.EVENT_READ, slot)

@@ -29,7 +29,7 @@ import dataclasses
 import errno
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from meshgress.kernel_ids import (
     ROUTING_TABLE_BASE,
     RULE_PRIORITY_EGRESS,
 )
+from meshgress.runtime import is_permanent
 from meshgress.slots import slot_number_of_table
 from nodeagent.steering import SteeringState
 from wireguard.backend import WireGuardBackend, apply_device
@@ -100,6 +101,20 @@ class SteeringPlan:
     remove_interfaces: tuple[str, ...] = ()
     tenures: Mapping[str, str] = field(default_factory=dict)
     """The holder tenure of each slot tunnel once the plan is applied."""
+
+    def without_interfaces(self, names: Collection[str]) -> SteeringPlan:
+        """This plan less what needs one of the slot tunnels `names` (which could not be
+        configured): their probe addresses, rp_filter and routes, and the rules into the
+        tables of those routes, so no mark leads to a table without its route."""
+        if not names:
+            return self
+        lost_tables = {table for table, interface in self.add_routes if interface in names}
+        return dataclasses.replace(
+            self,
+            add_probe_addresses=tuple(n for n in self.add_probe_addresses if n not in names),
+            set_rp_filter=tuple(n for n in self.set_rp_filter if n not in names),
+            add_routes=tuple(r for r in self.add_routes if r[1] not in names),
+            add_rules=tuple(r for r in self.add_rules if r[1] not in lost_tables))
 
     def describe(self) -> list[str]:
         def route(r: TableRoute) -> str:
@@ -288,17 +303,39 @@ class FakeSteering:
 # --- the two phases -------------------------------------------------------------------------
 
 
+class SlotTunnelsFailed(Exception):
+    """Some slot tunnels could not be configured; everything else of the pass was."""
+
+    def __init__(self, failed: Mapping[str, Exception]) -> None:
+        super().__init__("; ".join(f"{name}: {exc}" for name, exc in sorted(failed.items())))
+        self.failed = dict(failed)
+        self.temporary = not all(is_permanent(exc) for exc in failed.values())
+
+
 def apply_steering_adds(port: SteeringPort, wireguard: WireGuardBackend, plan: SteeringPlan,
                         probe_source: ipaddress.IPv4Address) -> list[str]:
     """Phase one: slot tunnels (sessions reset first where the holder changed), then
-    their addresses, tables and rules."""
+    their addresses, tables and rules.
+
+    A tunnel that fails does not hold the others back: every other slot still gets its
+    table and rule before the nftables step marks packets for it (a healthy slot whose
+    rule is missing would send its marked packets by the main table, out with the node's
+    address). Raises SlotTunnelsFailed naming the ones that failed."""
     done: list[str] = []
     reset = set(plan.reset_sessions)
+    failed: dict[str, Exception] = {}
     for device in plan.devices:
-        if device.name in reset:
-            apply_device(wireguard, dataclasses.replace(device, peers=()))
-        done += [f"{device.name}: {line}" for line in apply_device(wireguard, device).describe()]
-    port.configure(plan, probe_source)
+        try:
+            if device.name in reset:
+                apply_device(wireguard, dataclasses.replace(device, peers=()))
+            lines = apply_device(wireguard, device).describe()
+        except Exception as exc:  # reported, with the others, once every slot is done
+            failed[device.name] = exc
+            continue
+        done += [f"{device.name}: {line}" for line in lines]
+    port.configure(plan.without_interfaces(failed), probe_source)
+    if failed:
+        raise SlotTunnelsFailed(failed)
     return [f"{name}: reset session for a new holder" for name in plan.reset_sessions] + done \
         + [line for line in plan.describe() if line.startswith("+")]
 

@@ -65,8 +65,11 @@ class TrackedDataplane(Generic[S]):
         return self._tracked is not None and not self._resync_due()
 
     def resync_in(self) -> float:
-        """Seconds until the next full read is due (0 or less: the next pass reads)."""
-        if self._tracked is None or self._read_at is None:
+        """Seconds until the next full read is due by the clock (0 or less: now). A view
+        a failed write left invalid asks for no pass of its own: the failure brings one
+        after the loop's backoff, and that pass reads (asking for one at once would spin
+        on an error that persists)."""
+        if self._read_at is None:
             return 0.0
         return self._read_at + self.resync_interval - self._clock()
 
@@ -99,11 +102,16 @@ class TrackedDataplane(Generic[S]):
 
 
 def apply_device_tracked(backend: WireGuardBackend, desired: Device,
-                         tracked: TrackedDataplane[Device | None]) -> DevicePlan:
+                         tracked: TrackedDataplane[Device | None],
+                         before_apply: Callable[[DevicePlan], None] = lambda plan: None
+                         ) -> DevicePlan:
     """Plan the device against the kernel (read now, or as tracked), apply the plan,
-    return it. Any error leaves `tracked` invalid, so the next pass reads."""
+    return it. Any error leaves `tracked` invalid, so the next pass reads. `before_apply`
+    sees the plan first: an apply that fails part-way may have done some of it, which the
+    next pass's plan no longer shows."""
     observed = tracked.observed(lambda: backend.read(desired.name))
     plan = plan_device(desired, observed)
+    before_apply(plan)
     if not plan.empty:
         backend.apply(plan)
     tracked.wrote(compute_device_after(desired, observed))

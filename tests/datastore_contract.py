@@ -554,6 +554,44 @@ class DatastoreContract:
         store.release_lease(f"{unique}-never-taken", "gw-a")
         assert store.get_lease(f"{unique}-never-taken") is None
 
+    def test_lease_release_clears_annotations_in_the_same_write_only_for_its_holder(
+            self, store: Datastore, clock: FakeClock, unique: str) -> None:
+        """What a holder published goes with its release, and a late release (after the
+        lease expired and was taken) never touches what the next holder published."""
+        name = f"{unique}-slot"
+
+        def annotations() -> dict[str, str]:
+            obj = store.get(Kind.LEASE, name, LEASE_NAMESPACE)
+            return dict(obj["metadata"].get("annotations") or {})
+
+        store.acquire_lease(name, "gw-a", 2.0)
+        store.patch_annotations(Kind.LEASE, name, {"example.com/key": "a",
+                                                   "example.com/other": "kept"},
+                                namespace=LEASE_NAMESPACE)
+        store.release_lease(name, "gw-b", clear_annotations=["example.com/key"])  # no-op
+        assert annotations()["example.com/key"] == "a"
+        with pytest.raises(Invalid):
+            store.release_lease(name, "gw-a", clear_annotations=[""])
+        before = store.get_lease(name)
+        store.release_lease(name, "gw-a",
+                            clear_annotations=["example.com/key", "example.com/absent"])
+        released = store.get_lease(name)
+        assert released is not None and before is not None
+        assert released.holder is None
+        assert released.resource_version > before.resource_version
+        left = annotations()
+        assert "example.com/key" not in left and left["example.com/other"] == "kept"
+        assert LEASE_DURATION_ANNOTATION in left
+
+        clock.now += 1
+        store.acquire_lease(name, "gw-b", 2.0)
+        store.patch_annotations(Kind.LEASE, name, {"example.com/key": "b"},
+                                namespace=LEASE_NAMESPACE)
+        store.release_lease(name, "gw-a", clear_annotations=["example.com/key"])
+        assert annotations()["example.com/key"] == "b"
+        taken = store.get_lease(name)
+        assert taken is not None and taken.holder == "gw-b"
+
     @pytest.mark.parametrize("duration", [0, -1, float("inf"), float("nan")])
     def test_lease_duration_must_be_positive(self, store: Datastore, unique: str,
                                              duration: float) -> None:

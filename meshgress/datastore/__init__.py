@@ -16,7 +16,9 @@ backend gives and what informers are built for:
 - `replace` with a stale resourceVersion raises `Conflict` (HTTP 409), so a lost
   update is impossible; the `patch_*` calls are read-modify-write inside the store;
 - leases carry a holder, a duration and a renew time; a lease can be taken over only
-  once it has expired;
+  once it has expired; its holder's release is one guarded write that may also remove
+  what the holder published in the lease's annotations, so a late release never touches
+  what the next holder published;
 - one bad object never stops a process: an object the backend cannot decode (a file that
   is not YAML, a document that is not an object) is left out of `list` and named in
   `ListResult.rejected` instead, so callers sync everything else and report the rest
@@ -38,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -492,9 +494,11 @@ class Datastore(Protocol):
         `holder`; otherwise raises LeaseHeld. Atomic between processes."""
         ...
 
-    def release_lease(self, name: str, holder: str) -> None:
-        """Give a lease up so a standby can take it at once; a no-op unless `holder`
-        holds it."""
+    def release_lease(self, name: str, holder: str, *,
+                      clear_annotations: Collection[str] = ()) -> None:
+        """Give a lease up so a standby can take it at once, removing the annotations
+        `clear_annotations` names in the same write; a no-op unless `holder` holds it
+        (atomic between processes: once another holder took it, nothing is written)."""
         ...
 
     def get_lease(self, name: str) -> Lease | None:

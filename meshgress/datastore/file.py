@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +80,7 @@ from typing import Any, Final, cast
 
 import yaml
 
+from meshgress import kube_yaml
 from meshgress.datastore import (
     API_VERSIONS,
     LEASE_DURATION_ANNOTATION,
@@ -112,10 +113,12 @@ from meshgress.datastore import (
 from meshgress.datastore.objects import (
     check_annotation_patch,
     check_lease_request,
+    checked_annotation_keys,
     checked_namespace,
     describe,
     json_copy,
     prepare,
+    released_lease,
 )
 from meshgress.datastore.objects import checked_kind as _kind
 from meshgress.kernel.inotify import Subscription, shared_watcher
@@ -133,7 +136,6 @@ _ENTRY_HEAD: Final = re.compile(rb'\{"rv": (\d+), "type": "([A-Z]+)", "kind": "(
 _CHUNK: Final = 1 << 20
 _EVENT_TYPES: Final = frozenset({"ADDED", "MODIFIED", "DELETED"})
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
@@ -397,15 +399,15 @@ class FileDatastore:
             return parse_lease(self._commit(w, "MODIFIED" if current else "ADDED", Kind.LEASE,
                                             new, current))
 
-    def release_lease(self, name: str, holder: str) -> None:
+    def release_lease(self, name: str, holder: str, *,
+                      clear_annotations: Collection[str] = ()) -> None:
+        clear = checked_annotation_keys(clear_annotations)
         path = self._path(Kind.LEASE, LEASE_NAMESPACE, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None or parse_lease(current).holder != holder:
                 return
-            new = copy.deepcopy(current)
-            new["spec"].pop("holderIdentity", None)
-            self._commit(w, "MODIFIED", Kind.LEASE, new, current)
+            self._commit(w, "MODIFIED", Kind.LEASE, released_lease(current, clear), current)
 
     def record_event(self, event: EventRecord) -> None:
         now = self._clock()
@@ -830,9 +832,9 @@ def _parse_object(path: Path, data: bytes, objects: Path) -> Object:
     """The object in an object file's bytes, checked against the file's place
     (objects/<Kind>/[<namespace>/]<name>.yaml); raises _Corrupt."""
     try:
-        obj = yaml.load(data, Loader=_Loader)  # noqa: S506 - the C *safe* loader
-    except yaml.YAMLError as e:
-        raise _Corrupt(path, f"not valid YAML: {' '.join(str(e).split())}") from None
+        obj = kube_yaml.load(data)
+    except kube_yaml.KubeYamlError as e:
+        raise _Corrupt(path, f"not valid YAML: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         raise _Corrupt(path, "does not hold an object with metadata")
     parts = path.relative_to(objects).parts

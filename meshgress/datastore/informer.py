@@ -137,3 +137,11 @@ class Informer:
                 log.warning("informer %s: %s; listing again in %.2fs", self.kind, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
+            except Exception:
+                # A fault the store did not foresee must not freeze this cache for good
+                # while the process looks alive: report it whole and list again.
+                self.errors += 1
+                log.exception("informer %s: unexpected failure; listing again in %.2fs",
+                              self.kind, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._max_backoff)

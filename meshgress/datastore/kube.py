@@ -44,7 +44,9 @@ How the protocol maps onto the API:
   period of 0, because meshgress deletes pods only where it plays the kubelet (the lab).
 - Leases (coordination.k8s.io/v1): read, decide, write under the read resourceVersion
   (create for a new one), so of two contenders exactly one write lands and the other sees
-  `Conflict` and decides again on the new record: two holders can never both win.
+  `Conflict` and decides again on the new record: two holders can never both win. A
+  release is such a write too, annotations it clears included: once another holder took
+  the lease, the old holder's release writes nothing.
   Durations are fractional as in the `file` backend (`LEASE_DURATION_ANNOTATION`, with
   `spec.leaseDurationSeconds` rounded up); times are MicroTime from this process's clock,
   and expiry is judged by the reader's clock, so holders' clocks must agree to well within
@@ -76,7 +78,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -122,11 +124,13 @@ from meshgress.datastore import (
 from meshgress.datastore.objects import (
     check_annotation_patch,
     check_lease_request,
+    checked_annotation_keys,
     checked_kind,
     checked_namespace,
     describe,
     json_copy,
     prepare,
+    released_lease,
 )
 from meshgress.validation import dns1123_subdomain_problem
 
@@ -435,7 +439,9 @@ class KubeDatastore:
         raise Conflict(f"lease {name} kept changing; {holder} did not get a decision in "
                        f"{_LEASE_ATTEMPTS} attempts")
 
-    def release_lease(self, name: str, holder: str) -> None:
+    def release_lease(self, name: str, holder: str, *,
+                      clear_annotations: Collection[str] = ()) -> None:
+        clear = checked_annotation_keys(clear_annotations)
         path = self._item_path(Kind.LEASE, name, LEASE_NAMESPACE)
         for _attempt in range(_LEASE_ATTEMPTS):
             try:
@@ -444,8 +450,7 @@ class KubeDatastore:
                 return
             if parse_lease(current).holder != holder:
                 return
-            new = _strip(current)
-            new["spec"].pop("holderIdentity", None)
+            new = _strip(released_lease(current, clear))
             try:
                 self._request("PUT", path, body=new, what=f"lease {name}")
                 return

@@ -8,9 +8,10 @@ annotation patches the same way; so those pure pieces live here once. No I/O.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Final
 
 from meshgress.datastore import API_VERSIONS, NAMESPACED, Invalid, Kind, Object
@@ -80,6 +81,29 @@ def check_annotation_patch(annotations: Mapping[str, str | None]) -> None:
     for key, value in annotations.items():
         if not isinstance(key, str) or not key or not (value is None or isinstance(value, str)):
             raise Invalid(f"annotation {key!r}: {value!r} must map a key to a string or None")
+
+
+def checked_annotation_keys(keys: Collection[str]) -> frozenset[str]:
+    """Annotation keys to remove, checked as `check_annotation_patch` checks a patch."""
+    if isinstance(keys, str):
+        raise Invalid(f"annotation keys must be a collection of keys, not {keys!r}")
+    check_annotation_patch(dict.fromkeys(keys))
+    return frozenset(keys)
+
+
+def released_lease(current: Object, clear_annotations: Collection[str]) -> Object:
+    """`current` (a Lease) as its holder's release writes it: no holder, and none of the
+    annotations `clear_annotations` names. Pure: returns a new object."""
+    new = copy.deepcopy(current)
+    new.setdefault("spec", {}).pop("holderIdentity", None)
+    meta = new["metadata"]
+    kept = {key: value for key, value in (meta.get("annotations") or {}).items()
+            if key not in clear_annotations}
+    if kept:
+        meta["annotations"] = kept
+    else:
+        meta.pop("annotations", None)
+    return new
 
 
 def check_lease_request(holder: object, duration_seconds: object) -> float:

@@ -635,7 +635,8 @@ def test_one_gateway_serves_its_slot(world: World) -> None:
         status = wait_until("EgressGateway Ready", gateway_ready, timeout=5)
         assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
             ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady"),
-            ("EgressIPConflict", "False", "NoConflict"), ("InvalidSpec", "False", "Valid")]
+            ("EgressIPConflict", "False", "NoConflict"),
+            ("SlotLimitExceeded", "False", "WithinSlotLimit"), ("InvalidSpec", "False", "Valid")]
         [slot] = status["slots"]
         assert {k: slot[k] for k in ("ip", "index", "holder", "node", "publicKey",
                                      "endpoint", "ready")} == {

@@ -74,6 +74,17 @@ while True:
 """
 
 
+def _slot_link(node: str, gateway: str) -> None:
+    """The node's slot interface and, on the gateway's side, the slot's egress IP."""
+    run(["ip", "-n", node, "link", "add", SLOT_INTERFACE, "type", "veth", "peer", "name",
+         "probe0", "netns", gateway])
+    run(["ip", "-n", node, "addr", "add", f"{PROBE_SOURCE}/32", "dev", SLOT_INTERFACE])
+    run(["ip", "-n", node, "link", "set", SLOT_INTERFACE, "up"])
+    run(["ip", "-n", gateway, "addr", "add", f"{EGRESS_IP}/32", "dev", "probe0"])
+    run(["ip", "-n", gateway, "link", "set", "probe0", "up"])
+    run(["ip", "-n", gateway, "route", "add", f"{PROBE_SOURCE}/32", "dev", "probe0"])
+
+
 def _health_after(log: Path, since: float) -> list[bool]:
     samples = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return [s["healthy"] for s in samples if s["t"] >= since]
@@ -93,18 +104,12 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
                                         tmp_path: Path) -> None:
     require_root()
     node, gateway = netns_factory("node"), netns_factory("gw")
-    run(["ip", "-n", node, "link", "add", SLOT_INTERFACE, "type", "veth", "peer", "name",
-         "probe0", "netns", gateway])
-    run(["ip", "-n", node, "addr", "add", f"{PROBE_SOURCE}/32", "dev", SLOT_INTERFACE])
-    run(["ip", "-n", node, "link", "set", SLOT_INTERFACE, "up"])
+    _slot_link(node, gateway)
     # The node's uplink on the egress IP's subnet, and a slot held on the node itself.
     run(["ip", "-n", node, "link", "add", "up0", "type", "veth", "peer", "name", "up1"])
     run(["ip", "-n", node, "addr", "add", "192.0.2.11/24", "dev", "up0"])
     run(["ip", "-n", node, "link", "set", "up0", "up"])
     run(["ip", "-n", node, "addr", "add", "192.0.2.78/32", "dev", "lo"])
-    run(["ip", "-n", gateway, "addr", "add", f"{EGRESS_IP}/32", "dev", "probe0"])
-    run(["ip", "-n", gateway, "link", "set", "probe0", "up"])
-    run(["ip", "-n", gateway, "route", "add", f"{PROBE_SOURCE}/32", "dev", "probe0"])
     control, log = tmp_path / "control", tmp_path / "health.jsonl"
     control.write_text("0 off")
     log.touch()
@@ -136,6 +141,14 @@ def test_echoes_silence_and_a_busy_slot(netns_factory: Callable[[str], str],
         # The holder goes silent: unhealthy within threshold x interval (+ timeout).
         control.write_text("-1 off")
         assert _wait_for(log, False, timeout=3) < 1.0
+        # The slot's tunnel is made anew (its wireguard-go restarted): same name, a new
+        # interface index, which the old probe socket is not bound to.
+        control.write_text("0 off")
+        assert _wait_for(log, True, timeout=3) < 1.0
+        run(["ip", "-n", node, "link", "del", SLOT_INTERFACE])
+        assert _wait_for(log, False, timeout=3) < 1.0
+        _slot_link(node, gateway)
+        assert _wait_for(log, True, timeout=3) < 1.0
     finally:
         for proc in procs:
             stop(proc)

@@ -21,6 +21,7 @@ from meshgress.datastore.file import FileDatastore
 from meshgress.kernel.nft_model import parse_observed
 from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE, WIREGUARD_INTERFACE
+from meshgress.slots import SlotId
 from nodeagent.agent import Agent, AgentConfig, AgentPorts
 from nodeagent.firewall import (
     CHAIN_GUARD_ENDPOINTS,
@@ -82,18 +83,25 @@ class RecordingPods:
         self.ports = ports
         self.at_start: dict[str, Any] | None = None
         self.serving = threading.Event()
+        self.listening = threading.Event()
+        """Cleared, the server stays in its start-up (replaying queued DELs) until set."""
+        self.listening.set()
         self.hooks: dict[str, Callable[[LocalPod], None]] = {}
 
     def local_pods(self, pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
         return []
 
     def serve(self, pod_cidr: ipaddress.IPv4Network, mtu: int, *, on_ready: Any,
-              on_removed: Any, stop: threading.Event) -> None:
+              on_removed: Any, stop: threading.Event, on_listening: Any) -> None:
         nft, routes, wg = self.ports["nft"], self.ports["routes"], self.ports["wireguard"]
         self.at_start = {"table": nft.state, "routes": set(routes.table),
                          "device": wg.read(WIREGUARD_INTERFACE), "mtu": mtu, "cidr": pod_cidr}
         self.hooks = {"ready": on_ready, "removed": on_removed}
         self.serving.set()
+        while not (self.listening.wait(0.01) or stop.is_set()):
+            pass
+        if not stop.is_set():
+            on_listening()
         stop.wait()
 
     def render_metrics(self, page: Any) -> None:
@@ -165,6 +173,27 @@ def test_guard_fallback_and_peers_are_in_place_before_the_first_pod_is_served(tm
             time.sleep(0.02)
         annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
         assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+    finally:
+        stop(agent, thread)
+
+
+def test_not_ready_until_the_cni_server_listens_with_queued_deletions_run(tmp_path, store):
+    agent, pods, _ = make_agent(tmp_path, store)
+    pods.listening.clear()
+    thread = run_in_background(agent)
+    try:
+        assert pods.serving.wait(10), "the CNI server never started"
+        deadline = time.monotonic() + 5
+        while not agent.state.published and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert agent.state.published and agent.loop.synced()
+        assert not agent.ready()
+        assert agent.health() == {"live": True, "ready": False}
+        pods.listening.set()
+        deadline = time.monotonic() + 5
+        while not agent.ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert agent.ready()
     finally:
         stop(agent, thread)
 
@@ -283,6 +312,28 @@ def test_the_higher_key_holds_its_routes_back_then_kicks_once_when_the_grace_end
     manager.apply_routes(manager.routes(mesh))
     assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in routes.table
     assert held not in routes.table
+
+
+def test_a_peer_added_by_an_apply_that_then_failed_still_gets_its_handshake():
+    """The backend added the peer, then failed (a UAPI error further on): the next pass
+    finds the peer on the device, so only what was planned before says it is new."""
+    from wireguard.errors import UapiError
+
+    low_private, low, _, high = keys_in_order()
+    clock = Clock()
+    manager, wireguard, _ = manager_with(low, clock)
+    mesh = one_peer_mesh(low_private, high)
+
+    def add_then_fail(plan: Any) -> None:
+        FakeBackend.apply(wireguard, plan)
+        raise UapiError("meshgress0", "set", 5, "I/O error after the peers")
+
+    wireguard.apply = add_then_fail  # type: ignore[method-assign]
+    with pytest.raises(UapiError):
+        manager.apply_device(mesh.device)
+    del wireguard.apply
+    manager.apply_device(mesh.device)
+    assert manager.kick_handshakes("meshgress0") and wireguard.kicks == [("meshgress0", (high,))]
 
 
 def test_peers_found_on_the_device_after_a_restart_are_routed_and_never_kicked():
@@ -450,3 +501,136 @@ def test_the_agent_guards_its_own_metrics_ports_too():
     config = AgentConfig(node_name="n", metrics_address="127.0.0.1:9900,node-ip:9901")
     assert config.guarded_ports == (9820, 9821, 9900, 9901)
     assert AgentConfig(node_name="n", endpoint_ports=()).guarded_ports == ()  # no guard
+
+
+def gateway_with(name: str, count: int, prefix: str) -> dict[str, Any]:
+    return {"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+            "metadata": {"name": name},
+            "spec": {"egressIPs": [f"{prefix}.{i}" for i in range(1, count + 1)]}}
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_stop_nothing(tmp_path, store):
+    """Two valid gateways of 64 egress IPs (each within the API's 126): 128 slots were an
+    error on every pass, so the node never got its mesh, routes or CNI server. The 126
+    slots go to the gateway created first, then to the other's first 62."""
+    store.create(gateway_with("egress-a", 64, "10.1.0"))  # the older (or, same second, by name)
+    store.create(gateway_with("egress-b", 64, "10.2.0"))
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert pods.serving.is_set()
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        annotations = store.get(Kind.NODE, "node1")["metadata"]["annotations"]
+        assert annotations[PUBLIC_KEY_ANNOTATION] == agent.public_key
+        slots = {SlotId("egress-a", i) for i in range(64)} | {
+            SlotId("egress-b", i) for i in range(62)}
+        assert agent.state.steering is not None and set(agent.state.steering.numbers) == slots
+        assert fakes["steering"].interfaces == {s.node_interface for s in slots}
+        assert agent.state.over_slot_limit == {"egress-b": ("10.2.0.63", "10.2.0.64")}
+        # A pod's ADD goes through (it failed too).
+        pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_steering_that_cannot_be_computed_holds_up_nothing_else(tmp_path, store, monkeypatch):
+    """A bug in the steering computation fails its step (retried), not the node: the mesh,
+    routes, publishing and the CNI server go ahead; pods' ADDs fail meanwhile (none may
+    leave unsteered), and the agent is not ready (a rollout stops at this node)."""
+    def broken(inputs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nodeagent.agent.compute_steering", broken)
+    agent, pods, fakes = make_agent(tmp_path, store)
+    thread = run_in_background(agent)
+    try:
+        assert wait_for(lambda: agent.state.published and agent.cni_ready.is_set())
+        assert not agent.ready() and agent.state.steering is None
+        assert FALLBACK in fakes["routes"].table
+        device = fakes["wireguard"].read(WIREGUARD_INTERFACE)
+        assert device is not None and [p.public_key for p in device.peers] == [PEER_KEY]
+        assert wait_for(lambda: agent.loop.metrics.errors.get("steering", 0) >= 2), \
+            "the failed step is not retried"
+        with pytest.raises(RuntimeError, match="not computed yet"):
+            pods.hooks["ready"](LocalPod("web", "app", ipaddress.IPv4Address("198.18.1.9")))
+    finally:
+        stop(agent, thread)
+
+
+def test_a_mesh_device_that_keeps_failing_is_retried_with_backoff_not_at_once(
+        tmp_path, store):
+    """A failed apply leaves its view unread; that must not ask for the next pass at once
+    (it spun at 100 % of a core while the device kept failing)."""
+    from wireguard.errors import UapiError
+
+    agent, _, fakes = make_agent(tmp_path, store, retry_interval=0.05, resync_interval=10.0)
+
+    def failing(plan: Any) -> None:
+        raise UapiError(plan.name, "set", 5, "I/O error")
+
+    fakes["wireguard"].apply = failing
+    thread = run_in_background(agent)
+    try:
+        assert wait_for(lambda: agent.loop.metrics.failures >= 2)
+        first = agent.loop.metrics.reconciles
+        time.sleep(1.0)
+        # Backoff from 0.05 s doubling: a handful of passes in a second, not thousands.
+        assert agent.loop.metrics.reconciles - first <= 8
+    finally:
+        stop(agent, thread)
+
+
+def test_no_pass_runs_before_the_pods_wired_earlier_are_known(tmp_path, store):
+    """A restarted agent whose pods cannot be read yet must not apply a ruleset without
+    them: their steering would be gone, and a FailClosed pod would leave with the node's
+    address."""
+    readable = threading.Event()
+    agent, pods, fakes = make_agent(tmp_path, store)
+
+    def local_pods(pod_cidr: ipaddress.IPv4Network) -> list[LocalPod]:
+        if not readable.is_set():
+            raise OSError(24, "Too many open files")
+        return []
+
+    pods.local_pods = local_pods  # type: ignore[method-assign]
+    thread = run_in_background(agent)
+    try:
+        assert wait_for(lambda: agent.loop.metrics.errors.get("before-pass", 0) >= 2)
+        assert fakes["nft"].state is None and fakes["routes"].table == set()
+        assert not agent.ready() and agent.prober is None
+        readable.set()
+        assert wait_ready(agent), "the agent never became ready"
+    finally:
+        stop(agent, thread)
+
+
+def test_a_failure_before_the_pass_is_retried_and_never_ends_the_loop(tmp_path, store):
+    calls: list[str] = []
+
+    def flaky_prober(source: str, on_change: Callable[[], None]) -> IdleProber:
+        calls.append(source)
+        if len(calls) == 1:
+            raise OSError("cannot open the probe socket")
+        return IdleProber(source, on_change)
+
+    agent, _, _ = make_agent(tmp_path, store)
+    agent.ports.prober = flaky_prober  # type: ignore[assignment]
+    thread = run_in_background(agent)
+    try:
+        assert wait_ready(agent), "the agent never became ready"
+        assert wait_for(lambda: agent.prober is not None), "never tried again"
+        assert thread.is_alive() and not agent.stop.is_set()
+        assert agent.loop.metrics.errors.get("before-pass") == 1
+    finally:
+        stop(agent, thread)

@@ -65,8 +65,11 @@ def test_the_agents_pod_network_writes_the_conflist_when_the_server_listens(
     monkeypatch.setattr(assembly, "serve_cni", fake_serve)
     pods = assembly.CniPodNetwork(socket_path, tmp_path / "state", conf_dir)
     pods.serve(ipaddress.IPv4Network("198.18.0.0/24"), 1420, on_ready=lambda pod: None,
-               on_removed=lambda pod: None, stop=threading.Event())
-    assert order == ["none before listening", "written"]
+               on_removed=lambda pod: None, stop=threading.Event(),
+               on_listening=lambda: order.append(
+                   "agent told, conflist " + ("written" if (conf_dir / CONFLIST_NAME).exists()
+                                              else "missing")))
+    assert order == ["none before listening", "agent told, conflist written", "written"]
     conflist = json.loads((conf_dir / CONFLIST_NAME).read_text())
     assert conflist == compute_conflist(str(socket_path),
                                         delete_queue=str(tmp_path / "state" / "delete-queue"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import pytest
+
 from gateway.options import add_arguments as add_gateway_arguments
 from meshgress.binaries import (
     WIREGUARD_GO_ON_PATH,
@@ -41,3 +43,16 @@ def test_agent_and_gateway_take_a_wireguard_go_option():
         assert parser.parse_args(base).wireguard_go is None
         chosen = parser.parse_args([*base, "--wireguard-go", "/opt/wg/wireguard-go"])
         assert chosen.wireguard_go == "/opt/wg/wireguard-go"
+
+
+def test_every_command_refuses_an_unknown_wireguard_backend_before_doing_anything(capsys):
+    from meshgress.cli import build_parser
+
+    tools = build_parser()
+    for argv in (["status", "--node", "node1"], ["wg-config"]):
+        assert tools.parse_args([*argv, "--wireguard-backend", "userspace"]) \
+            .wireguard_backend == "userspace"
+        with pytest.raises(SystemExit) as exited:
+            tools.parse_args([*argv, "--wireguard-backend", "kernal"])
+        assert exited.value.code == 2
+        assert "invalid choice: 'kernal'" in capsys.readouterr().err

@@ -8,10 +8,12 @@ what the runtime hears is what the node keeps.
   has its DEL served and its ADD told to try again, naming the cause.
 - 200 ADDs at once, each calling the node agent's own pod-ready hook (which reads the
   store and recomputes steering over every local pod), all succeed.
+- Descriptors sent with a request that never completes are closed, not leaked.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ipaddress
 import json
@@ -242,3 +244,33 @@ def test_two_hundred_concurrent_adds_with_the_agents_hook_all_succeed(start_serv
     finally:
         stop(agent, thread)
         store.close()
+
+
+@pytest.mark.parametrize("frame", [b"XXXX\x00\x00\x00\x04", b"MGC"],
+                         ids=["not a request", "closed mid-request"])
+def test_descriptors_that_came_with_a_bad_request_are_closed(start_server, frame):
+    """Each descriptor a shim sends may hold a pod's network namespace alive."""
+    server = start_server()
+    read_end, write_end = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(server.path))
+            client.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [read_end]).tobytes())])
+            os.close(read_end)  # the server holds the only read end now
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(10)
+            while client.recv(65536):
+                pass  # the server answered (or not) and hung up
+        # Once the last read end is closed, writing fails with EPIPE.
+        wait_until(lambda: _write_fails(write_end))
+    finally:
+        os.close(write_end)
+
+
+def _write_fails(fd: int) -> bool:
+    try:
+        os.write(fd, b"x")
+    except BrokenPipeError:
+        return True
+    return False

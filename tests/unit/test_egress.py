@@ -9,7 +9,7 @@ from meshgress.datastore import Kind, RejectedObject
 from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
 from meshgress.explain import explain_pod
 from meshgress.lab.topology import lab_cluster_config
-from meshgress.slots import DROP_MARK, SlotId, assign_slot_numbers, slot_mark
+from meshgress.slots import DROP_MARK, MAX_SLOTS, SlotId, assign_slot_numbers, slot_mark
 from nodeagent.steering import (
     BUCKETS,
     LocalHolder,
@@ -140,6 +140,71 @@ def test_slots_keep_their_index_in_the_spec_when_an_ip_is_served_elsewhere():
                         created(gateway("other", ips=("192.0.2.201", "192.0.2.203")), T1)))
     assert [(slot.index, str(ip)) for slot, ip in m.gateways["other"].slots] == \
         [(1, "192.0.2.203")]
+
+
+def ips(prefix, count):
+    return tuple(f"{prefix}.{i}" for i in range(1, count + 1))
+
+
+@pytest.mark.parametrize(("old_name", "new_name", "old_at", "new_at"), [
+    ("zz-old", "aa-new", T0, T1),  # the newcomer's name sorts first: age still wins
+    ("aa-old", "zz-new", T0, T0),  # created at the same time: by name
+    ("aa-old", "zz-new", T0, None),  # no creationTimestamp counts as the newest
+], ids=["older-first", "same-time-by-name", "newcomer-without-timestamp"])
+def test_the_cluster_has_at_most_max_slots_and_the_gateways_created_first_keep_theirs(
+        old_name, new_name, old_at, new_at):
+    """The API caps each gateway at 126 egress IPs, not their sum: two valid gateways of
+    64 make 128, and the newer one's last two get no slot."""
+    old = created(gateway(old_name, ips=ips("10.1.0", 64)), old_at)
+    new = created(gateway(new_name, ips=ips("10.2.0", 64)), new_at)
+    for order in ([old, new], [new, old]):  # every process decides the same, in any order
+        m = model(gateways=order)
+        assert served(m, old_name) == list(ips("10.1.0", 64))
+        assert served(m, new_name) == list(ips("10.2.0", 62))
+        assert [slot.index for slot, _ in m.gateways[new_name].slots] == list(range(62))
+        assert m.gateways[old_name].over_slot_limit == ()
+        assert m.gateways[new_name].over_slot_limit == ("10.2.0.63", "10.2.0.64")
+        assert m.over_slot_limit() == {new_name: ("10.2.0.63", "10.2.0.64")}
+        assert m.gateways[new_name].disabled_ips["10.2.0.64"] == (
+            "egress IP 10.2.0.64 gets no slot: at most 126 egress IPs are served across all "
+            "EgressGateways, given to the gateways created first (then by name), each in "
+            "spec order, and none is left for it")
+        assert m.gateways[new_name].ip_conflicts == {}
+        # Every slot numbers: what failed every agent pass and every gateway claim.
+        slots = [slot for view in m.gateways.values() for slot, _ in view.slots]
+        assert len(slots) == MAX_SLOTS
+        assert sorted(assign_slot_numbers(slots, {}).values()) == list(range(MAX_SLOTS))
+
+
+def test_a_newcomer_never_takes_a_slot_and_ips_served_elsewhere_do_not_count():
+    full = created(gateway("full", ips=(*ips("10.1.0", 125), "192.0.2.201")), T0)
+    newer = created(gateway("newer", ips=("192.0.2.201", "192.0.2.210", "192.0.2.211")), T1)
+    m = model(gateways=(full, newer))
+    assert len(served(m, "full")) == MAX_SLOTS
+    assert served(m, "newer") == []
+    assert m.gateways["newer"].ip_conflicts == {"192.0.2.201": "full"}
+    assert m.gateways["newer"].over_slot_limit == ("192.0.2.210", "192.0.2.211")
+    # One slot left: the newer gateway's first IP takes it, in spec order.
+    m = model(gateways=(created(gateway("full", ips=ips("10.1.0", 125)), T0), newer))
+    assert served(m, "newer") == ["192.0.2.201"]
+    assert m.gateways["newer"].over_slot_limit == ("192.0.2.210", "192.0.2.211")
+    # An invalid gateway has no slots, and takes none.
+    m = model(gateways=(created(gateway("broken", ips=("not-an-ip",)), T0),
+                        created(gateway("full", ips=ips("10.1.0", 126)), T1)))
+    assert len(served(m, "full")) == MAX_SLOTS and m.over_slot_limit() == {}
+
+
+def test_explain_says_why_an_egress_ip_over_the_slot_limit_is_not_served():
+    m = model(gateways=(created(gateway("other", ips=ips("10.1.0", 126)), T0),
+                        created(gateway(), T1)))
+    pod = {"metadata": {"namespace": "payments", "name": "pay", "labels": {"app": "pay"}},
+           "spec": {"nodeName": "node1"}, "status": {"podIP": "198.18.1.1"}}
+    lines = explain_pod(model=m, pod=pod, namespace_labels_=NAMESPACES["payments"],
+                        holders={}, cluster=CLUSTER, node_addresses=set(), to=None)
+    assert "  egress IP 192.0.2.201 is not served: egress IP 192.0.2.201 gets no slot: at " \
+        "most 126 egress IPs are served across all EgressGateways, given to the gateways " \
+        "created first (then by name), each in spec order, and none is left for it" in lines
+    assert "  no slot is held: this traffic is dropped" in lines
 
 
 def invalid_now(obj, generation=4, accepted=None, observed=3, **broken):

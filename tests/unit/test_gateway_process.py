@@ -2,7 +2,9 @@
 datastore and informers, fake kernel, nftables and WireGuard, and a clock the test moves.
 
 What is checked here is the logic between the pure parts: claiming and renewing leases,
-fencing (the IP goes first, at once), publishing, drain, and two gateways sharing slots.
+fencing (the IP goes first, at once), publishing (and publishing again whatever cleared
+it), drain, two gateways sharing slots, and how soon a pass with a failure is followed by
+another.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ from typing import Any
 
 import pytest
 
-from gateway.dataplane import EgressAddress, FakeKernel
+from gateway.dataplane import EgressAddress, FakeKernel, KernelError
 from gateway.probe import ProbeSocket
 from gateway.process import Gateway, GatewayConfig, GatewayPorts
 from gateway.uplink import UplinkWatcher
 from meshgress.cluster import (
     EGRESS_IP_ANNOTATION,
     ENDPOINT_ANNOTATION,
+    HOLDER_ANNOTATION,
     HOLDER_NODE_ANNOTATION,
     PUBLIC_KEY_ANNOTATION,
+    SLOT_LEASE_ANNOTATIONS,
 )
 from meshgress.config import ClusterConfig
-from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind
+from meshgress.datastore import LEASE_NAMESPACE, DatastoreError, Kind, Unavailable
 from meshgress.datastore.file import FileDatastore
-from meshgress.kernel.nftables import FakeNftablesAdapter
+from meshgress.kernel.nftables import FakeNftablesAdapter, NftError
 from meshgress.kernel_ids import GATEWAY_NFT_TABLE as NFT_TABLE
 from meshgress.slots import SlotId
 from wireguard.fake import FakeBackend
@@ -238,6 +242,21 @@ def test_claims_serves_and_publishes_a_slot(lab):
     assert k.log[log_len:] == []
 
 
+def test_a_slot_whose_nftables_rules_failed_is_not_published_until_they_apply(lab):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    nft = gw.ports.nft
+    assert isinstance(nft, FakeNftablesAdapter)
+    nft.fail_next = NftError("apply", 1, "Could not process rule: No buffer space")
+    gw.reconcile()
+    assert h.holder(SLOT0) == "gw1/0"  # held, its IP up: a standby gains nothing
+    assert gw.held()[SLOT0].ready is False and gw.health()["ready"] is False
+    assert PUBLIC_KEY_ANNOTATION not in h.annotations(SLOT0)  # no node sends to it yet
+    h.settle(gw)
+    assert gw.held()[SLOT0].ready and h.annotations(SLOT0)[PUBLIC_KEY_ANNOTATION] == \
+        gw.public_key
+
+
 def test_renewal_refreshes_the_ip_lifetime(lab, clock):
     h = lab(["192.0.2.50"])
     gw = h.gateway()
@@ -308,10 +327,10 @@ class WatchingStore(FlakyStore):
         self.kernel: FakeKernel | None = None
         self.at_release: list[dict[EgressAddress, int]] = []
 
-    def release_lease(self, name: str, holder: str) -> None:
+    def release_lease(self, name: str, holder: str, **kwargs: Any) -> None:
         assert self.kernel is not None
         self.at_release.append(dict(self.kernel.egress))
-        self._store.release_lease(name, holder)
+        self._store.release_lease(name, holder, **kwargs)
 
 
 def test_drain_releases_right_after_removing_the_ip_and_leaves_nothing(lab):
@@ -680,3 +699,171 @@ def test_a_holder_cut_off_from_the_datastore_too_stops_renewing_and_the_lease_ex
     time.sleep(0.05)
     h.settle(standby, holder)
     assert h.holder(SLOT0) == "gw2/1" and holder.held() == {}
+
+
+def fail_once(target: Any, method: str, error: Exception) -> None:
+    """`target.method` raises `error` on its next call, then works again."""
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        delattr(target, method)
+        raise error
+
+    setattr(target, method, failing)
+
+
+RETRY = 0.5
+"""The retry interval of the gateways below (the resync stays at 10 s)."""
+
+
+def test_a_standby_whose_takeover_fails_once_tries_again_after_the_retry_backoff(lab, clock):
+    """Failover: the holder died, and the standby's acquire of the expired lease fails once
+    (on kube, a PUT answered 503 without Retry-After, or a reset connection, is not
+    retried). Nothing else pokes the standby: its failed acquire must bring the next pass
+    after the retry backoff, not the resync."""
+    h = lab(["192.0.2.50"])
+    holder = h.gateway("gw1")
+    flaky = FlakyStore(h.store)
+    standby = h.gateway("gw2", store=flaky, retry_interval=RETRY)
+    h.settle(holder, standby)
+    assert h.holder(SLOT0) == "gw1/0"
+    for informer in holder.loop.informers.values():
+        informer.stop()  # it dies (its renewals never ran: the test renews by hand)
+    clock.now += 3.1  # its lease expired
+    fail_once(flaky, "acquire_lease", Unavailable("PUT lease: HTTP 503"))
+    wait = standby.loop.run_once(standby.reconcile)
+    assert standby.held() == {} and h.holder(SLOT0) is None
+    assert wait <= 1.2 * RETRY
+    standby.loop.run_once(standby.reconcile)
+    assert h.holder(SLOT0) == "gw2/1" and EgressAddress("eth0", E0) in kernel(standby).egress
+
+
+@pytest.mark.parametrize(("port", "method", "error"), [
+    ("store", "acquire_lease", Unavailable("PUT lease: connection reset")),
+    ("store", "get", Unavailable("GET lease: timed out")),
+    ("kernel", "read_uplinks", KernelError("list links: interrupted")),
+    ("kernel", "read", KernelError("dump routes: interrupted")),
+    ("kernel", "replace_egress_address", KernelError("add address: no buffer space")),
+])
+def test_every_failure_of_a_pass_brings_the_next_pass_after_the_retry_backoff(
+        lab, port, method, error):
+    h = lab(["192.0.2.50"])
+    store = FlakyStore(h.store)
+    gw = h.gateway(store=store, retry_interval=RETRY)
+    fail_once(store if port == "store" else kernel(gw), method, error)
+    wait = gw.loop.run_once(gw.reconcile)
+    assert wait <= 1.2 * RETRY, f"a failed {method} waits for the resync"
+    assert gw.loop.metrics.failures == 1  # the pass counts as failed
+    time.sleep(0.05)  # the informers see the first pass's writes
+    assert gw.loop.run_once(gw.reconcile) == gw.config.resync_interval
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+
+
+def test_a_release_that_fails_brings_the_next_pass_after_the_retry_backoff(lab):
+    h = lab(["192.0.2.50"], interface="eth0")
+    store = FlakyStore(h.store)
+    gw = h.gateway(store=store, retry_interval=RETRY)
+    h.settle(gw)
+    fail_once(store, "release_lease", Unavailable("PUT lease: HTTP 503"))
+    kernel(gw).set_link("eth0", up=False)
+    wait = gw.loop.run_once(gw.reconcile)
+    assert gw.held() == {} and kernel(gw).egress == {}
+    assert h.holder(SLOT0) == "gw1/0"  # not released: it expires instead
+    assert wait <= 1.2 * RETRY
+
+
+def published(h: Harness, slot: SlotId) -> dict[str, str]:
+    return {k: v for k, v in h.annotations(slot).items() if k in SLOT_LEASE_ANNOTATIONS}
+
+
+def test_the_holder_publishes_again_when_its_annotations_are_cleared_behind_its_back(lab):
+    """A late clear by an old holder (or a person) must not leave the slot dark on every
+    node while its holder reports ready: what the holder reads on its lease counts, not
+    what it remembers writing."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    mine = published(h, SLOT0)
+    assert mine[HOLDER_ANNOTATION] == "gw1/0" and mine[PUBLIC_KEY_ANNOTATION] == gw.public_key
+    h.store.patch_annotations(Kind.LEASE, SLOT0.lease_name,
+                              dict.fromkeys(SLOT_LEASE_ANNOTATIONS), namespace=LEASE_NAMESPACE)
+    time.sleep(0.05)  # the informer sees it (and pokes the loop)
+    h.settle(gw)
+    assert published(h, SLOT0) == mine
+
+
+def test_the_holder_publishes_again_on_a_lease_deleted_and_recreated_by_its_renewal(lab):
+    """`kubectl delete lease`: the next renewal creates a bare Lease."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    mine = published(h, SLOT0)
+    h.store.delete(Kind.LEASE, SLOT0.lease_name, LEASE_NAMESPACE)
+    time.sleep(0.05)
+    h.settle(gw, passes=1)  # a pass before the renewal: no lease to publish on
+    assert gw.leases.renew(SLOT0)
+    assert h.holder(SLOT0) == "gw1/0" and published(h, SLOT0) == {}
+    time.sleep(0.05)
+    h.settle(gw)
+    assert published(h, SLOT0) == mine
+    assert EgressAddress("eth0", E0) in kernel(gw).egress
+
+
+def test_a_late_release_leaves_the_next_holders_annotations_alone(lab, clock):
+    """The old holder gives the slot up after its lease expired and a standby took it
+    and published (its release was delayed: the kube client retries for up to 10 s)."""
+    h = lab(["192.0.2.50"])
+    old, new = h.gateway("gw1"), h.gateway("gw2")
+    h.settle(old, new)
+    assert h.holder(SLOT0) == "gw1/0"
+    clock.now += 3.1  # the old holder's renewals stalled; its lease expired
+    time.sleep(0.05)
+    h.settle(new)
+    assert h.holder(SLOT0) == "gw2/1"
+    theirs = published(h, SLOT0)
+    assert theirs[HOLDER_ANNOTATION] == "gw2/1" and theirs[PUBLIC_KEY_ANNOTATION] == new.public_key
+    assert SLOT0 in old.held()  # it has not noticed yet
+    old.leases.release(SLOT0, "no longer servable here")
+    assert h.holder(SLOT0) == "gw2/1" and published(h, SLOT0) == theirs
+
+
+def test_more_egress_ips_than_slots_in_the_cluster_never_cost_a_held_slot(lab, clock):
+    """A newer gateway of 126 egress IPs (within the API's limit) makes 127 in the
+    cluster: numbering them all failed, and the gateway released every slot it held.
+    The newer gateway gets the slots left (125) and says why its last IP has none."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0"
+    clock.now += 2  # creationTimestamps have whole seconds
+    big = [f"10.1.{i // 100}.{i % 100 + 1}" for i in range(126)]
+    # Named to sort first, so only its age can make it lose.
+    h.store.create({"apiVersion": "meshgress.io/v1alpha1", "kind": "EgressGateway",
+                    "metadata": {"name": "aa-big"}, "spec": {"egressIPs": big}})
+    time.sleep(0.1)
+    h.settle(gw)
+    assert h.holder(SLOT0) == "gw1/0" and EgressAddress("eth0", E0) in kernel(gw).egress
+    assert SLOT0 in gw.held()
+    status, reason, message = conditions(h.store.get(Kind.EGRESS_GATEWAY, "aa-big"))[
+        "SlotLimitExceeded"]
+    assert (status, reason) == ("True", "SlotLimitExceeded")
+    assert message.startswith(f"1 egress IPs get no slot and are not served ({big[-1]}): at "
+                              "most 126 egress IPs are served across all EgressGateways")
+    assert conditions(h.store.get(Kind.EGRESS_GATEWAY, "egw"))["SlotLimitExceeded"][0] == \
+        "False"
+    [event] = events(h, "SlotLimitExceeded")
+    assert event["regarding"]["name"] == "aa-big" and event["note"] == message
+
+
+def test_slots_that_cannot_be_numbered_never_cost_a_held_slot(lab, monkeypatch):
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0}
+
+    def broken(model: Any, kept: Any) -> Any:
+        raise ValueError("127 egress IP slots: at most 126 are supported")
+
+    monkeypatch.setattr("gateway.process.compute_slot_numbers", broken)
+    h.settle(gw)
+    assert set(gw.held()) == {SLOT0} and h.holder(SLOT0) == "gw1/0"
+    assert EgressAddress("eth0", E0) in kernel(gw).egress
+    assert h.annotations(SLOT0)[ENDPOINT_ANNOTATION] == "192.0.2.11:51900"  # same number

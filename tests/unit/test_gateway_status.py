@@ -103,7 +103,7 @@ def test_a_gateway_with_every_slot_held_and_published_is_ready():
              "lastTransitionTime": T_NOW},
             {"type": "Degraded", "status": "False", "reason": "SlotsReady", "message": "",
              "lastTransitionTime": T_NOW},
-            NO_IP_CONFLICT, VALID_SPEC,
+            NO_IP_CONFLICT, WITHIN_SLOT_LIMIT, VALID_SPEC,
         ],
         "slots": [
             {"ip": "192.0.2.50", "index": 0, "holder": "gw1/1", "node": "gw1",
@@ -120,6 +120,8 @@ def test_a_gateway_with_every_slot_held_and_published_is_ready():
 
 NO_IP_CONFLICT = {"type": "EgressIPConflict", "status": "False", "reason": "NoConflict",
                   "message": "", "lastTransitionTime": T_NOW}
+WITHIN_SLOT_LIMIT = {"type": "SlotLimitExceeded", "status": "False",
+                     "reason": "WithinSlotLimit", "message": "", "lastTransitionTime": T_NOW}
 VALID_SPEC = {"type": "InvalidSpec", "status": "False", "reason": "Valid", "message": "",
               "lastTransitionTime": T_NOW}
 
@@ -145,7 +147,7 @@ def test_unheld_expired_and_unpublished_slots_degrade_the_gateway():
          "message": "0 of 4 egress IPs are ready: " + problems, "lastTransitionTime": T_NOW},
         {"type": "Degraded", "status": "True", "reason": "SlotsNotReady", "message": problems,
          "lastTransitionTime": T_NOW},
-        NO_IP_CONFLICT, VALID_SPEC,
+        NO_IP_CONFLICT, WITHIN_SLOT_LIMIT, VALID_SPEC,
     ]
     assert status["slots"] == [
         {"ip": "192.0.2.50", "index": 0, "holder": "gw1/1", "node": None, "publicKey": None,
@@ -168,7 +170,8 @@ def test_a_newcomer_listing_a_served_ip_is_told_who_serves_it_and_the_holder_sta
     status = compute_gateway_status(m.gateways["egw"], older, records, NOW)
     assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
         ("Ready", "True", "SlotsReady"), ("Degraded", "False", "SlotsReady"),
-        ("EgressIPConflict", "False", "NoConflict"), ("InvalidSpec", "False", "Valid")]
+        ("EgressIPConflict", "False", "NoConflict"),
+        ("SlotLimitExceeded", "False", "WithinSlotLimit"), ("InvalidSpec", "False", "Valid")]
     why = (f"egress IP 192.0.2.99 is served by EgressGateway egw, created first ({T_EARLIER}; "
            f"this one: {T_NOW}); this gateway does not serve it")
     dup = compute_gateway_status(m.gateways["dup"], newer, records, NOW)
@@ -177,6 +180,7 @@ def test_a_newcomer_listing_a_served_ip_is_told_who_serves_it_and_the_holder_sta
         ("Ready", "True", "SlotsReady", "1 of 1 egress IPs are held and published"),
         ("Degraded", "True", "EgressIPConflict", why),
         ("EgressIPConflict", "True", "EgressIPConflict", why),
+        ("SlotLimitExceeded", "False", "WithinSlotLimit", ""),
         ("InvalidSpec", "False", "Valid", ""),
     ]
     # Its other IP works; the contested one shows no holder, though egw's holder has it.
@@ -195,7 +199,7 @@ def test_an_invalid_gateway_says_why():
              "lastTransitionTime": T_NOW},
             {"type": "Degraded", "status": "True", "reason": "Invalid", "message": message,
              "lastTransitionTime": T_NOW},
-            NO_IP_CONFLICT,
+            NO_IP_CONFLICT, WITHIN_SLOT_LIMIT,
             {"type": "InvalidSpec", "status": "True", "reason": "Invalid",
              "message": f"generation 7 is invalid: {message}; no earlier valid generation is "
                         "recorded, so nothing of it applies", "lastTransitionTime": T_NOW},
@@ -355,10 +359,69 @@ def test_a_gateway_replaced_by_an_invalid_one_keeps_serving_and_says_why():
         "Ready": ("True", "SlotsReady", "1 of 1 egress IPs are held and published"),
         "Degraded": ("True", "InvalidSpec", invalid),
         "EgressIPConflict": ("False", "NoConflict", ""),
+        "SlotLimitExceeded": ("False", "WithinSlotLimit", ""),
         "InvalidSpec": ("True", "Invalid", invalid)}
     assert status["observedGeneration"] == 2
     assert status["acceptedSpec"] == {"egressIPs": ["192.0.2.50"]}
     assert [s["ip"] for s in status["slots"]] == ["192.0.2.50"]
+
+
+def _ips(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}.{i}" for i in range(1, count + 1)]
+
+
+def test_a_gateway_whose_ips_get_no_slot_says_so_and_the_older_one_stays_ready():
+    """Two gateways of 64 egress IPs: 128 in all, 126 slots. The newer one serves its
+    first 62 and names the other two; the older one is untouched."""
+    older = {**gateway("egw", _ips("10.1.0", 64)),
+             "metadata": {"name": "egw", "creationTimestamp": T_EARLIER, "generation": 1}}
+    newer = {**gateway("aa-new", _ips("10.2.0", 64)),
+             "metadata": {"name": "aa-new", "creationTimestamp": T_NOW, "generation": 1}}
+    m = model([older, newer])
+    records = {slot: held("gw1/1", ip=str(ip)) for view in m.gateways.values()
+               for slot, ip in view.slots}
+    why = ("2 egress IPs get no slot and are not served (10.2.0.63, 10.2.0.64): at most 126 "
+           "egress IPs are served across all EgressGateways, given to the gateways created "
+           "first (then by name), each in spec order; remove egress IPs from this gateway or "
+           "another one")
+    status = compute_gateway_status(m.gateways["aa-new"], newer, records, NOW)
+    assert [(c["type"], c["status"], c["reason"], c["message"])
+            for c in status["conditions"]] == [
+        ("Ready", "True", "SlotsReady", "62 of 62 egress IPs are held and published"),
+        ("Degraded", "True", "SlotLimitExceeded", why),
+        ("EgressIPConflict", "False", "NoConflict", ""),
+        ("SlotLimitExceeded", "True", "SlotLimitExceeded", why),
+        ("InvalidSpec", "False", "Valid", ""),
+    ]
+    assert status["slots"][61]["ready"] and status["slots"][62] == _empty("10.2.0.63", 62)
+    assert _conditions(compute_gateway_status(m.gateways["egw"], older, records, NOW)) == {
+        "Ready": ("True", "SlotsReady", "64 of 64 egress IPs are held and published"),
+        "Degraded": ("False", "SlotsReady", ""),
+        "EgressIPConflict": ("False", "NoConflict", ""),
+        "SlotLimitExceeded": ("False", "WithinSlotLimit", ""),
+        "InvalidSpec": ("False", "Valid", "")}
+    # The Warning Event comes with the status that first says it.
+    updates = compute_status_updates(m, {"egw": older, "aa-new": newer}, {}, records, NOW)
+    [event] = compute_status_events(updates, {"egw": older, "aa-new": newer}, {},
+                                    reporting_instance="gw1/1")
+    assert (event.regarding.name, event.reason, event.type, event.action, event.note) == (
+        "aa-new", "SlotLimitExceeded", "Warning", "AssignEgressIPs", why)
+
+
+def test_a_gateway_with_no_slot_left_at_all_is_not_ready():
+    full = {**gateway("full", _ips("10.1.0", 126)),
+            "metadata": {"name": "full", "creationTimestamp": T_EARLIER, "generation": 1}}
+    late = {**gateway("late", ["192.0.2.50"]),
+            "metadata": {"name": "late", "creationTimestamp": T_NOW, "generation": 1}}
+    status = compute_gateway_status(model([full, late]).gateways["late"], late, {}, NOW)
+    conditions = _conditions(status)
+    assert conditions["Ready"][:2] == ("False", "NoServableEgressIPs")
+    assert conditions["Ready"][2].startswith(
+        "no egress IP can be served: 1 egress IPs get no slot and are not served "
+        "(192.0.2.50): at most 126 egress IPs")
+    assert conditions["Degraded"][:2] == ("True", "NoServableEgressIPs")
+    assert conditions["SlotLimitExceeded"][:2] == ("True", "SlotLimitExceeded")
+    assert status["slots"] == [_empty("192.0.2.50", 0)]
 
 
 @pytest.mark.parametrize(("stored", "events"), [

@@ -99,6 +99,47 @@ def test_an_unreadable_object_is_skipped_and_reported_until_the_store_repairs_it
         store.close()
 
 
+def test_a_file_that_yaml_parses_into_an_error_of_another_kind_is_rejected_alone(tmp_path):
+    store = FileDatastore(tmp_path, poll_interval=0.01)
+    store.create(ns("good"))
+    # A safe loader raises ValueError, not a YAMLError, for this one.
+    (tmp_path / "objects/Namespace/bad.yaml").write_bytes(
+        b"apiVersion: v1\nkind: Namespace\nmetadata: {name: bad}\nsize: !!int many\n")
+    informer = Informer(store, Kind.NAMESPACE, on_change=lambda: None).start()
+    try:
+        assert informer.synced.wait(5)
+        assert names(informer) == ["good"]
+        [rejected] = informer.rejected()
+        assert rejected.name == "bad" and "invalid literal for int()" in rejected.reason
+    finally:
+        informer.stop()
+        store.close()
+
+
+def test_an_unforeseen_failure_of_the_store_does_not_end_the_informer(tmp_path, caplog):
+    store = FileDatastore(tmp_path, poll_interval=0.01)
+    store.create(ns("a"))
+    failures = [RuntimeError("the store's own bug")]
+    real_list = store.list
+
+    def list_failing_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_list(*args, **kwargs)
+
+    store.list = list_failing_once  # type: ignore[method-assign]
+    informer = Informer(store, Kind.NAMESPACE, on_change=lambda: None, max_backoff=0.05)
+    with caplog.at_level(logging.ERROR, logger="meshgress"):
+        informer.start()
+        try:
+            assert informer.synced.wait(5), "the informer's thread ended"
+            assert names(informer) == ["a"] and informer.errors == 1
+            assert "unexpected failure" in caplog.text and "the store's own bug" in caplog.text
+        finally:
+            informer.stop()
+            store.close()
+
+
 def test_the_loop_renders_rejected_objects_by_kind(tmp_path):
     store = FileDatastore(tmp_path, poll_interval=0.01)
     (tmp_path / "objects/EgressPolicy").mkdir(parents=True)

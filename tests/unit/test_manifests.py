@@ -93,6 +93,22 @@ def test_one_invalid_document_writes_nothing_and_says_why(store_dir, capsys, mon
     assert names(store_dir, Kind.EGRESS_POLICY) == []
 
 
+def test_yaml_is_read_as_kubernetes_reads_it(store_dir, capsys, monkeypatch):
+    """A date-like label value is the string the API server sees; a document a safe
+    loader fails on with something other than a YAML error is still a clear error."""
+    dated = GATEWAY.replace("metadata: {name: egress}",
+                            "metadata: {name: egress, labels: {since: 2024-02-28}}")
+    code, out, _ = run(capsys, "apply", "-f", "-", stdin=dated, monkeypatch=monkeypatch)
+    assert (code, out) == (0, "egressgateway.meshgress.io/egress created\n")
+    stored = FileDatastore(store_dir).get(Kind.EGRESS_GATEWAY, "egress")
+    assert stored["metadata"]["labels"] == {"since": "2024-02-28"}
+    code, out, err = run(capsys, "apply", "-f", "-",
+                         stdin=POLICY + "  priority: !!int high\n", monkeypatch=monkeypatch)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: error parsing STDIN: invalid literal for int()")
+    assert names(store_dir, Kind.EGRESS_POLICY) == []
+
+
 def test_egress_ips_are_checked_against_the_clusters_ranges(store_dir, tmp_path, capsys,
                                                              monkeypatch):
     config = tmp_path / "cluster.yaml"

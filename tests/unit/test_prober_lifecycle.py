@@ -66,3 +66,34 @@ def test_stop_closes_every_socket():
     sock = state.sock = udp_socket(state)
     prober.stop()
     assert sock.fileno() == -1 and state.sock is None
+
+
+def test_a_socket_whose_sends_fail_is_replaced_on_the_next_round():
+    """A probe socket is bound to its tunnel by interface index; when the tunnel is
+    recreated, every send through the old socket fails (ENODEV) for good."""
+    opened: list[socket.socket] = []
+
+    class GoneDevice(socket.socket):
+        def sendto(self, *args: object) -> int:  # type: ignore[override]
+            raise OSError(19, "No such device")
+
+    def open_socket(_state: object) -> socket.socket:
+        sock = GoneDevice(socket.AF_INET, socket.SOCK_DGRAM) if not opened \
+            else udp_socket(_state)
+        sock.setblocking(False)
+        opened.append(sock)
+        return sock
+
+    prober = SlotProber("127.0.0.1", on_change=lambda: None)  # not started: rounds by hand
+    prober._open = open_socket  # type: ignore[method-assign]
+    prober.set_targets((TARGET,))
+    with prober._lock:
+        states = list(prober._slots.items())
+    state = states[0][1]
+    prober._probe_round(states, time.monotonic() + 0.02)
+    assert opened[0].fileno() == -1 and state.sock is None  # closed, not leaked
+    sent = state.sent
+    prober._probe_round(states, time.monotonic() + 0.02)
+    assert len(opened) == 2 and state.sock is opened[1]
+    assert state.sent == sent + 1  # the new socket's probe went out
+    prober.stop()

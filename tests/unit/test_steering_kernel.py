@@ -4,19 +4,23 @@ the two apply phases on fakes."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 
 from meshgress.slots import DROP_MARK, DROP_TABLE
+from nodeagent.managers import SteeringManager
 from nodeagent.steering import SteeringState
 from nodeagent.steering_kernel import (
     FakeSteering,
     ObservedSteering,
+    SlotTunnelsFailed,
     SteeringPlan,
     apply_steering_adds,
     apply_steering_removes,
     plan_steering,
 )
+from wireguard.errors import DeviceStartError
 from wireguard.fake import FakeBackend
 from wireguard.keys import generate_private_key
 from wireguard.model import Device
@@ -93,3 +97,38 @@ def test_phases_add_everything_first_and_remove_only_in_phase_two():
     assert {A, B} <= port.interfaces and (51821, B) in port.routes
     apply_steering_removes(port, wireguard, plan)
     assert port.interfaces == {B} and wireguard.read(A) is None
+
+
+class OneTunnelFails(FakeBackend):
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def apply(self, plan: Any) -> None:
+        if plan.name == self.failing:
+            raise DeviceStartError(f"{plan.name}: wireguard-go did not start")
+        super().apply(plan)
+
+
+def test_a_tunnel_that_fails_does_not_keep_the_other_slots_from_their_tables_and_rules():
+    wireguard = OneTunnelFails(A)
+    port = FakeSteering(wireguard)
+    steering = SteeringManager(port, wireguard)
+    steering.read(SOURCE)
+    plan = steering.plan(desired(A, B))
+    with pytest.raises(SlotTunnelsFailed) as raised:
+        steering.apply_adds(plan, SOURCE)
+    assert set(raised.value.failed) == {A} and raised.value.temporary
+    # B's packets are marked for table 51822 by the nftables step that follows: its route
+    # and rule are there. A's table gets no rule while its tunnel is missing.
+    assert (51822, B) in port.routes and (0x20000, 51822) in port.rules
+    assert B in port.probe and B in port.loose
+    assert not any(table == 51821 for _, table in port.rules)
+    assert (DROP_MARK, DROP_TABLE) in port.rules and (DROP_TABLE, None) in port.routes
+    # Once A's tunnel comes up, the next pass completes it, and B's session is left alone.
+    wireguard.failing = ""
+    steering.read(SOURCE)
+    plan = steering.plan(desired(A, B))
+    assert plan.reset_sessions == ()
+    steering.apply_adds(plan, SOURCE)
+    assert (0x10000, 51821) in port.rules and (51821, A) in port.routes
