@@ -132,16 +132,15 @@ class Informer:
                                 or self._matters(before, event.object)
                     if changed:
                         self._on_change()
-            except DatastoreError as exc:
+            except Exception as exc:
                 self.errors += 1
-                log.warning("informer %s: %s; listing again in %.2fs", self.kind, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
-            except Exception:
-                # A fault the store did not foresee must not freeze this cache for good
-                # while the process looks alive: report it whole and list again.
-                self.errors += 1
-                log.exception("informer %s: unexpected failure; listing again in %.2fs",
-                              self.kind, backoff)
+                if isinstance(exc, DatastoreError):
+                    log.warning("informer %s: %s; listing again in %.2fs", self.kind, exc,
+                                backoff)
+                else:
+                    # A fault the store did not foresee must not freeze this cache for good
+                    # while the process looks alive: report it whole and list again.
+                    log.exception("informer %s: unexpected failure; listing again in %.2fs",
+                                  self.kind, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
