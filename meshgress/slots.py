@@ -23,6 +23,11 @@ Naming is derived, never stored, so both sides compute the same names independen
 - the holder listens for a slot's tunnel on GATEWAY_BASE_PORT + the slot's number (a
   holder of several slots, of one gateway or of several, never needs one port twice)
   and publishes that endpoint on the lease; nodes only ever read it from there;
+- a node's end of a slot's tunnel listens on NODE_SLOT_BASE_PORT + the node's number for
+  the slot. Every UDP port meshgress binds on a node is fixed (FIXED_UDP_PORTS): a socket
+  left to pick its own port (port 0) takes a random one of the kernel's ephemeral range,
+  which holds all of these, so a node's own tunnel could take the port a gateway on the
+  same node needs next — and keep it;
 - on nodes, the slot's fwmark is (number + 1) << 16 inside FWMARK_MASK and its table
   ROUTING_TABLE_BASE + 1 + number; the mark 0xff << 16 means "drop: no healthy slot"
   (FailClosed); on gateways, replies are routed back into a slot's tunnel with the mark
@@ -52,10 +57,14 @@ from meshgress.kernel_ids import (
     FWMARK_MASK,
     GATEWAY_INTERFACE_PREFIX,
     ROUTING_TABLE_BASE,
+    WIREGUARD_PORT,
 )
 
 GATEWAY_BASE_PORT = 51900
+NODE_SLOT_BASE_PORT = 52100
 PROBE_PORT = 51899
+"""Where a holder answers probes, and where a node's probe sockets send them from (each
+bound to its slot's tunnel, so they share the port)."""
 SLOT_INTERFACE_ADDRESS = ipaddress.IPv4Address("169.254.123.1")
 """On every gateway slot interface, only so that the kernel's loose reverse-path check
 accepts what arrives there (it refuses packets on an interface without any IPv4 address
@@ -73,6 +82,12 @@ LEASE_DURATION_SECONDS = 3.0
 LEASE_RENEW_SECONDS = 1.0
 
 assert DROP_MARK & FWMARK_MASK == DROP_MARK
+
+_GATEWAY_PORTS = range(GATEWAY_BASE_PORT, GATEWAY_BASE_PORT + MAX_SLOTS)
+_NODE_SLOT_PORTS = range(NODE_SLOT_BASE_PORT, NODE_SLOT_BASE_PORT + MAX_SLOTS)
+FIXED_UDP_PORTS = frozenset({WIREGUARD_PORT, PROBE_PORT, *_GATEWAY_PORTS, *_NODE_SLOT_PORTS})
+"""Every UDP port an agent or a gateway binds on a node (the ranges never overlap)."""
+assert len(FIXED_UDP_PORTS) == 2 + 2 * MAX_SLOTS
 
 
 @dataclass(frozen=True, order=True)
@@ -142,6 +157,11 @@ def slot_number_of_table(table: int) -> int | None:
 def gateway_port(number: int) -> int:
     """The UDP port the holder of the slot with this number listens on."""
     return GATEWAY_BASE_PORT + number
+
+
+def node_slot_port(number: int) -> int:
+    """The UDP port of a node's end of the slot tunnel with this (node-local) number."""
+    return NODE_SLOT_BASE_PORT + number
 
 
 def slot_number_of_port(port: int) -> int | None:

@@ -44,7 +44,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import IO
 
 from meshgress.kernel.rtnl import Rtnl
-from meshgress.slots import PROBE_PORT, SlotId
+from meshgress.slots import FIXED_UDP_PORTS, PROBE_PORT, SlotId
 from nodeagent.steering import ProbeTarget
 
 log = logging.getLogger("meshgress.prober")
@@ -124,18 +124,18 @@ class SlotProber:
     def _close_retired(self) -> None:
         with self._lock:
             retired, self._retired = self._retired, []
-        for state in retired:
-            if state.sock is not None:
-                state.sock.close()
-                state.sock = None
+        _close_sockets(retired)
 
     def _run(self) -> None:
         with _NodeView() as view:
             while not self._stop.is_set():
                 started = time.monotonic()
-                self._close_retired()  # no round is using them now
                 with self._lock:
+                    # Taken together: a slot's new state (a new holder, the same tunnel)
+                    # binds the address and port its retired one holds until closed.
+                    retired, self._retired = self._retired, []
                     states = list(self._slots.items())
+                _close_sockets(retired)  # no round is using them now
                 if not states:
                     self._targets_changed.wait()
                     self._targets_changed.clear()
@@ -215,6 +215,13 @@ class SlotProber:
                 else:
                     changed |= _missed(slot, state)
         return changed
+
+
+def _close_sockets(states: list[_SlotState]) -> None:
+    for state in states:
+        if state.sock is not None:
+            state.sock.close()
+            state.sock = None
 
 
 def _drain_for(sock: socket.socket, payload: bytes) -> bool:
@@ -313,10 +320,33 @@ def served_here(targets: list[ProbeTarget], interfaces: Mapping[str, int],
             and t.local.gateway_interface in interfaces and t.local.egress_ip in local_ips}
 
 
-def open_probe_socket(interface: str, source: str) -> socket.socket | None:
+def open_probe_socket(interface: str, source: str,
+                      port: int | None = PROBE_PORT) -> socket.socket | None:
     """A UDP socket bound to `interface` (so the probe takes the slot's tunnel whatever
     the routing tables say) and to the node's probe address; None when it cannot be made
-    (the interface is gone, say)."""
+    (the interface is gone, say).
+
+    The agent's sockets all bind PROBE_PORT (each to its own tunnel, so they never
+    conflict). `port=None`, for a one-off look beside a running agent, takes an
+    ephemeral port, but never one of FIXED_UDP_PORTS: a socket holding one of those keeps
+    an agent or a gateway on this node from binding it.
+    """
+    if port is not None:
+        return _bound_probe_socket(interface, source, port)
+    rejected: list[socket.socket] = []
+    try:
+        for _ in range(16):  # each draw is random: 16 draws all landing on 254 ports never happen
+            sock = _bound_probe_socket(interface, source, 0)
+            if sock is None or sock.getsockname()[1] not in FIXED_UDP_PORTS:
+                return sock
+            rejected.append(sock)  # held until the end, so the next draw differs
+        return None
+    finally:
+        for sock in rejected:
+            sock.close()
+
+
+def _bound_probe_socket(interface: str, source: str, port: int) -> socket.socket | None:
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     except OSError as exc:
@@ -325,7 +355,7 @@ def open_probe_socket(interface: str, source: str) -> socket.socket | None:
     try:
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
-        sock.bind((source, 0))
+        sock.bind((source, port))
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -341,7 +371,7 @@ def probe_once(targets: Sequence[ProbeTarget], source: str, *, timeout: float = 
     one-off look (`meshgress status`); the agent's prober keeps its own sockets."""
     answered = served_here(list(targets), _rx_packets())
     remote = [t for t in targets if t.local is None]
-    sockets = {t.slot: open_probe_socket(t.interface, source) for t in remote}
+    sockets = {t.slot: open_probe_socket(t.interface, source, port=None) for t in remote}
     try:
         for attempt in range(attempts):
             payload = os.urandom(4) + struct.pack("!I", attempt)

@@ -52,6 +52,7 @@ from meshgress.slots import (
     DROP_TABLE,
     SlotId,
     assign_slot_numbers,
+    node_slot_port,
     slot_mark,
     slot_table,
 )
@@ -212,7 +213,8 @@ def _slot_tunnels(inputs: SteeringInputs, numbers: Mapping[SlotId, int]) -> _Slo
                 continue  # gateways serve IPv4 egress IPs only: nobody holds this slot
             holder = inputs.holders.get(slot)
             out.devices.append(Device(
-                slot.node_interface, private_key=inputs.private_key, listen_port=0,
+                slot.node_interface, private_key=inputs.private_key,
+                listen_port=node_slot_port(numbers[slot]),
                 mtu=inputs.mtu,
                 peers=[Peer(holder.public_key, endpoint=holder.endpoint,
                             allowed_ips=[ALL_IPV4], persistent_keepalive=0)]

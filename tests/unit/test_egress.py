@@ -8,8 +8,19 @@ from meshgress.cluster import SlotHolder
 from meshgress.datastore import Kind, RejectedObject
 from meshgress.egress import PodView, compute_egress, ranges_to_cidrs
 from meshgress.explain import explain_pod
+from meshgress.kernel_ids import WIREGUARD_PORT
 from meshgress.lab.topology import lab_cluster_config
-from meshgress.slots import DROP_MARK, MAX_SLOTS, SlotId, assign_slot_numbers, slot_mark
+from meshgress.slots import (
+    DROP_MARK,
+    FIXED_UDP_PORTS,
+    MAX_SLOTS,
+    PROBE_PORT,
+    SlotId,
+    assign_slot_numbers,
+    gateway_port,
+    node_slot_port,
+    slot_mark,
+)
 from nodeagent.steering import (
     BUCKETS,
     LocalHolder,
@@ -334,6 +345,19 @@ def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules()
     assert set(sets["egress_healthy"]) == {slot_mark(0), slot_mark(1)}
     assert (DROP_MARK, 51820) in state.rules and (slot_mark(0), 51821) in state.rules
     assert (51821, SLOTS[0].node_interface) in state.routes and (51820, None) in state.routes
+
+
+def test_a_nodes_slot_tunnels_listen_on_fixed_ports_of_their_own():
+    """Never port 0: a random port may be one a gateway on the same node needs next
+    (PROBE_PORT or a slot's port), and a tunnel keeps its port for as long as it lives."""
+    state = steering(SLOTS, kept={SLOTS[0]: 7})
+    ports = {d.name: d.listen_port for d in state.devices}
+    assert ports == {SLOTS[0].node_interface: node_slot_port(7),
+                     SLOTS[1].node_interface: node_slot_port(0)}
+    assert set(ports.values()) <= FIXED_UDP_PORTS
+    gateways = {gateway_port(n) for n in range(MAX_SLOTS)}
+    assert not gateways & {node_slot_port(n) for n in range(MAX_SLOTS)}
+    assert PROBE_PORT not in gateways and WIREGUARD_PORT not in gateways
 
 
 def test_a_slot_without_a_holder_keeps_its_tunnel_without_a_peer_or_a_route_to_it():
