@@ -1,5 +1,6 @@
 """compute_mesh, plan_routes and the status report: table-driven, no root."""
 
+import base64
 import ipaddress
 
 import pytest
@@ -173,7 +174,9 @@ def test_exactly_one_side_of_every_pair_initiates():
 
 
 def test_the_grace_is_short_and_differs_between_pairs():
-    keys = [public_key(generate_private_key()) for _ in range(20)]
+    # Fixed keys: the jitter has 65,536 steps, so 19 random pairs share one about one
+    # run in 400 (harmless for the product: it spreads kicks, it never promised them apart).
+    keys = [public_key(base64.b64encode(bytes([i + 1]) * 32).decode()) for i in range(20)]
     graces = {handshake_grace(keys[0], k) for k in keys[1:]}
     assert all(HANDSHAKE_GRACE <= g <= HANDSHAKE_GRACE + HANDSHAKE_JITTER for g in graces)
     assert len(graces) == len(keys) - 1
