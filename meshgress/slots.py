@@ -24,7 +24,7 @@ Naming is derived, never stored, so both sides compute the same names independen
   holder of several slots, of one gateway or of several, never needs one port twice)
   and publishes that endpoint on the lease; nodes only ever read it from there;
 - a node's end of a slot's tunnel listens on NODE_SLOT_BASE_PORT + the node's number for
-  the slot. Every UDP port meshgress binds on a node is fixed (FIXED_UDP_PORTS): a socket
+  the slot. Every UDP port an agent or a gateway binds is fixed (FIXED_UDP_PORTS): a socket
   left to pick its own port (port 0) takes a random one of the kernel's ephemeral range,
   which holds all of these, so a node's own tunnel could take the port a gateway on the
   same node needs next — and keep it;

@@ -131,8 +131,9 @@ class SlotProber:
             while not self._stop.is_set():
                 started = time.monotonic()
                 with self._lock:
-                    # Taken together: a slot's new state (a new holder, the same tunnel)
-                    # binds the address and port its retired one holds until closed.
+                    # Under one lock: a slot's new state (a new holder, the same tunnel)
+                    # binds the address and port its retired state holds until closed
+                    # here, so no round may open the new one first.
                     retired, self._retired = self._retired, []
                     states = list(self._slots.items())
                 _close_sockets(retired)  # no round is using them now
@@ -335,7 +336,7 @@ def open_probe_socket(interface: str, source: str,
         return _bound_probe_socket(interface, source, port)
     rejected: list[socket.socket] = []
     try:
-        for _ in range(16):  # each draw is random: 16 draws all landing on 254 ports never happen
+        for _ in range(16):  # random draws: 16 in a row on the 254 fixed ports do not happen
             sock = _bound_probe_socket(interface, source, 0)
             if sock is None or sock.getsockname()[1] not in FIXED_UDP_PORTS:
                 return sock
