@@ -158,10 +158,16 @@ class LeaseKeeper:
                     return False
             self._held.pop(slot, None)
         try:
-            self._release_lease(slot)
+            released = self._release_lease(slot)
         except DatastoreError as exc:
             log.warning("slot=%s release failed (it expires instead): %s", slot_name(slot), exc)
             return False
+        if not released:
+            # Its lease expired and was taken before this release: nothing of ours was
+            # left to give up (the IP's lifetime had ended before the lease did).
+            log.warning("slot given up slot=%s reason=%s: its lease had already passed to "
+                        "another holder", slot_name(slot), reason)
+            return True
         self.metrics.releases += 1
         log.info("slot released slot=%s reason=%s", slot_name(slot), reason)
         return True
@@ -275,11 +281,11 @@ class LeaseKeeper:
             self._release_lease(slot)
         return True
 
-    def _release_lease(self, slot: SlotId) -> None:
+    def _release_lease(self, slot: SlotId) -> bool:
         """One write, which lands only while the lease is still ours: no holder, and none
-        of what this process published on it."""
-        self.store.release_lease(slot.lease_name, self.identity,
-                                 clear_annotations=SLOT_LEASE_ANNOTATIONS)
+        of what this process published on it. False: it was not ours, nothing written."""
+        return self.store.release_lease(slot.lease_name, self.identity,
+                                        clear_annotations=SLOT_LEASE_ANNOTATIONS)
 
     def _refresh_address(self, held: HeldSlot) -> None:
         if held.address is None:

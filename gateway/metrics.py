@@ -39,7 +39,8 @@ class GatewayMetrics:
         metric("meshgress_gateway_lease_acquisitions_total", "counter",
                "Slot leases taken (not renewals).", [("", self.leases.acquisitions)])
         metric("meshgress_gateway_lease_releases_total", "counter",
-               "Slot leases given up.", [("", self.leases.releases)])
+               "Slot leases released (a standby can take them at once).",
+               [("", self.leases.releases)])
         metric("meshgress_gateway_lease_renew_failures_total", "counter",
                "Lease renewals that failed.", [("", self.leases.renew_failures)])
         metric("meshgress_gateway_fenced_total", "counter",

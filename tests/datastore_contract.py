@@ -539,11 +539,12 @@ class DatastoreContract:
                                                         unique: str) -> None:
         name = f"{unique}-slot"
         store.acquire_lease(name, "gw-a", 60)
-        store.release_lease(name, "gw-b")  # not the holder: no-op
+        assert store.release_lease(name, "gw-b") is False  # not the holder: no-op
         held = store.get_lease(name)
         assert held is not None
         assert held.holder == "gw-a"
-        store.release_lease(name, "gw-a")
+        assert store.release_lease(name, "gw-a") is True
+        assert store.release_lease(name, "gw-a") is False  # released already
         released = store.get_lease(name)
         assert released is not None
         assert released.holder is None
@@ -551,7 +552,7 @@ class DatastoreContract:
         clock.now += 1
         b = store.acquire_lease(name, "gw-b", 60)
         assert (b.holder, b.transitions, b.acquire_time) == ("gw-b", 1, T0 + 1)
-        store.release_lease(f"{unique}-never-taken", "gw-a")
+        assert store.release_lease(f"{unique}-never-taken", "gw-a") is False
         assert store.get_lease(f"{unique}-never-taken") is None
 
     def test_lease_release_clears_annotations_in_the_same_write_only_for_its_holder(

@@ -495,10 +495,11 @@ class Datastore(Protocol):
         ...
 
     def release_lease(self, name: str, holder: str, *,
-                      clear_annotations: Collection[str] = ()) -> None:
+                      clear_annotations: Collection[str] = ()) -> bool:
         """Give a lease up so a standby can take it at once, removing the annotations
         `clear_annotations` names in the same write; a no-op unless `holder` holds it
-        (atomic between processes: once another holder took it, nothing is written)."""
+        (atomic between processes: once another holder took it, nothing is written).
+        True when this call released it, False when `holder` did not hold it."""
         ...
 
     def get_lease(self, name: str) -> Lease | None:

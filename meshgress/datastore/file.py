@@ -400,14 +400,15 @@ class FileDatastore:
                                             new, current))
 
     def release_lease(self, name: str, holder: str, *,
-                      clear_annotations: Collection[str] = ()) -> None:
+                      clear_annotations: Collection[str] = ()) -> bool:
         clear = checked_annotation_keys(clear_annotations)
         path = self._path(Kind.LEASE, LEASE_NAMESPACE, name)
         with self._writing() as w:
             current = self._read(path)
             if current is None or parse_lease(current).holder != holder:
-                return
+                return False
             self._commit(w, "MODIFIED", Kind.LEASE, released_lease(current, clear), current)
+            return True
 
     def record_event(self, event: EventRecord) -> None:
         now = self._clock()

@@ -440,24 +440,24 @@ class KubeDatastore:
                        f"{_LEASE_ATTEMPTS} attempts")
 
     def release_lease(self, name: str, holder: str, *,
-                      clear_annotations: Collection[str] = ()) -> None:
+                      clear_annotations: Collection[str] = ()) -> bool:
         clear = checked_annotation_keys(clear_annotations)
         path = self._item_path(Kind.LEASE, name, LEASE_NAMESPACE)
         for _attempt in range(_LEASE_ATTEMPTS):
             try:
                 current = self._request("GET", path, what=f"lease {name}")
             except NotFound:
-                return
+                return False
             if parse_lease(current).holder != holder:
-                return
+                return False
             new = _strip(released_lease(current, clear))
             try:
                 self._request("PUT", path, body=new, what=f"lease {name}")
-                return
+                return True
             except Conflict:
                 continue
             except NotFound:
-                return
+                return False
         raise Conflict(f"lease {name} kept changing while {holder} released it")
 
     def record_event(self, event: EventRecord) -> None:

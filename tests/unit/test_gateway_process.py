@@ -327,10 +327,10 @@ class WatchingStore(FlakyStore):
         self.kernel: FakeKernel | None = None
         self.at_release: list[dict[EgressAddress, int]] = []
 
-    def release_lease(self, name: str, holder: str, **kwargs: Any) -> None:
+    def release_lease(self, name: str, holder: str, **kwargs: Any) -> bool:
         assert self.kernel is not None
         self.at_release.append(dict(self.kernel.egress))
-        self._store.release_lease(name, holder, **kwargs)
+        return self._store.release_lease(name, holder, **kwargs)
 
 
 def test_drain_releases_right_after_removing_the_ip_and_leaves_nothing(lab):
@@ -349,6 +349,24 @@ def test_drain_releases_right_after_removing_the_ip_and_leaves_nothing(lab):
     assert [n for n in k.links if n.startswith("mgeg")] == []
     assert gw.ports.nft.state is None  # type: ignore[union-attr]
     assert gw.ports.probe.serving == {}  # type: ignore[union-attr]
+
+
+def test_a_release_after_the_lease_passed_on_says_so_and_writes_nothing(lab, caplog):
+    """A release that finds its lease taken by another holder (after it expired) is not
+    reported, logged or counted as a release, and leaves the new holder's lease alone."""
+    h = lab(["192.0.2.50"])
+    gw = h.gateway()
+    h.settle(gw)
+    h.store.release_lease(SLOT0.lease_name, "gw1/0")
+    taken = h.store.acquire_lease(SLOT0.lease_name, "thief", 3.0)
+    caplog.set_level("INFO", logger="meshgress.gateway")
+    assert gw.leases.release(SLOT0, "draining")
+    assert h.store.get_lease(SLOT0.lease_name) == taken
+    assert gw.leases.metrics.releases == 0 and SLOT0 not in gw.held()
+    assert kernel(gw).egress == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "slot released" in m]
+    assert [m for m in messages if "already passed to another holder" in m]
 
 
 def test_two_gateways_end_with_one_slot_each(lab):
