@@ -74,6 +74,8 @@ class MeshManager:
         """Peers whose handshake the other side starts: key → when this side takes over."""
         self.owed: set[str] = set()
         """Peers whose handshake this side starts and has not kicked yet."""
+        self._graces_checked_at = float("-inf")
+        """When the last kick step looked for graces that had ended."""
 
     def apply_device(self, device: Device) -> DevicePlan:
         return apply_device_tracked(self._wireguard, device, self.device_view,
@@ -97,6 +99,7 @@ class MeshManager:
         """Kick what is owed, and the pending peers whose grace has passed (they then leave
         `pending`, so their routes go into the mesh in the same pass)."""
         now = self._clock()
+        self._graces_checked_at = now
         due = sorted(key for key, at in self.pending.items() if at <= now)
         keys = sorted(self.owed) + due
         if not keys:
@@ -120,9 +123,12 @@ class MeshManager:
         pending peer's grace."""
         wake = min(self.device_view.resync_in(), self.routes_view.resync_in())
         now = self._clock()
-        # A grace already over was this pass's to act on; if its kick failed, the failed
-        # step brings the retry (asking for a pass now would spin while it keeps failing).
-        coming = [at - now for at in self.pending.values() if at > now]
+        # A grace that had ended when the kick step looked was that step's to act on; if
+        # its kick failed, the failed step brings the retry (asking for a pass now would
+        # spin while it keeps failing). One that ended since, while the rest of the pass
+        # ran, is not: it needs a pass now, or its peer waits for the next resync.
+        coming = [max(at - now, 0.0) for at in self.pending.values()
+                  if at > self._graces_checked_at]
         return min([wake, *coming])
 
     def full_reads(self) -> dict[str, int]:

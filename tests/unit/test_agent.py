@@ -37,7 +37,7 @@ from nodeagent.routes import FakeRoutes
 from nodeagent.steering import CHAIN_STEER, LocalPod
 from nodeagent.steering_kernel import FakeSteering
 from wireguard.fake import FakeBackend
-from wireguard.keys import generate_private_key, public_key
+from wireguard.keys import generate_private_key, parse_key, public_key
 
 CLUSTER = ClusterConfig(pod_cidrs=(ipaddress.ip_network("198.18.0.0/16"),),
                         service_cidrs=(ipaddress.ip_network("198.19.0.0/16"),))
@@ -312,6 +312,58 @@ def test_the_higher_key_holds_its_routes_back_then_kicks_once_when_the_grace_end
     manager.apply_routes(manager.routes(mesh))
     assert RouteSpec(ipaddress.IPv4Network("198.18.2.0/24"), oif="meshgress0") in routes.table
     assert held not in routes.table
+
+
+def test_a_grace_that_ends_while_the_pass_runs_on_brings_the_next_pass_at_once():
+    """A joining node waits out one grace per existing node whose key is lower. When the
+    second grace ends after the kick step looked but before the pass asks when to wake,
+    the pass must ask for another at once: waiting for the next resync held that peer's
+    routes back as blackholes for seconds (the join stall the graces exist to prevent)."""
+    from meshgress.cluster import parse_node
+    from nodeagent.mesh import MeshInputs, compute_mesh
+
+    while True:  # three keys; this node's is the highest, so both peers are pending
+        *lower, private = sorted((generate_private_key() for _ in range(3)),
+                                 key=lambda k: parse_key(public_key(k)))
+        clock = Clock()
+        manager, wireguard, _ = manager_with(public_key(private), clock)
+        mesh = compute_mesh(MeshInputs(
+            self_name="node1", private_key=private, mtu=1420, cluster=CLUSTER,
+            nodes=(parse_node(node("node1", "192.0.2.11", "198.18.1.0/24")),
+                   *(parse_node(node(f"node{n}", f"192.0.2.1{n}", f"198.18.{n}.0/24", **{
+                       PUBLIC_KEY_ANNOTATION: public_key(k),
+                       ENDPOINT_ANNOTATION: f"192.0.2.1{n}:51820"}))
+                     for n, k in ((2, lower[0]), (3, lower[1]))))))
+        manager.apply_device(mesh.device)
+        manager.apply_routes(manager.routes(mesh))
+        first, second = sorted(manager.pending.values())
+        if first < second:  # equal jitter, about 1 draw in 65,536: draw again
+            break
+    clock.now = first
+    assert len(manager.kick_handshakes("meshgress0")) == 1
+    clock.now = second + 0.01  # the rest of the pass took a while
+    assert manager.resync_in() == 0.0
+    assert len(manager.kick_handshakes("meshgress0")) == 1 and manager.pending == {}
+    assert manager.resync_in() > 5
+    assert len(wireguard.kicks) == 2
+
+
+def test_a_failed_kick_of_an_ended_grace_does_not_spin_the_loop():
+    _, low, high_private, high = keys_in_order()
+    clock = Clock()
+    manager, wireguard, _ = manager_with(high, clock)
+    mesh = one_peer_mesh(high_private, low)
+    manager.apply_device(mesh.device)
+    manager.apply_routes(manager.routes(mesh))
+    clock.now += 0.45
+
+    def refuse(*_args: Any) -> None:
+        raise OSError("the UAPI socket is gone")
+
+    wireguard.kick = refuse  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        manager.kick_handshakes("meshgress0")
+    assert manager.pending and manager.resync_in() > 5  # the failed step brings the retry
 
 
 def test_a_peer_added_by_an_apply_that_then_failed_still_gets_its_handshake():
