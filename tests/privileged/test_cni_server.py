@@ -355,7 +355,12 @@ def test_a_del_while_the_agent_is_down_succeeds_and_runs_before_any_new_add(
     assert ip_json(node.netns, "route", "show", f"{freed}/32") == []
     assert allocation_files(node) == [str(address_of(kept.json))]
     assert list(node.delete_queue.iterdir()) == []
-    log = node.log.read_text()
+    # The socket accepts connections a moment before the restarted server logs that it
+    # listens: wait for that line, then check the replay came before it.
+    deadline = time.monotonic() + 5
+    while (log := node.log.read_text()).count("CNI server listening") < 2:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.01)
     assert log.index("replayed from the deletion queue") < log.rindex("CNI server listening")
     again = node.call("ADD", "ctr-new", netns_factory("new"))
     assert again.exit == 0, again.stdout
