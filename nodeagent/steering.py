@@ -8,8 +8,10 @@ node's share:
   allowed-ips 0.0.0.0/0), carrying the node's probe address; a slot without a holder
   keeps its interface without a peer and without a route to it, so a takeover changes a
   peer in place instead of starting a tunnel (with wireguard-go, a process) from scratch;
-- per slot a routing table whose default route is that interface, selected by an
-  `ip rule` on the slot's fwmark; and a drop table (`blackhole default`) for FailClosed;
+- per slot a routing table whose default route is that interface (with a blackhole
+  behind it, so a vanished interface never sends its marks to the main table), selected
+  by an `ip rule` on the slot's fwmark; and a drop table (`blackhole default`) for
+  FailClosed;
 - nftables additions to the node's table: per policy a set of its local pods and a set of
   its effective destinations; a prerouting chain that keeps a flow on its slot while the
   slot is healthy (the choice lives in the conntrack mark) and otherwise sends the packet
@@ -124,7 +126,8 @@ class SteeringState:
     rules: tuple[tuple[int, int], ...]
     """(fwmark, table) for every slot table and the drop table."""
     routes: tuple[tuple[int, str | None], ...]
-    """(table, interface) default routes; interface None = blackhole."""
+    """(table, interface) default routes; interface None = a blackhole (the drop table's
+    only route, and each slot table's fallback: `slot_table_routes`)."""
     sets: tuple[NftSet, ...]
     chains: tuple[NftChain, ...]
     buckets: Mapping[str, tuple[int, ...]]
@@ -225,8 +228,17 @@ def _slot_tunnels(inputs: SteeringInputs, numbers: Mapping[SlotId, int]) -> _Slo
             out.probes.append(probe_target(slot, egress_ip, holder, inputs.node_name,
                                            check))
             out.rules.append((slot_mark(numbers[slot]), slot_table(numbers[slot])))
-            out.routes.append((slot_table(numbers[slot]), slot.node_interface))
+            out.routes += slot_table_routes(numbers[slot], slot.node_interface)
     return out
+
+
+def slot_table_routes(number: int, interface: str) -> tuple[tuple[int, str | None], ...]:
+    """The routes of the table of the slot numbered `number`: the default route through
+    its tunnel and, behind it, a blackhole. Should the tunnel vanish, its route goes with
+    it; the blackhole then drops the slot's marked packets, whose lookup would otherwise
+    fall through to the main table and leave with the node's address."""
+    table = slot_table(number)
+    return ((table, interface), (table, None))
 
 
 def compute_steering(inputs: SteeringInputs) -> SteeringState:

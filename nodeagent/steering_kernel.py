@@ -3,8 +3,9 @@
 meshgress owns, for steering: interfaces named `mge` + 8 hex digits (the gateway's own
 `mgeg…` interfaces are never touched), `ip rule`s at RULE_PRIORITY_EGRESS with the
 meshgress fwmark mask, and default routes tagged with its route protocol in tables
-ROUTING_TABLE_BASE..+255 (a blackhole in the drop table, one through each slot interface
-in its table). Each slot interface carries the node's probe address and loose
+ROUTING_TABLE_BASE..+255 (a blackhole in the drop table; in each slot table, one through
+its slot interface and a blackhole behind it at FALLBACK_METRIC). Each slot interface
+carries the node's probe address and loose
 reverse-path filtering (replies from the outside arrive on the tunnel while the main
 table routes their source elsewhere).
 
@@ -52,6 +53,9 @@ from wireguard.model import Device
 NODE_SLOT_INTERFACE = re.compile(r"^mge[0-9a-f]{8}$")
 TABLE_RANGE = range(ROUTING_TABLE_BASE, ROUTING_TABLE_BASE + 256)
 RP_FILTER_LOOSE = 2
+FALLBACK_METRIC = 0xFFFFFFFF
+"""The metric of the blackholes meshgress writes: the lowest priority there is, so in a
+slot table the blackhole serves only once the route through the tunnel is gone."""
 
 TableRoute = tuple[int, str | None]
 """(table, interface) of an owned default route; interface None: a blackhole."""
@@ -131,8 +135,9 @@ def plan_steering(desired: SteeringState, observed: ObservedSteering,
                   tenures: Mapping[str, str]) -> SteeringPlan:
     """What to change so the kernel steers as `desired` says. `tenures` is the holder
     tenure each slot tunnel was last configured for (empty after a restart: what is
-    found is adopted). A table whose route changes is replaced in place, never emptied
-    first. Purely computational."""
+    found is adopted). A kept table whose tunnel route changes has it replaced in place
+    (the kernel replaces the route of the same metric), never emptied first. Purely
+    computational."""
     wanted = {device.name for device in desired.devices}
     wanted_tables = {table for table, _ in desired.routes}
     routes, rules = set(desired.routes), set(desired.rules)
@@ -241,7 +246,8 @@ class NetlinkSteering:
         for table, interface in plan.add_routes:
             default = ipaddress.IPv4Network("0.0.0.0/0")
             if interface is None:
-                route = Route(default, table, ROUTE_PROTOCOL, rt.RTN_BLACKHOLE)
+                route = Route(default, table, ROUTE_PROTOCOL, rt.RTN_BLACKHOLE,
+                              metric=FALLBACK_METRIC)
             else:
                 route = Route(default, table, ROUTE_PROTOCOL, rt.RTN_UNICAST,
                               rt.RT_SCOPE_LINK, links[interface])
@@ -253,9 +259,10 @@ class NetlinkSteering:
     def remove(self, plan: SteeringPlan) -> None:
         messages = [rt.rule_message(_rule(mark, table), delete=True)
                     for mark, table in plan.remove_rules]
-        messages += [rt.route_delete_message(ipaddress.IPv4Network("0.0.0.0/0"), table=table,
-                                             protocol=ROUTE_PROTOCOL)
-                     for table, _ in plan.remove_routes]
+        messages += [rt.route_delete_message(
+                         ipaddress.IPv4Network("0.0.0.0/0"), table=table, protocol=ROUTE_PROTOCOL,
+                         type=rt.RTN_BLACKHOLE if interface is None else rt.RTN_UNICAST)
+                     for table, interface in plan.remove_routes]
         self._rtnl.send_all(messages, ignore=frozenset({errno.ESRCH, errno.ENOENT}))
 
 
@@ -290,8 +297,10 @@ class FakeSteering:
                 raise OSError(errno.ENODEV, f"{name}: no such interface")
         self.probe.update(plan.add_probe_addresses)
         self.loose.update(plan.set_rp_filter)
-        tables = {t for t, _ in plan.add_routes}
-        self.routes = {r for r in self.routes if r[0] not in tables} | set(plan.add_routes)
+        # A route replaces the one of its kind in its table (same metric), as in the kernel.
+        replaced = {(t, i is None) for t, i in plan.add_routes}
+        self.routes = {r for r in self.routes
+                       if (r[0], r[1] is None) not in replaced} | set(plan.add_routes)
         self.rules |= set(plan.add_rules)
 
     def remove(self, plan: SteeringPlan) -> None:

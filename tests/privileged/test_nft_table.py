@@ -61,7 +61,10 @@ from meshgress.kernel.nft_model import (
 )
 from meshgress.kernel.nftables import NftablesAdapter, NftError, apply_ruleset
 from meshgress.kernel_ids import NFT_FAMILY, NFT_TABLE
+from meshgress.slots import slot_mark, slot_table
 from nodeagent.firewall import FirewallSpec, compute_ruleset
+from nodeagent.steering import slot_table_routes
+from nodeagent.steering_kernel import NetlinkSteering, SteeringPlan
 from tests.run_owned import is_crashed_runs, owned
 
 TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
@@ -577,3 +580,75 @@ def test_a_forged_pod_source_from_the_underlay_is_counted_and_dropped(
     ping(underlay.peer, "192.0.2.1")  # the peer's own address is fine
     assert node.nft.counters()["spoof_in"][0] == 1
     assert node.nft.counters()["leak_out"][0] == 0
+
+
+# --- behind the table: a slot's routing table ---------------------------------------------
+
+SLOT_INTERFACE = "mge0000000a"
+PROBE_SOURCE = ipaddress.IPv4Address("198.18.1.1")
+# What the node's steering chain does to a pod's packet for slot 0 (nodeagent.steering),
+# reduced to one destination.
+MARK_FOR_SLOT_0 = f"""
+table inet mgtsteer {{
+    chain pre {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "mgc0test1" ip daddr 192.0.2.2 meta mark set {slot_mark(0):#x}
+    }}
+}}
+"""
+
+
+def test_once_a_slot_tunnel_vanished_its_marked_packets_are_dropped_never_masqueraded(
+        underlay: Underlay, make_netns: Callable[[str], str]) -> None:
+    """The slot's table as steering writes it (`NetlinkSteering`), on a real kernel and
+    behind the node's table. While the tunnel lives, a marked packet leaves through it
+    with the pod's source. When the tunnel vanishes its route goes with it, and the
+    table's blackhole keeps the lookup from falling through to the main table, where the
+    packet would be masqueraded out with the node's address."""
+    node, n, peer = underlay.node, underlay.node.netns, underlay.peer
+    pod = make_netns("pod")
+    underlay.add_pod(pod, "198.18.1.9")
+    node.nft.reconcile(compute_ruleset(WIDE))
+    # The fixture's egress stand-in, renamed to a slot tunnel's name (steering's to own).
+    run(["ip", "-n", n, "link", "delete", "mge0test"])
+    run(["ip", "-n", n, "link", "add", SLOT_INTERFACE, "type", "veth", "peer", "name", "egw0",
+         "netns", peer])
+    run(["ip", "-n", n, "link", "set", SLOT_INTERFACE, "up"])
+    run(["ip", "-n", peer, "link", "set", "egw0", "up"])
+    run(["ip", "-n", peer, "route", "add", "198.18.1.9/32", "dev", "egw0"])
+    nsexec(n, "sysctl", "-q", "-w", f"net.ipv4.conf.{SLOT_INTERFACE}.proxy_arp=1")
+    nsexec(n, "nft", "-f", "-", input_text=MARK_FOR_SLOT_0)
+    table = slot_table(0)
+    plan = SteeringPlan(add_probe_addresses=(SLOT_INTERFACE,),
+                        set_rp_filter=(SLOT_INTERFACE,),
+                        add_routes=slot_table_routes(0, SLOT_INTERFACE),
+                        add_rules=((slot_mark(0), table),))
+    steering = node.nft.worker.call(NetlinkSteering)
+    try:
+        node.nft.worker.call(steering.configure, plan, PROBE_SOURCE)
+
+        ping(pod, "192.0.2.2")  # through the slot tunnel, with the pod's source
+        assert underlay.peer_counts()["egress_pod"] == 1
+
+        run(["ip", "-n", n, "link", "delete", SLOT_INTERFACE])
+        ping(pod, "192.0.2.2", ok=False)
+        counts = underlay.peer_counts()
+        assert counts["node_echo"] == 0, "a steered packet left with the node's address"
+        assert counts["cluster_on_wire"] == 0 and counts["egress_pod"] == 1
+        assert node.nft.counters()["leak_out"][0] == 0
+        routes = json.loads(run(["ip", "-n", n, "-j", "route", "show", "table",
+                                 str(table)]).stdout)
+        assert [r.get("type") for r in routes] == ["blackhole"], routes
+
+        # Unmarked traffic still leaves with the node's address, as it should.
+        run(["ip", "-n", peer, "addr", "add", "192.0.2.3/32", "dev", "eth0"])
+        ping(pod, "192.0.2.3")
+        assert underlay.peer_counts()["node_echo"] == 1
+
+        # Removing the slot takes its rule and both routes (the tunnel's is gone already).
+        node.nft.worker.call(steering.remove, SteeringPlan(
+            remove_rules=plan.add_rules, remove_routes=plan.add_routes))
+        assert run(["ip", "-n", n, "route", "show", "table", str(table)]).stdout == ""
+        assert f"lookup {table}" not in run(["ip", "-n", n, "rule", "show"]).stdout
+    finally:
+        node.nft.worker.call(steering.close)

@@ -345,6 +345,8 @@ def test_steering_marks_only_selected_local_pods_with_tunnels_tables_and_rules()
     assert set(sets["egress_healthy"]) == {slot_mark(0), slot_mark(1)}
     assert (DROP_MARK, 51820) in state.rules and (slot_mark(0), 51821) in state.rules
     assert (51821, SLOTS[0].node_interface) in state.routes and (51820, None) in state.routes
+    # Behind each slot's tunnel route, a blackhole: its marks never reach the main table.
+    assert {(51821, None), (51822, None)} <= set(state.routes)
 
 
 def test_a_nodes_slot_tunnels_listen_on_fixed_ports_of_their_own():
@@ -367,6 +369,7 @@ def test_a_slot_without_a_holder_keeps_its_tunnel_without_a_peer_or_a_route_to_i
         (SLOTS[0].node_interface, 1), (SLOTS[1].node_interface, 0)]
     assert all(mark != slot_mark(1) for mark, _ in state.rules)
     assert all(interface != SLOTS[1].node_interface for _, interface in state.routes)
+    assert (51822, None) not in state.routes
     assert [t.slot for t in state.probe_targets] == [SLOTS[0]]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from meshgress.slots import DROP_MARK, DROP_TABLE
 from nodeagent.managers import SteeringManager
-from nodeagent.steering import SteeringState
+from nodeagent.steering import SteeringState, slot_table_routes
 from nodeagent.steering_kernel import (
     FakeSteering,
     ObservedSteering,
@@ -40,12 +40,13 @@ def desired(*names: str, tenures: dict[str, str] | None = None) -> SteeringState
         devices=tuple(device(n) for n in names), probe_targets=(),
         rules=((DROP_MARK, DROP_TABLE), *(((n + 1) << 16, 51821 + n)
                                           for n in numbered.values())),
-        routes=((DROP_TABLE, None), *((51821 + n, name) for name, n in numbered.items())),
+        routes=((DROP_TABLE, None), *(route for name, n in numbered.items()
+                                      for route in slot_table_routes(n, name))),
         sets=(), chains=(), buckets={}, tenures=tenures or dict.fromkeys(names, "gw@1"))
 
 
 EVERYTHING_A = ObservedSteering(
-    interfaces=frozenset({A}), routes=frozenset({(DROP_TABLE, None), (51821, A)}),
+    interfaces=frozenset({A}), routes=frozenset({(DROP_TABLE, None), (51821, A), (51821, None)}),
     rules=frozenset({(DROP_MARK, DROP_TABLE), (0x10000, 51821)}),
     probe_addresses=frozenset({A}), loose_rp_filter=frozenset({A}))
 
@@ -54,23 +55,24 @@ EVERYTHING_A = ObservedSteering(
     (desired(A), EVERYTHING_A, {A: "gw@1"}, SteeringPlan(devices=(device(A),))),
     (desired(A), ObservedSteering(), {}, SteeringPlan(
         devices=(device(A),), add_probe_addresses=(A,), set_rp_filter=(A,),
-        add_routes=((DROP_TABLE, None), (51821, A)),
+        add_routes=((DROP_TABLE, None), (51821, None), (51821, A)),
         add_rules=((0x10000, 51821), (DROP_MARK, DROP_TABLE)))),
     (desired(A, tenures={A: "gw@2"}), EVERYTHING_A, {A: "gw@1"},
      SteeringPlan(devices=(device(A),), reset_sessions=(A,))),
     (desired(), EVERYTHING_A, {A: "gw@1"}, SteeringPlan(
-        remove_rules=((0x10000, 51821),), remove_routes=((51821, A),),
+        remove_rules=((0x10000, 51821),), remove_routes=((51821, None), (51821, A)),
         remove_interfaces=(A,))),
     (desired(B), EVERYTHING_A, {}, SteeringPlan(
         devices=(device(B),), add_probe_addresses=(B,), set_rp_filter=(B,),
         add_routes=((51821, B),), remove_interfaces=(A,))),
     (desired(A), ObservedSteering(interfaces=frozenset({A, B}),
-                                  routes=EVERYTHING_A.routes | {(51822, B)},
+                                  routes=EVERYTHING_A.routes | {(51822, B), (51822, None)},
                                   rules=EVERYTHING_A.rules | {(0x20000, 51822)},
                                   probe_addresses=frozenset({A}),
                                   loose_rp_filter=frozenset()), {},
      SteeringPlan(devices=(device(A),), set_rp_filter=(A,),
-                  remove_rules=((0x20000, 51822),), remove_routes=((51822, B),),
+                  remove_rules=((0x20000, 51822),),
+                  remove_routes=((51822, None), (51822, B)),
                   remove_interfaces=(B,))),
 ], ids=["in step: nothing to do", "from nothing", "a new holder tenure resets the session",
         "everything goes", "a table changes its interface in place", "a stale slot goes"])
@@ -84,6 +86,26 @@ def test_after_a_restart_what_is_found_is_adopted():
     # No remembered tenures: nothing is reset, nothing re-added.
     plan = plan_steering(desired(A, tenures={A: "gw@7"}), EVERYTHING_A, {})
     assert not plan.reset_sessions and not plan.add_routes and not plan.add_rules
+
+
+def test_a_slot_table_without_its_blackhole_gets_one_and_nothing_else_changes():
+    """A table written before slot tables had their fallback (or one whose blackhole
+    someone deleted) is completed in place."""
+    found = ObservedSteering(**{**EVERYTHING_A.__dict__,
+                                "routes": EVERYTHING_A.routes - {(51821, None)}})
+    plan = plan_steering(desired(A), found, {A: "gw@1"})
+    assert plan == SteeringPlan(devices=(device(A),), add_routes=((51821, None),),
+                                tenures={A: "gw@1"})
+
+
+def test_a_tables_new_tunnel_route_replaces_the_old_one_and_keeps_the_blackhole():
+    wireguard = FakeBackend()
+    port = FakeSteering(wireguard)
+    apply_steering_adds(port, wireguard, plan_steering(desired(A), port.read(SOURCE), {}),
+                        SOURCE)
+    apply_steering_adds(port, wireguard, plan_steering(desired(B), port.read(SOURCE), {}),
+                        SOURCE)
+    assert {r for r in port.routes if r[0] == 51821} == {(51821, B), (51821, None)}
 
 
 def test_phases_add_everything_first_and_remove_only_in_phase_two():
